@@ -1,0 +1,1 @@
+//! The `gbc` command line.

@@ -1,0 +1,9 @@
+//! gbc: a build coordinator for Guix and Nix derivations.
+//!
+//! The library is layered (see ARCHITECTURE.md):
+//! - [`formats`]: pure, synchronous implementations of the store formats (nix32, hashes, store paths,
+//!   derivations, NAR, narinfo, signing keys). They know nothing of tokio, SQLite or SSH.
+//! - [`cli`]: the `gbc` command line; the only module that prints to users.
+
+pub mod cli;
+pub mod formats;

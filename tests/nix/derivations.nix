@@ -1,0 +1,55 @@
+# Derivations the tests instantiate with the real Nix (`nix-instantiate tests/nix/derivations.nix`) and
+# compare gbc against. Builders are /bin/sh so that later issues can build them without Nix or Guix.
+{ system ? builtins.currentSystem, salt ? "" }:
+let
+  sh = script: args: derivation ({
+    inherit system;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  } // args);
+in rec {
+  single = sh "echo single ${salt} > $out" { name = "single"; };
+
+  multi = sh ''
+    echo out > $out
+    echo dev > $dev
+    mkdir -p $doc/share; echo doc > $doc/share/readme
+  '' { name = "multi"; outputs = [ "out" "dev" "doc" ]; };
+
+  chainA = sh "echo a ${salt} > $out" { name = "chain-a"; };
+  chainB = sh "read x < ${chainA}; echo \"$x b\" > $out" { name = "chain-b"; };
+  chainC = sh "read x < ${chainB}; echo \"$x c\" > $out; echo ${multi.dev} > /dev/null"
+    { name = "chain-c"; };
+
+  fixedFlat = sh "printf hello > $out" {
+    name = "fixed-flat";
+    outputHashMode = "flat";
+    outputHashAlgo = "sha256";
+    outputHash = builtins.hashString "sha256" "hello";
+  };
+
+  fixedRecursive = sh "mkdir $out; printf hello > $out/file" {
+    name = "fixed-recursive";
+    outputHashMode = "recursive";
+    outputHashAlgo = "sha256";
+    outputHash = "sha256-eqlNg9ugA+oGUwLTVbE2jAKjr6CIidZFKlUWLWHD+0A=";
+  };
+
+  fixedSha1 = sh "printf hello > $out" {
+    name = "fixed-sha1";
+    outputHashAlgo = "sha1";
+    outputHash = builtins.hashString "sha1" "hello";
+  };
+
+  usesFixed = sh "read x < ${fixedFlat}; echo \"$x\" > $out" { name = "uses-fixed"; };
+
+  passAsFile = sh "cp $textPath $out" {
+    name = "pass-as-file";
+    passAsFile = [ "text" ];
+    text = "line one\nline \"two\"\twith a tab\\ and a backslash\n";
+  };
+
+  withSource = sh ". ${./builder.sh}" { name = "with-source"; };
+
+  unicode = sh "echo $greeting > $out" { name = "unicode"; greeting = "grüße, 世界 ✓"; };
+}
