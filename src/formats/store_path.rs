@@ -71,7 +71,7 @@ impl StoreDir {
     pub fn make_store_path(&self, ty: &str, inner: &[u8; 32], name: &str) -> Result<StorePath, StorePathError> {
         check_name(name).map_err(|why| StorePathError::BadName { path: name.to_owned(), why })?;
         let s = format!("{ty}:sha256:{}:{}:{name}", hex::encode(inner), self.0);
-        Ok(StorePath { digest: compress_hash(&sha256(s.as_bytes())), name: name.to_owned() })
+        Ok(StorePath::from_digest(&compress_hash(&sha256(s.as_bytes())), name))
     }
 
     /// The path of output `output` of an input-addressed derivation named `drv_name` whose
@@ -154,11 +154,11 @@ pub fn check_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A store path without its store dir: the 20-byte hash part and the name.
+/// A store path without its store dir: `<hash part>-<name>`. Ordered as Nix orders store paths, by
+/// base name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorePath {
-    digest: [u8; 20],
-    name: String,
+    base: String,
 }
 
 impl StorePath {
@@ -168,32 +168,34 @@ impl StorePath {
         if base.len() < HASH_LEN + 2 || base.as_bytes()[HASH_LEN] != b'-' {
             return Err(bad());
         }
-        let (hash, name) = (&base[..HASH_LEN], &base[HASH_LEN + 1..]);
-        if !nix32::is_nix32(hash.as_bytes()) {
+        if !nix32::is_nix32(&base.as_bytes()[..HASH_LEN]) {
             return Err(bad());
         }
-        let digest: [u8; 20] = nix32::decode(hash).ok().and_then(|d| d.try_into().ok()).ok_or_else(bad)?;
-        check_name(name).map_err(|why| StorePathError::BadName { path: base.to_owned(), why })?;
-        Ok(StorePath { digest, name: name.to_owned() })
+        check_name(&base[HASH_LEN + 1..]).map_err(|why| StorePathError::BadName { path: base.to_owned(), why })?;
+        Ok(StorePath { base: base.to_owned() })
     }
 
-    pub fn digest(&self) -> &[u8; 20] {
-        &self.digest
+    fn from_digest(digest: &[u8; 20], name: &str) -> StorePath {
+        StorePath { base: format!("{}-{name}", nix32::encode(digest)) }
     }
 
     /// The 32-character nix32 hash part.
-    pub fn hash_part(&self) -> String {
-        nix32::encode(&self.digest)
+    pub fn hash_part(&self) -> &str {
+        &self.base[..HASH_LEN]
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.base[HASH_LEN + 1..]
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.base
     }
 }
 
 impl fmt::Display for StorePath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.hash_part(), self.name)
+        f.write_str(&self.base)
     }
 }
 
