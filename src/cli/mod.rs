@@ -1,1 +1,72 @@
-//! The `gbc` command line.
+//! The `gbc` command line: argument definitions ([`args`]), one module per command group, and the
+//! error and exit-code policy. This is the only module that prints to users.
+//!
+//! Exit codes: 0 success; 1 a check failed (the input was read but is invalid: a bad derivation,
+//! NAR or narinfo, a mismatching path, a missing or untrusted signature); 2 a usage or I/O error.
+//! Every error is one line: `gbc: error: <file>: <what is wrong>`.
+
+pub mod args;
+mod demo;
+mod drv;
+mod keys;
+mod man;
+mod nar;
+
+use std::io::{self, Write as _};
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use args::{Cli, Command, DrvCommand, NarCommand};
+
+/// An error that means a check failed (exit 1) rather than a usage or I/O problem (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CheckFailed(pub String);
+
+/// Wrap a format error about `what` (usually a file name) as a failed check.
+pub(crate) fn check_failed(what: impl std::fmt::Display, err: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(CheckFailed(format!("{what}: {err}")))
+}
+
+/// Print a warning on stderr.
+pub(crate) fn warn(msg: impl std::fmt::Display) {
+    let _ = writeln!(io::stderr(), "gbc: warning: {msg}");
+}
+
+/// Entry point of the `gbc` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            if err.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)) {
+                return ExitCode::SUCCESS;
+            }
+            let line = format!("{err:#}").replace('\n', " ");
+            let _ = writeln!(io::stderr(), "gbc: error: {line}");
+            let check = err.chain().any(|c| c.is::<CheckFailed>());
+            ExitCode::from(if check { 1 } else { 2 })
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Nar { command } => match command {
+            NarCommand::Dump { path } => nar::dump(&path),
+            NarCommand::Restore { dest } => nar::restore(&dest),
+            NarCommand::Hash { path } => nar::hash(&path),
+        },
+        Command::Drv { command } => match command {
+            DrvCommand::Show { file } => drv::show(&file),
+            DrvCommand::Path { file } => drv::path(&file),
+        },
+        Command::Keygen { name, secret_file, public_file } => keys::keygen(&name, &secret_file, &public_file),
+        Command::Sign { key, narinfo } => keys::sign(&key, &narinfo),
+        Command::Verify { trusted, narinfo } => keys::verify(&trusted, &narinfo),
+        Command::Demo => demo::run(),
+        Command::GenerateMan { dir } => man::generate(&dir),
+    }
+    .map(|()| ExitCode::SUCCESS)
+}

@@ -1,0 +1,101 @@
+//! What the user can type: every command and flag, with the help text that `--help` and the man
+//! pages are generated from.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// gbc: a build coordinator for Guix and Nix derivations.
+///
+/// gbc builds derivations across many machines reached over SSH and publishes the verified outputs
+/// as a signed binary cache. This version provides the store-format tools everything else rests on:
+/// NAR archives, derivations, narinfo signing and verification, all byte-exact with Nix.
+///
+/// Exit status: 0 on success, 1 when a check failed (invalid or mismatching input, a missing or
+/// untrusted signature), 2 on a usage or I/O error.
+#[derive(Debug, Parser)]
+#[command(name = "gbc", version, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write, read and hash NAR archives.
+    Nar {
+        #[command(subcommand)]
+        command: NarCommand,
+    },
+    /// Inspect and check derivations (.drv files).
+    Drv {
+        #[command(subcommand)]
+        command: DrvCommand,
+    },
+    /// Generate an Ed25519 signing key pair in Nix's format.
+    ///
+    /// Like `nix-store --generate-binary-cache-key`: SECRET_FILE gets `NAME:base64` of the 64-byte
+    /// secret key (mode 0600), PUBLIC_FILE `NAME:base64` of the 32-byte public key. Existing files
+    /// are never overwritten.
+    Keygen {
+        /// Key name, conventionally the cache's host name and a number, e.g. cache.example.org-1.
+        name: String,
+        secret_file: PathBuf,
+        public_file: PathBuf,
+    },
+    /// Sign narinfo files in place with a secret key.
+    ///
+    /// Adds a `Sig:` line over the narinfo's fingerprint, replacing an earlier signature by the
+    /// same key name. Each file is rewritten atomically.
+    Sign {
+        /// Secret key file in Nix's format.
+        #[arg(long, value_name = "SECRET_FILE")]
+        key: PathBuf,
+        #[arg(required = true, value_name = "NARINFO")]
+        narinfo: Vec<PathBuf>,
+    },
+    /// Check that narinfo files carry a valid signature by a trusted key.
+    ///
+    /// Exits 0 only when every NARINFO has at least one valid signature by a key in a --trusted
+    /// file, 1 otherwise.
+    Verify {
+        /// Public key file in Nix's format (may hold several keys separated by white space).
+        /// Repeat for more files.
+        #[arg(long, required = true, value_name = "PUBLIC_FILE")]
+        trusted: Vec<PathBuf>,
+        #[arg(required = true, value_name = "NARINFO")]
+        narinfo: Vec<PathBuf>,
+    },
+    /// Show what gbc's format tools do, on an embedded example (no Nix needed).
+    Demo,
+    /// Write the man pages to DIR.
+    #[command(hide = true)]
+    GenerateMan { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NarCommand {
+    /// Write the NAR serialisation of PATH to standard output, as `nix-store --dump`.
+    Dump { path: PathBuf },
+    /// Unpack a NAR read from standard input at DEST, as `nix-store --restore`.
+    ///
+    /// DEST must not exist. The NAR is fully validated while it streams; the tree is built under a
+    /// temporary name beside DEST and renamed into place only when complete, so a bad or truncated
+    /// NAR leaves nothing behind, and nothing is ever written outside DEST.
+    Restore { dest: PathBuf },
+    /// Print the SHA-256 hash of PATH's NAR as `sha256:<nix32>`, as `nix-store -q --hash`.
+    Hash { path: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DrvCommand {
+    /// Print a derivation as JSON: outputs, inputDrvs, inputSrcs, system, builder, args, env.
+    Show { file: PathBuf },
+    /// Compute a derivation's .drv store path and output paths from its contents.
+    ///
+    /// Prints the .drv path, then one `OUTPUT PATH` line per output. Fails (exit 1) when the
+    /// contents do not give the file's own name, or when a declared output path (or the environment
+    /// variable of the same name) is not the one the contents give. Input derivations are read from
+    /// the file's own directory, else from their store path.
+    Path { file: PathBuf },
+}

@@ -1,0 +1,115 @@
+//! `gbc drv show|path`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+use super::check_failed;
+use crate::formats::derivation::{Derivation, DrvGraph, GraphError, name_from_drv_path};
+use crate::formats::store_path::{StoreDir, StorePath};
+
+fn read_drv(file: &Path) -> anyhow::Result<Derivation> {
+    let bytes = fs::read(file).with_context(|| format!("{}", file.display()))?;
+    Derivation::parse(&bytes).map_err(|e| check_failed(file.display(), e))
+}
+
+/// The derivation as JSON, in the shape of `nix show-derivation`'s value for one derivation.
+pub fn to_json(drv: &Derivation) -> Value {
+    let outputs: serde_json::Map<String, Value> = drv
+        .outputs
+        .iter()
+        .map(|(name, o)| {
+            let mut v = json!({ "path": o.path });
+            if !o.hash_algo.is_empty() {
+                v["hashAlgo"] = json!(o.hash_algo);
+                v["hash"] = json!(o.hash);
+            }
+            (name.clone(), v)
+        })
+        .collect();
+    json!({
+        "outputs": outputs,
+        "inputDrvs": drv.input_drvs,
+        "inputSrcs": drv.input_srcs,
+        "system": drv.system,
+        "builder": drv.builder,
+        "args": drv.args,
+        "env": drv.env,
+    })
+}
+
+pub fn show(file: &Path) -> anyhow::Result<()> {
+    let drv = read_drv(file)?;
+    let mut out = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &to_json(&drv))?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// A derivation file's store dir, its name, and the store path its file name claims (if it has one).
+fn identify(file: &Path, drv: &Derivation) -> anyhow::Result<(StoreDir, String, Option<StorePath>)> {
+    let store_dir = drv.store_dir().map_err(|e| check_failed(file.display(), e))?;
+    let base = file.file_name().and_then(|b| b.to_str()).unwrap_or_default();
+    match StorePath::from_base_name(base) {
+        Ok(sp) => {
+            let name = name_from_drv_path(&sp).map_err(|e| check_failed(file.display(), e))?.to_owned();
+            Ok((store_dir, name, Some(sp)))
+        }
+        // Not named like a store path (e.g. a copy called foo.drv): take the name from the outputs.
+        Err(_) => {
+            let name = drv.name_from_outputs().map_err(|e| check_failed(file.display(), e))?;
+            Ok((store_dir, name, None))
+        }
+    }
+}
+
+/// Where to read an input derivation from: beside `file`, else at its own store path.
+fn input_locations(file: &Path, drv_path: &str) -> Vec<PathBuf> {
+    let base = Path::new(drv_path).file_name().map(PathBuf::from).unwrap_or_default();
+    let sibling = file.parent().map(|d| d.join(&base)).unwrap_or(base);
+    vec![sibling, PathBuf::from(drv_path)]
+}
+
+pub fn path(file: &Path) -> anyhow::Result<()> {
+    let drv = read_drv(file)?;
+    let (store_dir, name, claimed) = identify(file, &drv)?;
+    let computed = drv.drv_path(&store_dir, &name).map_err(|e| check_failed(file.display(), e))?;
+    if let Some(claimed) = &claimed
+        && *claimed != computed
+    {
+        return Err(check_failed(
+            file.display(),
+            format!("its contents give the path {}, not its own name", store_dir.display(&computed)),
+        ));
+    }
+
+    let mut graph = DrvGraph::new();
+    let mut load = |p: &str| -> Result<Vec<u8>, io::Error> {
+        let places = input_locations(file, p);
+        for place in &places {
+            match fs::read(place) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                other => return other,
+            }
+        }
+        let tried: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
+        Err(io::Error::new(io::ErrorKind::NotFound, format!("not found (looked at {})", tried.join(" and "))))
+    };
+    graph.resolve_inputs(&store_dir, &drv, &mut load).map_err(|e| match e {
+        GraphError::Load { .. } => anyhow::Error::new(e).context(file.display().to_string()),
+        e => check_failed(file.display(), format!("input derivation {e}")),
+    })?;
+    let outputs: BTreeMap<String, StorePath> =
+        drv.validate_outputs(&store_dir, &name, &graph.lookup()).map_err(|e| check_failed(file.display(), e))?;
+
+    let mut out = io::stdout().lock();
+    writeln!(out, "{}", store_dir.display(&computed))?;
+    for (output, path) in outputs {
+        writeln!(out, "{output} {}", store_dir.display(&path))?;
+    }
+    Ok(())
+}
