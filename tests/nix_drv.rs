@@ -13,7 +13,7 @@ use gbc::formats::derivation::Derivation;
 
 const ATTRS: &[&str] = &[
     "single", "multi", "chainA", "chainB", "chainC", "fixedFlat", "fixedRecursive", "fixedSha1", "usesFixed",
-    "passAsFile", "withSource", "unicode",
+    "passAsFile", "withSource", "unicode", "refersToChainA",
 ];
 
 /// Instantiate every attribute; returns (attribute, .drv path as Nix printed it).

@@ -32,7 +32,7 @@ in rec {
     name = "fixed-recursive";
     outputHashMode = "recursive";
     outputHashAlgo = "sha256";
-    outputHash = "sha256-eqlNg9ugA+oGUwLTVbE2jAKjr6CIidZFKlUWLWHD+0A=";
+    outputHash = "sha256-eusw8ttI+DNQtZwhsfZJlnBhBBacdCj+plT6W3SG+G4=";
   };
 
   fixedSha1 = sh "printf hello > $out" {
@@ -40,6 +40,9 @@ in rec {
     outputHashAlgo = "sha1";
     outputHash = builtins.hashString "sha1" "hello";
   };
+
+  # An output whose contents name another store path, so it has a reference.
+  refersToChainA = sh "echo ${chainA} > $out" { name = "refers-to-chain-a"; };
 
   usesFixed = sh "read x < ${fixedFlat}; echo \"$x\" > $out" { name = "uses-fixed"; };
 
