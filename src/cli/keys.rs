@@ -33,8 +33,9 @@ pub fn keygen(name: &str, secret_file: &Path, public_file: &Path) -> anyhow::Res
 
 /// Read a secret key file, warning when others can read it.
 pub fn load_secret_key(path: &Path) -> anyhow::Result<SecretKey> {
-    let md = fs::metadata(path).with_context(|| path.display().to_string())?;
-    let mode = md.permissions().mode();
+    let text = zeroize::Zeroizing::new(fs::read_to_string(path).with_context(|| path.display().to_string())?);
+    let key = SecretKey::parse(&text).with_context(|| format!("{}: not a secret key", path.display()))?;
+    let mode = fs::metadata(path).with_context(|| path.display().to_string())?.permissions().mode();
     if mode & 0o077 != 0 {
         warn(format!(
             "{}: secret key file is readable by group or others (mode {:04o}); run chmod 600 on it",
@@ -42,8 +43,7 @@ pub fn load_secret_key(path: &Path) -> anyhow::Result<SecretKey> {
             mode & 0o7777
         ));
     }
-    let text = zeroize::Zeroizing::new(fs::read_to_string(path).with_context(|| path.display().to_string())?);
-    SecretKey::parse(&text).with_context(|| format!("{}: not a secret key", path.display()))
+    Ok(key)
 }
 
 /// Read public keys (white-space separated) from files.

@@ -1,0 +1,170 @@
+//! The command line's contract: exit codes, one-line errors, key file handling, man pages.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+
+use common::{gbc, repo_path, run, run_ok, run_ok_str, tempdir};
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Every error is exactly one line, starting with `gbc: error:`.
+fn assert_one_line_error(out: &std::process::Output, code: i32, needle: &str) {
+    let err = stderr_of(out);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert_eq!(err.lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("gbc: error: ") && err.contains(needle), "{err:?} lacks {needle:?}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = run(gbc().args(["nar", "frobnicate"]));
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(gbc().args(["verify", "x.narinfo"]));
+    assert_eq!(out.status.code(), Some(2), "--trusted is required");
+}
+
+#[test]
+fn io_errors_exit_2_naming_the_file() {
+    let tmp = tempdir();
+    let missing = tmp.path().join("missing");
+    assert_one_line_error(&run(gbc().args(["nar", "hash"]).arg(&missing)), 2, "missing");
+    assert_one_line_error(&run(gbc().args(["nar", "dump"]).arg(&missing)), 2, "missing");
+    assert_one_line_error(&run(gbc().args(["drv", "show"]).arg(&missing)), 2, "missing");
+}
+
+#[test]
+fn a_fifo_cannot_be_dumped() {
+    let tmp = tempdir();
+    let fifo = tmp.path().join("fifo");
+    run_ok(std::process::Command::new("mkfifo").arg(&fifo));
+    assert_one_line_error(&run(gbc().args(["nar", "hash"]).arg(&fifo)), 2, "a FIFO cannot be put in a NAR");
+}
+
+#[test]
+fn restore_refuses_an_existing_destination() {
+    let tmp = tempdir();
+    let dest = tmp.path().join("dest");
+    fs::create_dir(&dest).unwrap();
+    fs::write(dest.join("keep"), "me").unwrap();
+    let out = run(gbc().args(["nar", "restore"]).arg(&dest));
+    assert_one_line_error(&out, 2, "already exists");
+    assert_eq!(fs::read_to_string(dest.join("keep")).unwrap(), "me");
+}
+
+#[test]
+fn restore_of_garbage_is_a_failed_check() {
+    let tmp = tempdir();
+    let input = fs::File::open(repo_path("Cargo.toml")).unwrap();
+    let out = gbc().args(["nar", "restore"]).arg(tmp.path().join("d")).stdin(input).output().unwrap();
+    assert_one_line_error(&out, 1, "bad magic");
+    assert!(!tmp.path().join("d").exists());
+}
+
+#[test]
+fn keygen_writes_private_files_and_never_overwrites() {
+    let tmp = tempdir();
+    let (s, p) = (tmp.path().join("k.secret"), tmp.path().join("k.public"));
+    run_ok(gbc().args(["keygen", "cache.example.org-1"]).arg(&s).arg(&p));
+    assert_eq!(fs::metadata(&s).unwrap().permissions().mode() & 0o777, 0o600);
+    let secret = fs::read_to_string(&s).unwrap();
+    assert!(secret.starts_with("cache.example.org-1:"));
+    let out = run(gbc().args(["keygen", "x"]).arg(&s).arg(tmp.path().join("other.public")));
+    assert_one_line_error(&out, 2, "refusing to overwrite");
+    assert_eq!(fs::read_to_string(&s).unwrap(), secret, "secret key overwritten");
+    let out = run(gbc().args(["keygen", "bad:name"]).arg(tmp.path().join("a")).arg(tmp.path().join("b")));
+    assert_one_line_error(&out, 2, "key name");
+}
+
+const NARINFO: &str = "StorePath: /gnu/store/6vza80pmr3wck2yvv8nwaphbnj11vrql-b
+URL: nar/1impfw8zdgisxkghq9a3q7cn7jb9zyzgxdydiamp8z2nlyyl0h5h.nar
+Compression: none
+NarHash: sha256:1impfw8zdgisxkghq9a3q7cn7jb9zyzgxdydiamp8z2nlyyl0h5h
+NarSize: 120
+References: 3pysdbjixd4amzidam0kp6vwzpqy58y3-a
+";
+
+#[test]
+fn sign_then_verify_with_any_of_several_trusted_files() {
+    let tmp = tempdir();
+    let (s, p) = (tmp.path().join("k.secret"), tmp.path().join("k.public"));
+    let (_, p2) = (tmp.path().join("o.secret"), tmp.path().join("o.public"));
+    run_ok(gbc().args(["keygen", "k-1"]).arg(&s).arg(&p));
+    run_ok(gbc().args(["keygen", "o-1"]).arg(tmp.path().join("o.secret")).arg(&p2));
+    let ni = tmp.path().join("b.narinfo");
+    fs::write(&ni, NARINFO).unwrap();
+    fs::set_permissions(&ni, fs::Permissions::from_mode(0o640)).unwrap();
+
+    let out = run(gbc().arg("verify").arg("--trusted").arg(&p).arg(&ni));
+    assert_one_line_error(&out, 1, "no valid signature");
+
+    run_ok(gbc().arg("sign").arg("--key").arg(&s).arg(&ni));
+    assert_eq!(fs::metadata(&ni).unwrap().permissions().mode() & 0o777, 0o640, "mode kept");
+    let signed = fs::read_to_string(&ni).unwrap();
+    assert!(signed.starts_with(NARINFO) && signed.contains("\nSig: k-1:"), "{signed}");
+    let ok = run_ok_str(gbc().arg("verify").arg("--trusted").arg(&p2).arg("--trusted").arg(&p).arg(&ni));
+    assert!(ok.contains("signed by k-1"));
+    let out = run(gbc().arg("verify").arg("--trusted").arg(&p2).arg(&ni));
+    assert_one_line_error(&out, 1, "b.narinfo: no valid signature");
+}
+
+#[test]
+fn malformed_narinfos_and_keys_are_named() {
+    let tmp = tempdir();
+    let (s, p) = (tmp.path().join("k.secret"), tmp.path().join("k.public"));
+    run_ok(gbc().args(["keygen", "k-1"]).arg(&s).arg(&p));
+    let ni = tmp.path().join("bad.narinfo");
+    fs::write(&ni, NARINFO.replace("NarSize: 120", "NarSize: many")).unwrap();
+    assert_one_line_error(&run(gbc().arg("sign").arg("--key").arg(&s).arg(&ni)), 1, "bad.narinfo: line 5");
+    assert_one_line_error(&run(gbc().arg("verify").arg("--trusted").arg(&p).arg(&ni)), 1, "bad.narinfo: line 5");
+    // A public key given as the secret key.
+    assert_one_line_error(&run(gbc().arg("sign").arg("--key").arg(&p).arg(&ni)), 2, "k.public: not a secret key");
+}
+
+#[test]
+fn a_world_readable_secret_key_gets_a_warning() {
+    let tmp = tempdir();
+    let (s, p) = (tmp.path().join("k.secret"), tmp.path().join("k.public"));
+    run_ok(gbc().args(["keygen", "k-1"]).arg(&s).arg(&p));
+    let ni = tmp.path().join("b.narinfo");
+    fs::write(&ni, NARINFO).unwrap();
+    let out = run(gbc().arg("sign").arg("--key").arg(&s).arg(&ni));
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", stderr_of(&out));
+    fs::set_permissions(&s, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(gbc().arg("sign").arg("--key").arg(&s).arg(&ni));
+    assert!(out.status.success());
+    let err = stderr_of(&out);
+    assert!(err.contains("warning") && err.contains("k.secret") && err.contains("0644"), "{err}");
+}
+
+#[test]
+fn demo_runs() {
+    let out = run_ok_str(gbc().arg("demo"));
+    assert!(out.contains("identical") && out.contains("Verified with") && out.contains(": true; after changing NarSize: false"), "{out}");
+}
+
+#[test]
+fn man_pages_are_up_to_date() {
+    let tmp = tempdir();
+    run_ok(gbc().arg("generate-man").arg(tmp.path()));
+    let names = |dir: &Path| {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("gbc"))
+            .collect();
+        v.sort();
+        v
+    };
+    let committed = repo_path("man");
+    assert_eq!(names(tmp.path()), names(&committed), "run: cargo run -- generate-man man");
+    for n in names(tmp.path()) {
+        let fresh = fs::read(tmp.path().join(&n)).unwrap();
+        assert!(fresh == fs::read(committed.join(&n)).unwrap(), "man/{n} is stale: run cargo run -- generate-man man");
+    }
+}
