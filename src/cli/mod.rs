@@ -25,7 +25,10 @@ use args::{Cli, Command, DrvCommand, NarCommand};
 pub struct CheckFailed(pub String);
 
 /// Wrap a format error about `what` (usually a file name) as a failed check.
-pub(crate) fn check_failed(what: impl std::fmt::Display, err: impl std::fmt::Display) -> anyhow::Error {
+pub(crate) fn check_failed(
+    what: impl std::fmt::Display,
+    err: impl std::fmt::Display,
+) -> anyhow::Error {
     anyhow::Error::new(CheckFailed(format!("{what}: {err}")))
 }
 
@@ -40,7 +43,10 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            if err.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)) {
+            if err.chain().any(|c| {
+                c.downcast_ref::<io::Error>()
+                    .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+            }) {
                 return ExitCode::SUCCESS;
             }
             let line = format!("{err:#}").replace('\n', " ");
@@ -62,7 +68,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             DrvCommand::Show { file } => drv::show(&file),
             DrvCommand::Path { file } => drv::path(&file),
         },
-        Command::Keygen { name, secret_file, public_file } => keys::keygen(&name, &secret_file, &public_file),
+        Command::Keygen {
+            name,
+            secret_file,
+            public_file,
+        } => keys::keygen(&name, &secret_file, &public_file),
         Command::Sign { key, narinfo } => keys::sign(&key, &narinfo),
         Command::Verify { trusted, narinfo } => keys::verify(&trusted, &narinfo),
         Command::Demo => demo::run(),

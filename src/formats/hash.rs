@@ -82,11 +82,17 @@ impl Hash {
         if digest.len() != algo.size() {
             return Err(HashError::BadLength(hex::encode(digest), algo));
         }
-        Ok(Hash { algo, digest: digest.to_vec() })
+        Ok(Hash {
+            algo,
+            digest: digest.to_vec(),
+        })
     }
 
     pub fn sha256(digest: [u8; 32]) -> Hash {
-        Hash { algo: HashAlgo::Sha256, digest: digest.to_vec() }
+        Hash {
+            algo: HashAlgo::Sha256,
+            digest: digest.to_vec(),
+        }
     }
 
     pub fn algo(&self) -> HashAlgo {
@@ -106,7 +112,9 @@ impl Hash {
         } else if s.len() == nix32::encoded_len(size) {
             nix32::decode(s).map_err(|_| HashError::BadEncoding(s.to_owned(), "nix32"))?
         } else if s.len() == size.div_ceil(3) * 4 {
-            BASE64.decode(s).map_err(|_| HashError::BadEncoding(s.to_owned(), "base64"))?
+            BASE64
+                .decode(s)
+                .map_err(|_| HashError::BadEncoding(s.to_owned(), "base64"))?
         } else {
             return Err(HashError::BadLength(s.to_owned(), algo));
         };
@@ -120,7 +128,9 @@ impl Hash {
         }
         if let Some((algo, rest)) = s.split_once('-') {
             let algo = HashAlgo::parse(algo)?;
-            let digest = BASE64.decode(rest).map_err(|_| HashError::BadEncoding(s.to_owned(), "SRI base64"))?;
+            let digest = BASE64
+                .decode(rest)
+                .map_err(|_| HashError::BadEncoding(s.to_owned(), "SRI base64"))?;
             return Hash::new(algo, &digest).map_err(|_| HashError::BadLength(s.to_owned(), algo));
         }
         Err(HashError::NoAlgo(s.to_owned()))
@@ -175,10 +185,12 @@ pub mod hex {
             }
         }
         let s = s.as_bytes();
-        if s.len() % 2 != 0 {
+        if !s.len().is_multiple_of(2) {
             return None;
         }
-        s.chunks_exact(2).map(|p| Some(val(p[0])? << 4 | val(p[1])?)).collect()
+        s.chunks_exact(2)
+            .map(|p| Some(val(p[0])? << 4 | val(p[1])?))
+            .collect()
     }
 }
 
@@ -232,7 +244,10 @@ pub struct HashingReader<R> {
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> HashingReader<R> {
-        HashingReader { inner, sink: HashSink::new() }
+        HashingReader {
+            inner,
+            sink: HashSink::new(),
+        }
     }
 
     /// The hash and length of the bytes read so far.
@@ -268,16 +283,28 @@ mod tests {
         ] {
             assert_eq!(Hash::parse(&s), Ok(h.clone()), "{s}");
         }
-        assert_eq!(h.to_sri(), "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+        assert_eq!(
+            h.to_sri(),
+            "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
     }
 
     #[test]
     fn rejects_malformed_hashes() {
-        assert!(matches!(Hash::parse("sha256:abc"), Err(HashError::BadLength(..))));
-        assert!(matches!(Hash::parse("sha3:abc"), Err(HashError::UnknownAlgo(_))));
+        assert!(matches!(
+            Hash::parse("sha256:abc"),
+            Err(HashError::BadLength(..))
+        ));
+        assert!(matches!(
+            Hash::parse("sha3:abc"),
+            Err(HashError::UnknownAlgo(_))
+        ));
         assert!(matches!(Hash::parse(EMPTY_HEX), Err(HashError::NoAlgo(_))));
         let bad_hex = format!("sha256:{}", "g".repeat(64));
-        assert!(matches!(Hash::parse(&bad_hex), Err(HashError::BadEncoding(..))));
+        assert!(matches!(
+            Hash::parse(&bad_hex),
+            Err(HashError::BadEncoding(..))
+        ));
     }
 
     #[test]

@@ -30,7 +30,17 @@ pub(super) fn parse(input: &[u8]) -> Result<Derivation, DrvError> {
         p.expect(b",")?;
         let hash = p.string()?;
         p.expect(b")")?;
-        insert_sorted(&mut outputs, name, Output { path, hash_algo, hash }, at, "outputs")
+        insert_sorted(
+            &mut outputs,
+            name,
+            Output {
+                path,
+                hash_algo,
+                hash,
+            },
+            at,
+            "outputs",
+        )
     })?;
     p.expect(b",")?;
 
@@ -85,9 +95,20 @@ pub(super) fn parse(input: &[u8]) -> Result<Derivation, DrvError> {
     })?;
     p.expect(b")")?;
     if p.pos != input.len() {
-        return Err(DrvError::Syntax { offset: p.pos, msg: "unexpected bytes after the end of the derivation".to_owned() });
+        return Err(DrvError::Syntax {
+            offset: p.pos,
+            msg: "unexpected bytes after the end of the derivation".to_owned(),
+        });
     }
-    Ok(Derivation { outputs, input_drvs, input_srcs, system, builder, args, env })
+    Ok(Derivation {
+        outputs,
+        input_drvs,
+        input_srcs,
+        system,
+        builder,
+        args,
+        env,
+    })
 }
 
 fn insert_sorted<V>(
@@ -100,17 +121,28 @@ fn insert_sorted<V>(
     if let Some((last, _)) = map.last_key_value()
         && *last >= key
     {
-        return Err(DrvError::Syntax { offset, msg: format!("{what} are not strictly sorted at {key:?}") });
+        return Err(DrvError::Syntax {
+            offset,
+            msg: format!("{what} are not strictly sorted at {key:?}"),
+        });
     }
     map.insert(key, value);
     Ok(())
 }
 
-fn insert_sorted_set(set: &mut BTreeSet<String>, key: String, offset: usize, what: &str) -> Result<(), DrvError> {
+fn insert_sorted_set(
+    set: &mut BTreeSet<String>,
+    key: String,
+    offset: usize,
+    what: &str,
+) -> Result<(), DrvError> {
     if let Some(last) = set.last()
         && *last >= key
     {
-        return Err(DrvError::Syntax { offset, msg: format!("{what} are not strictly sorted at {key:?}") });
+        return Err(DrvError::Syntax {
+            offset,
+            msg: format!("{what} are not strictly sorted at {key:?}"),
+        });
     }
     set.insert(key);
     Ok(())
@@ -127,7 +159,10 @@ impl Parser<'_> {
     }
 
     fn error(&self, msg: String) -> DrvError {
-        DrvError::Syntax { offset: self.pos, msg }
+        DrvError::Syntax {
+            offset: self.pos,
+            msg,
+        }
     }
 
     fn expect(&mut self, token: &[u8]) -> Result<(), DrvError> {
@@ -135,14 +170,20 @@ impl Parser<'_> {
             self.pos += token.len();
             Ok(())
         } else if self.pos >= self.s.len() {
-            Err(self.error(format!("unexpected end of input, expected {:?}", String::from_utf8_lossy(token))))
+            Err(self.error(format!(
+                "unexpected end of input, expected {:?}",
+                String::from_utf8_lossy(token)
+            )))
         } else {
             Err(self.error(format!("expected {:?}", String::from_utf8_lossy(token))))
         }
     }
 
     /// `[item,item,...]`
-    fn list(&mut self, mut item: impl FnMut(&mut Self) -> Result<(), DrvError>) -> Result<(), DrvError> {
+    fn list(
+        &mut self,
+        mut item: impl FnMut(&mut Self) -> Result<(), DrvError>,
+    ) -> Result<(), DrvError> {
         self.expect(b"[")?;
         if self.peek() == Some(b']') {
             self.pos += 1;
@@ -168,7 +209,10 @@ impl Parser<'_> {
         loop {
             let rest = &self.s[self.pos..];
             let Some(stop) = rest.iter().position(|c| b"\"\\\n\r\t".contains(c)) else {
-                return Err(DrvError::Syntax { offset: start, msg: "unterminated string".to_owned() });
+                return Err(DrvError::Syntax {
+                    offset: start,
+                    msg: "unterminated string".to_owned(),
+                });
             };
             out.extend_from_slice(&rest[..stop]);
             self.pos += stop;
@@ -178,7 +222,11 @@ impl Parser<'_> {
                     break;
                 }
                 b'\\' => {}
-                _ => return Err(self.error("raw control character in a string (Nix writes it escaped)".to_owned())),
+                _ => {
+                    return Err(self.error(
+                        "raw control character in a string (Nix writes it escaped)".to_owned(),
+                    ));
+                }
             }
             self.pos += 1;
             out.push(match self.peek() {
@@ -186,19 +234,33 @@ impl Parser<'_> {
                 Some(b'r') => b'\r',
                 Some(b't') => b'\t',
                 Some(c @ (b'"' | b'\\')) => c,
-                Some(_) => return Err(self.error("escape other than \\\" \\\\ \\n \\r \\t in a string".to_owned())),
-                None => return Err(DrvError::Syntax { offset: start, msg: "unterminated string".to_owned() }),
+                Some(_) => {
+                    return Err(self
+                        .error("escape other than \\\" \\\\ \\n \\r \\t in a string".to_owned()));
+                }
+                None => {
+                    return Err(DrvError::Syntax {
+                        offset: start,
+                        msg: "unterminated string".to_owned(),
+                    });
+                }
             });
             self.pos += 1;
         }
-        String::from_utf8(out)
-            .map_err(|_| DrvError::Syntax { offset: start, msg: "string is not valid UTF-8".to_owned() })
+        String::from_utf8(out).map_err(|_| DrvError::Syntax {
+            offset: start,
+            msg: "string is not valid UTF-8".to_owned(),
+        })
     }
 }
 
 /// Print a derivation. `input_drvs` replaces the derivation's own input derivations (hash modulo
 /// prints hashes in their place); `mask_outputs` blanks output paths and their environment variables.
-pub(super) fn print(drv: &Derivation, mask_outputs: bool, input_drvs: Option<&BTreeMap<String, BTreeSet<String>>>) -> Vec<u8> {
+pub(super) fn print(
+    drv: &Derivation,
+    mask_outputs: bool,
+    input_drvs: Option<&BTreeMap<String, BTreeSet<String>>>,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(b"Derive([");
     for (i, (name, o)) in drv.outputs.iter().enumerate() {
@@ -245,7 +307,14 @@ pub(super) fn print(drv: &Derivation, mask_outputs: bool, input_drvs: Option<&BT
         out.push(b'(');
         string(&mut out, k);
         out.push(b',');
-        string(&mut out, if mask_outputs && drv.outputs.contains_key(k) { "" } else { v });
+        string(
+            &mut out,
+            if mask_outputs && drv.outputs.contains_key(k) {
+                ""
+            } else {
+                v
+            },
+        );
         out.push(b')');
     }
     out.extend_from_slice(b"])");

@@ -28,7 +28,10 @@ impl DumpError {
 }
 
 fn at(path: &Path) -> impl FnOnce(io::Error) -> DumpError + '_ {
-    move |source| DumpError { path: path.to_owned(), source }
+    move |source| DumpError {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Write the NAR of the tree at `path` to `w`. Directory entries are sorted bytewise; executables
@@ -43,10 +46,12 @@ fn dump_node<W: Write>(path: &Path, node: Node<'_, W>) -> Result<(), DumpError> 
     let ft = md.file_type();
     if ft.is_file() {
         let file = File::open(path).map_err(at(path))?;
-        node.regular(md.permissions().mode() & 0o100 != 0, md.len(), file).map_err(at(path))
+        node.regular(md.permissions().mode() & 0o100 != 0, md.len(), file)
+            .map_err(at(path))
     } else if ft.is_symlink() {
         let target = fs::read_link(path).map_err(at(path))?;
-        node.symlink(target.as_os_str().as_bytes()).map_err(at(path))
+        node.symlink(target.as_os_str().as_bytes())
+            .map_err(at(path))
     } else if ft.is_dir() {
         let mut names: Vec<OsString> = Vec::new();
         for entry in fs::read_dir(path).map_err(at(path))? {
@@ -70,7 +75,10 @@ fn dump_node<W: Write>(path: &Path, node: Node<'_, W>) -> Result<(), DumpError> 
         };
         Err(DumpError {
             path: path.to_owned(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, format!("{kind} cannot be put in a NAR")),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{kind} cannot be put in a NAR"),
+            ),
         })
     }
 }
@@ -79,6 +87,9 @@ fn dump_node<W: Write>(path: &Path, node: Node<'_, W>) -> Result<(), DumpError> 
 pub fn nar_hash(path: &Path) -> Result<(Hash, u64), DumpError> {
     let mut w = BufWriter::with_capacity(1 << 20, HashSink::new());
     dump_path(path, &mut w)?;
-    let sink = w.into_inner().map_err(|e| DumpError { path: path.to_owned(), source: e.into_error() })?;
+    let sink = w.into_inner().map_err(|e| DumpError {
+        path: path.to_owned(),
+        source: e.into_error(),
+    })?;
     Ok(sink.finish())
 }

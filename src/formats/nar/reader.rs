@@ -1,6 +1,6 @@
 //! Reading NARs: a streaming pull parser.
 //!
-//! [`NarReader::next`] yields one [`Event`] at a time. A regular file's contents are read through the
+//! [`NarReader::next_event`] yields one [`Event`] at a time. A regular file's contents are read through the
 //! event's [`Contents`] (or skipped if left unread). Everything is validated as it streams: the magic,
 //! the grammar, entry names (no empty, `.`, `..`, `/` or NUL), strictly increasing entry order (which
 //! also rules out duplicates), zero padding, length limits, nesting depth, truncation and trailing
@@ -10,7 +10,9 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 
 use thiserror::Error;
 
-use super::{MAGIC, MAX_DEPTH, MAX_NAME_LEN, MAX_TARGET_LEN, check_entry_name, check_symlink_target, padding};
+use super::{
+    MAGIC, MAX_DEPTH, MAX_NAME_LEN, MAX_TARGET_LEN, check_entry_name, check_symlink_target, padding,
+};
 
 /// The longest grammar token ("directory", "executable", ...).
 const MAX_TOKEN_LEN: usize = 16;
@@ -26,15 +28,34 @@ pub enum NarError {
     #[error("not a NAR: bad magic at byte 0")]
     BadMagic,
     #[error("NAR byte {offset}: expected {expected}, found {found}")]
-    Unexpected { offset: u64, expected: &'static str, found: String },
+    Unexpected {
+        offset: u64,
+        expected: &'static str,
+        found: String,
+    },
     #[error("NAR byte {offset}: {what} is {len} bytes long, more than the limit of {max}")]
-    TooLong { offset: u64, what: &'static str, len: u64, max: u64 },
+    TooLong {
+        offset: u64,
+        what: &'static str,
+        len: u64,
+        max: u64,
+    },
     #[error("NAR byte {offset}: non-zero padding")]
     NonZeroPadding { offset: u64 },
     #[error("NAR byte {offset}: {why}: {name}")]
-    BadName { offset: u64, why: &'static str, name: String },
-    #[error("NAR byte {offset}: entry {name} is not after {previous} (entries must be sorted and unique)")]
-    Unsorted { offset: u64, name: String, previous: String },
+    BadName {
+        offset: u64,
+        why: &'static str,
+        name: String,
+    },
+    #[error(
+        "NAR byte {offset}: entry {name} is not after {previous} (entries must be sorted and unique)"
+    )]
+    Unsorted {
+        offset: u64,
+        name: String,
+        previous: String,
+    },
     #[error("NAR byte {offset}: directories nested deeper than {MAX_DEPTH} levels")]
     TooDeep { offset: u64 },
     #[error("NAR byte {offset}: trailing bytes after the end of the archive")]
@@ -59,19 +80,38 @@ fn show(bytes: &[u8]) -> String {
 
 /// One step through a NAR. Names are empty for the root node.
 pub enum Event<'a, R: Read> {
-    Directory { name: Vec<u8> },
+    Directory {
+        name: Vec<u8>,
+    },
     /// The end of the innermost open directory.
     EndDirectory,
-    Symlink { name: Vec<u8>, target: Vec<u8> },
-    Regular { name: Vec<u8>, executable: bool, size: u64, contents: Contents<'a, R> },
+    Symlink {
+        name: Vec<u8>,
+        target: Vec<u8>,
+    },
+    Regular {
+        name: Vec<u8>,
+        executable: bool,
+        size: u64,
+        contents: Contents<'a, R>,
+    },
 }
 
 /// An event before it borrows the reader.
 enum Parsed {
-    Directory { name: Vec<u8> },
+    Directory {
+        name: Vec<u8>,
+    },
     EndDirectory,
-    Symlink { name: Vec<u8>, target: Vec<u8> },
-    Regular { name: Vec<u8>, executable: bool, size: u64 },
+    Symlink {
+        name: Vec<u8>,
+        target: Vec<u8>,
+    },
+    Regular {
+        name: Vec<u8>,
+        executable: bool,
+        size: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +136,13 @@ pub struct NarReader<R: Read> {
 
 impl<R: Read> NarReader<R> {
     pub fn new(r: R) -> NarReader<R> {
-        NarReader { r: BufReader::with_capacity(256 * 1024, r), pos: 0, state: State::Start, stack: Vec::new(), size: 0 }
+        NarReader {
+            r: BufReader::with_capacity(256 * 1024, r),
+            pos: 0,
+            state: State::Start,
+            stack: Vec::new(),
+            size: 0,
+        }
     }
 
     /// Bytes consumed so far.
@@ -105,7 +151,7 @@ impl<R: Read> NarReader<R> {
     }
 
     /// The next event, or `None` after the root node has ended (and the input with it).
-    pub fn next(&mut self) -> Result<Option<Event<'_, R>>, NarError> {
+    pub fn next_event(&mut self) -> Result<Option<Event<'_, R>>, NarError> {
         if self.state == State::Failed {
             return Err(NarError::Poisoned);
         }
@@ -120,9 +166,16 @@ impl<R: Read> NarReader<R> {
             Parsed::Directory { name } => Event::Directory { name },
             Parsed::EndDirectory => Event::EndDirectory,
             Parsed::Symlink { name, target } => Event::Symlink { name, target },
-            Parsed::Regular { name, executable, size } => {
-                Event::Regular { name, executable, size, contents: Contents { nar: self } }
-            }
+            Parsed::Regular {
+                name,
+                executable,
+                size,
+            } => Event::Regular {
+                name,
+                executable,
+                size,
+                contents: Contents { nar: self },
+            },
         }))
     }
 
@@ -156,7 +209,9 @@ impl<R: Read> NarReader<R> {
     fn parse_event(&mut self) -> Result<Option<Parsed>, NarError> {
         match self.state {
             State::Start => {
-                let magic = self.read_string(MAGIC.len(), "the magic").map_err(|_| NarError::BadMagic)?;
+                let magic = self
+                    .read_string(MAGIC.len(), "the magic")
+                    .map_err(|_| NarError::BadMagic)?;
                 if magic != MAGIC {
                     return Err(NarError::BadMagic);
                 }
@@ -176,12 +231,20 @@ impl<R: Read> NarReader<R> {
                         self.expect(b"name", "\"name\"")?;
                         let offset = self.pos;
                         let name = self.read_string(MAX_NAME_LEN, "an entry name")?;
-                        check_entry_name(&name).map_err(|why| NarError::BadName { offset, why, name: show(&name) })?;
+                        check_entry_name(&name).map_err(|why| NarError::BadName {
+                            offset,
+                            why,
+                            name: show(&name),
+                        })?;
                         let last = self.stack.last_mut().and_then(Option::take);
                         if let Some(previous) = last
                             && previous >= name
                         {
-                            return Err(NarError::Unsorted { offset, name: show(&name), previous: show(&previous) });
+                            return Err(NarError::Unsorted {
+                                offset,
+                                name: show(&name),
+                                previous: show(&previous),
+                            });
                         }
                         if let Some(slot) = self.stack.last_mut() {
                             *slot = Some(name.clone());
@@ -189,7 +252,11 @@ impl<R: Read> NarReader<R> {
                         self.expect(b"node", "\"node\"")?;
                         self.node(name)
                     }
-                    other => Err(NarError::Unexpected { offset, expected: "\"entry\" or \")\"", found: show(other) }),
+                    other => Err(NarError::Unexpected {
+                        offset,
+                        expected: "\"entry\" or \")\"",
+                        found: show(other),
+                    }),
                 }
             }
             _ => Ok(None),
@@ -211,22 +278,39 @@ impl<R: Read> NarReader<R> {
                     token = self.read_token()?;
                 }
                 if token != b"contents" {
-                    return Err(NarError::Unexpected { offset, expected: "\"contents\"", found: show(&token) });
+                    return Err(NarError::Unexpected {
+                        offset,
+                        expected: "\"contents\"",
+                        found: show(&token),
+                    });
                 }
                 let offset = self.pos;
                 let size = self.read_u64()?;
                 if size > MAX_FILE_SIZE {
-                    return Err(NarError::TooLong { offset, what: "a file", len: size, max: MAX_FILE_SIZE });
+                    return Err(NarError::TooLong {
+                        offset,
+                        what: "a file",
+                        len: size,
+                        max: MAX_FILE_SIZE,
+                    });
                 }
                 self.size = size;
                 self.state = State::Contents { remaining: size };
-                Ok(Some(Parsed::Regular { name, executable, size }))
+                Ok(Some(Parsed::Regular {
+                    name,
+                    executable,
+                    size,
+                }))
             }
             b"symlink" => {
                 self.expect(b"target", "\"target\"")?;
                 let offset = self.pos;
                 let target = self.read_string(MAX_TARGET_LEN, "a symlink target")?;
-                check_symlink_target(&target).map_err(|why| NarError::BadName { offset, why, name: show(&target) })?;
+                check_symlink_target(&target).map_err(|why| NarError::BadName {
+                    offset,
+                    why,
+                    name: show(&target),
+                })?;
                 self.expect(b")", "\")\" after a symlink target")?;
                 self.state = State::AfterNode;
                 Ok(Some(Parsed::Symlink { name, target }))
@@ -239,10 +323,13 @@ impl<R: Read> NarReader<R> {
                 self.state = State::InDirectory;
                 Ok(Some(Parsed::Directory { name }))
             }
-            other => Err(NarError::Unexpected { offset, expected: "a node type", found: show(other) }),
+            other => Err(NarError::Unexpected {
+                offset,
+                expected: "a node type",
+                found: show(other),
+            }),
         }
     }
-
 
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), NarError> {
         self.r.read_exact(buf).map_err(io_error(self.pos))?;
@@ -272,7 +359,12 @@ impl<R: Read> NarReader<R> {
         let offset = self.pos;
         let len = self.read_u64()?;
         if len > max as u64 {
-            return Err(NarError::TooLong { offset, what, len, max: max as u64 });
+            return Err(NarError::TooLong {
+                offset,
+                what,
+                len,
+                max: max as u64,
+            });
         }
         let mut s = vec![0u8; len as usize];
         self.read_exact(&mut s)?;
@@ -288,7 +380,11 @@ impl<R: Read> NarReader<R> {
         let offset = self.pos;
         let found = self.read_token()?;
         if found != token {
-            return Err(NarError::Unexpected { offset, expected, found: show(&found) });
+            return Err(NarError::Unexpected {
+                offset,
+                expected,
+                found: show(&found),
+            });
         }
         Ok(())
     }
@@ -357,9 +453,14 @@ impl<R: Read> BufRead for Contents<'_, R> {
         let offset = self.nar.pos;
         let buf = self.nar.r.fill_buf()?;
         if buf.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, NarError::Truncated { offset }));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                NarError::Truncated { offset },
+            ));
         }
-        let n = buf.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        let n = buf
+            .len()
+            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
         Ok(&buf[..n])
     }
 
@@ -368,6 +469,8 @@ impl<R: Read> BufRead for Contents<'_, R> {
         let n = (n as u64).min(remaining);
         self.nar.r.consume(n as usize);
         self.nar.pos += n;
-        self.nar.state = State::Contents { remaining: remaining - n };
+        self.nar.state = State::Contents {
+            remaining: remaining - n,
+        };
     }
 }
