@@ -5,6 +5,8 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::sync::mpsc;
+use std::thread;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -236,6 +238,87 @@ impl Write for HashSink {
     }
 }
 
+/// A writer that hashes (SHA-256) on a helper thread, so that producing the bytes (reading files)
+/// and hashing them overlap. Bytes are handed over in 1 MiB chunks through a short queue; the
+/// chunks are recycled.
+pub struct PipelinedHashSink {
+    chunk: Vec<u8>,
+    full: Option<mpsc::SyncSender<Vec<u8>>>,
+    empty: mpsc::Receiver<Vec<u8>>,
+    worker: Option<thread::JoinHandle<HashSink>>,
+}
+
+const PIPELINE_CHUNK: usize = 1 << 20;
+
+impl PipelinedHashSink {
+    pub fn new() -> io::Result<PipelinedHashSink> {
+        let (full, full_rx) = mpsc::sync_channel::<Vec<u8>>(4);
+        let (empty_tx, empty) = mpsc::channel();
+        let worker = thread::Builder::new()
+            .name("gbc-hash".to_owned())
+            .spawn(move || {
+                let mut sink = HashSink::new();
+                for mut chunk in full_rx {
+                    sink.hasher.update(&chunk);
+                    sink.len += chunk.len() as u64;
+                    chunk.clear();
+                    let _ = empty_tx.send(chunk);
+                }
+                sink
+            })?;
+        Ok(PipelinedHashSink {
+            chunk: Vec::with_capacity(PIPELINE_CHUNK),
+            full: Some(full),
+            empty,
+            worker: Some(worker),
+        })
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let next = self
+            .empty
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(PIPELINE_CHUNK));
+        let chunk = std::mem::replace(&mut self.chunk, next);
+        let full = self
+            .full
+            .as_ref()
+            .ok_or_else(|| io::Error::other("hash sink already finished"))?;
+        full.send(chunk)
+            .map_err(|_| io::Error::other("the hashing thread stopped"))
+    }
+
+    /// Wait for the helper thread; the hash and length of everything written.
+    pub fn finish(mut self) -> io::Result<(Hash, u64)> {
+        if !self.chunk.is_empty() {
+            self.send()?;
+        }
+        self.full = None;
+        let worker = self
+            .worker
+            .take()
+            .ok_or_else(|| io::Error::other("hash sink already finished"))?;
+        let sink = worker
+            .join()
+            .map_err(|_| io::Error::other("the hashing thread panicked"))?;
+        Ok(sink.finish())
+    }
+}
+
+impl Write for PipelinedHashSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.chunk.extend_from_slice(buf);
+        if self.chunk.len() >= PIPELINE_CHUNK {
+            self.send()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A reader that hashes (SHA-256) and counts everything read through it.
 pub struct HashingReader<R> {
     inner: R,
@@ -305,6 +388,22 @@ mod tests {
             Hash::parse(&bad_hex),
             Err(HashError::BadEncoding(..))
         ));
+    }
+
+    #[test]
+    fn pipelined_sink_agrees_with_the_plain_one() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut piped = PipelinedHashSink::new().unwrap_or_else(|e| unreachable!("{e}"));
+        for part in data.chunks(700_001) {
+            piped
+                .write_all(part)
+                .unwrap_or_else(|e| unreachable!("{e}"));
+        }
+        let mut plain = HashSink::new();
+        plain
+            .write_all(&data)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(piped.finish().ok(), Some(plain.finish()));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use super::writer::{self, Node};
-use crate::formats::hash::{Hash, HashSink};
+use crate::formats::hash::{Hash, PipelinedHashSink};
 
 #[derive(Debug, Error)]
 #[error("{}: {source}", path.display())]
@@ -84,12 +84,14 @@ fn dump_node<W: Write>(path: &Path, node: Node<'_, W>) -> Result<(), DumpError> 
 }
 
 /// The SHA-256 hash and size of the NAR of the tree at `path` (what `nix-store -q --hash` prints).
+/// Files are read on this thread and hashed on another.
 pub fn nar_hash(path: &Path) -> Result<(Hash, u64), DumpError> {
-    let mut w = BufWriter::with_capacity(1 << 20, HashSink::new());
-    dump_path(path, &mut w)?;
-    let sink = w.into_inner().map_err(|e| DumpError {
+    let err = |source| DumpError {
         path: path.to_owned(),
-        source: e.into_error(),
-    })?;
-    Ok(sink.finish())
+        source,
+    };
+    let mut w = BufWriter::with_capacity(1 << 20, PipelinedHashSink::new().map_err(err)?);
+    dump_path(path, &mut w)?;
+    let sink = w.into_inner().map_err(|e| err(e.into_error()))?;
+    sink.finish().map_err(err)
 }
