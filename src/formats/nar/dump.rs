@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
@@ -34,6 +34,18 @@ fn at(path: &Path) -> impl FnOnce(io::Error) -> DumpError + '_ {
     }
 }
 
+/// A reader the standard library cannot see through, so that `io::copy` reads file contents straight
+/// into the output's buffer. Without it, `io::copy` from a `File` into a `BufWriter` over a pipe
+/// flushes the buffer for every file and splices: measured with scripts/bench-formats on a tree of
+/// 21,577 files, that took 0.84-1.15 s against 0.56-0.69 s for reading into the buffer.
+struct PlainRead<R>(R);
+
+impl<R: Read> Read for PlainRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
 /// Write the NAR of the tree at `path` to `w`. Directory entries are sorted bytewise; executables
 /// are regular files with the owner's execute bit; sockets, FIFOs and devices are refused.
 pub fn dump_path<W: Write>(path: &Path, w: &mut W) -> Result<(), DumpError> {
@@ -46,7 +58,8 @@ fn dump_node<W: Write>(path: &Path, node: Node<'_, W>) -> Result<(), DumpError> 
     let ft = md.file_type();
     if ft.is_file() {
         let file = File::open(path).map_err(at(path))?;
-        node.regular(md.permissions().mode() & 0o100 != 0, md.len(), file)
+        let executable = md.permissions().mode() & 0o100 != 0;
+        node.regular(executable, md.len(), PlainRead(file))
             .map_err(at(path))
     } else if ft.is_symlink() {
         let target = fs::read_link(path).map_err(at(path))?;

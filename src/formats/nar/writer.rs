@@ -51,9 +51,6 @@ impl<'a, W: Write> Node<'a, W> {
     }
 
     /// A regular file of exactly `size` bytes read from `contents`. Fails if `contents` ends early.
-    ///
-    /// When `W` and `R` are files, pipes or sockets (possibly inside `BufWriter`), the standard
-    /// library copies with `copy_file_range`/`splice`/`sendfile`, without passing through user space.
     pub fn regular<R: Read>(self, executable: bool, size: u64, contents: R) -> io::Result<()> {
         write_strs(self.w, &[b"(", b"type", b"regular"])?;
         if executable {
