@@ -261,3 +261,29 @@ fn man_pages_are_up_to_date() {
         );
     }
 }
+
+#[test]
+fn keys_dir_holds_only_clearly_named_test_keys() {
+    use gbc::formats::signing::{PublicKey, SecretKey};
+    let dir = repo_path("keys");
+    let mut seen = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name == "README.md" {
+            continue;
+        }
+        assert!(name.contains("test-only-DO-NOT-TRUST"), "{name}: only test keys belong in keys/");
+        let text = fs::read_to_string(&path).unwrap();
+        if name.ends_with(".secret") {
+            let key = SecretKey::parse(&text).unwrap();
+            assert!(key.name().starts_with("gbc-test-only-DO-NOT-TRUST"), "{name}: {}", key.name());
+            let public = fs::read_to_string(path.with_extension("public")).unwrap();
+            assert_eq!(key.public(), PublicKey::parse(&public).unwrap(), "{name}: halves differ");
+        } else {
+            assert!(PublicKey::parse(&text).unwrap().name().starts_with("gbc-test-only-DO-NOT-TRUST"));
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2);
+}
