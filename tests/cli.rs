@@ -273,15 +273,31 @@ fn keys_dir_holds_only_clearly_named_test_keys() {
         if name == "README.md" {
             continue;
         }
-        assert!(name.contains("test-only-DO-NOT-TRUST"), "{name}: only test keys belong in keys/");
+        assert!(
+            name.contains("test-only-DO-NOT-TRUST"),
+            "{name}: only test keys belong in keys/"
+        );
         let text = fs::read_to_string(&path).unwrap();
         if name.ends_with(".secret") {
             let key = SecretKey::parse(&text).unwrap();
-            assert!(key.name().starts_with("gbc-test-only-DO-NOT-TRUST"), "{name}: {}", key.name());
+            assert!(
+                key.name().starts_with("gbc-test-only-DO-NOT-TRUST"),
+                "{name}: {}",
+                key.name()
+            );
             let public = fs::read_to_string(path.with_extension("public")).unwrap();
-            assert_eq!(key.public(), PublicKey::parse(&public).unwrap(), "{name}: halves differ");
+            assert_eq!(
+                key.public(),
+                PublicKey::parse(&public).unwrap(),
+                "{name}: halves differ"
+            );
         } else {
-            assert!(PublicKey::parse(&text).unwrap().name().starts_with("gbc-test-only-DO-NOT-TRUST"));
+            assert!(
+                PublicKey::parse(&text)
+                    .unwrap()
+                    .name()
+                    .starts_with("gbc-test-only-DO-NOT-TRUST")
+            );
         }
         seen += 1;
     }

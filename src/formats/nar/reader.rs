@@ -145,6 +145,12 @@ impl<R: Read> NarReader<R> {
         }
     }
 
+    /// The underlying reader. Bytes it delivered beyond the NAR's end are lost, so call this after
+    /// [`NarReader::next_event`] has returned `None` (which checks that there were none).
+    pub fn into_inner(self) -> R {
+        self.r.into_inner()
+    }
+
     /// Bytes consumed so far.
     pub fn position(&self) -> u64 {
         self.pos

@@ -18,6 +18,7 @@ use rustix::fs::{Mode, OFlags, RenameFlags};
 use thiserror::Error;
 
 use super::reader::{Event, NarError, NarReader};
+use crate::formats::hash::{Hash, HashingReader};
 
 #[derive(Debug, Error)]
 pub enum RestoreError {
@@ -30,8 +31,8 @@ pub enum RestoreError {
 }
 
 /// Unpack the NAR read from `nar` at `dest`, which must not exist (its parent must).
-/// Returns the number of NAR bytes read.
-pub fn restore<R: Read>(nar: R, dest: &Path) -> Result<u64, RestoreError> {
+/// Returns the SHA-256 hash and size of the NAR, computed as it streamed.
+pub fn restore<R: Read>(nar: R, dest: &Path) -> Result<(Hash, u64), RestoreError> {
     let io_at = |path: &Path| {
         let path = path.to_owned();
         move |source: io::Error| RestoreError::Io { path, source }
@@ -59,15 +60,16 @@ pub fn restore<R: Read>(nar: R, dest: &Path) -> Result<u64, RestoreError> {
     .map_err(|e| io_at(parent)(e.into()))?;
     let mut random = [0u8; 8];
     getrandom::fill(&mut random).map_err(|e| io_at(dest)(io::Error::other(e.to_string())))?;
+    // At most 64 bytes of the name, so the temporary name stays within NAME_MAX.
+    let short: String = name.to_string_lossy().chars().take(64).collect();
     let tmp_name = format!(
-        ".{}.gbc-partial-{}-{}",
-        name.to_string_lossy(),
+        ".{short}.gbc-partial-{}-{}",
         std::process::id(),
         crate::formats::hash::hex::encode(&random)
     );
     let tmp = parent.join(&tmp_name);
 
-    let mut reader = NarReader::new(nar);
+    let mut reader = NarReader::new(HashingReader::new(nar));
     let result = unpack(&mut reader, &parent_fd, OsStr::new(&tmp_name), &tmp).and_then(|()| {
         rustix::fs::renameat_with(
             &parent_fd,
@@ -85,7 +87,7 @@ pub fn restore<R: Read>(nar: R, dest: &Path) -> Result<u64, RestoreError> {
         let _ = fs::remove_dir_all(&tmp).or_else(|_| fs::remove_file(&tmp));
         return Err(e);
     }
-    Ok(reader.position())
+    Ok(reader.into_inner().finish())
 }
 
 fn unpack<R: Read>(

@@ -107,7 +107,8 @@ proptest! {
         let nar = to_nar(&tree);
         let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
         let dest = tmp.path().join("out");
-        prop_assert_eq!(restore(&nar[..], &dest).ok(), Some(nar.len() as u64));
+        let expected = (crate::formats::hash::Hash::sha256(crate::formats::hash::sha256(&nar)), nar.len() as u64);
+        prop_assert_eq!(restore(&nar[..], &dest).ok(), Some(expected));
         let mut dumped = Vec::new();
         prop_assert!(dump_path(&dest, &mut dumped).is_ok());
         prop_assert_eq!(dumped, nar);
@@ -558,4 +559,16 @@ fn restore_sets_executable_bits_and_dump_reads_them() {
         hash,
         crate::formats::hash::Hash::sha256(crate::formats::hash::sha256(&nar))
     );
+}
+
+#[test]
+fn restore_to_a_destination_with_a_maximal_name() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+    let dest = tmp.path().join("d".repeat(255));
+    let nar = to_nar(&Tree::Dir(BTreeMap::from([(
+        b"f".to_vec(),
+        Tree::Link(b"x".to_vec()),
+    )])));
+    assert!(restore(&nar[..], &dest).is_ok());
+    assert!(dest.join("f").is_symlink());
 }
