@@ -25,7 +25,7 @@ pub mod restore;
 pub mod writer;
 
 pub use dump::{DumpError, dump_path, nar_hash};
-pub use reader::{Contents, Event, NarError, NarReader};
+pub use reader::{Contents, Event, NarError, NarEvent, NarReader};
 pub use restore::{RestoreError, restore};
 pub use writer::{Directory, Node, begin};
 

@@ -78,8 +78,9 @@ fn show(bytes: &[u8]) -> String {
     format!("{:?}", String::from_utf8_lossy(bytes))
 }
 
-/// One step through a NAR. Names are empty for the root node.
-pub enum Event<'a, R: Read> {
+/// One step through a NAR. Names are empty for the root node. `C` is how a regular file's contents
+/// are reached: [`Contents`] for callers, nothing inside the parser.
+pub enum Event<C> {
     Directory {
         name: Vec<u8>,
     },
@@ -93,26 +94,12 @@ pub enum Event<'a, R: Read> {
         name: Vec<u8>,
         executable: bool,
         size: u64,
-        contents: Contents<'a, R>,
+        contents: C,
     },
 }
 
-/// An event before it borrows the reader.
-enum Parsed {
-    Directory {
-        name: Vec<u8>,
-    },
-    EndDirectory,
-    Symlink {
-        name: Vec<u8>,
-        target: Vec<u8>,
-    },
-    Regular {
-        name: Vec<u8>,
-        executable: bool,
-        size: u64,
-    },
-}
+/// An event as [`NarReader::next_event`] yields it, borrowing the reader for the file contents.
+pub type NarEvent<'a, R> = Event<Contents<'a, R>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -157,7 +144,7 @@ impl<R: Read> NarReader<R> {
     }
 
     /// The next event, or `None` after the root node has ended (and the input with it).
-    pub fn next_event(&mut self) -> Result<Option<Event<'_, R>>, NarError> {
+    pub fn next_event(&mut self) -> Result<Option<NarEvent<'_, R>>, NarError> {
         if self.state == State::Failed {
             return Err(NarError::Poisoned);
         }
@@ -169,13 +156,14 @@ impl<R: Read> NarReader<R> {
             }
         };
         Ok(parsed.map(|p| match p {
-            Parsed::Directory { name } => Event::Directory { name },
-            Parsed::EndDirectory => Event::EndDirectory,
-            Parsed::Symlink { name, target } => Event::Symlink { name, target },
-            Parsed::Regular {
+            Event::Directory { name } => Event::Directory { name },
+            Event::EndDirectory => Event::EndDirectory,
+            Event::Symlink { name, target } => Event::Symlink { name, target },
+            Event::Regular {
                 name,
                 executable,
                 size,
+                contents: (),
             } => Event::Regular {
                 name,
                 executable,
@@ -212,7 +200,7 @@ impl<R: Read> NarReader<R> {
         }
     }
 
-    fn parse_event(&mut self) -> Result<Option<Parsed>, NarError> {
+    fn parse_event(&mut self) -> Result<Option<Event<()>>, NarError> {
         match self.state {
             State::Start => {
                 let magic = self
@@ -230,7 +218,7 @@ impl<R: Read> NarReader<R> {
                     b")" => {
                         self.stack.pop();
                         self.state = State::AfterNode;
-                        Ok(Some(Parsed::EndDirectory))
+                        Ok(Some(Event::EndDirectory))
                     }
                     b"entry" => {
                         self.expect(b"(", "\"(\" after \"entry\"")?;
@@ -269,7 +257,7 @@ impl<R: Read> NarReader<R> {
         }
     }
 
-    fn node(&mut self, name: Vec<u8>) -> Result<Option<Parsed>, NarError> {
+    fn node(&mut self, name: Vec<u8>) -> Result<Option<Event<()>>, NarError> {
         self.expect(b"(", "\"(\" starting a node")?;
         self.expect(b"type", "\"type\"")?;
         let offset = self.pos;
@@ -302,10 +290,11 @@ impl<R: Read> NarReader<R> {
                 }
                 self.size = size;
                 self.state = State::Contents { remaining: size };
-                Ok(Some(Parsed::Regular {
+                Ok(Some(Event::Regular {
                     name,
                     executable,
                     size,
+                    contents: (),
                 }))
             }
             b"symlink" => {
@@ -319,7 +308,7 @@ impl<R: Read> NarReader<R> {
                 })?;
                 self.expect(b")", "\")\" after a symlink target")?;
                 self.state = State::AfterNode;
-                Ok(Some(Parsed::Symlink { name, target }))
+                Ok(Some(Event::Symlink { name, target }))
             }
             b"directory" => {
                 if self.stack.len() >= MAX_DEPTH {
@@ -327,7 +316,7 @@ impl<R: Read> NarReader<R> {
                 }
                 self.stack.push(None);
                 self.state = State::InDirectory;
-                Ok(Some(Parsed::Directory { name }))
+                Ok(Some(Event::Directory { name }))
             }
             other => Err(NarError::Unexpected {
                 offset,
