@@ -66,8 +66,36 @@ pub enum Command {
         #[arg(required = true, value_name = "NARINFO")]
         narinfo: Vec<PathBuf>,
     },
+    /// Build a derivation locally, in a sandbox, into a local store; print its output paths.
+    ///
+    /// The same code a build host's agent runs, for debugging a build without a coordinator. Input
+    /// derivations (read from beside FILE, else from their store path) are built first when their
+    /// outputs are not in the store; input sources must already be there. The build log goes to
+    /// standard error. Exits 1 when the build fails, 2 when it cannot be set up.
+    Realise {
+        file: PathBuf,
+        /// Where the store's paths live (default: <state dir>/agent/store, the state dir being
+        /// $XDG_STATE_HOME/gbc or ~/.local/state/gbc).
+        #[arg(long, value_name = "DIR")]
+        store_root: Option<PathBuf>,
+        /// NIX_BUILD_CORES for the builder (default: this machine's cores).
+        #[arg(long, value_name = "N")]
+        cores: Option<u32>,
+        /// Kill the build after this many seconds without log output.
+        #[arg(long, value_name = "SECONDS")]
+        max_silent_time: Option<u64>,
+        /// Kill the build after this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
     /// Show what gbc's format tools do, on an embedded example (no Nix needed).
     Demo,
+    /// Internal: the sandbox helper (stage 1).
+    #[command(name = "__sandbox", hide = true)]
+    Sandbox { spec: String },
+    /// Internal: the sandbox's init (stage 2).
+    #[command(name = "__sandbox-init", hide = true)]
+    SandboxInit { spec: String },
     /// Write the man pages to DIR.
     #[command(hide = true)]
     GenerateMan { dir: PathBuf },

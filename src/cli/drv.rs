@@ -12,7 +12,7 @@ use super::check_failed;
 use crate::formats::derivation::{Derivation, DrvGraph, GraphError, name_from_drv_path};
 use crate::formats::store_path::{StoreDir, StorePath};
 
-fn read_drv(file: &Path) -> anyhow::Result<Derivation> {
+pub(super) fn read_drv(file: &Path) -> anyhow::Result<Derivation> {
     let bytes = fs::read(file).with_context(|| format!("{}", file.display()))?;
     Derivation::parse(&bytes).map_err(|e| check_failed(file.display(), e))
 }
@@ -51,7 +51,7 @@ pub fn show(file: &Path) -> anyhow::Result<()> {
 }
 
 /// A derivation file's store dir, its name, and the store path its file name claims (if it has one).
-fn identify(
+pub(super) fn identify(
     file: &Path,
     drv: &Derivation,
 ) -> anyhow::Result<(StoreDir, String, Option<StorePath>)> {
@@ -80,7 +80,7 @@ fn identify(
 }
 
 /// Where to read an input derivation from: beside `file`, else at its own store path.
-fn input_locations(file: &Path, drv_path: &str) -> Vec<PathBuf> {
+pub(super) fn input_locations(file: &Path, drv_path: &str) -> Vec<PathBuf> {
     let base = Path::new(drv_path)
         .file_name()
         .map(PathBuf::from)
@@ -108,20 +108,7 @@ pub fn path(file: &Path) -> anyhow::Result<()> {
     }
 
     let mut graph = DrvGraph::new();
-    let mut load = |p: &str| -> Result<Vec<u8>, io::Error> {
-        let places = input_locations(file, p);
-        for place in &places {
-            match fs::read(place) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                other => return other,
-            }
-        }
-        let tried: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
-        Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("not found (looked at {})", tried.join(" and ")),
-        ))
-    };
+    let mut load = |p: &str| super::realise::read_first(&input_locations(file, p));
     graph
         .resolve_inputs(&store_dir, &drv, &mut load)
         .map_err(|e| match e {

@@ -11,6 +11,7 @@ mod drv;
 mod keys;
 mod man;
 mod nar;
+mod realise;
 
 use std::io::{self, Write as _};
 use std::process::ExitCode;
@@ -40,6 +41,12 @@ pub(crate) fn warn(msg: impl std::fmt::Display) {
 /// Entry point of the `gbc` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The sandbox stages report through their exit code and error file, not through the CLI's errors.
+    match &cli.command {
+        Command::Sandbox { spec } => return crate::build::sandbox::stage1(spec),
+        Command::SandboxInit { spec } => return crate::build::sandbox::stage2(spec),
+        _ => {}
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -75,7 +82,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => keys::keygen(&name, &secret_file, &public_file),
         Command::Sign { key, narinfo } => keys::sign(&key, &narinfo),
         Command::Verify { trusted, narinfo } => keys::verify(&trusted, &narinfo),
+        Command::Realise {
+            file,
+            store_root,
+            cores,
+            max_silent_time,
+            timeout,
+        } => realise::run(
+            &file,
+            &realise::Options {
+                store_root,
+                cores,
+                max_silent: max_silent_time,
+                timeout,
+            },
+        ),
         Command::Demo => demo::run(),
+        Command::Sandbox { .. } | Command::SandboxInit { .. } => Ok(()),
         Command::GenerateMan { dir } => man::generate(&dir),
     }
     .map(|()| ExitCode::SUCCESS)

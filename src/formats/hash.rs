@@ -319,6 +319,51 @@ impl Write for PipelinedHashSink {
     }
 }
 
+/// A writer that hashes with any supported algorithm (for checking fixed-output derivations).
+pub enum AnyHashSink {
+    Md5(md5::Md5),
+    Sha1(sha1::Sha1),
+    Sha256(Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl AnyHashSink {
+    pub fn new(algo: HashAlgo) -> AnyHashSink {
+        match algo {
+            HashAlgo::Md5 => AnyHashSink::Md5(md5::Md5::new()),
+            HashAlgo::Sha1 => AnyHashSink::Sha1(sha1::Sha1::new()),
+            HashAlgo::Sha256 => AnyHashSink::Sha256(Sha256::new()),
+            HashAlgo::Sha512 => AnyHashSink::Sha512(sha2::Sha512::new()),
+        }
+    }
+
+    pub fn finish(self) -> Hash {
+        let (algo, digest): (HashAlgo, Vec<u8>) = match self {
+            AnyHashSink::Md5(h) => (HashAlgo::Md5, h.finalize().to_vec()),
+            AnyHashSink::Sha1(h) => (HashAlgo::Sha1, h.finalize().to_vec()),
+            AnyHashSink::Sha256(h) => (HashAlgo::Sha256, h.finalize().to_vec()),
+            AnyHashSink::Sha512(h) => (HashAlgo::Sha512, h.finalize().to_vec()),
+        };
+        Hash { algo, digest }
+    }
+}
+
+impl Write for AnyHashSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            AnyHashSink::Md5(h) => h.update(buf),
+            AnyHashSink::Sha1(h) => h.update(buf),
+            AnyHashSink::Sha256(h) => h.update(buf),
+            AnyHashSink::Sha512(h) => h.update(buf),
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A reader that hashes (SHA-256) and counts everything read through it.
 pub struct HashingReader<R> {
     inner: R,
@@ -404,6 +449,22 @@ mod tests {
             .write_all(&data)
             .unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(piped.finish().ok(), Some(plain.finish()));
+    }
+
+    #[test]
+    fn any_hash_sink_computes_each_algorithm() {
+        // Digests of "hello" as printed by `nix-hash --type ALGO --flat` on a file holding it.
+        for (algo, hex) in [
+            (HashAlgo::Md5, "5d41402abc4b2a76b9719d911017c592"),
+            (HashAlgo::Sha1, "aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d"),
+        ] {
+            let mut s = AnyHashSink::new(algo);
+            s.write_all(b"hello").ok();
+            assert_eq!(s.finish().to_hex(), hex);
+        }
+        let mut s = AnyHashSink::new(HashAlgo::Sha256);
+        s.write_all(b"").ok();
+        assert_eq!(s.finish().to_hex(), EMPTY_HEX);
     }
 
     #[test]

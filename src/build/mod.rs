@@ -1,0 +1,418 @@
+//! Native realisation: building one derivation as Nix's and Guix's daemons do, in a sandbox over a
+//! [`LocalStore`], and registering its outputs.
+//!
+//! Steps: check the inputs are valid and take their closure; prepare the environment (Nix's
+//! variables, `passAsFile`) and a fresh build directory; run the builder in the sandbox
+//! ([`sandbox`]) with log, silence and total timeouts; check every declared output exists;
+//! canonicalise it ([`canon`]); check fixed-output hashes; hash its NAR while scanning for references
+//! ([`refs`]); move it into the store and record it valid.
+
+pub mod canon;
+pub mod refs;
+pub mod sandbox;
+mod sys;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read as _, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::formats::derivation::{Derivation, DrvKind};
+use crate::formats::hash::{AnyHashSink, Hash, HashSink, sha256};
+use crate::formats::nar;
+use crate::formats::nix32;
+use crate::formats::store_path::{StoreDir, StorePath};
+use crate::store::{LocalStore, PathInfo, remove_tree};
+
+/// Host paths a `/bin/sh` builder needs, bind-mounted read-only by default.
+pub const DEFAULT_HOST_PATHS: &[&str] = &["/bin", "/usr", "/lib", "/lib64"];
+
+/// How builds run on this host.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    pub cores: u32,
+    /// Kill the build after this long without log output.
+    pub max_silent: Option<Duration>,
+    /// Kill the build after this long in total.
+    pub timeout: Option<Duration>,
+    pub host_paths: Vec<PathBuf>,
+}
+
+impl Default for BuildSettings {
+    fn default() -> BuildSettings {
+        BuildSettings {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            max_silent: None,
+            timeout: None,
+            host_paths: DEFAULT_HOST_PATHS.iter().map(PathBuf::from).collect(),
+        }
+    }
+}
+
+/// One derivation to build, already validated by the caller.
+pub struct BuildRequest<'a> {
+    pub drv_path: &'a str,
+    pub drv: &'a Derivation,
+    pub store_dir: &'a StoreDir,
+    /// The derivation's name (its `.drv` base name without hash and extension).
+    pub name: &'a str,
+    /// Output name → path, as validated from the derivation's contents.
+    pub outputs: &'a BTreeMap<String, StorePath>,
+    /// Full paths the build uses directly: input sources and the used outputs of input derivations.
+    pub inputs: BTreeSet<String>,
+}
+
+/// How a build ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every output is valid; `built` is false when they already were and nothing ran.
+    Success {
+        outputs: BTreeMap<String, PathInfo>,
+        built: bool,
+    },
+    /// The builder failed, or its outputs were unacceptable (missing, wrong fixed-output hash).
+    Failed {
+        exit_code: Option<i32>,
+        reason: String,
+    },
+    TimedOut(Duration),
+    SilentTooLong(Duration),
+    /// The build could not be started (sandbox, file system, partially valid outputs...).
+    SetupFailure(String),
+    MissingInputs(Vec<String>),
+}
+
+/// Build `req` in `store`, passing log output to `log` as it comes.
+pub fn build(
+    store: &LocalStore,
+    req: &BuildRequest<'_>,
+    settings: &BuildSettings,
+    log: &mut dyn FnMut(&[u8]),
+) -> Outcome {
+    match try_build(store, req, settings, log) {
+        Ok(outcome) => outcome,
+        Err(e) => Outcome::SetupFailure(e.to_string()),
+    }
+}
+
+fn try_build(
+    store: &LocalStore,
+    req: &BuildRequest<'_>,
+    settings: &BuildSettings,
+    log: &mut dyn FnMut(&[u8]),
+) -> io::Result<Outcome> {
+    let sd = req.store_dir;
+    let out_paths: BTreeMap<&str, String> = req
+        .outputs
+        .iter()
+        .map(|(o, p)| (o.as_str(), sd.display(p)))
+        .collect();
+
+    // Already built?
+    let mut valid = BTreeMap::new();
+    for (o, p) in &out_paths {
+        if let Some(info) = store.query(sd, p)? {
+            valid.insert(o.to_string(), info);
+        }
+    }
+    if valid.len() == out_paths.len() {
+        return Ok(Outcome::Success {
+            outputs: valid,
+            built: false,
+        });
+    }
+    if let Some(o) = valid.keys().next() {
+        return Ok(Outcome::SetupFailure(format!(
+            "output {o:?} ({}) is already valid but others are not; refusing to rebuild part of a derivation",
+            out_paths[o.as_str()]
+        )));
+    }
+
+    let (closure, missing) = store.closure(sd, req.inputs.iter().map(String::as_str))?;
+    if !missing.is_empty() {
+        return Ok(Outcome::MissingInputs(missing.into_iter().collect()));
+    }
+
+    let work = store.temp_dir("build")?;
+    let result = run_and_collect(store, req, settings, log, &work, &closure, &out_paths);
+    let cleanup = remove_tree(&work);
+    let outcome = result?;
+    cleanup?;
+    Ok(outcome)
+}
+
+fn run_and_collect(
+    store: &LocalStore,
+    req: &BuildRequest<'_>,
+    settings: &BuildSettings,
+    log: &mut dyn FnMut(&[u8]),
+    work: &Path,
+    closure: &BTreeSet<String>,
+    out_paths: &BTreeMap<&str, String>,
+) -> io::Result<Outcome> {
+    let sd = req.store_dir;
+    let top = work.join("top");
+    let chroot = work.join("root");
+    let error_file = work.join("setup-error");
+    fs::create_dir(&top)?;
+    fs::create_dir(&chroot)?;
+
+    let env = environment(req, settings, &top)?;
+    let inputs = closure
+        .iter()
+        .map(|p| sd.parse_path(p).map(|sp| sp.to_string()))
+        .collect::<Result<Vec<_>, _>>();
+    let inputs = inputs.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let spec = sandbox::SandboxSpec {
+        chroot: chroot.clone(),
+        build_dir: top,
+        store_dir: sd.as_str().to_owned(),
+        store_root: store.root().to_owned(),
+        inputs,
+        host_paths: settings.host_paths.clone(),
+        network: matches!(req.drv.kind(), Ok(DrvKind::FixedOutput { .. })),
+        builder: req.drv.builder.clone(),
+        args: req.drv.args.clone(),
+        env: env.into_iter().collect(),
+        error_file: error_file.clone(),
+    };
+
+    let ended = run_logged(sandbox::command(&spec)?, settings, log)?;
+    let status = match ended {
+        Ended::Exited(status) => status,
+        Ended::TimedOut(d) => return Ok(Outcome::TimedOut(d)),
+        Ended::Silent(d) => return Ok(Outcome::SilentTooLong(d)),
+    };
+    let setup_error = fs::read_to_string(&error_file).unwrap_or_default();
+    if !setup_error.is_empty() {
+        return Ok(Outcome::SetupFailure(setup_error));
+    }
+    if !status.success() {
+        let code = status.code();
+        let reason = match code {
+            Some(c) => format!("builder exited with status {c}"),
+            None => "builder was killed by a signal".to_owned(),
+        };
+        return Ok(Outcome::Failed {
+            exit_code: code,
+            reason,
+        });
+    }
+
+    // Every output must exist; canonicalise it and check fixed-output hashes.
+    let built_root = chroot.join(sd.as_str().trim_start_matches('/'));
+    let mut found = BTreeMap::new();
+    for (o, p) in out_paths {
+        let sp = &req.outputs[*o];
+        let at = built_root.join(sp.as_str());
+        if fs::symlink_metadata(&at).is_err() {
+            return Ok(Outcome::Failed {
+                exit_code: Some(0),
+                reason: format!("builder did not create output {o:?} ({p})"),
+            });
+        }
+        canon::canonicalise(&at)?;
+        if let Ok(DrvKind::FixedOutput { recursive, hash }) = req.drv.kind() {
+            let actual = fixed_output_hash(&at, recursive, &hash)?;
+            if actual != hash {
+                return Ok(Outcome::Failed {
+                    exit_code: Some(0),
+                    reason: format!(
+                        "fixed-output hash mismatch in {p}: wanted {}, got {}",
+                        hash.to_nix32_string(),
+                        actual.to_nix32_string()
+                    ),
+                });
+            }
+        }
+        found.insert(o.to_string(), at);
+    }
+
+    // Hash, scan references, move into the store, register.
+    let candidates: Vec<&str> = closure
+        .iter()
+        .map(String::as_str)
+        .chain(out_paths.values().map(String::as_str))
+        .collect();
+    let mut outputs = BTreeMap::new();
+    for (o, at) in found {
+        let (nar_hash, nar_size, references) = hash_and_scan(&at, candidates.iter().copied())?;
+        let sp = &req.outputs[&o];
+        let path = sd.display(sp);
+        store.clear_stale(sd, &path)?;
+        fs::rename(&at, store.physical(sp))?;
+        let info = PathInfo {
+            path,
+            nar_hash: nar_hash.to_nix32_string(),
+            nar_size,
+            references: references.into_iter().collect(),
+            deriver: Some(req.drv_path.to_owned()),
+        };
+        store.register(sd, &info)?;
+        outputs.insert(o, info);
+    }
+    Ok(Outcome::Success {
+        outputs,
+        built: true,
+    })
+}
+
+/// The builder's environment, as Nix's `initEnv` makes it.
+fn environment(
+    req: &BuildRequest<'_>,
+    settings: &BuildSettings,
+    top: &Path,
+) -> io::Result<BTreeMap<String, String>> {
+    let b = sandbox::BUILD_DIR;
+    let mut env = BTreeMap::new();
+    env.insert("PATH".to_owned(), "/path-not-set".to_owned());
+    env.insert("HOME".to_owned(), "/homeless-shelter".to_owned());
+    env.insert("NIX_STORE".to_owned(), req.store_dir.as_str().to_owned());
+    env.insert("NIX_BUILD_CORES".to_owned(), settings.cores.to_string());
+    let pass_as_file: BTreeSet<&str> = req
+        .drv
+        .env
+        .get("passAsFile")
+        .map(|v| v.split_whitespace().collect())
+        .unwrap_or_default();
+    for (k, v) in &req.drv.env {
+        if pass_as_file.contains(k.as_str()) {
+            let file = format!(".attr-{}", nix32::encode(&sha256(k.as_bytes())));
+            fs::write(top.join(&file), v)?;
+            env.insert(format!("{k}Path"), format!("{b}/{file}"));
+        } else {
+            env.insert(k.clone(), v.clone());
+        }
+    }
+    for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
+        env.insert(k.to_owned(), b.to_owned());
+    }
+    env.insert("NIX_LOG_FD".to_owned(), "2".to_owned());
+    env.insert("TERM".to_owned(), "xterm-256color".to_owned());
+    Ok(env)
+}
+
+enum Ended {
+    Exited(ExitStatus),
+    TimedOut(Duration),
+    Silent(Duration),
+}
+
+/// Run `cmd` with stdout and stderr on one pipe whose bytes go to `log`, enforcing the timeouts.
+fn run_logged(
+    mut cmd: std::process::Command,
+    settings: &BuildSettings,
+    log: &mut dyn FnMut(&[u8]),
+) -> io::Result<Ended> {
+    let (mut reader, writer) = io::pipe()?;
+    cmd.stdout(writer.try_clone()?).stderr(writer);
+    let mut child = cmd.spawn()?;
+    drop(cmd);
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(16);
+    let pump = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut last_output = Instant::now();
+    let killed = loop {
+        let now = Instant::now();
+        let mut wait = Duration::from_secs(3600);
+        if let Some(t) = settings.timeout {
+            wait = wait.min((start + t).saturating_duration_since(now));
+        }
+        if let Some(s) = settings.max_silent {
+            wait = wait.min((last_output + s).saturating_duration_since(now));
+        }
+        match rx.recv_timeout(wait) {
+            Ok(chunk) => {
+                last_output = Instant::now();
+                log(&chunk);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                if let Some(t) = settings.timeout.filter(|t| now >= start + *t) {
+                    break Some(Ended::TimedOut(t));
+                }
+                if let Some(s) = settings.max_silent.filter(|s| now >= last_output + *s) {
+                    break Some(Ended::Silent(s));
+                }
+            }
+        }
+    };
+    if let Some(ended) = killed {
+        // Killing stage 1 kills the sandbox's init (parent-death signal), and with it everything.
+        let _ = child.kill();
+        let _ = child.wait();
+        drop(rx);
+        let _ = pump.join();
+        return Ok(ended);
+    }
+    let _ = pump.join();
+    Ok(Ended::Exited(child.wait()?))
+}
+
+/// The hash a fixed output is checked against: of the file (flat) or of its NAR (recursive).
+fn fixed_output_hash(path: &Path, recursive: bool, want: &Hash) -> io::Result<Hash> {
+    let mut sink = AnyHashSink::new(want.algo());
+    if recursive {
+        let mut w = BufWriter::with_capacity(1 << 20, &mut sink);
+        nar::dump_path(path, &mut w).map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?;
+        w.flush()?;
+    } else {
+        let md = fs::symlink_metadata(path)?;
+        if !md.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: a flat fixed output must be a regular file",
+                    path.display()
+                ),
+            ));
+        }
+        io::copy(&mut File::open(path)?, &mut sink)?;
+    }
+    Ok(sink.finish())
+}
+
+/// NAR hash, NAR size, and the references found in the NAR.
+fn hash_and_scan<'a>(
+    path: &Path,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> io::Result<(Hash, u64, BTreeSet<String>)> {
+    struct Tee<'x>(&'x mut HashSink, &'x mut refs::RefScanner);
+    impl Write for Tee<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.write_all(buf)?;
+            self.1.write_all(buf)?;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hash = HashSink::new();
+    let mut scanner = refs::RefScanner::new(candidates);
+    {
+        let mut w = BufWriter::with_capacity(1 << 20, Tee(&mut hash, &mut scanner));
+        nar::dump_path(path, &mut w).map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?;
+        w.flush()?;
+    }
+    let (h, size) = hash.finish();
+    Ok((h, size, scanner.finish()))
+}

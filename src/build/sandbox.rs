@@ -1,0 +1,390 @@
+//! Running a builder in Linux namespaces, without root and without a daemon.
+//!
+//! The agent starts `gbc __sandbox SPEC` (stage 1) with the builder's log pipe as stdout and stderr.
+//! Stage 1, single-threaded as `unshare(CLONE_NEWUSER)` requires, enters new user, mount, PID, IPC,
+//! UTS and (except for fixed-output derivations) network namespaces, maps the agent's user to root
+//! of the new user namespace, and starts `gbc __sandbox-init SPEC` (stage 2), which is PID 1 of the
+//! new PID namespace and keeps root's capabilities there. Stage 2 builds the root file system in an
+//! empty directory: `/build` (the build directory), the logical store dir with each path of the input
+//! closure bind-mounted read-only, the host paths read-only (by default what a `/bin/sh` builder
+//! needs), `/proc`, a minimal `/dev`, and `/etc/{passwd,group,hosts}`; pivots into it; then enters
+//! a nested user namespace where it is uid 1000 / gid 100 (as in Nix's sandbox) and runs the builder.
+//! The builder thus has no capabilities over the mounts: it cannot remount its read-only inputs (and
+//! mounts copied into any namespace it makes are locked read-only by the kernel).
+//! When stage 2 exits, the kernel kills everything left in the namespace; stage 2 dies with stage 1
+//! (`PR_SET_PDEATHSIG`), so killing stage 1 ends the whole build.
+//!
+//! Errors before the builder starts are written to the spec's error file, so the agent can report a
+//! setup failure (not a build failure) with the reason.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write as _};
+use std::os::unix::fs::symlink;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use rustix::fs::StatVfsMountFlags;
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+use rustix::thread::UnshareFlags;
+use serde::{Deserialize, Serialize};
+
+/// Where the build directory appears inside the sandbox (as in Nix's sandbox).
+pub const BUILD_DIR: &str = "/build";
+/// The builder's user and group inside the sandbox (as in Nix's sandbox).
+pub const SANDBOX_UID: u32 = 1000;
+pub const SANDBOX_GID: u32 = 100;
+
+/// Everything the sandbox helper needs; passed as JSON on its command line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// An empty directory that becomes `/`.
+    pub chroot: PathBuf,
+    /// The build directory, seen as [`BUILD_DIR`].
+    pub build_dir: PathBuf,
+    /// The logical store dir, e.g. `/gnu/store`.
+    pub store_dir: String,
+    /// Where store paths physically are.
+    pub store_root: PathBuf,
+    /// Base names of the store paths the build may see (its input closure).
+    pub inputs: Vec<String>,
+    /// Host paths bind-mounted read-only at the same place.
+    pub host_paths: Vec<PathBuf>,
+    /// Keep the host's network (fixed-output derivations only).
+    pub network: bool,
+    pub builder: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Where to write the reason when the sandbox cannot be set up.
+    pub error_file: PathBuf,
+}
+
+/// The command that runs `spec`'s builder in a sandbox; the caller sets stdout/stderr.
+pub fn command(spec: &SandboxSpec) -> io::Result<Command> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("__sandbox")
+        .arg(serde_json::to_string(spec).map_err(io::Error::other)?);
+    cmd.env_clear().stdin(Stdio::null());
+    Ok(cmd)
+}
+
+/// Exit code of the helper when the sandbox could not be set up (the reason is in the error file).
+pub const SETUP_FAILED: u8 = 125;
+
+fn fail(spec_error_file: &Path, stage: &str, e: &io::Error) -> ExitCode {
+    let _ = fs::write(spec_error_file, format!("{stage}: {e}"));
+    ExitCode::from(SETUP_FAILED)
+}
+
+fn parse(spec: &str) -> io::Result<SandboxSpec> {
+    serde_json::from_str(spec).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Stage 1: enter the namespaces and start stage 2 as their PID 1.
+pub fn stage1(spec_json: &str) -> ExitCode {
+    let spec = match parse(spec_json) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "gbc __sandbox: {e}");
+            return ExitCode::from(SETUP_FAILED);
+        }
+    };
+    match enter_namespaces(&spec) {
+        Ok(()) => {}
+        Err(e) => return fail(&spec.error_file, "entering namespaces", &e),
+    }
+    let status = Command::new("/proc/self/exe")
+        .arg("__sandbox-init")
+        .arg(spec_json)
+        .env_clear()
+        .status();
+    match status {
+        Ok(s) => ExitCode::from(exit_byte(s)),
+        Err(e) => fail(&spec.error_file, "starting the sandbox's init", &e),
+    }
+}
+
+fn exit_byte(s: std::process::ExitStatus) -> u8 {
+    match (s.code(), s.signal()) {
+        (Some(c), _) => u8::try_from(c).unwrap_or(1),
+        (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(255),
+        _ => 1,
+    }
+}
+
+fn enter_namespaces(spec: &SandboxSpec) -> io::Result<()> {
+    let uid = rustix::process::getuid().as_raw();
+    let gid = rustix::process::getgid().as_raw();
+    let mut flags = UnshareFlags::NEWUSER
+        | UnshareFlags::NEWNS
+        | UnshareFlags::NEWPID
+        | UnshareFlags::NEWIPC
+        | UnshareFlags::NEWUTS;
+    if !spec.network {
+        flags |= UnshareFlags::NEWNET;
+    }
+    super::sys::unshare_namespaces(flags).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("unshare: {e} (are user namespaces allowed on this host?)"),
+        )
+    })?;
+    map_self(0, uid, 0, gid)
+}
+
+/// Map this process's user and group (`outer_*` in the parent user namespace) to `uid`/`gid` in the
+/// user namespace it has just entered.
+fn map_self(uid: u32, outer_uid: u32, gid: u32, outer_gid: u32) -> io::Result<()> {
+    fs::write("/proc/self/setgroups", "deny")?;
+    fs::write("/proc/self/uid_map", format!("{uid} {outer_uid} 1"))?;
+    fs::write("/proc/self/gid_map", format!("{gid} {outer_gid} 1"))?;
+    Ok(())
+}
+
+/// Leave root behind: a nested user namespace where this process (and the builder) is the build user.
+fn become_build_user() -> io::Result<()> {
+    super::sys::unshare_namespaces(UnshareFlags::NEWUSER)?;
+    map_self(SANDBOX_UID, 0, SANDBOX_GID, 0)
+}
+
+/// Stage 2, PID 1 of the sandbox: build the root, pivot into it, run the builder.
+pub fn stage2(spec_json: &str) -> ExitCode {
+    let spec = match parse(spec_json) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "gbc __sandbox-init: {e}");
+            return ExitCode::from(SETUP_FAILED);
+        }
+    };
+    // Open the error file now: after pivoting, its path is out of reach.
+    let mut errors = match OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&spec.error_file)
+    {
+        Ok(f) => f,
+        Err(e) => return fail(&spec.error_file, "opening the error file", &e),
+    };
+    let mut setup_failed = |what: &str, e: io::Error| {
+        let _ = write!(errors, "{what}: {e}");
+        ExitCode::from(SETUP_FAILED)
+    };
+    if let Err(e) =
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+    {
+        return setup_failed("setting the parent-death signal", e.into());
+    }
+    if let Err(e) = build_root(&spec) {
+        return setup_failed("setting up the sandbox", e);
+    }
+    if let Err(e) = become_build_user() {
+        return setup_failed("becoming the build user", e);
+    }
+    let mut cmd = Command::new(&spec.builder);
+    cmd.args(&spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(BUILD_DIR);
+    cmd.stdin(Stdio::null());
+    match cmd.status() {
+        Ok(s) => ExitCode::from(exit_byte(s)),
+        Err(e) => setup_failed(&format!("starting the builder {}", spec.builder), e),
+    }
+}
+
+fn ctx<T>(r: rustix::io::Result<T>, what: impl FnOnce() -> String) -> io::Result<T> {
+    r.map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", what())))
+}
+
+fn ioctx<T>(r: io::Result<T>, what: impl FnOnce() -> String) -> io::Result<T> {
+    r.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", what())))
+}
+
+/// Bind `source` at `target` read-only, keeping the flags the kernel locks in a user namespace.
+fn bind_read_only(source: &Path, target: &Path, recursive: bool) -> io::Result<()> {
+    let bind = if recursive {
+        rustix::mount::mount_bind_recursive
+    } else {
+        rustix::mount::mount_bind
+    };
+    ctx(bind(source, target), || {
+        format!("bind-mounting {}", source.display())
+    })?;
+    let locked = ctx(rustix::fs::statvfs(target), || {
+        format!("statvfs {}", target.display())
+    })?
+    .f_flag;
+    let mut flags = MountFlags::BIND | MountFlags::RDONLY;
+    for (have, want) in [
+        (StatVfsMountFlags::NOSUID, MountFlags::NOSUID),
+        (StatVfsMountFlags::NODEV, MountFlags::NODEV),
+        (StatVfsMountFlags::NOEXEC, MountFlags::NOEXEC),
+        (StatVfsMountFlags::NOATIME, MountFlags::NOATIME),
+        (StatVfsMountFlags::NODIRATIME, MountFlags::NODIRATIME),
+        (StatVfsMountFlags::RELATIME, MountFlags::RELATIME),
+    ] {
+        if locked.contains(have) {
+            flags |= want;
+        }
+    }
+    ctx(rustix::mount::mount_remount(target, flags, ""), || {
+        format!("making {} read-only", target.display())
+    })
+}
+
+/// Create a mount point at `target` of the same kind as `source` (or a symlink copy for symlinks);
+/// returns whether `source` should be bind-mounted there.
+fn make_mount_point(source: &Path, target: &Path) -> io::Result<bool> {
+    let md = ioctx(fs::symlink_metadata(source), || {
+        format!("{}", source.display())
+    })?;
+    if let Some(parent) = target.parent() {
+        ioctx(fs::create_dir_all(parent), || {
+            format!("creating {}", parent.display())
+        })?;
+    }
+    if md.file_type().is_symlink() {
+        let to = fs::read_link(source)?;
+        ioctx(symlink(&to, target), || {
+            format!("creating symlink {}", target.display())
+        })?;
+        Ok(false)
+    } else if md.is_dir() {
+        ioctx(fs::create_dir_all(target), || {
+            format!("creating {}", target.display())
+        })?;
+        Ok(true)
+    } else {
+        ioctx(File::create(target), || {
+            format!("creating {}", target.display())
+        })?;
+        Ok(true)
+    }
+}
+
+fn inside(root: &Path, abs: &str) -> PathBuf {
+    root.join(abs.trim_start_matches('/'))
+}
+
+fn build_root(spec: &SandboxSpec) -> io::Result<()> {
+    let root = &spec.chroot;
+    ctx(
+        rustix::mount::mount_change(
+            "/",
+            MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+        ),
+        || "making mounts private".to_owned(),
+    )?;
+    // pivot_root needs the new root to be a mount point.
+    ctx(rustix::mount::mount_bind(root, root), || {
+        format!("bind-mounting {}", root.display())
+    })?;
+
+    let build = inside(root, BUILD_DIR);
+    fs::create_dir_all(&build)?;
+    ctx(rustix::mount::mount_bind(&spec.build_dir, &build), || {
+        "mounting the build directory".to_owned()
+    })?;
+
+    let store = inside(root, &spec.store_dir);
+    ioctx(fs::create_dir_all(&store), || {
+        format!("creating {}", store.display())
+    })?;
+    for base in &spec.inputs {
+        let source = spec.store_root.join(base);
+        let target = store.join(base);
+        if make_mount_point(&source, &target)? {
+            bind_read_only(&source, &target, false)?;
+        }
+    }
+
+    for host in &spec.host_paths {
+        if fs::symlink_metadata(host).is_err() {
+            continue;
+        }
+        let target = inside(root, &host.to_string_lossy());
+        if make_mount_point(host, &target)? {
+            bind_read_only(host, &target, true)?;
+        }
+    }
+
+    let proc = inside(root, "/proc");
+    fs::create_dir_all(&proc)?;
+    ctx(
+        rustix::mount::mount(
+            "proc",
+            &proc,
+            "proc",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            None,
+        ),
+        || "mounting /proc".to_owned(),
+    )?;
+
+    let dev = inside(root, "/dev");
+    fs::create_dir_all(&dev)?;
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let source = Path::new("/dev").join(name);
+        if source.exists() {
+            let target = dev.join(name);
+            File::create(&target)?;
+            ctx(rustix::mount::mount_bind(&source, &target), || {
+                format!("binding {}", source.display())
+            })?;
+        }
+    }
+    let shm = dev.join("shm");
+    fs::create_dir_all(&shm)?;
+    ctx(
+        rustix::mount::mount(
+            "none",
+            &shm,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            Some(c"mode=1777"),
+        ),
+        || "mounting /dev/shm".to_owned(),
+    )?;
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        symlink(to, dev.join(link))?;
+    }
+
+    let etc = inside(root, "/etc");
+    fs::create_dir_all(&etc)?;
+    fs::write(
+        etc.join("passwd"),
+        format!(
+            "root:x:0:0:Nix build user:{BUILD_DIR}:/noshell\nnixbld:x:{SANDBOX_UID}:{SANDBOX_GID}:Nix build user:{BUILD_DIR}:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n"
+        ),
+    )?;
+    fs::write(
+        etc.join("group"),
+        format!("root:x:0:\nnixbld:!:{SANDBOX_GID}:\nnogroup:x:65534:\n"),
+    )?;
+    fs::write(etc.join("hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
+
+    ctx(rustix::system::sethostname(b"localhost"), || {
+        "setting the host name".to_owned()
+    })?;
+
+    ctx(rustix::process::chdir(root), || {
+        "entering the new root".to_owned()
+    })?;
+    ctx(rustix::process::pivot_root(".", "."), || {
+        "pivot_root".to_owned()
+    })?;
+    ctx(rustix::mount::unmount(".", UnmountFlags::DETACH), || {
+        "detaching the old root".to_owned()
+    })?;
+    ctx(rustix::process::chdir(BUILD_DIR), || {
+        format!("entering {BUILD_DIR}")
+    })?;
+    Ok(())
+}
