@@ -7,7 +7,8 @@
 //! new PID namespace and keeps root's capabilities there. Stage 2 builds the root file system in an
 //! empty directory: `/build` (the build directory), the logical store dir with each path of the input
 //! closure bind-mounted read-only, the host paths read-only (by default what a `/bin/sh` builder
-//! needs), `/proc`, a minimal `/dev`, and `/etc/{passwd,group,hosts}`; pivots into it; then enters
+//! needs), `/proc`, a minimal `/dev`, and `/etc/{passwd,group,hosts}`; makes everything but `/build`,
+//! the store dir and `/dev/shm` read-only; pivots into it; then enters
 //! a nested user namespace where it is uid 1000 / gid 100 (as in Nix's sandbox) and runs the builder.
 //! The builder thus has no capabilities over the mounts: it cannot remount its read-only inputs (and
 //! mounts copied into any namespace it makes are locked read-only by the kernel).
@@ -212,6 +213,11 @@ fn bind_read_only(source: &Path, target: &Path, recursive: bool) -> io::Result<(
     ctx(bind(source, target), || {
         format!("bind-mounting {}", source.display())
     })?;
+    remount_read_only(target)
+}
+
+/// Make the bind mount at `target` read-only.
+fn remount_read_only(target: &Path) -> io::Result<()> {
     let locked = ctx(rustix::fs::statvfs(target), || {
         format!("statvfs {}", target.display())
     })?
@@ -291,6 +297,12 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     let store = inside(root, &spec.store_dir);
     ioctx(fs::create_dir_all(&store), || {
         format!("creating {}", store.display())
+    })?;
+    // The store dir is its own (writable) mount, so the root can be made read-only below: every
+    // file here belongs to the builder's uid (one uid is all an unprivileged user namespace maps),
+    // so permissions alone could not keep the builder from writing outside its outputs.
+    ctx(rustix::mount::mount_bind(&store, &store), || {
+        format!("bind-mounting {}", store.display())
     })?;
     for base in &spec.inputs {
         let source = spec.store_root.join(base);
@@ -373,6 +385,7 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     ctx(rustix::system::sethostname(b"localhost"), || {
         "setting the host name".to_owned()
     })?;
+    remount_read_only(root)?;
 
     ctx(rustix::process::chdir(root), || {
         "entering the new root".to_owned()

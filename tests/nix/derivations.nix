@@ -13,7 +13,7 @@ in rec {
   multi = sh ''
     echo out > $out
     echo dev > $dev
-    mkdir -p $doc/share; echo doc > $doc/share/readme
+    /bin/mkdir -p $doc/share; echo doc > $doc/share/readme
   '' { name = "multi"; outputs = [ "out" "dev" "doc" ]; };
 
   chainA = sh "echo a ${salt} > $out" { name = "chain-a"; };
@@ -28,7 +28,7 @@ in rec {
     outputHash = builtins.hashString "sha256" "hello";
   };
 
-  fixedRecursive = sh "mkdir $out; printf hello > $out/file" {
+  fixedRecursive = sh "/bin/mkdir $out; printf hello > $out/file" {
     name = "fixed-recursive";
     outputHashMode = "recursive";
     outputHashAlgo = "sha256";
@@ -46,7 +46,7 @@ in rec {
 
   usesFixed = sh "read x < ${fixedFlat}; echo \"$x\" > $out" { name = "uses-fixed"; };
 
-  passAsFile = sh "cp $textPath $out" {
+  passAsFile = sh "/bin/cp $textPath $out" {
     name = "pass-as-file";
     passAsFile = [ "text" ];
     text = "line one\nline \"two\"\twith a tab\\ and a backslash\n";
