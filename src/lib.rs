@@ -8,4 +8,5 @@
 pub mod build;
 pub mod cli;
 pub mod formats;
+pub mod protocol;
 pub mod store;
