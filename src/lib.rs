@@ -5,6 +5,7 @@
 //!   derivations, NAR, narinfo, signing keys). They know nothing of tokio, SQLite or SSH.
 //! - [`cli`]: the `gbc` command line; the only module that prints to users.
 
+pub mod agent;
 pub mod build;
 pub mod cli;
 pub mod formats;

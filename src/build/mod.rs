@@ -17,7 +17,8 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read as _, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::formats::derivation::{Derivation, DrvKind};
@@ -39,6 +40,8 @@ pub struct BuildSettings {
     /// Kill the build after this long in total.
     pub timeout: Option<Duration>,
     pub host_paths: Vec<PathBuf>,
+    /// Set to stop the build.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for BuildSettings {
@@ -50,6 +53,7 @@ impl Default for BuildSettings {
             max_silent: None,
             timeout: None,
             host_paths: DEFAULT_HOST_PATHS.iter().map(PathBuf::from).collect(),
+            cancel: None,
         }
     }
 }
@@ -82,6 +86,7 @@ pub enum Outcome {
     },
     TimedOut(Duration),
     SilentTooLong(Duration),
+    Canceled,
     /// The build could not be started (sandbox, file system, partially valid outputs...).
     SetupFailure(String),
     MissingInputs(Vec<String>),
@@ -187,6 +192,7 @@ fn run_and_collect(
         Ended::Exited(status) => status,
         Ended::TimedOut(d) => return Ok(Outcome::TimedOut(d)),
         Ended::Silent(d) => return Ok(Outcome::SilentTooLong(d)),
+        Ended::Canceled => return Ok(Outcome::Canceled),
     };
     let setup_error = fs::read_to_string(&error_file).unwrap_or_default();
     if !setup_error.is_empty() {
@@ -301,6 +307,7 @@ enum Ended {
     Exited(ExitStatus),
     TimedOut(Duration),
     Silent(Duration),
+    Canceled,
 }
 
 /// Run `cmd` with stdout and stderr on one pipe whose bytes go to `log`, enforcing the timeouts.
@@ -337,6 +344,12 @@ fn run_logged(
         }
         if let Some(s) = settings.max_silent {
             wait = wait.min((last_output + s).saturating_duration_since(now));
+        }
+        if let Some(cancel) = &settings.cancel {
+            if cancel.load(Ordering::Relaxed) {
+                break Some(Ended::Canceled);
+            }
+            wait = wait.min(Duration::from_millis(200));
         }
         match rx.recv_timeout(wait) {
             Ok(chunk) => {

@@ -88,6 +88,38 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<u64>,
     },
+    /// Serve the build-host side of gbc's protocol on standard input and output.
+    ///
+    /// The coordinator runs this on each build host (over SSH, or as a child process for the local
+    /// machine); see docs/protocol.md. Builds run in a sandbox over the agent's own store, and
+    /// outputs are signed with the agent's key, created on first run unless --signing-key is given.
+    Agent {
+        /// State directory (default: $XDG_STATE_HOME/gbc or ~/.local/state/gbc).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Where store paths live (default: <state dir>/agent/store).
+        #[arg(long, value_name = "DIR")]
+        store_root: Option<PathBuf>,
+        /// Secret key to sign outputs with (default: <state dir>/agent/signing-key.secret, created
+        /// when missing).
+        #[arg(long, value_name = "FILE")]
+        signing_key: Option<PathBuf>,
+        /// A system this host builds for (repeatable; default: the native one, e.g. x86_64-linux).
+        #[arg(long = "system", value_name = "SYSTEM")]
+        systems: Vec<String>,
+        /// A feature this host offers (repeatable), e.g. kvm or big-parallel.
+        #[arg(long = "feature", value_name = "FEATURE")]
+        features: Vec<String>,
+        /// A store dir to accept (repeatable; default: /gnu/store and /nix/store).
+        #[arg(long = "store-dir", value_name = "DIR")]
+        store_dirs: Vec<String>,
+        /// A host path builds see read-only (repeatable; default: /bin /usr /lib /lib64).
+        #[arg(long = "host-path", value_name = "PATH")]
+        host_paths: Vec<PathBuf>,
+        /// NIX_BUILD_CORES for builders (default: this machine's cores).
+        #[arg(long, value_name = "N")]
+        cores: Option<u32>,
+    },
     /// Show what gbc's format tools do, on an embedded example (no Nix needed).
     Demo,
     /// Internal: the sandbox helper (stage 1).

@@ -5,6 +5,7 @@
 //! NAR or narinfo, a mismatching path, a missing or untrusted signature); 2 a usage or I/O error.
 //! Every error is one line: `gbc: error: <file>: <what is wrong>`.
 
+mod agent;
 pub mod args;
 mod demo;
 mod drv;
@@ -97,6 +98,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 timeout,
             },
         ),
+        Command::Agent {
+            state_dir,
+            store_root,
+            signing_key,
+            systems,
+            features,
+            store_dirs,
+            host_paths,
+            cores,
+        } => agent::run(agent::Options {
+            state_dir,
+            store_root,
+            signing_key,
+            systems,
+            features,
+            store_dirs,
+            host_paths,
+            cores,
+        }),
         Command::Demo => demo::run(),
         Command::Sandbox { .. } | Command::SandboxInit { .. } => Ok(()),
         Command::GenerateMan { dir } => man::generate(&dir),

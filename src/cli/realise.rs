@@ -132,6 +132,7 @@ fn realise(
                 format!("inputs missing from the store: {}", m.join(" ")),
             ));
         }
+        Outcome::Canceled => anyhow::bail!("{drv_path}: build canceled"),
         Outcome::SetupFailure(why) => anyhow::bail!("{drv_path}: build setup failed: {why}"),
     };
     done.insert(file.to_owned(), result.clone());

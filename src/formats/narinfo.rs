@@ -150,12 +150,11 @@ impl NarInfo {
             .iter()
             .map(|r| self.store_dir.display(r))
             .collect();
-        Ok(format!(
-            "1;{};{};{};{}",
-            self.store_dir.display(&self.store_path),
-            self.nar_hash.to_nix32_string(),
+        Ok(fingerprint(
+            &self.store_dir.display(&self.store_path),
+            &self.nar_hash,
             self.nar_size,
-            refs.join(",")
+            &refs,
         ))
     }
 
@@ -174,6 +173,18 @@ impl NarInfo {
     ) -> Result<Option<&'k PublicKey>, NarInfoError> {
         Ok(trusted.verify_any(self.fingerprint()?.as_bytes(), &self.sigs))
     }
+}
+
+/// Nix's fingerprint of a store path: `1;<path>;<sha256:nix32 NAR hash>;<NAR size>;<references>`,
+/// the references being full paths, sorted, comma-separated. `nar_hash` must be SHA-256.
+pub fn fingerprint(path: &str, nar_hash: &Hash, nar_size: u64, references: &[String]) -> String {
+    let mut refs: Vec<&str> = references.iter().map(String::as_str).collect();
+    refs.sort_unstable();
+    format!(
+        "1;{path};{};{nar_size};{}",
+        nar_hash.to_nix32_string(),
+        refs.join(",")
+    )
 }
 
 impl fmt::Display for NarInfo {

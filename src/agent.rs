@@ -1,0 +1,687 @@
+//! `gbc agent`: the build-host side of the protocol (see [`crate::protocol`] and docs/protocol.md).
+//!
+//! The coordinator runs it over an SSH exec channel, or as a child process for the local machine,
+//! and talks to it on stdin/stdout. Threads: the caller's thread reads frames and dispatches; one
+//! thread owns the output and writes frames in order; each build and each incoming NAR has its own
+//! thread. The agent trusts no peer: every message is checked, a refused one gets an `error` reply
+//! and the session goes on; an incoming NAR becomes a valid path only after its hash and size match.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io::{self, BufRead, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::build::{self, BuildRequest, BuildSettings, Outcome};
+use crate::formats::derivation::{Derivation, name_from_drv_path};
+use crate::formats::hash::Hash;
+use crate::formats::nar;
+use crate::formats::narinfo;
+use crate::formats::signing::SecretKey;
+use crate::formats::store_path::{StoreDir, StorePath};
+use crate::protocol::{
+    BuildStatus, BuiltOutput, ChunkWriter, Frame, FrameReader, HostFacts, MAX_PAYLOAD, Message,
+    PROTOCOL_VERSION, PathMeta, ProtocolError,
+};
+use crate::store::{LocalStore, PathInfo, remove_tree};
+
+/// How an agent runs.
+pub struct AgentConfig {
+    pub store: LocalStore,
+    pub signing_key: SecretKey,
+    pub settings: BuildSettings,
+    pub store_dirs: Vec<StoreDir>,
+    pub systems: Vec<String>,
+    pub features: Vec<String>,
+}
+
+/// The system this host builds for natively, in Nix's spelling.
+pub fn native_system() -> String {
+    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
+}
+
+/// Load the signing key at `path`, creating it (mode 0600) on first use.
+pub fn load_or_create_key(path: &Path, name: &str) -> io::Result<SecretKey> {
+    match fs::read_to_string(path) {
+        Ok(text) => SecretKey::parse(&text).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let key = SecretKey::generate(name).map_err(io::Error::other)?;
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)?;
+            f.write_all(key.to_nix_string().as_bytes())?;
+            f.sync_all()?;
+            Ok(key)
+        }
+        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    }
+}
+
+type Tx = mpsc::SyncSender<Frame>;
+
+struct Pending {
+    drv_path: String,
+    drv: Derivation,
+    store_dir: StoreDir,
+    name: String,
+    outputs: std::collections::BTreeMap<String, StorePath>,
+    inputs: BTreeSet<String>,
+    max_silent: Option<u64>,
+    timeout: Option<u64>,
+    cores: Option<u32>,
+}
+
+/// Serve one session on `input`/`output` until the peer closes `input`.
+pub fn serve<R: BufRead, W: Write + Send + 'static>(
+    config: AgentConfig,
+    input: R,
+    output: W,
+) -> io::Result<()> {
+    let (tx, rx) = mpsc::sync_channel::<Frame>(64);
+    let writer = std::thread::spawn(move || write_loop(rx, output));
+    let config = Arc::new(config);
+    let result = session(&config, input, &tx);
+    drop(tx);
+    let written = writer
+        .join()
+        .map_err(|_| io::Error::other("writer thread panicked"))?;
+    result.and(written)
+}
+
+fn write_loop<W: Write>(rx: mpsc::Receiver<Frame>, output: W) -> io::Result<()> {
+    let mut w = BufWriter::with_capacity(MAX_PAYLOAD + 4096, output);
+    while let Ok(frame) = rx.recv() {
+        crate::protocol::write_frame(&mut w, &frame)?;
+        // Flush when nothing else is waiting, so small messages are not held back.
+        let mut next = rx.try_recv();
+        while let Ok(frame) = next {
+            crate::protocol::write_frame(&mut w, &frame)?;
+            next = rx.try_recv();
+        }
+        w.flush()?;
+    }
+    w.flush()
+}
+
+fn send(tx: &Tx, message: Message) {
+    let _ = tx.send(Frame::new(message));
+}
+
+fn reply_error(tx: &Tx, message: String, build: Option<String>, transfer: Option<u64>) {
+    send(
+        tx,
+        Message::Error {
+            message,
+            build,
+            transfer,
+        },
+    );
+}
+
+fn session<R: BufRead>(config: &Arc<AgentConfig>, input: R, tx: &Tx) -> io::Result<()> {
+    let facts = host_facts(config);
+    send(
+        tx,
+        Message::Hello {
+            protocol: PROTOCOL_VERSION,
+            gbc_version: env!("CARGO_PKG_VERSION").to_owned(),
+            host: Some(facts),
+        },
+    );
+    let mut reader = FrameReader::new(input);
+
+    // The peer's hello first.
+    match reader.read() {
+        Ok(Some(Frame {
+            message: Message::Hello { protocol, .. },
+            ..
+        })) if protocol == PROTOCOL_VERSION => {}
+        Ok(Some(Frame {
+            message: Message::Hello { protocol, .. },
+            ..
+        })) => {
+            let msg = format!(
+                "incompatible protocol version {protocol}: this agent speaks version {PROTOCOL_VERSION}"
+            );
+            reply_error(tx, msg.clone(), None, None);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+        }
+        Ok(Some(_)) | Err(ProtocolError::BadLine { .. }) => {
+            let msg = "the first message must be hello".to_owned();
+            reply_error(tx, msg.clone(), None, None);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(io::Error::other(e.to_string())),
+    }
+
+    let mut pending: HashMap<String, Pending> = HashMap::new();
+    let mut running: HashMap<String, (Arc<AtomicBool>, JoinHandle<()>)> = HashMap::new();
+    let mut transfers: HashMap<u64, Option<mpsc::SyncSender<Vec<u8>>>> = HashMap::new();
+    let mut transfer_threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut reader = reader;
+    loop {
+        running.retain(|_, (_, h)| !h.is_finished());
+        let frame = match reader.read() {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(ProtocolError::BadLine { line, reason }) => {
+                reply_error(tx, format!("line {line}: {reason}"), None, None);
+                continue;
+            }
+            Err(e) => {
+                reply_error(tx, e.to_string(), None, None);
+                break;
+            }
+        };
+        match frame.message {
+            Message::Build {
+                build,
+                drv_path,
+                drv,
+                inputs,
+                max_silent_secs,
+                timeout_secs,
+                cores,
+            } => match check_build(config, &drv_path, &drv, inputs) {
+                Ok(mut p) => {
+                    (p.max_silent, p.timeout, p.cores) = (max_silent_secs, timeout_secs, cores);
+                    match missing_inputs(config, &p) {
+                        Ok(missing) => {
+                            send(
+                                tx,
+                                Message::Inputs {
+                                    build: build.clone(),
+                                    missing,
+                                },
+                            );
+                            pending.insert(build, p);
+                        }
+                        Err(e) => reply_error(tx, e.to_string(), Some(build), None),
+                    }
+                }
+                Err(e) => reply_error(tx, format!("{drv_path}: {e}"), Some(build), None),
+            },
+            Message::Start { build } => match pending.remove(&build) {
+                Some(p) => {
+                    let cancel = Arc::new(AtomicBool::new(false));
+                    let (config, tx2, id, c) = (
+                        Arc::clone(config),
+                        tx.clone(),
+                        build.clone(),
+                        Arc::clone(&cancel),
+                    );
+                    let handle = std::thread::spawn(move || run_build(&config, &tx2, &id, p, c));
+                    running.insert(build, (cancel, handle));
+                }
+                None => reply_error(
+                    tx,
+                    format!("no build {build:?} is waiting to start"),
+                    Some(build),
+                    None,
+                ),
+            },
+            Message::Cancel { build } => {
+                if pending.remove(&build).is_some() {
+                    send(
+                        tx,
+                        Message::Finished {
+                            build,
+                            status: BuildStatus::Canceled,
+                            outputs: vec![],
+                        },
+                    );
+                } else if let Some((cancel, _)) = running.get(&build) {
+                    cancel.store(true, Ordering::Relaxed);
+                } else {
+                    reply_error(
+                        tx,
+                        format!("no build {build:?} to cancel"),
+                        Some(build),
+                        None,
+                    );
+                }
+            }
+            Message::NarStart { transfer, meta, .. } => {
+                if transfers.contains_key(&transfer) {
+                    reply_error(
+                        tx,
+                        format!("transfer {transfer} is already open"),
+                        None,
+                        Some(transfer),
+                    );
+                    transfers.insert(transfer, None);
+                    continue;
+                }
+                match receive_nar(config, tx, transfer, meta) {
+                    Ok((chunks, handle)) => {
+                        transfers.insert(transfer, Some(chunks));
+                        transfer_threads.push(handle);
+                    }
+                    Err(e) => {
+                        reply_error(tx, e.to_string(), None, Some(transfer));
+                        // Swallow its chunks.
+                        transfers.insert(transfer, None);
+                    }
+                }
+            }
+            Message::NarChunk { transfer, .. } => match transfers.get(&transfer) {
+                Some(Some(chunks)) => {
+                    if chunks.send(frame.payload).is_err() {
+                        transfers.insert(transfer, None);
+                    }
+                }
+                Some(None) => {}
+                None => reply_error(
+                    tx,
+                    format!("no open transfer {transfer}"),
+                    None,
+                    Some(transfer),
+                ),
+            },
+            Message::NarEnd { transfer } => {
+                if transfers.remove(&transfer).is_none() {
+                    reply_error(
+                        tx,
+                        format!("no open transfer {transfer}"),
+                        None,
+                        Some(transfer),
+                    );
+                }
+            }
+            other => reply_error(
+                tx,
+                format!("unexpected message {:?} from the coordinator", kind(&other)),
+                None,
+                None,
+            ),
+        }
+    }
+    // The peer is gone: stop builds, finish transfers (their senders are dropped: EOF).
+    transfers.clear();
+    for (cancel, handle) in running.into_values() {
+        cancel.store(true, Ordering::Relaxed);
+        let _ = handle.join();
+    }
+    for h in transfer_threads {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn kind(m: &Message) -> String {
+    serde_json::to_value(m)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn host_facts(config: &AgentConfig) -> HostFacts {
+    let load1 = fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse().ok()))
+        .unwrap_or(0.0);
+    let free_space = rustix::fs::statvfs(config.store.root())
+        .map(|s| s.f_bavail * s.f_frsize)
+        .unwrap_or(0);
+    HostFacts {
+        systems: config.systems.clone(),
+        features: config.features.clone(),
+        cores: config.settings.cores,
+        load1,
+        free_space,
+        store_dirs: config
+            .store_dirs
+            .iter()
+            .map(|d| d.as_str().to_owned())
+            .collect(),
+        signing_key: config.signing_key.public().to_string(),
+    }
+}
+
+/// Find the accepted store dir that `path` lies in.
+fn store_dir_of(config: &AgentConfig, path: &str) -> io::Result<(StoreDir, StorePath)> {
+    for sd in &config.store_dirs {
+        if let Ok(sp) = sd.parse_path(path) {
+            return Ok((sd.clone(), sp));
+        }
+    }
+    let dirs: Vec<&str> = config.store_dirs.iter().map(StoreDir::as_str).collect();
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{path:?} is not a store path in {}", dirs.join(" or ")),
+    ))
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg.into())
+}
+
+/// Check a build request as far as the agent can without the input derivations: the ATerm parses,
+/// gives `drv_path`, and its outputs and inputs lie in an accepted store dir.
+fn check_build(
+    config: &AgentConfig,
+    drv_path: &str,
+    aterm: &str,
+    inputs: Vec<String>,
+) -> io::Result<Pending> {
+    let (store_dir, sp) = store_dir_of(config, drv_path)?;
+    let name = name_from_drv_path(&sp)
+        .map_err(|e| invalid(e.to_string()))?
+        .to_owned();
+    let drv = Derivation::parse(aterm.as_bytes()).map_err(|e| invalid(e.to_string()))?;
+    let computed = drv
+        .drv_path(&store_dir, &name)
+        .map_err(|e| invalid(e.to_string()))?;
+    if computed != sp {
+        return Err(invalid(format!(
+            "the derivation's contents give {}",
+            store_dir.display(&computed)
+        )));
+    }
+    let mut outputs = std::collections::BTreeMap::new();
+    for (o, out) in &drv.outputs {
+        let p = store_dir
+            .parse_path(&out.path)
+            .map_err(|e| invalid(e.to_string()))?;
+        if drv.env.get(o) != Some(&out.path) {
+            return Err(invalid(format!(
+                "output {o:?} does not match its environment variable"
+            )));
+        }
+        outputs.insert(o.clone(), p);
+    }
+    let mut all_inputs: BTreeSet<String> = drv.input_srcs.clone();
+    for i in inputs {
+        store_dir
+            .parse_path(&i)
+            .map_err(|e| invalid(e.to_string()))?;
+        all_inputs.insert(i);
+    }
+    Ok(Pending {
+        drv_path: drv_path.to_owned(),
+        drv,
+        store_dir,
+        name,
+        outputs,
+        inputs: all_inputs,
+        max_silent: None,
+        timeout: None,
+        cores: None,
+    })
+}
+
+fn missing_inputs(config: &AgentConfig, p: &Pending) -> io::Result<Vec<String>> {
+    let (_, missing) = config
+        .store
+        .closure(&p.store_dir, p.inputs.iter().map(String::as_str))?;
+    Ok(missing.into_iter().collect())
+}
+
+fn run_build(config: &AgentConfig, tx: &Tx, id: &str, p: Pending, cancel: Arc<AtomicBool>) {
+    let mut settings = config.settings.clone();
+    settings.max_silent = p
+        .max_silent
+        .map(Duration::from_secs)
+        .or(settings.max_silent);
+    settings.timeout = p.timeout.map(Duration::from_secs).or(settings.timeout);
+    if let Some(c) = p.cores {
+        settings.cores = c;
+    }
+    settings.cancel = Some(cancel);
+    let req = BuildRequest {
+        drv_path: &p.drv_path,
+        drv: &p.drv,
+        store_dir: &p.store_dir,
+        name: &p.name,
+        outputs: &p.outputs,
+        inputs: p.inputs.clone(),
+    };
+    send(
+        tx,
+        Message::Started {
+            build: id.to_owned(),
+        },
+    );
+    let outcome = build::build(&config.store, &req, &settings, &mut |chunk| {
+        for part in chunk.chunks(MAX_PAYLOAD) {
+            let message = Message::Log {
+                build: id.to_owned(),
+                payload: part.len() as u64,
+            };
+            let _ = tx.send(Frame {
+                message,
+                payload: part.to_vec(),
+            });
+        }
+    });
+    let status = match outcome {
+        Outcome::Success { outputs, .. } => {
+            let mut built = Vec::new();
+            for (name, info) in &outputs {
+                match sign_output(config, name, info) {
+                    Ok(b) => built.push(b),
+                    Err(e) => {
+                        let status = BuildStatus::SetupFailure {
+                            reason: format!("signing {}: {e}", info.path),
+                        };
+                        send(
+                            tx,
+                            Message::Finished {
+                                build: id.to_owned(),
+                                status,
+                                outputs: vec![],
+                            },
+                        );
+                        return;
+                    }
+                }
+            }
+            send(
+                tx,
+                Message::Finished {
+                    build: id.to_owned(),
+                    status: BuildStatus::Success,
+                    outputs: built.clone(),
+                },
+            );
+            for (n, out) in built.iter().enumerate() {
+                if let Err(e) = send_nar(config, tx, id, n as u64, &p.store_dir, &out.meta) {
+                    reply_error(
+                        tx,
+                        format!("sending {}: {e}", out.meta.path),
+                        Some(id.to_owned()),
+                        None,
+                    );
+                }
+            }
+            return;
+        }
+        Outcome::Failed { exit_code, reason } => BuildStatus::BuildFailure { exit_code, reason },
+        Outcome::TimedOut(d) => BuildStatus::TimedOut {
+            seconds: d.as_secs(),
+        },
+        Outcome::SilentTooLong(d) => BuildStatus::SilentTooLong {
+            seconds: d.as_secs(),
+        },
+        Outcome::Canceled => BuildStatus::Canceled,
+        Outcome::SetupFailure(reason) => BuildStatus::SetupFailure { reason },
+        Outcome::MissingInputs(paths) => BuildStatus::MissingInputs { paths },
+    };
+    send(
+        tx,
+        Message::Finished {
+            build: id.to_owned(),
+            status,
+            outputs: vec![],
+        },
+    );
+}
+
+fn sign_output(config: &AgentConfig, name: &str, info: &PathInfo) -> io::Result<BuiltOutput> {
+    let hash = Hash::parse(&info.nar_hash).map_err(|e| invalid(e.to_string()))?;
+    let fp = narinfo::fingerprint(&info.path, &hash, info.nar_size, &info.references);
+    Ok(BuiltOutput {
+        name: name.to_owned(),
+        meta: PathMeta {
+            path: info.path.clone(),
+            nar_hash: info.nar_hash.clone(),
+            nar_size: info.nar_size,
+            references: info.references.clone(),
+            deriver: info.deriver.clone(),
+        },
+        signature: config.signing_key.sign(fp.as_bytes()).to_string(),
+    })
+}
+
+/// Agent-originated transfers are numbered per build: the coordinator tells them apart by `build`.
+fn send_nar(
+    config: &AgentConfig,
+    tx: &Tx,
+    build: &str,
+    transfer: u64,
+    sd: &StoreDir,
+    meta: &PathMeta,
+) -> io::Result<()> {
+    let sp = sd
+        .parse_path(&meta.path)
+        .map_err(|e| invalid(e.to_string()))?;
+    send(
+        tx,
+        Message::NarStart {
+            transfer,
+            build: Some(build.to_owned()),
+            meta: meta.clone(),
+        },
+    );
+    let mut chunks = ChunkWriter::new(transfer, |frame| {
+        tx.send(frame)
+            .map_err(|_| io::Error::other("connection closed"))
+    });
+    let result = nar::dump_path(&config.store.physical(&sp), &mut chunks)
+        .map_err(|e| io::Error::new(e.source.kind(), e.to_string()));
+    let result = result.and_then(|()| chunks.finish());
+    send(tx, Message::NarEnd { transfer });
+    result
+}
+
+/// A reader over chunks arriving on a channel; EOF when the sender is dropped.
+struct ChannelReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.current = chunk;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Start receiving a NAR for `meta.path`: returns where to send its chunks.
+fn receive_nar(
+    config: &Arc<AgentConfig>,
+    tx: &Tx,
+    transfer: u64,
+    meta: PathMeta,
+) -> io::Result<(mpsc::SyncSender<Vec<u8>>, JoinHandle<()>)> {
+    let (sd, sp) = store_dir_of(config, &meta.path)?;
+    let want = Hash::parse(&meta.nar_hash).map_err(|e| invalid(format!("nar_hash: {e}")))?;
+    for r in &meta.references {
+        sd.parse_path(r)
+            .map_err(|e| invalid(format!("reference: {e}")))?;
+    }
+    let (chunks_tx, chunks_rx) = mpsc::sync_channel::<Vec<u8>>(16);
+    let (config, tx) = (Arc::clone(config), tx.clone());
+    let handle = std::thread::spawn(move || {
+        let reader = ChannelReader {
+            rx: chunks_rx,
+            current: Vec::new(),
+            at: 0,
+        };
+        match add_path(&config, &sd, &sp, &want, &meta, reader) {
+            Ok(()) => send(
+                &tx,
+                Message::PathAdded {
+                    transfer,
+                    path: meta.path.clone(),
+                },
+            ),
+            Err(e) => reply_error(&tx, format!("{}: {e}", meta.path), None, Some(transfer)),
+        }
+    });
+    Ok((chunks_tx, handle))
+}
+
+fn add_path(
+    config: &AgentConfig,
+    sd: &StoreDir,
+    sp: &StorePath,
+    want: &Hash,
+    meta: &PathMeta,
+    mut reader: ChannelReader,
+) -> io::Result<()> {
+    let store = &config.store;
+    if store.is_valid(sd, &meta.path)? {
+        io::copy(&mut reader, &mut io::sink())?;
+        return Ok(());
+    }
+    let tmp: PathBuf = store.temp_dir("nar")?;
+    let unpacked = tmp.join(sp.as_str());
+    let result = (|| {
+        let restored = nar::restore(&mut reader, &unpacked);
+        // Drain whatever is left so the session's reader is never blocked on us.
+        io::copy(&mut reader, &mut io::sink())?;
+        let (hash, size) = restored.map_err(|e| invalid(e.to_string()))?;
+        if hash != *want || size != meta.nar_size {
+            return Err(invalid(format!(
+                "NAR does not match: declared {} ({} bytes), received {} ({size} bytes)",
+                want.to_nix32_string(),
+                meta.nar_size,
+                hash.to_nix32_string()
+            )));
+        }
+        store.clear_stale(sd, &meta.path)?;
+        fs::rename(&unpacked, store.physical(sp))?;
+        let mut references = meta.references.clone();
+        references.sort();
+        store.register(
+            sd,
+            &PathInfo {
+                path: meta.path.clone(),
+                nar_hash: hash.to_nix32_string(),
+                nar_size: size,
+                references,
+                deriver: meta.deriver.clone(),
+            },
+        )
+    })();
+    let cleaned = remove_tree(&tmp);
+    result.and(cleaned)
+}

@@ -1,0 +1,73 @@
+//! `gbc agent`: set up from the command line, then serve on stdin/stdout.
+
+use std::io;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use super::realise::default_state_dir;
+use crate::agent::{AgentConfig, load_or_create_key, native_system, serve};
+use crate::build::{BuildSettings, DEFAULT_HOST_PATHS};
+use crate::formats::store_path::StoreDir;
+use crate::store::LocalStore;
+
+pub struct Options {
+    pub state_dir: Option<PathBuf>,
+    pub store_root: Option<PathBuf>,
+    pub signing_key: Option<PathBuf>,
+    pub systems: Vec<String>,
+    pub features: Vec<String>,
+    pub store_dirs: Vec<String>,
+    pub host_paths: Vec<PathBuf>,
+    pub cores: Option<u32>,
+}
+
+pub fn run(opts: Options) -> anyhow::Result<()> {
+    let state = match opts.state_dir {
+        Some(s) => s,
+        None => default_state_dir()?,
+    };
+    let store_root = opts.store_root.unwrap_or_else(|| state.join("agent/store"));
+    let store = LocalStore::open(&store_root)?;
+    let key_file = opts
+        .signing_key
+        .unwrap_or_else(|| state.join("agent/signing-key.secret"));
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let signing_key = load_or_create_key(&key_file, &format!("gbc-agent-{host}-1"))?;
+    let dirs = if opts.store_dirs.is_empty() {
+        vec!["/gnu/store".to_owned(), "/nix/store".to_owned()]
+    } else {
+        opts.store_dirs
+    };
+    let store_dirs = dirs
+        .iter()
+        .map(|d| StoreDir::new(d).with_context(|| format!("--store-dir {d}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut settings = BuildSettings::default();
+    if let Some(c) = opts.cores {
+        settings.cores = c;
+    }
+    settings.host_paths = if opts.host_paths.is_empty() {
+        DEFAULT_HOST_PATHS.iter().map(PathBuf::from).collect()
+    } else {
+        opts.host_paths
+    };
+    let systems = if opts.systems.is_empty() {
+        vec![native_system()]
+    } else {
+        opts.systems
+    };
+    let config = AgentConfig {
+        store,
+        signing_key,
+        settings,
+        store_dirs,
+        systems,
+        features: opts.features,
+    };
+    serve(config, io::stdin().lock(), io::stdout())?;
+    Ok(())
+}
