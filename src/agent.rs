@@ -6,6 +6,7 @@
 //! thread. The agent trusts no peer: every message is checked, a refused one gets an `error` reply
 //! and the session goes on; an incoming NAR becomes a valid path only after its hash and size match.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, BufRead, BufWriter, Read, Write};
@@ -257,25 +258,24 @@ fn session<R: BufRead>(config: &Arc<AgentConfig>, input: R, tx: &Tx) -> io::Resu
                 }
             }
             Message::NarStart { transfer, meta, .. } => {
-                if transfers.contains_key(&transfer) {
-                    reply_error(
-                        tx,
-                        format!("transfer {transfer} is already open"),
-                        None,
-                        Some(transfer),
-                    );
-                    transfers.insert(transfer, None);
-                    continue;
-                }
+                let slot = match transfers.entry(transfer) {
+                    Entry::Occupied(mut open) => {
+                        let msg = format!("transfer {transfer} is already open");
+                        reply_error(tx, msg, None, Some(transfer));
+                        // Its chunks are no longer attributable: swallow them.
+                        open.insert(None);
+                        continue;
+                    }
+                    Entry::Vacant(slot) => slot,
+                };
                 match receive_nar(config, tx, transfer, meta) {
                     Ok((chunks, handle)) => {
-                        transfers.insert(transfer, Some(chunks));
+                        slot.insert(Some(chunks));
                         transfer_threads.push(handle);
                     }
                     Err(e) => {
                         reply_error(tx, e.to_string(), None, Some(transfer));
-                        // Swallow its chunks.
-                        transfers.insert(transfer, None);
+                        slot.insert(None);
                     }
                 }
             }
