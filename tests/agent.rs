@@ -1,0 +1,381 @@
+//! `gbc agent` driven as a real child process over its stdin/stdout: the hello exchange, builds
+//! with inputs sent to it, signed outputs equal to Nix's, and a hostile peer.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, Write};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{gbc, nix, repo_path, run_ok, run_ok_str, salt, tempdir};
+use gbc::formats::hash::Hash;
+use gbc::formats::narinfo::fingerprint;
+use gbc::formats::signing::{PublicKey, Signature};
+use gbc::protocol::{
+    BuildStatus, Frame, FrameReader, HostFacts, Message, PROTOCOL_VERSION, PathMeta, write_frame,
+};
+
+struct Agent {
+    child: Child,
+    stdin: ChildStdin,
+    frames: mpsc::Receiver<Frame>,
+    host: HostFacts,
+}
+
+impl Agent {
+    fn start(state: &std::path::Path) -> Agent {
+        let mut child = gbc()
+            .arg("agent")
+            .arg("--state-dir")
+            .arg(state)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, frames) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = FrameReader::new(BufReader::new(stdout));
+            while let Ok(Some(f)) = r.read() {
+                if tx.send(f).is_err() {
+                    break;
+                }
+            }
+        });
+        let hello = frames.recv_timeout(Duration::from_secs(30)).unwrap();
+        let Message::Hello {
+            protocol,
+            host: Some(host),
+            ..
+        } = hello.message
+        else {
+            panic!("{hello:?}")
+        };
+        assert_eq!(protocol, PROTOCOL_VERSION);
+        let mut agent = Agent {
+            child,
+            stdin,
+            frames,
+            host,
+        };
+        agent.send(Message::Hello {
+            protocol: PROTOCOL_VERSION,
+            gbc_version: "test".into(),
+            host: None,
+        });
+        agent
+    }
+
+    fn send(&mut self, m: Message) {
+        self.send_frame(Frame::new(m));
+    }
+
+    fn send_frame(&mut self, f: Frame) {
+        write_frame(&mut self.stdin, &f).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.stdin.write_all(bytes).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn next(&self) -> Frame {
+        self.frames
+            .recv_timeout(Duration::from_secs(60))
+            .expect("agent went quiet")
+    }
+
+    /// Frames until (and including) the first for which `done` is true; log and chunk frames kept.
+    fn until(&self, done: impl Fn(&Message) -> bool) -> Vec<Frame> {
+        let mut out = Vec::new();
+        loop {
+            let f = self.next();
+            let stop = done(&f.message);
+            out.push(f);
+            if stop {
+                return out;
+            }
+        }
+    }
+
+    fn send_nar(&mut self, transfer: u64, meta: PathMeta, nar: &[u8]) {
+        self.send(Message::NarStart {
+            transfer,
+            build: None,
+            meta,
+        });
+        for chunk in nar.chunks(100_000) {
+            self.send_frame(Frame {
+                message: Message::NarChunk {
+                    transfer,
+                    payload: chunk.len() as u64,
+                },
+                payload: chunk.to_vec(),
+            });
+        }
+        self.send(Message::NarEnd { transfer });
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn instantiate(attrs: &[&str], salt: &str) -> BTreeMap<String, String> {
+    let mut cmd = nix("nix-instantiate");
+    cmd.arg(repo_path("tests/nix/derivations.nix"))
+        .args(["--argstr", "salt", salt]);
+    for a in attrs {
+        cmd.args(["-A", a]);
+    }
+    attrs
+        .iter()
+        .map(|a| a.to_string())
+        .zip(run_ok_str(&mut cmd).lines().map(str::to_owned))
+        .collect()
+}
+
+fn build_msg(id: &str, drv: &str, inputs: Vec<String>) -> Message {
+    Message::Build {
+        build: id.into(),
+        drv_path: drv.into(),
+        drv: std::fs::read_to_string(drv).unwrap(),
+        inputs,
+        max_silent_secs: None,
+        timeout_secs: None,
+        cores: None,
+    }
+}
+
+/// The NAR and metadata of a path in Nix's store.
+fn nix_path(path: &str) -> (PathMeta, Vec<u8>) {
+    let nar_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", path]))
+        .trim()
+        .to_owned();
+    let references: Vec<String> = run_ok_str(nix("nix-store").args(["-q", "--references", path]))
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let nar = run_ok(nix("nix-store").args(["--dump", path]));
+    (
+        PathMeta {
+            path: path.into(),
+            nar_hash,
+            nar_size: nar.len() as u64,
+            references,
+            deriver: None,
+        },
+        nar,
+    )
+}
+
+#[test]
+fn builds_with_inputs_sent_to_the_agent_and_signs_outputs_nix_agrees_with() {
+    let drvs = instantiate(&["chainA", "chainB"], &salt());
+    // Nix builds both, so we have chain-a's output to send and chain-b's hash to compare with.
+    let b_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainB"]]))
+        .trim()
+        .to_owned();
+    let a_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainA"]]))
+        .trim()
+        .to_owned();
+    let tmp = tempdir();
+    let mut agent = Agent::start(tmp.path());
+    let key = PublicKey::parse(&agent.host.signing_key).unwrap();
+    assert_eq!(agent.host.store_dirs, vec!["/gnu/store", "/nix/store"]);
+
+    agent.send(build_msg("b", &drvs["chainB"], vec![a_out.clone()]));
+    let f = agent.next();
+    assert_eq!(
+        f.message,
+        Message::Inputs {
+            build: "b".into(),
+            missing: vec![a_out.clone()]
+        }
+    );
+
+    let (meta, nar) = nix_path(&a_out);
+    agent.send_nar(5, meta, &nar);
+    assert_eq!(
+        agent.next().message,
+        Message::PathAdded {
+            transfer: 5,
+            path: a_out.clone()
+        }
+    );
+
+    agent.send(Message::Start { build: "b".into() });
+    let frames = agent.until(|m| matches!(m, Message::NarEnd { .. }));
+    assert!(
+        matches!(frames[0].message, Message::Started { .. }),
+        "{:?}",
+        frames[0]
+    );
+    let finished = frames.iter().find_map(|f| match &f.message {
+        Message::Finished {
+            status, outputs, ..
+        } => Some((status.clone(), outputs.clone())),
+        _ => None,
+    });
+    let (status, outputs) = finished.unwrap();
+    assert_eq!(status, BuildStatus::Success);
+    assert_eq!(outputs.len(), 1);
+    let out = &outputs[0];
+    assert_eq!(out.meta.path, b_out);
+    let nix_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", &b_out]))
+        .trim()
+        .to_owned();
+    assert_eq!(out.meta.nar_hash, nix_hash);
+
+    // The signature is the agent's, over the Nix fingerprint.
+    let hash = Hash::parse(&out.meta.nar_hash).unwrap();
+    let fp = fingerprint(
+        &out.meta.path,
+        &hash,
+        out.meta.nar_size,
+        &out.meta.references,
+    );
+    assert!(key.verify(fp.as_bytes(), &Signature::parse(&out.signature).unwrap()));
+
+    // The NAR that followed is exactly Nix's.
+    let nar: Vec<u8> = frames
+        .iter()
+        .filter(|f| matches!(f.message, Message::NarChunk { .. }))
+        .flat_map(|f| f.payload.clone())
+        .collect();
+    assert!(
+        nar == run_ok(nix("nix-store").args(["--dump", &b_out])),
+        "NAR differs from nix-store --dump"
+    );
+}
+
+#[test]
+fn a_hostile_peer_gets_errors_and_nothing_half_written_becomes_valid() {
+    let drvs = instantiate(&["chainA", "chainB"], &salt());
+    let a_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainA"]]))
+        .trim()
+        .to_owned();
+    let tmp = tempdir();
+    let mut agent = Agent::start(tmp.path());
+
+    agent.send_raw(b"this is not json\n");
+    assert!(
+        matches!(agent.next().message, Message::Error { ref message, .. } if message.contains("bad message"))
+    );
+    agent.send_raw(b"{\"type\":\"self_destruct\"}\n");
+    assert!(
+        matches!(agent.next().message, Message::Error { ref message, .. } if message.contains("unknown variant"))
+    );
+    let mut long = vec![b'x'; gbc::protocol::MAX_LINE + 100];
+    long.push(b'\n');
+    agent.send_raw(&long);
+    assert!(
+        matches!(agent.next().message, Message::Error { ref message, .. } if message.contains("longer than"))
+    );
+
+    // A NAR whose contents do not match its declared hash.
+    let (mut meta, nar) = nix_path(&a_out);
+    // sha256 of the empty string: a well-formed hash that is not this NAR's.
+    meta.nar_hash = "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73".into();
+    agent.send_nar(1, meta, &nar);
+    let f = agent.next();
+    assert!(
+        matches!(f.message, Message::Error { transfer: Some(1), ref message, .. } if message.contains("does not match")),
+        "{f:?}"
+    );
+
+    // A path outside the accepted store dirs.
+    let (mut meta, nar) = nix_path(&a_out);
+    meta.path = a_out.replace("/nix/store/", "/etc/");
+    agent.send_nar(2, meta, &nar);
+    let f = agent.next();
+    assert!(
+        matches!(f.message, Message::Error { transfer: Some(2), ref message, .. } if message.contains("not a store path")),
+        "{f:?}"
+    );
+
+    // A truncated NAR with the right hash declared.
+    let (meta, nar) = nix_path(&a_out);
+    agent.send_nar(3, meta, &nar[..nar.len() - 16]);
+    let f = agent.next();
+    assert!(
+        matches!(
+            f.message,
+            Message::Error {
+                transfer: Some(3),
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+
+    // A derivation whose contents do not give its path.
+    let mut m = build_msg("x", &drvs["chainB"], vec![]);
+    if let Message::Build { drv, .. } = &mut m {
+        *drv = drv.replacen("\"-c\"", "\"-e\"", 1);
+    }
+    agent.send(m);
+    assert!(
+        matches!(agent.next().message, Message::Error { build: Some(ref b), ref message, .. } if b == "x" && message.contains("contents give"))
+    );
+
+    // After all that, the session still works and chain-a's output is still not valid.
+    agent.send(build_msg("b", &drvs["chainB"], vec![a_out.clone()]));
+    assert_eq!(
+        agent.next().message,
+        Message::Inputs {
+            build: "b".into(),
+            missing: vec![a_out.clone()]
+        }
+    );
+    let leftovers = std::fs::read_dir(tmp.path().join("agent/store/.gbc-tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(leftovers, 0, "temporary files left behind");
+}
+
+#[test]
+fn incompatible_protocol_versions_are_refused_clearly() {
+    let tmp = tempdir();
+    let mut child = gbc()
+        .arg("agent")
+        .arg("--state-dir")
+        .arg(tmp.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    write_frame(
+        &mut stdin,
+        &Frame::new(Message::Hello {
+            protocol: 999,
+            gbc_version: "future".into(),
+            host: None,
+        }),
+    )
+    .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("incompatible protocol version 999"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("incompatible protocol version 999") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+}
