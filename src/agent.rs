@@ -25,8 +25,8 @@ use crate::formats::narinfo;
 use crate::formats::signing::SecretKey;
 use crate::formats::store_path::{StoreDir, StorePath};
 use crate::protocol::{
-    BuildStatus, BuiltOutput, ChunkWriter, Frame, FrameReader, HostFacts, MAX_PAYLOAD, Message,
-    PROTOCOL_VERSION, PathMeta, ProtocolError,
+    BuildStatus, BuiltOutput, ChunkWriter, Frame, FrameReader, HostFacts, MAX_PAYLOAD, Message, PROTOCOL_VERSION,
+    PathMeta, ProtocolError,
 };
 use crate::store::{LocalStore, PathInfo, remove_tree};
 
@@ -48,22 +48,14 @@ pub fn native_system() -> String {
 /// Load the signing key at `path`, creating it (mode 0600) on first use.
 pub fn load_or_create_key(path: &Path, name: &str) -> io::Result<SecretKey> {
     match fs::read_to_string(path) {
-        Ok(text) => SecretKey::parse(&text).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}: {e}", path.display()),
-            )
-        }),
+        Ok(text) => SecretKey::parse(&text)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let key = SecretKey::generate(name).map_err(io::Error::other)?;
             if let Some(dir) = path.parent() {
                 fs::create_dir_all(dir)?;
             }
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)?;
+            let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
             f.write_all(key.to_nix_string().as_bytes())?;
             f.sync_all()?;
             Ok(key)
@@ -87,19 +79,13 @@ struct Pending {
 }
 
 /// Serve one session on `input`/`output` until the peer closes `input`.
-pub fn serve<R: BufRead, W: Write + Send + 'static>(
-    config: AgentConfig,
-    input: R,
-    output: W,
-) -> io::Result<()> {
+pub fn serve<R: BufRead, W: Write + Send + 'static>(config: AgentConfig, input: R, output: W) -> io::Result<()> {
     let (tx, rx) = mpsc::sync_channel::<Frame>(64);
     let writer = std::thread::spawn(move || write_loop(rx, output));
     let config = Arc::new(config);
     let result = session(&config, input, &tx);
     drop(tx);
-    let written = writer
-        .join()
-        .map_err(|_| io::Error::other("writer thread panicked"))?;
+    let written = writer.join().map_err(|_| io::Error::other("writer thread panicked"))?;
     result.and(written)
 }
 
@@ -123,14 +109,7 @@ fn send(tx: &Tx, message: Message) {
 }
 
 fn reply_error(tx: &Tx, message: String, build: Option<String>, transfer: Option<u64>) {
-    send(
-        tx,
-        Message::Error {
-            message,
-            build,
-            transfer,
-        },
-    );
+    send(tx, Message::Error { message, build, transfer });
 }
 
 fn session<R: BufRead>(config: &Arc<AgentConfig>, input: R, tx: &Tx) -> io::Result<()> {
@@ -147,17 +126,9 @@ fn session<R: BufRead>(config: &Arc<AgentConfig>, input: R, tx: &Tx) -> io::Resu
 
     // The peer's hello first.
     match reader.read() {
-        Ok(Some(Frame {
-            message: Message::Hello { protocol, .. },
-            ..
-        })) if protocol == PROTOCOL_VERSION => {}
-        Ok(Some(Frame {
-            message: Message::Hello { protocol, .. },
-            ..
-        })) => {
-            let msg = format!(
-                "incompatible protocol version {protocol}: this agent speaks version {PROTOCOL_VERSION}"
-            );
+        Ok(Some(Frame { message: Message::Hello { protocol, .. }, .. })) if protocol == PROTOCOL_VERSION => {}
+        Ok(Some(Frame { message: Message::Hello { protocol, .. }, .. })) => {
+            let msg = format!("incompatible protocol version {protocol}: this agent speaks version {PROTOCOL_VERSION}");
             reply_error(tx, msg.clone(), None, None);
             return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
         }
@@ -190,71 +161,37 @@ fn session<R: BufRead>(config: &Arc<AgentConfig>, input: R, tx: &Tx) -> io::Resu
             }
         };
         match frame.message {
-            Message::Build {
-                build,
-                drv_path,
-                drv,
-                inputs,
-                max_silent_secs,
-                timeout_secs,
-                cores,
-            } => match check_build(config, &drv_path, &drv, inputs) {
-                Ok(mut p) => {
-                    (p.max_silent, p.timeout, p.cores) = (max_silent_secs, timeout_secs, cores);
-                    match missing_inputs(config, &p) {
-                        Ok(missing) => {
-                            send(
-                                tx,
-                                Message::Inputs {
-                                    build: build.clone(),
-                                    missing,
-                                },
-                            );
-                            pending.insert(build, p);
+            Message::Build { build, drv_path, drv, inputs, max_silent_secs, timeout_secs, cores } => {
+                match check_build(config, &drv_path, &drv, inputs) {
+                    Ok(mut p) => {
+                        (p.max_silent, p.timeout, p.cores) = (max_silent_secs, timeout_secs, cores);
+                        match missing_inputs(config, &p) {
+                            Ok(missing) => {
+                                send(tx, Message::Inputs { build: build.clone(), missing });
+                                pending.insert(build, p);
+                            }
+                            Err(e) => reply_error(tx, e.to_string(), Some(build), None),
                         }
-                        Err(e) => reply_error(tx, e.to_string(), Some(build), None),
                     }
+                    Err(e) => reply_error(tx, format!("{drv_path}: {e}"), Some(build), None),
                 }
-                Err(e) => reply_error(tx, format!("{drv_path}: {e}"), Some(build), None),
-            },
+            }
             Message::Start { build } => match pending.remove(&build) {
                 Some(p) => {
                     let cancel = Arc::new(AtomicBool::new(false));
-                    let (config, tx2, id, c) = (
-                        Arc::clone(config),
-                        tx.clone(),
-                        build.clone(),
-                        Arc::clone(&cancel),
-                    );
+                    let (config, tx2, id, c) = (Arc::clone(config), tx.clone(), build.clone(), Arc::clone(&cancel));
                     let handle = std::thread::spawn(move || run_build(&config, &tx2, &id, p, c));
                     running.insert(build, (cancel, handle));
                 }
-                None => reply_error(
-                    tx,
-                    format!("no build {build:?} is waiting to start"),
-                    Some(build),
-                    None,
-                ),
+                None => reply_error(tx, format!("no build {build:?} is waiting to start"), Some(build), None),
             },
             Message::Cancel { build } => {
                 if pending.remove(&build).is_some() {
-                    send(
-                        tx,
-                        Message::Finished {
-                            build,
-                            status: BuildStatus::Canceled,
-                            outputs: vec![],
-                        },
-                    );
+                    send(tx, Message::Finished { build, status: BuildStatus::Canceled, outputs: vec![] });
                 } else if let Some((cancel, _)) = running.get(&build) {
                     cancel.store(true, Ordering::Relaxed);
                 } else {
-                    reply_error(
-                        tx,
-                        format!("no build {build:?} to cancel"),
-                        Some(build),
-                        None,
-                    );
+                    reply_error(tx, format!("no build {build:?} to cancel"), Some(build), None);
                 }
             }
             Message::NarStart { transfer, meta, .. } => {
@@ -286,29 +223,14 @@ fn session<R: BufRead>(config: &Arc<AgentConfig>, input: R, tx: &Tx) -> io::Resu
                     }
                 }
                 Some(None) => {}
-                None => reply_error(
-                    tx,
-                    format!("no open transfer {transfer}"),
-                    None,
-                    Some(transfer),
-                ),
+                None => reply_error(tx, format!("no open transfer {transfer}"), None, Some(transfer)),
             },
             Message::NarEnd { transfer } => {
                 if transfers.remove(&transfer).is_none() {
-                    reply_error(
-                        tx,
-                        format!("no open transfer {transfer}"),
-                        None,
-                        Some(transfer),
-                    );
+                    reply_error(tx, format!("no open transfer {transfer}"), None, Some(transfer));
                 }
             }
-            other => reply_error(
-                tx,
-                format!("unexpected message {:?} from the coordinator", kind(&other)),
-                None,
-                None,
-            ),
+            other => reply_error(tx, format!("unexpected message {:?} from the coordinator", kind(&other)), None, None),
         }
     }
     // The peer is gone: stop builds, finish transfers (their senders are dropped: EOF).
@@ -335,20 +257,14 @@ fn host_facts(config: &AgentConfig) -> HostFacts {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse().ok()))
         .unwrap_or(0.0);
-    let free_space = rustix::fs::statvfs(config.store.root())
-        .map(|s| s.f_bavail * s.f_frsize)
-        .unwrap_or(0);
+    let free_space = rustix::fs::statvfs(config.store.root()).map(|s| s.f_bavail * s.f_frsize).unwrap_or(0);
     HostFacts {
         systems: config.systems.clone(),
         features: config.features.clone(),
         cores: config.settings.cores,
         load1,
         free_space,
-        store_dirs: config
-            .store_dirs
-            .iter()
-            .map(|d| d.as_str().to_owned())
-            .collect(),
+        store_dirs: config.store_dirs.iter().map(|d| d.as_str().to_owned()).collect(),
         signing_key: config.signing_key.public().to_string(),
     }
 }
@@ -361,10 +277,7 @@ fn store_dir_of(config: &AgentConfig, path: &str) -> io::Result<(StoreDir, Store
         }
     }
     let dirs: Vec<&str> = config.store_dirs.iter().map(StoreDir::as_str).collect();
-    Err(io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!("{path:?} is not a store path in {}", dirs.join(" or ")),
-    ))
+    Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{path:?} is not a store path in {}", dirs.join(" or "))))
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
@@ -373,43 +286,25 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 
 /// Check a build request as far as the agent can without the input derivations: the ATerm parses,
 /// gives `drv_path`, and its outputs and inputs lie in an accepted store dir.
-fn check_build(
-    config: &AgentConfig,
-    drv_path: &str,
-    aterm: &str,
-    inputs: Vec<String>,
-) -> io::Result<Pending> {
+fn check_build(config: &AgentConfig, drv_path: &str, aterm: &str, inputs: Vec<String>) -> io::Result<Pending> {
     let (store_dir, sp) = store_dir_of(config, drv_path)?;
-    let name = name_from_drv_path(&sp)
-        .map_err(|e| invalid(e.to_string()))?
-        .to_owned();
+    let name = name_from_drv_path(&sp).map_err(|e| invalid(e.to_string()))?.to_owned();
     let drv = Derivation::parse(aterm.as_bytes()).map_err(|e| invalid(e.to_string()))?;
-    let computed = drv
-        .drv_path(&store_dir, &name)
-        .map_err(|e| invalid(e.to_string()))?;
+    let computed = drv.drv_path(&store_dir, &name).map_err(|e| invalid(e.to_string()))?;
     if computed != sp {
-        return Err(invalid(format!(
-            "the derivation's contents give {}",
-            store_dir.display(&computed)
-        )));
+        return Err(invalid(format!("the derivation's contents give {}", store_dir.display(&computed))));
     }
     let mut outputs = std::collections::BTreeMap::new();
     for (o, out) in &drv.outputs {
-        let p = store_dir
-            .parse_path(&out.path)
-            .map_err(|e| invalid(e.to_string()))?;
+        let p = store_dir.parse_path(&out.path).map_err(|e| invalid(e.to_string()))?;
         if drv.env.get(o) != Some(&out.path) {
-            return Err(invalid(format!(
-                "output {o:?} does not match its environment variable"
-            )));
+            return Err(invalid(format!("output {o:?} does not match its environment variable")));
         }
         outputs.insert(o.clone(), p);
     }
     let mut all_inputs: BTreeSet<String> = drv.input_srcs.clone();
     for i in inputs {
-        store_dir
-            .parse_path(&i)
-            .map_err(|e| invalid(e.to_string()))?;
+        store_dir.parse_path(&i).map_err(|e| invalid(e.to_string()))?;
         all_inputs.insert(i);
     }
     Ok(Pending {
@@ -426,18 +321,13 @@ fn check_build(
 }
 
 fn missing_inputs(config: &AgentConfig, p: &Pending) -> io::Result<Vec<String>> {
-    let (_, missing) = config
-        .store
-        .closure(&p.store_dir, p.inputs.iter().map(String::as_str))?;
+    let (_, missing) = config.store.closure(&p.store_dir, p.inputs.iter().map(String::as_str))?;
     Ok(missing.into_iter().collect())
 }
 
 fn run_build(config: &AgentConfig, tx: &Tx, id: &str, p: Pending, cancel: Arc<AtomicBool>) {
     let mut settings = config.settings.clone();
-    settings.max_silent = p
-        .max_silent
-        .map(Duration::from_secs)
-        .or(settings.max_silent);
+    settings.max_silent = p.max_silent.map(Duration::from_secs).or(settings.max_silent);
     settings.timeout = p.timeout.map(Duration::from_secs).or(settings.timeout);
     if let Some(c) = p.cores {
         settings.cores = c;
@@ -451,22 +341,11 @@ fn run_build(config: &AgentConfig, tx: &Tx, id: &str, p: Pending, cancel: Arc<At
         outputs: &p.outputs,
         inputs: p.inputs.clone(),
     };
-    send(
-        tx,
-        Message::Started {
-            build: id.to_owned(),
-        },
-    );
+    send(tx, Message::Started { build: id.to_owned() });
     let outcome = build::build(&config.store, &req, &settings, &mut |chunk| {
         for part in chunk.chunks(MAX_PAYLOAD) {
-            let message = Message::Log {
-                build: id.to_owned(),
-                payload: part.len() as u64,
-            };
-            let _ = tx.send(Frame {
-                message,
-                payload: part.to_vec(),
-            });
+            let message = Message::Log { build: id.to_owned(), payload: part.len() as u64 };
+            let _ = tx.send(Frame { message, payload: part.to_vec() });
         }
     });
     let status = match outcome {
@@ -476,60 +355,28 @@ fn run_build(config: &AgentConfig, tx: &Tx, id: &str, p: Pending, cancel: Arc<At
                 match sign_output(config, name, info) {
                     Ok(b) => built.push(b),
                     Err(e) => {
-                        let status = BuildStatus::SetupFailure {
-                            reason: format!("signing {}: {e}", info.path),
-                        };
-                        send(
-                            tx,
-                            Message::Finished {
-                                build: id.to_owned(),
-                                status,
-                                outputs: vec![],
-                            },
-                        );
+                        let status = BuildStatus::SetupFailure { reason: format!("signing {}: {e}", info.path) };
+                        send(tx, Message::Finished { build: id.to_owned(), status, outputs: vec![] });
                         return;
                     }
                 }
             }
-            send(
-                tx,
-                Message::Finished {
-                    build: id.to_owned(),
-                    status: BuildStatus::Success,
-                    outputs: built.clone(),
-                },
-            );
+            send(tx, Message::Finished { build: id.to_owned(), status: BuildStatus::Success, outputs: built.clone() });
             for (n, out) in built.iter().enumerate() {
                 if let Err(e) = send_nar(config, tx, id, n as u64, &p.store_dir, &out.meta) {
-                    reply_error(
-                        tx,
-                        format!("sending {}: {e}", out.meta.path),
-                        Some(id.to_owned()),
-                        None,
-                    );
+                    reply_error(tx, format!("sending {}: {e}", out.meta.path), Some(id.to_owned()), None);
                 }
             }
             return;
         }
         Outcome::Failed { exit_code, reason } => BuildStatus::BuildFailure { exit_code, reason },
-        Outcome::TimedOut(d) => BuildStatus::TimedOut {
-            seconds: d.as_secs(),
-        },
-        Outcome::SilentTooLong(d) => BuildStatus::SilentTooLong {
-            seconds: d.as_secs(),
-        },
+        Outcome::TimedOut(d) => BuildStatus::TimedOut { seconds: d.as_secs() },
+        Outcome::SilentTooLong(d) => BuildStatus::SilentTooLong { seconds: d.as_secs() },
         Outcome::Canceled => BuildStatus::Canceled,
         Outcome::SetupFailure(reason) => BuildStatus::SetupFailure { reason },
         Outcome::MissingInputs(paths) => BuildStatus::MissingInputs { paths },
     };
-    send(
-        tx,
-        Message::Finished {
-            build: id.to_owned(),
-            status,
-            outputs: vec![],
-        },
-    );
+    send(tx, Message::Finished { build: id.to_owned(), status, outputs: vec![] });
 }
 
 fn sign_output(config: &AgentConfig, name: &str, info: &PathInfo) -> io::Result<BuiltOutput> {
@@ -557,21 +404,10 @@ fn send_nar(
     sd: &StoreDir,
     meta: &PathMeta,
 ) -> io::Result<()> {
-    let sp = sd
-        .parse_path(&meta.path)
-        .map_err(|e| invalid(e.to_string()))?;
-    send(
-        tx,
-        Message::NarStart {
-            transfer,
-            build: Some(build.to_owned()),
-            meta: meta.clone(),
-        },
-    );
-    let mut chunks = ChunkWriter::new(transfer, |frame| {
-        tx.send(frame)
-            .map_err(|_| io::Error::other("connection closed"))
-    });
+    let sp = sd.parse_path(&meta.path).map_err(|e| invalid(e.to_string()))?;
+    send(tx, Message::NarStart { transfer, build: Some(build.to_owned()), meta: meta.clone() });
+    let mut chunks =
+        ChunkWriter::new(transfer, |frame| tx.send(frame).map_err(|_| io::Error::other("connection closed")));
     let result = nar::dump_path(&config.store.physical(&sp), &mut chunks)
         .map_err(|e| io::Error::new(e.source.kind(), e.to_string()));
     let result = result.and_then(|()| chunks.finish());
@@ -614,25 +450,14 @@ fn receive_nar(
     let (sd, sp) = store_dir_of(config, &meta.path)?;
     let want = Hash::parse(&meta.nar_hash).map_err(|e| invalid(format!("nar_hash: {e}")))?;
     for r in &meta.references {
-        sd.parse_path(r)
-            .map_err(|e| invalid(format!("reference: {e}")))?;
+        sd.parse_path(r).map_err(|e| invalid(format!("reference: {e}")))?;
     }
     let (chunks_tx, chunks_rx) = mpsc::sync_channel::<Vec<u8>>(16);
     let (config, tx) = (Arc::clone(config), tx.clone());
     let handle = std::thread::spawn(move || {
-        let reader = ChannelReader {
-            rx: chunks_rx,
-            current: Vec::new(),
-            at: 0,
-        };
+        let reader = ChannelReader { rx: chunks_rx, current: Vec::new(), at: 0 };
         match add_path(&config, &sd, &sp, &want, &meta, reader) {
-            Ok(()) => send(
-                &tx,
-                Message::PathAdded {
-                    transfer,
-                    path: meta.path.clone(),
-                },
-            ),
+            Ok(()) => send(&tx, Message::PathAdded { transfer, path: meta.path.clone() }),
             Err(e) => reply_error(&tx, format!("{}: {e}", meta.path), None, Some(transfer)),
         }
     });

@@ -61,23 +61,12 @@ pub struct BuiltOutput {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BuildStatus {
     Success,
-    BuildFailure {
-        exit_code: Option<i32>,
-        reason: String,
-    },
-    TimedOut {
-        seconds: u64,
-    },
-    SilentTooLong {
-        seconds: u64,
-    },
-    SetupFailure {
-        reason: String,
-    },
+    BuildFailure { exit_code: Option<i32>, reason: String },
+    TimedOut { seconds: u64 },
+    SilentTooLong { seconds: u64 },
+    SetupFailure { reason: String },
     Canceled,
-    MissingInputs {
-        paths: Vec<String>,
-    },
+    MissingInputs { paths: Vec<String> },
 }
 
 /// Every message, in both directions.
@@ -176,11 +165,7 @@ impl Message {
     }
 
     pub fn error(message: impl Into<String>) -> Message {
-        Message::Error {
-            message: message.into(),
-            build: None,
-            transfer: None,
-        }
+        Message::Error { message: message.into(), build: None, transfer: None }
     }
 }
 
@@ -193,10 +178,7 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(message: Message) -> Frame {
-        Frame {
-            message,
-            payload: Vec::new(),
-        }
+        Frame { message, payload: Vec::new() }
     }
 }
 
@@ -230,11 +212,7 @@ pub struct FrameReader<R> {
 
 impl<R: BufRead> FrameReader<R> {
     pub fn new(r: R) -> FrameReader<R> {
-        FrameReader {
-            r,
-            line_no: 0,
-            buf: Vec::with_capacity(4096),
-        }
+        FrameReader { r, line_no: 0, buf: Vec::with_capacity(4096) }
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream.
@@ -249,10 +227,7 @@ impl<R: BufRead> FrameReader<R> {
                 if self.buf.is_empty() && !too_long {
                     return Ok(None);
                 }
-                return Err(ProtocolError::Fatal {
-                    line,
-                    reason: "stream ended inside a line".to_owned(),
-                });
+                return Err(ProtocolError::Fatal { line, reason: "stream ended inside a line".to_owned() });
             }
             let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
                 Some(i) => (i + 1, true),
@@ -272,10 +247,7 @@ impl<R: BufRead> FrameReader<R> {
             }
         }
         if too_long {
-            return Err(ProtocolError::BadLine {
-                line,
-                reason: format!("line longer than {MAX_LINE} bytes"),
-            });
+            return Err(ProtocolError::BadLine { line, reason: format!("line longer than {MAX_LINE} bytes") });
         }
         let message: Message = match serde_json::from_slice(&self.buf) {
             Ok(m) => m,
@@ -283,35 +255,19 @@ impl<R: BufRead> FrameReader<R> {
                 // A line we cannot read might have announced a payload; if it plainly did, we can
                 // no longer tell where the next line starts.
                 if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.buf)
-                    && v.get("payload")
-                        .and_then(|p| p.as_u64())
-                        .is_some_and(|p| p > 0)
+                    && v.get("payload").and_then(|p| p.as_u64()).is_some_and(|p| p > 0)
                 {
-                    return Err(ProtocolError::Fatal {
-                        line,
-                        reason: format!("bad message with a payload: {e}"),
-                    });
+                    return Err(ProtocolError::Fatal { line, reason: format!("bad message with a payload: {e}") });
                 }
-                return Err(ProtocolError::BadLine {
-                    line,
-                    reason: format!("bad message: {e}"),
-                });
+                return Err(ProtocolError::BadLine { line, reason: format!("bad message: {e}") });
             }
         };
         let len = message.payload_len();
         if len > MAX_PAYLOAD as u64 {
-            return Err(ProtocolError::Fatal {
-                line,
-                reason: format!("payload of {len} bytes is over {MAX_PAYLOAD}"),
-            });
+            return Err(ProtocolError::Fatal { line, reason: format!("payload of {len} bytes is over {MAX_PAYLOAD}") });
         }
         let mut payload = vec![0u8; len as usize];
-        self.r
-            .read_exact(&mut payload)
-            .map_err(|e| ProtocolError::Fatal {
-                line,
-                reason: format!("payload: {e}"),
-            })?;
+        self.r.read_exact(&mut payload).map_err(|e| ProtocolError::Fatal { line, reason: format!("payload: {e}") })?;
         Ok(Some(Frame { message, payload }))
     }
 }
@@ -325,11 +281,7 @@ pub struct ChunkWriter<F: FnMut(Frame) -> io::Result<()>> {
 
 impl<F: FnMut(Frame) -> io::Result<()>> ChunkWriter<F> {
     pub fn new(transfer: u64, send: F) -> ChunkWriter<F> {
-        ChunkWriter {
-            transfer,
-            buf: Vec::with_capacity(MAX_PAYLOAD),
-            send,
-        }
+        ChunkWriter { transfer, buf: Vec::with_capacity(MAX_PAYLOAD), send }
     }
 
     fn send_buf(&mut self) -> io::Result<()> {
@@ -337,10 +289,7 @@ impl<F: FnMut(Frame) -> io::Result<()>> ChunkWriter<F> {
             return Ok(());
         }
         let payload = std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_PAYLOAD));
-        let message = Message::NarChunk {
-            transfer: self.transfer,
-            payload: payload.len() as u64,
-        };
+        let message = Message::NarChunk { transfer: self.transfer, payload: payload.len() as u64 };
         (self.send)(Frame { message, payload })
     }
 
@@ -391,24 +340,11 @@ mod tests {
     #[test]
     fn frames_round_trip_with_binary_payloads() {
         let frames = vec![
-            Frame::new(Message::Hello {
-                protocol: PROTOCOL_VERSION,
-                gbc_version: "0.1.0".into(),
-                host: None,
-            }),
-            Frame {
-                message: Message::Log {
-                    build: "b1".into(),
-                    payload: 4,
-                },
-                payload: vec![0xff, b'\n', 0, 0xfe],
-            },
+            Frame::new(Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "0.1.0".into(), host: None }),
+            Frame { message: Message::Log { build: "b1".into(), payload: 4 }, payload: vec![0xff, b'\n', 0, 0xfe] },
             Frame::new(Message::Finished {
                 build: "b1".into(),
-                status: BuildStatus::BuildFailure {
-                    exit_code: Some(3),
-                    reason: "exit 3".into(),
-                },
+                status: BuildStatus::BuildFailure { exit_code: Some(3), reason: "exit 3".into() },
                 outputs: vec![],
             }),
         ];
@@ -430,36 +366,18 @@ mod tests {
         let got = read_all(input.as_bytes());
         assert_eq!(got.len(), 5, "{got:?}");
         assert!(got[0].as_ref().is_err_and(|e| e.contains("bad message")));
-        assert!(
-            got[1]
-                .as_ref()
-                .is_err_and(|e| e.contains("unknown variant"))
-        );
+        assert!(got[1].as_ref().is_err_and(|e| e.contains("unknown variant")));
         assert!(got[2].as_ref().is_err_and(|e| e.contains("longer than")));
         assert!(got[3].as_ref().is_err_and(|e| e.contains("unknown field")));
-        assert_eq!(
-            got[4].as_ref().ok(),
-            Some(&Frame::new(Message::Start { build: "x".into() }))
-        );
+        assert_eq!(got[4].as_ref().ok(), Some(&Frame::new(Message::Start { build: "x".into() })));
     }
 
     #[test]
     fn oversized_or_truncated_payloads_end_the_stream() {
-        let huge = format!(
-            "{{\"type\":\"nar_chunk\",\"transfer\":1,\"payload\":{}}}\n",
-            MAX_PAYLOAD + 1
-        );
-        assert!(
-            read_all(huge.as_bytes())
-                .last()
-                .is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("over")))
-        );
+        let huge = format!("{{\"type\":\"nar_chunk\",\"transfer\":1,\"payload\":{}}}\n", MAX_PAYLOAD + 1);
+        assert!(read_all(huge.as_bytes()).last().is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("over"))));
         let short = "{\"type\":\"nar_chunk\",\"transfer\":1,\"payload\":10}\nabc";
-        assert!(
-            read_all(short.as_bytes())
-                .last()
-                .is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("payload")))
-        );
+        assert!(read_all(short.as_bytes()).last().is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("payload"))));
     }
 
     #[test]

@@ -14,9 +14,7 @@ use common::{gbc, nix, repo_path, run_ok, run_ok_str, salt, tempdir};
 use gbc::formats::hash::Hash;
 use gbc::formats::narinfo::fingerprint;
 use gbc::formats::signing::{PublicKey, Signature};
-use gbc::protocol::{
-    BuildStatus, Frame, FrameReader, HostFacts, Message, PROTOCOL_VERSION, PathMeta, write_frame,
-};
+use gbc::protocol::{BuildStatus, Frame, FrameReader, HostFacts, Message, PROTOCOL_VERSION, PathMeta, write_frame};
 
 struct Agent {
     child: Child,
@@ -48,26 +46,10 @@ impl Agent {
             }
         });
         let hello = frames.recv_timeout(Duration::from_secs(30)).unwrap();
-        let Message::Hello {
-            protocol,
-            host: Some(host),
-            ..
-        } = hello.message
-        else {
-            panic!("{hello:?}")
-        };
+        let Message::Hello { protocol, host: Some(host), .. } = hello.message else { panic!("{hello:?}") };
         assert_eq!(protocol, PROTOCOL_VERSION);
-        let mut agent = Agent {
-            child,
-            stdin,
-            frames,
-            host,
-        };
-        agent.send(Message::Hello {
-            protocol: PROTOCOL_VERSION,
-            gbc_version: "test".into(),
-            host: None,
-        });
+        let mut agent = Agent { child, stdin, frames, host };
+        agent.send(Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "test".into(), host: None });
         agent
     }
 
@@ -86,9 +68,7 @@ impl Agent {
     }
 
     fn next(&self) -> Frame {
-        self.frames
-            .recv_timeout(Duration::from_secs(60))
-            .expect("agent went quiet")
+        self.frames.recv_timeout(Duration::from_secs(60)).expect("agent went quiet")
     }
 
     /// Frames until (and including) the first for which `done` is true; log and chunk frames kept.
@@ -105,17 +85,10 @@ impl Agent {
     }
 
     fn send_nar(&mut self, transfer: u64, meta: PathMeta, nar: &[u8]) {
-        self.send(Message::NarStart {
-            transfer,
-            build: None,
-            meta,
-        });
+        self.send(Message::NarStart { transfer, build: None, meta });
         for chunk in nar.chunks(100_000) {
             self.send_frame(Frame {
-                message: Message::NarChunk {
-                    transfer,
-                    payload: chunk.len() as u64,
-                },
+                message: Message::NarChunk { transfer, payload: chunk.len() as u64 },
                 payload: chunk.to_vec(),
             });
         }
@@ -132,16 +105,11 @@ impl Drop for Agent {
 
 fn instantiate(attrs: &[&str], salt: &str) -> BTreeMap<String, String> {
     let mut cmd = nix("nix-instantiate");
-    cmd.arg(repo_path("tests/nix/derivations.nix"))
-        .args(["--argstr", "salt", salt]);
+    cmd.arg(repo_path("tests/nix/derivations.nix")).args(["--argstr", "salt", salt]);
     for a in attrs {
         cmd.args(["-A", a]);
     }
-    attrs
-        .iter()
-        .map(|a| a.to_string())
-        .zip(run_ok_str(&mut cmd).lines().map(str::to_owned))
-        .collect()
+    attrs.iter().map(|a| a.to_string()).zip(run_ok_str(&mut cmd).lines().map(str::to_owned)).collect()
 }
 
 fn build_msg(id: &str, drv: &str, inputs: Vec<String>) -> Message {
@@ -158,36 +126,19 @@ fn build_msg(id: &str, drv: &str, inputs: Vec<String>) -> Message {
 
 /// The NAR and metadata of a path in Nix's store.
 fn nix_path(path: &str) -> (PathMeta, Vec<u8>) {
-    let nar_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", path]))
-        .trim()
-        .to_owned();
-    let references: Vec<String> = run_ok_str(nix("nix-store").args(["-q", "--references", path]))
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let nar_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", path])).trim().to_owned();
+    let references: Vec<String> =
+        run_ok_str(nix("nix-store").args(["-q", "--references", path])).lines().map(str::to_owned).collect();
     let nar = run_ok(nix("nix-store").args(["--dump", path]));
-    (
-        PathMeta {
-            path: path.into(),
-            nar_hash,
-            nar_size: nar.len() as u64,
-            references,
-            deriver: None,
-        },
-        nar,
-    )
+    (PathMeta { path: path.into(), nar_hash, nar_size: nar.len() as u64, references, deriver: None }, nar)
 }
 
 #[test]
 fn builds_with_inputs_sent_to_the_agent_and_signs_outputs_nix_agrees_with() {
     let drvs = instantiate(&["chainA", "chainB"], &salt());
     // Nix builds both, so we have chain-a's output to send and chain-b's hash to compare with.
-    let b_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainB"]]))
-        .trim()
-        .to_owned();
-    let a_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainA"]]))
-        .trim()
-        .to_owned();
+    let b_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainB"]])).trim().to_owned();
+    let a_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainA"]])).trim().to_owned();
     let tmp = tempdir();
     let mut agent = Agent::start(tmp.path());
     let key = PublicKey::parse(&agent.host.signing_key).unwrap();
@@ -195,35 +146,17 @@ fn builds_with_inputs_sent_to_the_agent_and_signs_outputs_nix_agrees_with() {
 
     agent.send(build_msg("b", &drvs["chainB"], vec![a_out.clone()]));
     let f = agent.next();
-    assert_eq!(
-        f.message,
-        Message::Inputs {
-            build: "b".into(),
-            missing: vec![a_out.clone()]
-        }
-    );
+    assert_eq!(f.message, Message::Inputs { build: "b".into(), missing: vec![a_out.clone()] });
 
     let (meta, nar) = nix_path(&a_out);
     agent.send_nar(5, meta, &nar);
-    assert_eq!(
-        agent.next().message,
-        Message::PathAdded {
-            transfer: 5,
-            path: a_out.clone()
-        }
-    );
+    assert_eq!(agent.next().message, Message::PathAdded { transfer: 5, path: a_out.clone() });
 
     agent.send(Message::Start { build: "b".into() });
     let frames = agent.until(|m| matches!(m, Message::NarEnd { .. }));
-    assert!(
-        matches!(frames[0].message, Message::Started { .. }),
-        "{:?}",
-        frames[0]
-    );
+    assert!(matches!(frames[0].message, Message::Started { .. }), "{:?}", frames[0]);
     let finished = frames.iter().find_map(|f| match &f.message {
-        Message::Finished {
-            status, outputs, ..
-        } => Some((status.clone(), outputs.clone())),
+        Message::Finished { status, outputs, .. } => Some((status.clone(), outputs.clone())),
         _ => None,
     });
     let (status, outputs) = finished.unwrap();
@@ -231,19 +164,12 @@ fn builds_with_inputs_sent_to_the_agent_and_signs_outputs_nix_agrees_with() {
     assert_eq!(outputs.len(), 1);
     let out = &outputs[0];
     assert_eq!(out.meta.path, b_out);
-    let nix_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", &b_out]))
-        .trim()
-        .to_owned();
+    let nix_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", &b_out])).trim().to_owned();
     assert_eq!(out.meta.nar_hash, nix_hash);
 
     // The signature is the agent's, over the Nix fingerprint.
     let hash = Hash::parse(&out.meta.nar_hash).unwrap();
-    let fp = fingerprint(
-        &out.meta.path,
-        &hash,
-        out.meta.nar_size,
-        &out.meta.references,
-    );
+    let fp = fingerprint(&out.meta.path, &hash, out.meta.nar_size, &out.meta.references);
     assert!(key.verify(fp.as_bytes(), &Signature::parse(&out.signature).unwrap()));
 
     // The NAR that followed is exactly Nix's.
@@ -252,35 +178,24 @@ fn builds_with_inputs_sent_to_the_agent_and_signs_outputs_nix_agrees_with() {
         .filter(|f| matches!(f.message, Message::NarChunk { .. }))
         .flat_map(|f| f.payload.clone())
         .collect();
-    assert!(
-        nar == run_ok(nix("nix-store").args(["--dump", &b_out])),
-        "NAR differs from nix-store --dump"
-    );
+    assert!(nar == run_ok(nix("nix-store").args(["--dump", &b_out])), "NAR differs from nix-store --dump");
 }
 
 #[test]
 fn a_hostile_peer_gets_errors_and_nothing_half_written_becomes_valid() {
     let drvs = instantiate(&["chainA", "chainB"], &salt());
-    let a_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainA"]]))
-        .trim()
-        .to_owned();
+    let a_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainA"]])).trim().to_owned();
     let tmp = tempdir();
     let mut agent = Agent::start(tmp.path());
 
     agent.send_raw(b"this is not json\n");
-    assert!(
-        matches!(agent.next().message, Message::Error { ref message, .. } if message.contains("bad message"))
-    );
+    assert!(matches!(agent.next().message, Message::Error { ref message, .. } if message.contains("bad message")));
     agent.send_raw(b"{\"type\":\"self_destruct\"}\n");
-    assert!(
-        matches!(agent.next().message, Message::Error { ref message, .. } if message.contains("unknown variant"))
-    );
+    assert!(matches!(agent.next().message, Message::Error { ref message, .. } if message.contains("unknown variant")));
     let mut long = vec![b'x'; gbc::protocol::MAX_LINE + 100];
     long.push(b'\n');
     agent.send_raw(&long);
-    assert!(
-        matches!(agent.next().message, Message::Error { ref message, .. } if message.contains("longer than"))
-    );
+    assert!(matches!(agent.next().message, Message::Error { ref message, .. } if message.contains("longer than")));
 
     // A NAR whose contents do not match its declared hash.
     let (mut meta, nar) = nix_path(&a_out);
@@ -307,16 +222,7 @@ fn a_hostile_peer_gets_errors_and_nothing_half_written_becomes_valid() {
     let (meta, nar) = nix_path(&a_out);
     agent.send_nar(3, meta, &nar[..nar.len() - 16]);
     let f = agent.next();
-    assert!(
-        matches!(
-            f.message,
-            Message::Error {
-                transfer: Some(3),
-                ..
-            }
-        ),
-        "{f:?}"
-    );
+    assert!(matches!(f.message, Message::Error { transfer: Some(3), .. }), "{f:?}");
 
     // A derivation whose contents do not give its path.
     let mut m = build_msg("x", &drvs["chainB"], vec![]);
@@ -330,16 +236,8 @@ fn a_hostile_peer_gets_errors_and_nothing_half_written_becomes_valid() {
 
     // After all that, the session still works and chain-a's output is still not valid.
     agent.send(build_msg("b", &drvs["chainB"], vec![a_out.clone()]));
-    assert_eq!(
-        agent.next().message,
-        Message::Inputs {
-            build: "b".into(),
-            missing: vec![a_out.clone()]
-        }
-    );
-    let leftovers = std::fs::read_dir(tmp.path().join("agent/store/.gbc-tmp"))
-        .unwrap()
-        .count();
+    assert_eq!(agent.next().message, Message::Inputs { build: "b".into(), missing: vec![a_out.clone()] });
+    let leftovers = std::fs::read_dir(tmp.path().join("agent/store/.gbc-tmp")).unwrap().count();
     assert_eq!(leftovers, 0, "temporary files left behind");
 }
 
@@ -356,26 +254,13 @@ fn incompatible_protocol_versions_are_refused_clearly() {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    write_frame(
-        &mut stdin,
-        &Frame::new(Message::Hello {
-            protocol: 999,
-            gbc_version: "future".into(),
-            host: None,
-        }),
-    )
-    .unwrap();
+    write_frame(&mut stdin, &Frame::new(Message::Hello { protocol: 999, gbc_version: "future".into(), host: None }))
+        .unwrap();
     drop(stdin);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("incompatible protocol version 999"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("incompatible protocol version 999"), "{stdout}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("incompatible protocol version 999") && stderr.lines().count() == 1,
-        "{stderr}"
-    );
+    assert!(stderr.contains("incompatible protocol version 999") && stderr.lines().count() == 1, "{stderr}");
 }

@@ -18,10 +18,7 @@ fn assert_one_line_error(out: &std::process::Output, code: i32, needle: &str) {
     let err = stderr_of(out);
     assert_eq!(out.status.code(), Some(code), "{err}");
     assert_eq!(err.lines().count(), 1, "not one line: {err}");
-    assert!(
-        err.starts_with("gbc: error: ") && err.contains(needle),
-        "{err:?} lacks {needle:?}"
-    );
+    assert!(err.starts_with("gbc: error: ") && err.contains(needle), "{err:?} lacks {needle:?}");
 }
 
 #[test]
@@ -36,21 +33,9 @@ fn usage_errors_exit_2() {
 fn io_errors_exit_2_naming_the_file() {
     let tmp = tempdir();
     let missing = tmp.path().join("missing");
-    assert_one_line_error(
-        &run(gbc().args(["nar", "hash"]).arg(&missing)),
-        2,
-        "missing",
-    );
-    assert_one_line_error(
-        &run(gbc().args(["nar", "dump"]).arg(&missing)),
-        2,
-        "missing",
-    );
-    assert_one_line_error(
-        &run(gbc().args(["drv", "show"]).arg(&missing)),
-        2,
-        "missing",
-    );
+    assert_one_line_error(&run(gbc().args(["nar", "hash"]).arg(&missing)), 2, "missing");
+    assert_one_line_error(&run(gbc().args(["nar", "dump"]).arg(&missing)), 2, "missing");
+    assert_one_line_error(&run(gbc().args(["drv", "show"]).arg(&missing)), 2, "missing");
 }
 
 #[test]
@@ -58,11 +43,7 @@ fn a_fifo_cannot_be_dumped() {
     let tmp = tempdir();
     let fifo = tmp.path().join("fifo");
     run_ok(std::process::Command::new("mkfifo").arg(&fifo));
-    assert_one_line_error(
-        &run(gbc().args(["nar", "hash"]).arg(&fifo)),
-        2,
-        "a FIFO cannot be put in a NAR",
-    );
+    assert_one_line_error(&run(gbc().args(["nar", "hash"]).arg(&fifo)), 2, "a FIFO cannot be put in a NAR");
 }
 
 #[test]
@@ -80,12 +61,7 @@ fn restore_refuses_an_existing_destination() {
 fn restore_of_garbage_is_a_failed_check() {
     let tmp = tempdir();
     let input = fs::File::open(repo_path("Cargo.toml")).unwrap();
-    let out = gbc()
-        .args(["nar", "restore"])
-        .arg(tmp.path().join("d"))
-        .stdin(input)
-        .output()
-        .unwrap();
+    let out = gbc().args(["nar", "restore"]).arg(tmp.path().join("d")).stdin(input).output().unwrap();
     assert_one_line_error(&out, 1, "bad magic");
     assert!(!tmp.path().join("d").exists());
 }
@@ -94,32 +70,14 @@ fn restore_of_garbage_is_a_failed_check() {
 fn keygen_writes_private_files_and_never_overwrites() {
     let tmp = tempdir();
     let (s, p) = (tmp.path().join("k.secret"), tmp.path().join("k.public"));
-    run_ok(
-        gbc()
-            .args(["keygen", "cache.example.org-1"])
-            .arg(&s)
-            .arg(&p),
-    );
-    assert_eq!(
-        fs::metadata(&s).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    run_ok(gbc().args(["keygen", "cache.example.org-1"]).arg(&s).arg(&p));
+    assert_eq!(fs::metadata(&s).unwrap().permissions().mode() & 0o777, 0o600);
     let secret = fs::read_to_string(&s).unwrap();
     assert!(secret.starts_with("cache.example.org-1:"));
-    let out = run(gbc()
-        .args(["keygen", "x"])
-        .arg(&s)
-        .arg(tmp.path().join("other.public")));
+    let out = run(gbc().args(["keygen", "x"]).arg(&s).arg(tmp.path().join("other.public")));
     assert_one_line_error(&out, 2, "refusing to overwrite");
-    assert_eq!(
-        fs::read_to_string(&s).unwrap(),
-        secret,
-        "secret key overwritten"
-    );
-    let out = run(gbc()
-        .args(["keygen", "bad:name"])
-        .arg(tmp.path().join("a"))
-        .arg(tmp.path().join("b")));
+    assert_eq!(fs::read_to_string(&s).unwrap(), secret, "secret key overwritten");
+    let out = run(gbc().args(["keygen", "bad:name"]).arg(tmp.path().join("a")).arg(tmp.path().join("b")));
     assert_one_line_error(&out, 2, "key name");
 }
 
@@ -137,12 +95,7 @@ fn sign_then_verify_with_any_of_several_trusted_files() {
     let (s, p) = (tmp.path().join("k.secret"), tmp.path().join("k.public"));
     let (_, p2) = (tmp.path().join("o.secret"), tmp.path().join("o.public"));
     run_ok(gbc().args(["keygen", "k-1"]).arg(&s).arg(&p));
-    run_ok(
-        gbc()
-            .args(["keygen", "o-1"])
-            .arg(tmp.path().join("o.secret"))
-            .arg(&p2),
-    );
+    run_ok(gbc().args(["keygen", "o-1"]).arg(tmp.path().join("o.secret")).arg(&p2));
     let ni = tmp.path().join("b.narinfo");
     fs::write(&ni, NARINFO).unwrap();
     fs::set_permissions(&ni, fs::Permissions::from_mode(0o640)).unwrap();
@@ -151,25 +104,10 @@ fn sign_then_verify_with_any_of_several_trusted_files() {
     assert_one_line_error(&out, 1, "no valid signature");
 
     run_ok(gbc().arg("sign").arg("--key").arg(&s).arg(&ni));
-    assert_eq!(
-        fs::metadata(&ni).unwrap().permissions().mode() & 0o777,
-        0o640,
-        "mode kept"
-    );
+    assert_eq!(fs::metadata(&ni).unwrap().permissions().mode() & 0o777, 0o640, "mode kept");
     let signed = fs::read_to_string(&ni).unwrap();
-    assert!(
-        signed.starts_with(NARINFO) && signed.contains("\nSig: k-1:"),
-        "{signed}"
-    );
-    let ok = run_ok_str(
-        gbc()
-            .arg("verify")
-            .arg("--trusted")
-            .arg(&p2)
-            .arg("--trusted")
-            .arg(&p)
-            .arg(&ni),
-    );
+    assert!(signed.starts_with(NARINFO) && signed.contains("\nSig: k-1:"), "{signed}");
+    let ok = run_ok_str(gbc().arg("verify").arg("--trusted").arg(&p2).arg("--trusted").arg(&p).arg(&ni));
     assert!(ok.contains("signed by k-1"));
     let out = run(gbc().arg("verify").arg("--trusted").arg(&p2).arg(&ni));
     assert_one_line_error(&out, 1, "b.narinfo: no valid signature");
@@ -182,22 +120,10 @@ fn malformed_narinfos_and_keys_are_named() {
     run_ok(gbc().args(["keygen", "k-1"]).arg(&s).arg(&p));
     let ni = tmp.path().join("bad.narinfo");
     fs::write(&ni, NARINFO.replace("NarSize: 120", "NarSize: many")).unwrap();
-    assert_one_line_error(
-        &run(gbc().arg("sign").arg("--key").arg(&s).arg(&ni)),
-        1,
-        "bad.narinfo: line 5",
-    );
-    assert_one_line_error(
-        &run(gbc().arg("verify").arg("--trusted").arg(&p).arg(&ni)),
-        1,
-        "bad.narinfo: line 5",
-    );
+    assert_one_line_error(&run(gbc().arg("sign").arg("--key").arg(&s).arg(&ni)), 1, "bad.narinfo: line 5");
+    assert_one_line_error(&run(gbc().arg("verify").arg("--trusted").arg(&p).arg(&ni)), 1, "bad.narinfo: line 5");
     // A public key given as the secret key.
-    assert_one_line_error(
-        &run(gbc().arg("sign").arg("--key").arg(&p).arg(&ni)),
-        2,
-        "k.public: not a secret key",
-    );
+    assert_one_line_error(&run(gbc().arg("sign").arg("--key").arg(&p).arg(&ni)), 2, "k.public: not a secret key");
 }
 
 #[test]
@@ -208,19 +134,12 @@ fn a_world_readable_secret_key_gets_a_warning() {
     let ni = tmp.path().join("b.narinfo");
     fs::write(&ni, NARINFO).unwrap();
     let out = run(gbc().arg("sign").arg("--key").arg(&s).arg(&ni));
-    assert!(
-        out.status.success() && out.stderr.is_empty(),
-        "{}",
-        stderr_of(&out)
-    );
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", stderr_of(&out));
     fs::set_permissions(&s, fs::Permissions::from_mode(0o644)).unwrap();
     let out = run(gbc().arg("sign").arg("--key").arg(&s).arg(&ni));
     assert!(out.status.success());
     let err = stderr_of(&out);
-    assert!(
-        err.contains("warning") && err.contains("k.secret") && err.contains("0644"),
-        "{err}"
-    );
+    assert!(err.contains("warning") && err.contains("k.secret") && err.contains("0644"), "{err}");
 }
 
 #[test]
@@ -248,17 +167,10 @@ fn man_pages_are_up_to_date() {
         v
     };
     let committed = repo_path("man");
-    assert_eq!(
-        names(tmp.path()),
-        names(&committed),
-        "run: cargo run -- generate-man man"
-    );
+    assert_eq!(names(tmp.path()), names(&committed), "run: cargo run -- generate-man man");
     for n in names(tmp.path()) {
         let fresh = fs::read(tmp.path().join(&n)).unwrap();
-        assert!(
-            fresh == fs::read(committed.join(&n)).unwrap(),
-            "man/{n} is stale: run cargo run -- generate-man man"
-        );
+        assert!(fresh == fs::read(committed.join(&n)).unwrap(), "man/{n} is stale: run cargo run -- generate-man man");
     }
 }
 
@@ -273,31 +185,15 @@ fn keys_dir_holds_only_clearly_named_test_keys() {
         if name == "README.md" {
             continue;
         }
-        assert!(
-            name.contains("test-only-DO-NOT-TRUST"),
-            "{name}: only test keys belong in keys/"
-        );
+        assert!(name.contains("test-only-DO-NOT-TRUST"), "{name}: only test keys belong in keys/");
         let text = fs::read_to_string(&path).unwrap();
         if name.ends_with(".secret") {
             let key = SecretKey::parse(&text).unwrap();
-            assert!(
-                key.name().starts_with("gbc-test-only-DO-NOT-TRUST"),
-                "{name}: {}",
-                key.name()
-            );
+            assert!(key.name().starts_with("gbc-test-only-DO-NOT-TRUST"), "{name}: {}", key.name());
             let public = fs::read_to_string(path.with_extension("public")).unwrap();
-            assert_eq!(
-                key.public(),
-                PublicKey::parse(&public).unwrap(),
-                "{name}: halves differ"
-            );
+            assert_eq!(key.public(), PublicKey::parse(&public).unwrap(), "{name}: halves differ");
         } else {
-            assert!(
-                PublicKey::parse(&text)
-                    .unwrap()
-                    .name()
-                    .starts_with("gbc-test-only-DO-NOT-TRUST")
-            );
+            assert!(PublicKey::parse(&text).unwrap().name().starts_with("gbc-test-only-DO-NOT-TRUST"));
         }
         seen += 1;
     }

@@ -33,8 +33,7 @@ fn instantiate(store: Option<&str>, salt: &str) -> Vec<(String, String)> {
     if let Some(store) = store {
         cmd.args(["--store", store]);
     }
-    cmd.arg(repo_path("tests/nix/derivations.nix"))
-        .args(["--argstr", "salt", salt]);
+    cmd.arg(repo_path("tests/nix/derivations.nix")).args(["--argstr", "salt", salt]);
     for a in ATTRS {
         cmd.args(["-A", a]);
     }
@@ -95,8 +94,7 @@ fn aterm_round_trip_is_byte_identical() {
 #[test]
 fn drv_show_matches_nix_show_derivation() {
     for (attr, drv) in instantiate(None, &salt()) {
-        let ours: serde_json::Value =
-            serde_json::from_slice(&run_ok(gbc().args(["drv", "show", &drv]))).unwrap();
+        let ours: serde_json::Value = serde_json::from_slice(&run_ok(gbc().args(["drv", "show", &drv]))).unwrap();
         let theirs: serde_json::Value =
             serde_json::from_slice(&run_ok(nix("nix").args(["show-derivation", &drv]))).unwrap();
         assert_eq!(ours, theirs[&drv], "{attr}");
@@ -123,10 +121,7 @@ fn gnu_store_derivations_match_nix() {
         assert!(drv.starts_with("/gnu/store/"), "{attr}: {drv}");
         let file = real.join(Path::new(&drv).file_name().unwrap());
         let outs = nix_outputs(Some(&store), &drv);
-        assert!(
-            outs.values().all(|p| p.starts_with("/gnu/store/")),
-            "{outs:?}"
-        );
+        assert!(outs.values().all(|p| p.starts_with("/gnu/store/")), "{outs:?}");
         // Inputs are read from beside the file, since /gnu/store does not exist here.
         check_drv_path(&file, &drv, &outs);
     }
@@ -146,18 +141,11 @@ fn tampered_derivations_are_rejected_naming_the_file() {
     fs::write(&forged, text.replace(&own_out, &other_out)).unwrap();
     // Copy the input beside it so only the output check can fail.
     let chain_a = &drvs["chainA"];
-    fs::copy(
-        chain_a,
-        tmp.path().join(Path::new(chain_a).file_name().unwrap()),
-    )
-    .unwrap();
+    fs::copy(chain_a, tmp.path().join(Path::new(chain_a).file_name().unwrap())).unwrap();
     let out = run(gbc().args(["drv", "path"]).arg(&forged));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("forged.drv") && err.contains("should be") && err.lines().count() == 1,
-        "{err}"
-    );
+    assert!(err.contains("forged.drv") && err.contains("should be") && err.lines().count() == 1, "{err}");
 
     // Same contents under its genuine name, but modified: the name no longer matches.
     let named = tmp.path().join(Path::new(chain_b).file_name().unwrap());
@@ -175,9 +163,7 @@ fn tampered_derivations_are_rejected_naming_the_file() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("junk.drv: byte 0: expected"));
 
     // A file that does not exist is an I/O error.
-    let out = run(gbc()
-        .args(["drv", "path"])
-        .arg(tmp.path().join("missing.drv")));
+    let out = run(gbc().args(["drv", "path"]).arg(tmp.path().join("missing.drv")));
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -192,8 +178,5 @@ fn a_missing_input_derivation_is_reported() {
     let out = run(gbc().args(["drv", "path"]).arg(&chain_b));
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("chain-a.drv") && err.contains("not found"),
-        "{err}"
-    );
+    assert!(err.contains("chain-a.drv") && err.contains("not found"), "{err}");
 }

@@ -13,11 +13,13 @@ use common::{gbc, nix, run, run_ok, run_ok_str, salt, tempdir};
 /// signatures (it accepts content-addressed paths without any) and fingerprints carry references.
 /// Returns (x, y) where x refers to y.
 fn store_paths_with_reference() -> (String, String) {
-    let drv = run_ok_str(
-        nix("nix-instantiate")
-            .arg(common::repo_path("tests/nix/derivations.nix"))
-            .args(["--argstr", "salt", &salt(), "-A", "refersToChainA"]),
-    );
+    let drv = run_ok_str(nix("nix-instantiate").arg(common::repo_path("tests/nix/derivations.nix")).args([
+        "--argstr",
+        "salt",
+        &salt(),
+        "-A",
+        "refersToChainA",
+    ]));
     let x = run_ok_str(nix("nix-store").args(["--realise", drv.trim()]));
     let x = x.trim().to_owned();
     let refs = run_ok_str(nix("nix-store").args(["-q", "--references", &x]));
@@ -62,35 +64,20 @@ fn nix_accepts(cache_url: &str, path: &str, public_key: &str, tmp: &Path) -> boo
     ]));
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains("signature"),
-            "nix copy failed for another reason than signatures: {err}"
-        );
+        assert!(err.contains("signature"), "nix copy failed for another reason than signatures: {err}");
     }
     out.status.success()
 }
 
 fn keygen_gbc(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let (s, p) = (
-        dir.join(format!("{name}.secret")),
-        dir.join(format!("{name}.public")),
-    );
+    let (s, p) = (dir.join(format!("{name}.secret")), dir.join(format!("{name}.public")));
     run_ok(gbc().arg("keygen").arg(name).arg(&s).arg(&p));
     (s, p)
 }
 
 fn keygen_nix(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let (s, p) = (
-        dir.join(format!("{name}.secret")),
-        dir.join(format!("{name}.public")),
-    );
-    run_ok(
-        nix("nix-store")
-            .arg("--generate-binary-cache-key")
-            .arg(name)
-            .arg(&s)
-            .arg(&p),
-    );
+    let (s, p) = (dir.join(format!("{name}.secret")), dir.join(format!("{name}.public")));
+    run_ok(nix("nix-store").arg("--generate-binary-cache-key").arg(name).arg(&s).arg(&p));
     (s, p)
 }
 
@@ -104,40 +91,15 @@ fn narinfos_signed_by_gbc_are_accepted_by_nix_and_untrusted_ones_refused() {
     let (_, other_public) = keygen_gbc(tmp.path(), "gbc-other-1");
 
     let pk = fs::read_to_string(&public).unwrap();
-    assert!(
-        !nix_accepts(&url, &x, &pk, tmp.path()),
-        "unsigned cache accepted"
-    );
+    assert!(!nix_accepts(&url, &x, &pk, tmp.path()), "unsigned cache accepted");
 
-    run_ok(
-        gbc()
-            .arg("sign")
-            .arg("--key")
-            .arg(&secret)
-            .args(narinfos(&cache)),
-    );
-    assert!(
-        nix_accepts(&url, &x, &pk, tmp.path()),
-        "Nix refused gbc's signatures"
-    );
-    run_ok(
-        gbc()
-            .arg("verify")
-            .arg("--trusted")
-            .arg(&public)
-            .args(narinfos(&cache)),
-    );
+    run_ok(gbc().arg("sign").arg("--key").arg(&secret).args(narinfos(&cache)));
+    assert!(nix_accepts(&url, &x, &pk, tmp.path()), "Nix refused gbc's signatures");
+    run_ok(gbc().arg("verify").arg("--trusted").arg(&public).args(narinfos(&cache)));
 
     let other = fs::read_to_string(&other_public).unwrap();
-    assert!(
-        !nix_accepts(&url, &x, &other, tmp.path()),
-        "Nix accepted an untrusted key"
-    );
-    let out = run(gbc()
-        .arg("verify")
-        .arg("--trusted")
-        .arg(&other_public)
-        .args(narinfos(&cache)));
+    assert!(!nix_accepts(&url, &x, &other, tmp.path()), "Nix accepted an untrusted key");
+    let out = run(gbc().arg("verify").arg("--trusted").arg(&other_public).args(narinfos(&cache)));
     assert_eq!(out.status.code(), Some(1), "gbc accepted an untrusted key");
 }
 
@@ -150,31 +112,14 @@ fn nix_keys_work_in_gbc() {
     // Nix signs, gbc verifies.
     let signed_by_nix = tmp.path().join("signed-by-nix");
     make_cache(&signed_by_nix, &x, Some(&secret));
-    let ok = run_ok_str(
-        gbc()
-            .arg("verify")
-            .arg("--trusted")
-            .arg(&public)
-            .args(narinfos(&signed_by_nix)),
-    );
+    let ok = run_ok_str(gbc().arg("verify").arg("--trusted").arg(&public).args(narinfos(&signed_by_nix)));
     assert!(ok.contains("signed by nix-made-1"), "{ok}");
 
     // gbc signs with Nix's key, Nix verifies.
     let cache = tmp.path().join("signed-by-gbc");
     let url = make_cache(&cache, &x, None);
-    run_ok(
-        gbc()
-            .arg("sign")
-            .arg("--key")
-            .arg(&secret)
-            .args(narinfos(&cache)),
-    );
-    assert!(nix_accepts(
-        &url,
-        &x,
-        &fs::read_to_string(&public).unwrap(),
-        tmp.path()
-    ));
+    run_ok(gbc().arg("sign").arg("--key").arg(&secret).args(narinfos(&cache)));
+    assert!(nix_accepts(&url, &x, &fs::read_to_string(&public).unwrap(), tmp.path()));
 }
 
 #[test]
@@ -184,19 +129,8 @@ fn gbc_keys_work_in_nix() {
     let (secret, public) = keygen_gbc(tmp.path(), "gbc-made-1");
     let cache = tmp.path().join("cache");
     let url = make_cache(&cache, &x, Some(&secret));
-    assert!(nix_accepts(
-        &url,
-        &x,
-        &fs::read_to_string(&public).unwrap(),
-        tmp.path()
-    ));
-    run_ok(
-        gbc()
-            .arg("verify")
-            .arg("--trusted")
-            .arg(&public)
-            .args(narinfos(&cache)),
-    );
+    assert!(nix_accepts(&url, &x, &fs::read_to_string(&public).unwrap(), tmp.path()));
+    run_ok(gbc().arg("verify").arg("--trusted").arg(&public).args(narinfos(&cache)));
 }
 
 #[test]
@@ -207,30 +141,13 @@ fn a_tampered_narinfo_fails_verification_in_both() {
     let cache = tmp.path().join("cache");
     let url = make_cache(&cache, &x, Some(&secret));
     // Drop x's reference to y: the signature no longer covers what the narinfo says.
-    let y_base = Path::new(&y)
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let x_info = cache.join(format!(
-        "{}.narinfo",
-        &Path::new(&x).file_name().unwrap().to_str().unwrap()[..32]
-    ));
+    let y_base = Path::new(&y).file_name().unwrap().to_str().unwrap().to_owned();
+    let x_info = cache.join(format!("{}.narinfo", &Path::new(&x).file_name().unwrap().to_str().unwrap()[..32]));
     let text = fs::read_to_string(&x_info).unwrap();
     assert!(text.contains(&y_base), "{text}");
     fs::write(&x_info, text.replace(&y_base, "")).unwrap();
-    let out = run(gbc()
-        .arg("verify")
-        .arg("--trusted")
-        .arg(&public)
-        .arg(&x_info));
+    let out = run(gbc().arg("verify").arg("--trusted").arg(&public).arg(&x_info));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no valid signature"));
-    assert!(!nix_accepts(
-        &url,
-        &x,
-        &fs::read_to_string(&public).unwrap(),
-        tmp.path()
-    ));
+    assert!(!nix_accepts(&url, &x, &fs::read_to_string(&public).unwrap(), tmp.path()));
 }

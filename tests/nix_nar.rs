@@ -19,17 +19,9 @@ fn make_tree(root: &Path, big_file: bool) {
     fs::write(root.join("bin/tool"), b"#!/bin/sh\necho tool\n").unwrap();
     fs::set_permissions(root.join("bin/tool"), fs::Permissions::from_mode(0o755)).unwrap();
     fs::write(root.join("bin/owner-exec-only"), b"x").unwrap();
-    fs::set_permissions(
-        root.join("bin/owner-exec-only"),
-        fs::Permissions::from_mode(0o700),
-    )
-    .unwrap();
+    fs::set_permissions(root.join("bin/owner-exec-only"), fs::Permissions::from_mode(0o700)).unwrap();
     fs::write(root.join("bin/group-exec-only"), b"x").unwrap();
-    fs::set_permissions(
-        root.join("bin/group-exec-only"),
-        fs::Permissions::from_mode(0o654),
-    )
-    .unwrap();
+    fs::set_permissions(root.join("bin/group-exec-only"), fs::Permissions::from_mode(0o654)).unwrap();
     fs::write(root.join("empty"), b"").unwrap();
     fs::write(root.join("seven"), b"1234567").unwrap();
     fs::write(root.join("eight"), b"12345678").unwrap();
@@ -45,11 +37,7 @@ fn make_tree(root: &Path, big_file: bool) {
     fs::create_dir_all(&deep).unwrap();
     fs::write(deep.join("bottom"), b"deep").unwrap();
     fs::write(root.join("grüße-世界-✓"), "unicode".as_bytes()).unwrap();
-    fs::write(
-        root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9-\xff")),
-        b"not UTF-8",
-    )
-    .unwrap();
+    fs::write(root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9-\xff")), b"not UTF-8").unwrap();
     // Names that sort differently bytewise than by any locale.
     for name in ["B", "a", "_", "Z", "0", "a.b", "a-b", "ab"] {
         fs::write(root.join("sorting").join(name), name)
@@ -82,11 +70,7 @@ fn make_tree(root: &Path, big_file: bool) {
 /// Pipe a command's stdout into a SHA-256 (via `sha256sum`), so 100 MB NARs are never held twice.
 fn stream_digest(cmd: &mut Command) -> String {
     let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-    let mut sum = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut sum = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let mut from = child.stdout.take().unwrap();
     let mut to = sum.stdin.take().unwrap();
     std::io::copy(&mut from, &mut to).unwrap();
@@ -112,14 +96,7 @@ fn dump_is_byte_identical_to_nix_store_dump() {
 fn dump_of_single_files_and_symlinks_matches_nix() {
     let tmp = tempdir();
     make_tree(&tmp.path().join("t"), false);
-    for p in [
-        "t/bin/tool",
-        "t/empty",
-        "t/seven",
-        "t/relative-link",
-        "t/dangling-link",
-        "t/empty-dir",
-    ] {
+    for p in ["t/bin/tool", "t/empty", "t/seven", "t/relative-link", "t/dangling-link", "t/empty-dir"] {
         let path = tmp.path().join(p);
         let ours = run_ok(gbc().args(["nar", "dump"]).arg(&path));
         let theirs = run_ok(nix("nix-store").arg("--dump").arg(&path));
@@ -133,11 +110,7 @@ fn hash_equals_nix_hash() {
     let root = tmp.path().join("tree");
     make_tree(&root, true);
     let ours = run_ok_str(gbc().args(["nar", "hash"]).arg(&root));
-    let theirs = run_ok_str(
-        nix("nix-hash")
-            .args(["--type", "sha256", "--base32"])
-            .arg(&root),
-    );
+    let theirs = run_ok_str(nix("nix-hash").args(["--type", "sha256", "--base32"]).arg(&root));
     assert_eq!(ours.trim(), format!("sha256:{}", theirs.trim()));
 }
 
@@ -155,12 +128,7 @@ fn hash_equals_nix_store_query_hash_of_a_store_path() {
 }
 
 fn restore_with(cmd: &mut Command, nar: &[u8]) -> std::process::Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let nar = nar.to_vec();
     let writer = std::thread::spawn(move || {
@@ -181,30 +149,16 @@ fn restore_round_trips_with_nix_in_both_directions() {
     // Nix's NAR unpacked by gbc, then dumped by Nix again.
     let ours = tmp.path().join("restored-by-gbc");
     let out = restore_with(gbc().args(["nar", "restore"]).arg(&ours), &nar);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        run_ok(nix("nix-store").arg("--dump").arg(&ours)) == nar,
-        "gbc's restore differs"
-    );
-    let tool = fs::metadata(ours.join("bin/tool"))
-        .unwrap()
-        .permissions()
-        .mode();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(run_ok(nix("nix-store").arg("--dump").arg(&ours)) == nar, "gbc's restore differs");
+    let tool = fs::metadata(ours.join("bin/tool")).unwrap().permissions().mode();
     assert_eq!(tool & 0o111, 0o111, "executable bits");
 
     // gbc's NAR unpacked by Nix.
     let gbc_nar = run_ok(gbc().args(["nar", "dump"]).arg(&root));
     let theirs = tmp.path().join("restored-by-nix");
     let out = restore_with(nix("nix-store").arg("--restore").arg(&theirs), &gbc_nar);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(run_ok(gbc().args(["nar", "dump"]).arg(&theirs)) == nar);
 }
 
@@ -218,17 +172,7 @@ fn restore_of_a_bad_nar_fails_cleanly() {
     let out = restore_with(gbc().args(["nar", "restore"]).arg(&dest), &nar);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("truncated") && err.lines().count() == 1,
-        "{err}"
-    );
-    let left: Vec<_> = fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(
-        left,
-        vec![OsStr::new("tree").to_owned()],
-        "restore left files behind"
-    );
+    assert!(err.contains("truncated") && err.lines().count() == 1, "{err}");
+    let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![OsStr::new("tree").to_owned()], "restore left files behind");
 }

@@ -19,26 +19,16 @@ fn instantiate(file: &str, attrs: &[&str], salt: &str) -> BTreeMap<String, Strin
         cmd.args(["-A", a]);
     }
     let out = run_ok_str(&mut cmd);
-    attrs
-        .iter()
-        .map(|a| a.to_string())
-        .zip(out.lines().map(str::to_owned))
-        .collect()
+    attrs.iter().map(|a| a.to_string()).zip(out.lines().map(str::to_owned)).collect()
 }
 
 fn realise(root: &Path, drv: &str, extra: &[&str]) -> Output {
-    run(gbc()
-        .arg("realise")
-        .arg("--store-root")
-        .arg(root)
-        .args(extra)
-        .arg(drv))
+    run(gbc().arg("realise").arg("--store-root").arg(root).args(extra).arg(drv))
 }
 
 fn record(root: &Path, path: &str) -> serde_json::Value {
     let base = Path::new(path).file_name().unwrap().to_str().unwrap();
-    serde_json::from_slice(&fs::read(root.join(".gbc-db").join(format!("{base}.json"))).unwrap())
-        .unwrap()
+    serde_json::from_slice(&fs::read(root.join(".gbc-db").join(format!("{base}.json"))).unwrap()).unwrap()
 }
 
 fn stderr(out: &Output) -> String {
@@ -65,62 +55,33 @@ fn outputs_equal_nix_realisation_in_hash_and_references() {
     for (attr, drv) in &drvs {
         let out = realise(&root, drv, &[]);
         assert!(out.status.success(), "{attr}: {}", stderr(&out));
-        let ours: BTreeSet<String> = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        let theirs: BTreeSet<String> = run_ok_str(nix("nix-store").args(["--realise", drv]))
-            .lines()
-            .map(str::to_owned)
-            .collect();
+        let ours: BTreeSet<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect();
+        let theirs: BTreeSet<String> =
+            run_ok_str(nix("nix-store").args(["--realise", drv])).lines().map(str::to_owned).collect();
         assert_eq!(ours, theirs, "{attr}: output paths");
         for path in &theirs {
             let rec = record(&root, path);
             let hash = run_ok_str(nix("nix-store").args(["-q", "--hash", path]));
-            assert_eq!(
-                rec["nar_hash"].as_str(),
-                Some(hash.trim()),
-                "{attr}: NarHash of {path}"
-            );
-            let refs: Vec<String> = run_ok_str(nix("nix-store").args(["-q", "--references", path]))
-                .lines()
-                .map(str::to_owned)
-                .collect();
+            assert_eq!(rec["nar_hash"].as_str(), Some(hash.trim()), "{attr}: NarHash of {path}");
+            let refs: Vec<String> =
+                run_ok_str(nix("nix-store").args(["-q", "--references", path])).lines().map(str::to_owned).collect();
             let mut refs = refs;
             refs.sort();
-            let our_refs: Vec<String> = rec["references"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r.as_str().unwrap().to_owned())
-                .collect();
+            let our_refs: Vec<String> =
+                rec["references"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect();
             assert_eq!(our_refs, refs, "{attr}: references of {path}");
             assert_eq!(rec["deriver"].as_str(), Some(drv.as_str()));
         }
     }
     // Realising again builds nothing and prints the same paths.
     let again = realise(&root, &drvs["chainC"], &[]);
-    assert!(
-        again.status.success() && again.stderr.is_empty(),
-        "{}",
-        stderr(&again)
-    );
+    assert!(again.status.success() && again.stderr.is_empty(), "{}", stderr(&again));
 }
 
 fn builds() -> BTreeMap<String, String> {
     instantiate(
         "tests/nix/builds.nix",
-        &[
-            "failing",
-            "noOutput",
-            "fixedWrong",
-            "slow",
-            "silent",
-            "chatty",
-            "escape",
-            "env",
-        ],
+        &["failing", "noOutput", "fixedWrong", "slow", "silent", "chatty", "escape", "env"],
         &salt(),
     )
 }
@@ -134,38 +95,18 @@ fn failures_are_reported_with_their_cause() {
     let out = realise(&root, &drvs["failing"], &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(
-        err.contains("failing on purpose") && err.contains("exited with status 3"),
-        "{err}"
-    );
+    assert!(err.contains("failing on purpose") && err.contains("exited with status 3"), "{err}");
 
     let out = realise(&root, &drvs["noOutput"], &[]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("did not create output \"out\""),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("did not create output \"out\""), "{}", stderr(&out));
 
     let out = realise(&root, &drvs["fixedWrong"], &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    let wanted = run_ok_str(nix("nix-hash").args([
-        "--type",
-        "sha256",
-        "--to-base32",
-        &sha256_hex(b"goodbye"),
-    ]));
-    let got = run_ok_str(nix("nix-hash").args([
-        "--type",
-        "sha256",
-        "--to-base32",
-        &sha256_hex(b"hello"),
-    ]));
-    assert!(
-        err.contains(wanted.trim()) && err.contains(got.trim()),
-        "both hashes in: {err}"
-    );
+    let wanted = run_ok_str(nix("nix-hash").args(["--type", "sha256", "--to-base32", &sha256_hex(b"goodbye")]));
+    let got = run_ok_str(nix("nix-hash").args(["--type", "sha256", "--to-base32", &sha256_hex(b"hello")]));
+    assert!(err.contains(wanted.trim()) && err.contains(got.trim()), "both hashes in: {err}");
 
     // Nothing of the failed builds is in the store, valid or not.
     let left: Vec<String> = fs::read_dir(&root)
@@ -175,11 +116,7 @@ fn failures_are_reported_with_their_cause() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(fs::read_dir(root.join(".gbc-db")).unwrap().count(), 0);
-    assert_eq!(
-        fs::read_dir(root.join(".gbc-tmp")).unwrap().count(),
-        0,
-        "build directories left behind"
-    );
+    assert_eq!(fs::read_dir(root.join(".gbc-tmp")).unwrap().count(), 0, "build directories left behind");
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -193,18 +130,11 @@ fn timeouts_kill_the_build() {
     let root = tmp.path().join("store");
     let out = realise(&root, &drvs["slow"], &["--timeout", "2"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("timed out after 2s"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("timed out after 2s"), "{}", stderr(&out));
     let out = realise(&root, &drvs["silent"], &["--max-silent-time", "1"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(
-        err.contains("about to go quiet") && err.contains("silent for more than 1s"),
-        "{err}"
-    );
+    assert!(err.contains("about to go quiet") && err.contains("silent for more than 1s"), "{err}");
 }
 
 #[test]
@@ -212,16 +142,8 @@ fn ten_megabytes_of_log_arrive_intact() {
     let drvs = builds();
     let tmp = tempdir();
     let out = realise(&tmp.path().join("store"), &drvs["chatty"], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr[out.stderr.len().saturating_sub(500)..])
-    );
-    assert!(
-        out.stderr.len() > 10_000_000,
-        "{} bytes of log",
-        out.stderr.len()
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr[out.stderr.len().saturating_sub(500)..]));
+    assert!(out.stderr.len() > 10_000_000, "{} bytes of log", out.stderr.len());
     assert!(out.stderr.starts_with(b"log line 0: "));
     assert!(out.stderr.ends_with(b"\xff\xfe not UTF-8\n"));
 }
@@ -238,63 +160,28 @@ fn the_sandbox_holds() {
     let out = realise(&root, &drvs["escape"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let path = String::from_utf8(out.stdout).unwrap();
-    let report =
-        fs::read_to_string(root.join(Path::new(path.trim()).file_name().unwrap())).unwrap();
+    let report = fs::read_to_string(root.join(Path::new(path.trim()).file_name().unwrap())).unwrap();
     assert!(!report.contains("ALLOWED"), "{report}");
     assert_eq!(report.matches(": refused").count(), 6, "{report}");
     assert!(report.contains("uid=1000 gid=100"), "{report}");
-    let interfaces: Vec<&str> = report
-        .split("interfaces:\n")
-        .nth(1)
-        .unwrap()
-        .lines()
-        .take_while(|l| *l != "store:")
-        .map(str::trim)
-        .collect();
+    let interfaces: Vec<&str> =
+        report.split("interfaces:\n").nth(1).unwrap().lines().take_while(|l| *l != "store:").map(str::trim).collect();
     assert_eq!(interfaces, vec!["lo"], "network namespace: {report}");
-    let listing: BTreeSet<&str> = report
-        .split("store:\n")
-        .nth(1)
-        .unwrap()
-        .lines()
-        .take_while(|l| !l.starts_with("pid="))
-        .collect();
+    let listing: BTreeSet<&str> =
+        report.split("store:\n").nth(1).unwrap().lines().take_while(|l| !l.starts_with("pid=")).collect();
     let input = record(&root, path.trim())["references"].clone();
     let mut expected: BTreeSet<String> = input
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            Path::new(r.as_str().unwrap())
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|r| Path::new(r.as_str().unwrap()).file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    expected.insert(
-        Path::new(path.trim())
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned(),
-    );
+    expected.insert(Path::new(path.trim()).file_name().unwrap().to_string_lossy().into_owned());
     let expected: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
-    assert!(
-        listing.is_subset(&expected) && listing.len() >= 2,
-        "store seen inside: {listing:?}, closure {expected:?}"
-    );
+    assert!(listing.is_subset(&expected) && listing.len() >= 2, "store seen inside: {listing:?}, closure {expected:?}");
     assert!(report.contains("hostname=localhost"), "{report}");
-    for escaped in [
-        "/gbc-escaped",
-        "/tmp/gbc-escaped",
-        "/usr/gbc-escaped",
-        "/nix/gbc-escaped",
-    ] {
-        assert!(
-            !Path::new(escaped).exists(),
-            "{escaped} was written on the host"
-        );
+    for escaped in ["/gbc-escaped", "/tmp/gbc-escaped", "/usr/gbc-escaped", "/nix/gbc-escaped"] {
+        assert!(!Path::new(escaped).exists(), "{escaped} was written on the host");
     }
 }
 
@@ -307,10 +194,7 @@ fn the_environment_is_nix_s() {
     assert!(out.status.success(), "{}", stderr(&out));
     let path = String::from_utf8(out.stdout).unwrap();
     let env = fs::read_to_string(root.join(Path::new(path.trim()).file_name().unwrap())).unwrap();
-    let attr = format!(
-        ".attr-{}",
-        gbc::formats::nix32::encode(&gbc::formats::hash::sha256(b"big"))
-    );
+    let attr = format!(".attr-{}", gbc::formats::nix32::encode(&gbc::formats::hash::sha256(b"big")));
     for line in [
         "HOME=/homeless-shelter",
         "NIX_BUILD_CORES=3",
@@ -326,13 +210,7 @@ fn the_environment_is_nix_s() {
         "TMPDIR=/build",
         &format!("bigPath=/build/{attr}"),
     ] {
-        assert!(
-            env.lines().any(|l| l == line),
-            "missing {line:?} in:\n{env}"
-        );
+        assert!(env.lines().any(|l| l == line), "missing {line:?} in:\n{env}");
     }
-    assert!(
-        !env.lines().any(|l| l.starts_with("big=")),
-        "passAsFile variables are not in the environment"
-    );
+    assert!(!env.lines().any(|l| l.starts_with("big=")), "passAsFile variables are not in the environment");
 }

@@ -17,12 +17,7 @@ fn reencode(data: &[u8]) -> Option<Vec<u8>> {
             Ok(Some(Event::Directory { name })) => events.push((b'd', name, false, Vec::new())),
             Ok(Some(Event::EndDirectory)) => events.push((b'e', Vec::new(), false, Vec::new())),
             Ok(Some(Event::Symlink { name, target })) => events.push((b'l', name, false, target)),
-            Ok(Some(Event::Regular {
-                name,
-                executable,
-                mut contents,
-                ..
-            })) => {
+            Ok(Some(Event::Regular { name, executable, mut contents, .. })) => {
                 let mut data = Vec::new();
                 contents.read_to_end(&mut data).ok()?;
                 events.push((b'f', name, executable, data));
@@ -39,11 +34,7 @@ fn reencode(data: &[u8]) -> Option<Vec<u8>> {
 /// (kind: d/e/l/f, name, executable, symlink target or file contents)
 type Ev = (u8, Vec<u8>, bool, Vec<u8>);
 
-fn write_node<W: std::io::Write>(
-    node: nar::Node<'_, W>,
-    ev: Ev,
-    rest: &mut impl Iterator<Item = Ev>,
-) -> Option<()> {
+fn write_node<W: std::io::Write>(node: nar::Node<'_, W>, ev: Ev, rest: &mut impl Iterator<Item = Ev>) -> Option<()> {
     match ev.0 {
         b'f' => node.regular(ev.2, ev.3.len() as u64, &ev.3[..]).ok(),
         b'l' => node.symlink(&ev.3).ok(),

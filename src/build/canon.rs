@@ -10,14 +10,8 @@ use std::path::Path;
 use rustix::fs::{AtFlags, CWD, Timespec, Timestamps};
 
 const MTIME: Timestamps = Timestamps {
-    last_access: Timespec {
-        tv_sec: 1,
-        tv_nsec: 0,
-    },
-    last_modification: Timespec {
-        tv_sec: 1,
-        tv_nsec: 0,
-    },
+    last_access: Timespec { tv_sec: 1, tv_nsec: 0 },
+    last_modification: Timespec { tv_sec: 1, tv_nsec: 0 },
 };
 
 /// Canonicalise the tree at `path`, bottom up (a directory's time is set after its contents).
@@ -33,19 +27,12 @@ pub fn canonicalise(path: &Path) -> io::Result<()> {
         }
         fs::set_permissions(path, fs::Permissions::from_mode(0o555)).map_err(at)?;
     } else if ft.is_file() {
-        let mode = if md.permissions().mode() & 0o111 != 0 {
-            0o555
-        } else {
-            0o444
-        };
+        let mode = if md.permissions().mode() & 0o111 != 0 { 0o555 } else { 0o444 };
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(at)?;
     } else if !ft.is_symlink() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "{}: outputs may hold only files, directories and symlinks",
-                path.display()
-            ),
+            format!("{}: outputs may hold only files, directories and symlinks", path.display()),
         ));
     }
     rustix::fs::utimensat(CWD, path, &MTIME, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| at(e.into()))

@@ -47,9 +47,7 @@ pub struct BuildSettings {
 impl Default for BuildSettings {
     fn default() -> BuildSettings {
         BuildSettings {
-            cores: std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1),
+            cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
             max_silent: None,
             timeout: None,
             host_paths: DEFAULT_HOST_PATHS.iter().map(PathBuf::from).collect(),
@@ -112,11 +110,7 @@ fn try_build(
     log: &mut dyn FnMut(&[u8]),
 ) -> io::Result<Outcome> {
     let sd = req.store_dir;
-    let out_paths: BTreeMap<&str, String> = req
-        .outputs
-        .iter()
-        .map(|(o, p)| (o.as_str(), sd.display(p)))
-        .collect();
+    let out_paths: BTreeMap<&str, String> = req.outputs.iter().map(|(o, p)| (o.as_str(), sd.display(p))).collect();
 
     // Already built?
     let mut valid = BTreeMap::new();
@@ -126,10 +120,7 @@ fn try_build(
         }
     }
     if valid.len() == out_paths.len() {
-        return Ok(Outcome::Success {
-            outputs: valid,
-            built: false,
-        });
+        return Ok(Outcome::Success { outputs: valid, built: false });
     }
     if let Some(o) = valid.keys().next() {
         return Ok(Outcome::SetupFailure(format!(
@@ -168,10 +159,7 @@ fn run_and_collect(
     fs::create_dir(&chroot)?;
 
     let env = environment(req, settings, &top)?;
-    let inputs = closure
-        .iter()
-        .map(|p| sd.parse_path(p).map(|sp| sp.to_string()))
-        .collect::<Result<Vec<_>, _>>();
+    let inputs = closure.iter().map(|p| sd.parse_path(p).map(|sp| sp.to_string())).collect::<Result<Vec<_>, _>>();
     let inputs = inputs.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let spec = sandbox::SandboxSpec {
         chroot: chroot.clone(),
@@ -204,10 +192,7 @@ fn run_and_collect(
             Some(c) => format!("builder exited with status {c}"),
             None => "builder was killed by a signal".to_owned(),
         };
-        return Ok(Outcome::Failed {
-            exit_code: code,
-            reason,
-        });
+        return Ok(Outcome::Failed { exit_code: code, reason });
     }
 
     // Every output must exist; canonicalise it and check fixed-output hashes.
@@ -240,11 +225,8 @@ fn run_and_collect(
     }
 
     // Hash, scan references, move into the store, register.
-    let candidates: Vec<&str> = closure
-        .iter()
-        .map(String::as_str)
-        .chain(out_paths.values().map(String::as_str))
-        .collect();
+    let candidates: Vec<&str> =
+        closure.iter().map(String::as_str).chain(out_paths.values().map(String::as_str)).collect();
     let mut outputs = BTreeMap::new();
     for (o, at) in found {
         let (nar_hash, nar_size, references) = hash_and_scan(&at, candidates.iter().copied())?;
@@ -262,30 +244,19 @@ fn run_and_collect(
         store.register(sd, &info)?;
         outputs.insert(o, info);
     }
-    Ok(Outcome::Success {
-        outputs,
-        built: true,
-    })
+    Ok(Outcome::Success { outputs, built: true })
 }
 
 /// The builder's environment, as Nix's `initEnv` makes it.
-fn environment(
-    req: &BuildRequest<'_>,
-    settings: &BuildSettings,
-    top: &Path,
-) -> io::Result<BTreeMap<String, String>> {
+fn environment(req: &BuildRequest<'_>, settings: &BuildSettings, top: &Path) -> io::Result<BTreeMap<String, String>> {
     let b = sandbox::BUILD_DIR;
     let mut env = BTreeMap::new();
     env.insert("PATH".to_owned(), "/path-not-set".to_owned());
     env.insert("HOME".to_owned(), "/homeless-shelter".to_owned());
     env.insert("NIX_STORE".to_owned(), req.store_dir.as_str().to_owned());
     env.insert("NIX_BUILD_CORES".to_owned(), settings.cores.to_string());
-    let pass_as_file: BTreeSet<&str> = req
-        .drv
-        .env
-        .get("passAsFile")
-        .map(|v| v.split_whitespace().collect())
-        .unwrap_or_default();
+    let pass_as_file: BTreeSet<&str> =
+        req.drv.env.get("passAsFile").map(|v| v.split_whitespace().collect()).unwrap_or_default();
     for (k, v) in &req.drv.env {
         if pass_as_file.contains(k.as_str()) {
             let file = format!(".attr-{}", nix32::encode(&sha256(k.as_bytes())));
@@ -392,10 +363,7 @@ fn fixed_output_hash(path: &Path, recursive: bool, want: &Hash) -> io::Result<Ha
         if !md.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "{}: a flat fixed output must be a regular file",
-                    path.display()
-                ),
+                format!("{}: a flat fixed output must be a regular file", path.display()),
             ));
         }
         io::copy(&mut File::open(path)?, &mut sink)?;

@@ -22,19 +22,11 @@ impl RefScanner {
         let mut candidates = HashMap::new();
         for p in paths {
             let base = p.rsplit('/').next().unwrap_or(p);
-            if let Some(h) = base
-                .as_bytes()
-                .get(..HASH_LEN)
-                .and_then(|h| <[u8; HASH_LEN]>::try_from(h).ok())
-            {
+            if let Some(h) = base.as_bytes().get(..HASH_LEN).and_then(|h| <[u8; HASH_LEN]>::try_from(h).ok()) {
                 candidates.insert(h, p.to_owned());
             }
         }
-        RefScanner {
-            candidates,
-            found: BTreeSet::new(),
-            tail: Vec::new(),
-        }
+        RefScanner { candidates, found: BTreeSet::new(), tail: Vec::new() }
     }
 
     /// The full paths whose hash parts were seen.
@@ -100,19 +92,14 @@ mod tests {
             let mut s = RefScanner::new([A, B]);
             s.write_all(&text.as_bytes()[..split]).ok();
             s.write_all(&text.as_bytes()[split..]).ok();
-            assert_eq!(
-                s.finish(),
-                BTreeSet::from([A.to_owned(), B.to_owned()]),
-                "split at {split}"
-            );
+            assert_eq!(s.finish(), BTreeSet::from([A.to_owned(), B.to_owned()]), "split at {split}");
         }
     }
 
     #[test]
     fn ignores_near_misses() {
         let mut s = RefScanner::new([A]);
-        s.write_all(b"3pysdbjixd4amzidam0kp6vwzpqy58y 3pysdbjixd4amzidam0kp6vwzpqy58yz")
-            .ok();
+        s.write_all(b"3pysdbjixd4amzidam0kp6vwzpqy58y 3pysdbjixd4amzidam0kp6vwzpqy58yz").ok();
         assert!(s.finish().is_empty());
     }
 }

@@ -64,8 +64,7 @@ pub struct SandboxSpec {
 pub fn command(spec: &SandboxSpec) -> io::Result<Command> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
-    cmd.arg("__sandbox")
-        .arg(serde_json::to_string(spec).map_err(io::Error::other)?);
+    cmd.arg("__sandbox").arg(serde_json::to_string(spec).map_err(io::Error::other)?);
     cmd.env_clear().stdin(Stdio::null());
     Ok(cmd)
 }
@@ -95,11 +94,7 @@ pub fn stage1(spec_json: &str) -> ExitCode {
         Ok(()) => {}
         Err(e) => return fail(&spec.error_file, "entering namespaces", &e),
     }
-    let status = Command::new("/proc/self/exe")
-        .arg("__sandbox-init")
-        .arg(spec_json)
-        .env_clear()
-        .status();
+    let status = Command::new("/proc/self/exe").arg("__sandbox-init").arg(spec_json).env_clear().status();
     match status {
         Ok(s) => ExitCode::from(exit_byte(s)),
         Err(e) => fail(&spec.error_file, "starting the sandbox's init", &e),
@@ -125,12 +120,8 @@ fn enter_namespaces(spec: &SandboxSpec) -> io::Result<()> {
     if !spec.network {
         flags |= UnshareFlags::NEWNET;
     }
-    super::sys::unshare_namespaces(flags).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("unshare: {e} (are user namespaces allowed on this host?)"),
-        )
-    })?;
+    super::sys::unshare_namespaces(flags)
+        .map_err(|e| io::Error::new(e.kind(), format!("unshare: {e} (are user namespaces allowed on this host?)")))?;
     map_self(0, uid, 0, gid)
 }
 
@@ -159,12 +150,7 @@ pub fn stage2(spec_json: &str) -> ExitCode {
         }
     };
     // Open the error file now: after pivoting, its path is out of reach.
-    let mut errors = match OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&spec.error_file)
-    {
+    let mut errors = match OpenOptions::new().write(true).create(true).truncate(true).open(&spec.error_file) {
         Ok(f) => f,
         Err(e) => return fail(&spec.error_file, "opening the error file", &e),
     };
@@ -172,9 +158,7 @@ pub fn stage2(spec_json: &str) -> ExitCode {
         let _ = write!(errors, "{what}: {e}");
         ExitCode::from(SETUP_FAILED)
     };
-    if let Err(e) =
-        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-    {
+    if let Err(e) = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)) {
         return setup_failed("setting the parent-death signal", e.into());
     }
     if let Err(e) = build_root(&spec) {
@@ -184,10 +168,7 @@ pub fn stage2(spec_json: &str) -> ExitCode {
         return setup_failed("becoming the build user", e);
     }
     let mut cmd = Command::new(&spec.builder);
-    cmd.args(&spec.args)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(BUILD_DIR);
+    cmd.args(&spec.args).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(BUILD_DIR);
     cmd.stdin(Stdio::null());
     match cmd.status() {
         Ok(s) => ExitCode::from(exit_byte(s)),
@@ -205,23 +186,14 @@ fn ioctx<T>(r: io::Result<T>, what: impl FnOnce() -> String) -> io::Result<T> {
 
 /// Bind `source` at `target` read-only, keeping the flags the kernel locks in a user namespace.
 fn bind_read_only(source: &Path, target: &Path, recursive: bool) -> io::Result<()> {
-    let bind = if recursive {
-        rustix::mount::mount_bind_recursive
-    } else {
-        rustix::mount::mount_bind
-    };
-    ctx(bind(source, target), || {
-        format!("bind-mounting {}", source.display())
-    })?;
+    let bind = if recursive { rustix::mount::mount_bind_recursive } else { rustix::mount::mount_bind };
+    ctx(bind(source, target), || format!("bind-mounting {}", source.display()))?;
     remount_read_only(target)
 }
 
 /// Make the bind mount at `target` read-only.
 fn remount_read_only(target: &Path) -> io::Result<()> {
-    let locked = ctx(rustix::fs::statvfs(target), || {
-        format!("statvfs {}", target.display())
-    })?
-    .f_flag;
+    let locked = ctx(rustix::fs::statvfs(target), || format!("statvfs {}", target.display()))?.f_flag;
     let mut flags = MountFlags::BIND | MountFlags::RDONLY;
     for (have, want) in [
         (StatVfsMountFlags::NOSUID, MountFlags::NOSUID),
@@ -235,37 +207,25 @@ fn remount_read_only(target: &Path) -> io::Result<()> {
             flags |= want;
         }
     }
-    ctx(rustix::mount::mount_remount(target, flags, ""), || {
-        format!("making {} read-only", target.display())
-    })
+    ctx(rustix::mount::mount_remount(target, flags, ""), || format!("making {} read-only", target.display()))
 }
 
 /// Create a mount point at `target` of the same kind as `source` (or a symlink copy for symlinks);
 /// returns whether `source` should be bind-mounted there.
 fn make_mount_point(source: &Path, target: &Path) -> io::Result<bool> {
-    let md = ioctx(fs::symlink_metadata(source), || {
-        format!("{}", source.display())
-    })?;
+    let md = ioctx(fs::symlink_metadata(source), || format!("{}", source.display()))?;
     if let Some(parent) = target.parent() {
-        ioctx(fs::create_dir_all(parent), || {
-            format!("creating {}", parent.display())
-        })?;
+        ioctx(fs::create_dir_all(parent), || format!("creating {}", parent.display()))?;
     }
     if md.file_type().is_symlink() {
         let to = fs::read_link(source)?;
-        ioctx(symlink(&to, target), || {
-            format!("creating symlink {}", target.display())
-        })?;
+        ioctx(symlink(&to, target), || format!("creating symlink {}", target.display()))?;
         Ok(false)
     } else if md.is_dir() {
-        ioctx(fs::create_dir_all(target), || {
-            format!("creating {}", target.display())
-        })?;
+        ioctx(fs::create_dir_all(target), || format!("creating {}", target.display()))?;
         Ok(true)
     } else {
-        ioctx(File::create(target), || {
-            format!("creating {}", target.display())
-        })?;
+        ioctx(File::create(target), || format!("creating {}", target.display()))?;
         Ok(true)
     }
 }
@@ -276,34 +236,22 @@ fn inside(root: &Path, abs: &str) -> PathBuf {
 
 fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     let root = &spec.chroot;
-    ctx(
-        rustix::mount::mount_change(
-            "/",
-            MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
-        ),
-        || "making mounts private".to_owned(),
-    )?;
-    // pivot_root needs the new root to be a mount point.
-    ctx(rustix::mount::mount_bind(root, root), || {
-        format!("bind-mounting {}", root.display())
+    ctx(rustix::mount::mount_change("/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC), || {
+        "making mounts private".to_owned()
     })?;
+    // pivot_root needs the new root to be a mount point.
+    ctx(rustix::mount::mount_bind(root, root), || format!("bind-mounting {}", root.display()))?;
 
     let build = inside(root, BUILD_DIR);
     fs::create_dir_all(&build)?;
-    ctx(rustix::mount::mount_bind(&spec.build_dir, &build), || {
-        "mounting the build directory".to_owned()
-    })?;
+    ctx(rustix::mount::mount_bind(&spec.build_dir, &build), || "mounting the build directory".to_owned())?;
 
     let store = inside(root, &spec.store_dir);
-    ioctx(fs::create_dir_all(&store), || {
-        format!("creating {}", store.display())
-    })?;
+    ioctx(fs::create_dir_all(&store), || format!("creating {}", store.display()))?;
     // The store dir is its own (writable) mount, so the root can be made read-only below: every
     // file here belongs to the builder's uid (one uid is all an unprivileged user namespace maps),
     // so permissions alone could not keep the builder from writing outside its outputs.
-    ctx(rustix::mount::mount_bind(&store, &store), || {
-        format!("bind-mounting {}", store.display())
-    })?;
+    ctx(rustix::mount::mount_bind(&store, &store), || format!("bind-mounting {}", store.display()))?;
     for base in &spec.inputs {
         let source = spec.store_root.join(base);
         let target = store.join(base);
@@ -325,13 +273,7 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     let proc = inside(root, "/proc");
     fs::create_dir_all(&proc)?;
     ctx(
-        rustix::mount::mount(
-            "proc",
-            &proc,
-            "proc",
-            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-            None,
-        ),
+        rustix::mount::mount("proc", &proc, "proc", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, None),
         || "mounting /proc".to_owned(),
     )?;
 
@@ -342,21 +284,13 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
         if source.exists() {
             let target = dev.join(name);
             File::create(&target)?;
-            ctx(rustix::mount::mount_bind(&source, &target), || {
-                format!("binding {}", source.display())
-            })?;
+            ctx(rustix::mount::mount_bind(&source, &target), || format!("binding {}", source.display()))?;
         }
     }
     let shm = dev.join("shm");
     fs::create_dir_all(&shm)?;
     ctx(
-        rustix::mount::mount(
-            "none",
-            &shm,
-            "tmpfs",
-            MountFlags::NOSUID | MountFlags::NODEV,
-            Some(c"mode=1777"),
-        ),
+        rustix::mount::mount("none", &shm, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, Some(c"mode=1777")),
         || "mounting /dev/shm".to_owned(),
     )?;
     for (link, to) in [
@@ -376,28 +310,15 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
             "root:x:0:0:Nix build user:{BUILD_DIR}:/noshell\nnixbld:x:{SANDBOX_UID}:{SANDBOX_GID}:Nix build user:{BUILD_DIR}:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n"
         ),
     )?;
-    fs::write(
-        etc.join("group"),
-        format!("root:x:0:\nnixbld:!:{SANDBOX_GID}:\nnogroup:x:65534:\n"),
-    )?;
+    fs::write(etc.join("group"), format!("root:x:0:\nnixbld:!:{SANDBOX_GID}:\nnogroup:x:65534:\n"))?;
     fs::write(etc.join("hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
 
-    ctx(rustix::system::sethostname(b"localhost"), || {
-        "setting the host name".to_owned()
-    })?;
+    ctx(rustix::system::sethostname(b"localhost"), || "setting the host name".to_owned())?;
     remount_read_only(root)?;
 
-    ctx(rustix::process::chdir(root), || {
-        "entering the new root".to_owned()
-    })?;
-    ctx(rustix::process::pivot_root(".", "."), || {
-        "pivot_root".to_owned()
-    })?;
-    ctx(rustix::mount::unmount(".", UnmountFlags::DETACH), || {
-        "detaching the old root".to_owned()
-    })?;
-    ctx(rustix::process::chdir(BUILD_DIR), || {
-        format!("entering {BUILD_DIR}")
-    })?;
+    ctx(rustix::process::chdir(root), || "entering the new root".to_owned())?;
+    ctx(rustix::process::pivot_root(".", "."), || "pivot_root".to_owned())?;
+    ctx(rustix::mount::unmount(".", UnmountFlags::DETACH), || "detaching the old root".to_owned())?;
+    ctx(rustix::process::chdir(BUILD_DIR), || format!("entering {BUILD_DIR}"))?;
     Ok(())
 }

@@ -29,13 +29,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     };
     let store_root = opts.store_root.unwrap_or_else(|| state.join("agent/store"));
     let store = LocalStore::open(&store_root)?;
-    let key_file = opts
-        .signing_key
-        .unwrap_or_else(|| state.join("agent/signing-key.secret"));
-    let host = rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned();
+    let key_file = opts.signing_key.unwrap_or_else(|| state.join("agent/signing-key.secret"));
+    let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
     let signing_key = load_or_create_key(&key_file, &format!("gbc-agent-{host}-1"))?;
     let dirs = if opts.store_dirs.is_empty() {
         vec!["/gnu/store".to_owned(), "/nix/store".to_owned()]
@@ -55,19 +50,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     } else {
         opts.host_paths
     };
-    let systems = if opts.systems.is_empty() {
-        vec![native_system()]
-    } else {
-        opts.systems
-    };
-    let config = AgentConfig {
-        store,
-        signing_key,
-        settings,
-        store_dirs,
-        systems,
-        features: opts.features,
-    };
+    let systems = if opts.systems.is_empty() { vec![native_system()] } else { opts.systems };
+    let config = AgentConfig { store, signing_key, settings, store_dirs, systems, features: opts.features };
     serve(config, io::stdin().lock(), io::stdout())?;
     Ok(())
 }

@@ -34,19 +34,13 @@ pub fn run() -> anyhow::Result<()> {
 fn tempdir() -> anyhow::Result<std::path::PathBuf> {
     let mut r = [0u8; 8];
     getrandom::fill(&mut r).map_err(|e| anyhow::anyhow!("random bytes: {e}"))?;
-    let dir = std::env::temp_dir().join(format!(
-        "gbc-demo-{}",
-        crate::formats::hash::hex::encode(&r)
-    ));
+    let dir = std::env::temp_dir().join(format!("gbc-demo-{}", crate::formats::hash::hex::encode(&r)));
     fs::create_dir(&dir).with_context(|| dir.display().to_string())?;
     Ok(dir)
 }
 
 fn tour(out: &mut impl io::Write, tmp: &std::path::Path) -> anyhow::Result<()> {
-    writeln!(
-        out,
-        "gbc demo: the store formats gbc's builds and binary cache rest on\n"
-    )?;
+    writeln!(out, "gbc demo: the store formats gbc's builds and binary cache rest on\n")?;
 
     // 1. A tree, its NAR and hash.
     let tree = tmp.join("hello");
@@ -56,10 +50,7 @@ fn tour(out: &mut impl io::Write, tmp: &std::path::Path) -> anyhow::Result<()> {
     fs::write(tree.join("README"), "A tiny package.\n")?;
     std::os::unix::fs::symlink("bin/hello", tree.join("run"))?;
     let (hash, size) = nar::nar_hash(&tree)?;
-    writeln!(
-        out,
-        "1. NAR of a small tree (an executable, a file, a symlink):"
-    )?;
+    writeln!(out, "1. NAR of a small tree (an executable, a file, a symlink):")?;
     writeln!(out, "   {size} bytes, hash {}", hash.to_nix32_string())?;
 
     // 2. Restore it elsewhere and hash again.
@@ -71,22 +62,12 @@ fn tour(out: &mut impl io::Write, tmp: &std::path::Path) -> anyhow::Result<()> {
     writeln!(
         out,
         "2. Restored from the NAR and hashed again: {}",
-        if hash2 == hash {
-            "identical"
-        } else {
-            "DIFFERENT"
-        }
+        if hash2 == hash { "identical" } else { "DIFFERENT" }
     )?;
     let mut bad = bytes.clone();
     bad.truncate(bytes.len() - 9);
-    let err = nar::restore(&bad[..], &tmp.join("bad"))
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    writeln!(
-        out,
-        "   A truncated copy is refused, leaving nothing behind: {err}"
-    )?;
+    let err = nar::restore(&bad[..], &tmp.join("bad")).err().map(|e| e.to_string()).unwrap_or_default();
+    writeln!(out, "   A truncated copy is refused, leaving nothing behind: {err}")?;
 
     // 3. A derivation: parse, check its .drv path and outputs.
     let store = StoreDir::new("/nix/store")?;
@@ -94,44 +75,20 @@ fn tour(out: &mut impl io::Write, tmp: &std::path::Path) -> anyhow::Result<()> {
     let loaded: BTreeMap<&str, &[u8]> = BTreeMap::from([CHAIN_A]);
     let mut graph = DrvGraph::new();
     graph.resolve_inputs(&store, &drv, &mut |p: &str| -> Result<Vec<u8>, io::Error> {
-        loaded
-            .get(p)
-            .map(|b| b.to_vec())
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        loaded.get(p).map(|b| b.to_vec()).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
     })?;
     let drv_path = drv.drv_path(&store, "chain-b")?;
     let outputs = drv.validate_outputs(&store, "chain-b", &graph.lookup())?;
-    writeln!(
-        out,
-        "3. Derivation chain-b (built on chain-a), written by Nix:"
-    )?;
-    writeln!(
-        out,
-        "   .drv path from its contents: {}",
-        store.display(&drv_path)
-    )?;
+    writeln!(out, "3. Derivation chain-b (built on chain-a), written by Nix:")?;
+    writeln!(out, "   .drv path from its contents: {}", store.display(&drv_path))?;
     for (o, p) in &outputs {
-        writeln!(
-            out,
-            "   output {o}: {} (matches the declared path)",
-            store.display(p)
-        )?;
+        writeln!(out, "   output {o}: {} (matches the declared path)", store.display(p))?;
     }
     let mut forged = drv.clone();
     let victim = "/nix/store/00000000000000000000000000000000-chain-b";
-    forged
-        .outputs
-        .entry("out".to_owned())
-        .and_modify(|o| o.path = victim.to_owned());
-    let err = forged
-        .validate_outputs(&store, "chain-b", &graph.lookup())
-        .err()
-        .map(|e| e.to_string());
-    writeln!(
-        out,
-        "   A copy claiming another output path is rejected: {}",
-        err.unwrap_or_default()
-    )?;
+    forged.outputs.entry("out".to_owned()).and_modify(|o| o.path = victim.to_owned());
+    let err = forged.validate_outputs(&store, "chain-b", &graph.lookup()).err().map(|e| e.to_string());
+    writeln!(out, "   A copy claiming another output path is rejected: {}", err.unwrap_or_default())?;
 
     // 4. A signed narinfo for the tree, as a binary cache would serve it.
     let key = SecretKey::generate("demo-cache-1")?;
@@ -153,11 +110,7 @@ fn tour(out: &mut impl io::Write, tmp: &std::path::Path) -> anyhow::Result<()> {
         extra: Vec::new(),
     };
     info.sign(&key)?;
-    writeln!(
-        out,
-        "4. The tree as store path {} in a binary cache, signed:\n",
-        store.display(&path)
-    )?;
+    writeln!(out, "4. The tree as store path {} in a binary cache, signed:\n", store.display(&path))?;
     for line in info.to_string().lines() {
         writeln!(out, "   {line}")?;
     }
@@ -165,15 +118,8 @@ fn tour(out: &mut impl io::Write, tmp: &std::path::Path) -> anyhow::Result<()> {
     let ok = info.verify(&trusted)?.is_some();
     info.nar_size += 1;
     let tampered = info.verify(&trusted)?.is_some();
-    writeln!(
-        out,
-        "\n   Verified with {}: {ok}; after changing NarSize: {tampered}",
-        key.public()
-    )?;
-    writeln!(
-        out,
-        "\nThe same operations are commands: gbc nar dump|restore|hash, gbc drv show|path,"
-    )?;
+    writeln!(out, "\n   Verified with {}: {ok}; after changing NarSize: {tampered}", key.public())?;
+    writeln!(out, "\nThe same operations are commands: gbc nar dump|restore|hash, gbc drv show|path,")?;
     writeln!(out, "gbc keygen, gbc sign, gbc verify (see gbc --help).")?;
     Ok(())
 }

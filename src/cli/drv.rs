@@ -51,29 +51,17 @@ pub fn show(file: &Path) -> anyhow::Result<()> {
 }
 
 /// A derivation file's store dir, its name, and the store path its file name claims (if it has one).
-pub(super) fn identify(
-    file: &Path,
-    drv: &Derivation,
-) -> anyhow::Result<(StoreDir, String, Option<StorePath>)> {
-    let store_dir = drv
-        .store_dir()
-        .map_err(|e| check_failed(file.display(), e))?;
-    let base = file
-        .file_name()
-        .and_then(|b| b.to_str())
-        .unwrap_or_default();
+pub(super) fn identify(file: &Path, drv: &Derivation) -> anyhow::Result<(StoreDir, String, Option<StorePath>)> {
+    let store_dir = drv.store_dir().map_err(|e| check_failed(file.display(), e))?;
+    let base = file.file_name().and_then(|b| b.to_str()).unwrap_or_default();
     match StorePath::from_base_name(base) {
         Ok(sp) => {
-            let name = name_from_drv_path(&sp)
-                .map_err(|e| check_failed(file.display(), e))?
-                .to_owned();
+            let name = name_from_drv_path(&sp).map_err(|e| check_failed(file.display(), e))?.to_owned();
             Ok((store_dir, name, Some(sp)))
         }
         // Not named like a store path (e.g. a copy called foo.drv): take the name from the outputs.
         Err(_) => {
-            let name = drv
-                .name_from_outputs()
-                .map_err(|e| check_failed(file.display(), e))?;
+            let name = drv.name_from_outputs().map_err(|e| check_failed(file.display(), e))?;
             Ok((store_dir, name, None))
         }
     }
@@ -81,10 +69,7 @@ pub(super) fn identify(
 
 /// Where to read an input derivation from: beside `file`, else at its own store path.
 pub(super) fn input_locations(file: &Path, drv_path: &str) -> Vec<PathBuf> {
-    let base = Path::new(drv_path)
-        .file_name()
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let base = Path::new(drv_path).file_name().map(PathBuf::from).unwrap_or_default();
     let sibling = file.parent().map(|d| d.join(&base)).unwrap_or(base);
     vec![sibling, PathBuf::from(drv_path)]
 }
@@ -92,32 +77,24 @@ pub(super) fn input_locations(file: &Path, drv_path: &str) -> Vec<PathBuf> {
 pub fn path(file: &Path) -> anyhow::Result<()> {
     let drv = read_drv(file)?;
     let (store_dir, name, claimed) = identify(file, &drv)?;
-    let computed = drv
-        .drv_path(&store_dir, &name)
-        .map_err(|e| check_failed(file.display(), e))?;
+    let computed = drv.drv_path(&store_dir, &name).map_err(|e| check_failed(file.display(), e))?;
     if let Some(claimed) = &claimed
         && *claimed != computed
     {
         return Err(check_failed(
             file.display(),
-            format!(
-                "its contents give the path {}, not its own name",
-                store_dir.display(&computed)
-            ),
+            format!("its contents give the path {}, not its own name", store_dir.display(&computed)),
         ));
     }
 
     let mut graph = DrvGraph::new();
     let mut load = |p: &str| super::realise::read_first(&input_locations(file, p));
-    graph
-        .resolve_inputs(&store_dir, &drv, &mut load)
-        .map_err(|e| match e {
-            GraphError::Load { .. } => anyhow::Error::new(e).context(file.display().to_string()),
-            e => check_failed(file.display(), format!("input derivation {e}")),
-        })?;
-    let outputs: BTreeMap<String, StorePath> = drv
-        .validate_outputs(&store_dir, &name, &graph.lookup())
-        .map_err(|e| check_failed(file.display(), e))?;
+    graph.resolve_inputs(&store_dir, &drv, &mut load).map_err(|e| match e {
+        GraphError::Load { .. } => anyhow::Error::new(e).context(file.display().to_string()),
+        e => check_failed(file.display(), format!("input derivation {e}")),
+    })?;
+    let outputs: BTreeMap<String, StorePath> =
+        drv.validate_outputs(&store_dir, &name, &graph.lookup()).map_err(|e| check_failed(file.display(), e))?;
 
     let mut out = io::stdout().lock();
     writeln!(out, "{}", store_dir.display(&computed))?;

@@ -12,33 +12,20 @@ use crate::formats::narinfo::NarInfo;
 use crate::formats::signing::{PublicKey, SecretKey, TrustedKeys};
 
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                anyhow::anyhow!(
-                    "{}: already exists; refusing to overwrite a key file",
-                    path.display()
-                )
-            } else {
-                anyhow::Error::new(e).context(path.display().to_string())
-            }
-        })?;
-    f.write_all(contents)
-        .and_then(|()| f.sync_all())
-        .with_context(|| path.display().to_string())
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            anyhow::anyhow!("{}: already exists; refusing to overwrite a key file", path.display())
+        } else {
+            anyhow::Error::new(e).context(path.display().to_string())
+        }
+    })?;
+    f.write_all(contents).and_then(|()| f.sync_all()).with_context(|| path.display().to_string())
 }
 
 pub fn keygen(name: &str, secret_file: &Path, public_file: &Path) -> anyhow::Result<()> {
     let key = SecretKey::generate(name)?;
     if public_file.exists() {
-        bail!(
-            "{}: already exists; refusing to overwrite a key file",
-            public_file.display()
-        );
+        bail!("{}: already exists; refusing to overwrite a key file", public_file.display());
     }
     write_new(secret_file, key.to_nix_string().as_bytes(), 0o600)?;
     write_new(public_file, key.public().to_string().as_bytes(), 0o644)
@@ -46,15 +33,9 @@ pub fn keygen(name: &str, secret_file: &Path, public_file: &Path) -> anyhow::Res
 
 /// Read a secret key file, warning when others can read it.
 pub fn load_secret_key(path: &Path) -> anyhow::Result<SecretKey> {
-    let text = zeroize::Zeroizing::new(
-        fs::read_to_string(path).with_context(|| path.display().to_string())?,
-    );
-    let key =
-        SecretKey::parse(&text).with_context(|| format!("{}: not a secret key", path.display()))?;
-    let mode = fs::metadata(path)
-        .with_context(|| path.display().to_string())?
-        .permissions()
-        .mode();
+    let text = zeroize::Zeroizing::new(fs::read_to_string(path).with_context(|| path.display().to_string())?);
+    let key = SecretKey::parse(&text).with_context(|| format!("{}: not a secret key", path.display()))?;
+    let mode = fs::metadata(path).with_context(|| path.display().to_string())?.permissions().mode();
     if mode & 0o077 != 0 {
         warn(format!(
             "{}: secret key file is readable by group or others (mode {:04o}); run chmod 600 on it",
@@ -73,10 +54,7 @@ pub fn load_trusted_keys(paths: &[impl AsRef<Path>]) -> anyhow::Result<TrustedKe
         let text = fs::read_to_string(path).with_context(|| path.display().to_string())?;
         let before = keys.len();
         for word in text.split_whitespace() {
-            keys.push(
-                PublicKey::parse(word)
-                    .with_context(|| format!("{}: not a public key", path.display()))?,
-            );
+            keys.push(PublicKey::parse(word).with_context(|| format!("{}: not a public key", path.display()))?);
         }
         if keys.len() == before {
             bail!("{}: holds no public key", path.display());
@@ -94,21 +72,11 @@ fn read_narinfo(path: &Path) -> anyhow::Result<NarInfo> {
 fn replace_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let ctx = || path.display().to_string();
     let mode = fs::metadata(path).with_context(ctx)?.permissions().mode();
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.gbc-tmp-{}", std::process::id()));
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode & 0o777)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode & 0o777).open(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()?;
         fs::rename(&tmp, path)
@@ -137,10 +105,7 @@ pub fn verify(trusted: &[impl AsRef<Path>], narinfos: &[impl AsRef<Path>]) -> an
     for path in narinfos {
         let path = path.as_ref();
         let ni = read_narinfo(path)?;
-        match ni
-            .verify(&keys)
-            .map_err(|e| check_failed(path.display(), e))?
-        {
+        match ni.verify(&keys).map_err(|e| check_failed(path.display(), e))? {
             Some(k) => writeln!(out, "{}: signed by {}", path.display(), k.name())?,
             None => failed.push(path.display().to_string()),
         }
@@ -148,9 +113,6 @@ pub fn verify(trusted: &[impl AsRef<Path>], narinfos: &[impl AsRef<Path>]) -> an
     match failed.as_slice() {
         [] => Ok(()),
         [one] => Err(check_failed(one, "no valid signature by a trusted key")),
-        many => Err(check_failed(
-            many.join(", "),
-            "no valid signature by a trusted key",
-        )),
+        many => Err(check_failed(many.join(", "), "no valid signature by a trusted key")),
     }
 }

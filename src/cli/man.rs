@@ -14,15 +14,8 @@ pub fn generate(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn write_pages(cmd: &clap::Command, prefix: &str, dir: &Path) -> anyhow::Result<()> {
-    let name = if prefix.is_empty() {
-        cmd.get_name().to_owned()
-    } else {
-        format!("{prefix}-{}", cmd.get_name())
-    };
-    let page = cmd
-        .clone()
-        .name(name.clone())
-        .bin_name(name.replace('-', " "));
+    let name = if prefix.is_empty() { cmd.get_name().to_owned() } else { format!("{prefix}-{}", cmd.get_name()) };
+    let page = cmd.clone().name(name.clone()).bin_name(name.replace('-', " "));
     let mut out = Vec::new();
     clap_mangen::Man::new(page).render(&mut out)?;
     let file = dir.join(format!("{name}.1"));

@@ -27,10 +27,7 @@ use args::{Cli, Command, DrvCommand, NarCommand};
 pub struct CheckFailed(pub String);
 
 /// Wrap a format error about `what` (usually a file name) as a failed check.
-pub(crate) fn check_failed(
-    what: impl std::fmt::Display,
-    err: impl std::fmt::Display,
-) -> anyhow::Error {
+pub(crate) fn check_failed(what: impl std::fmt::Display, err: impl std::fmt::Display) -> anyhow::Error {
     anyhow::Error::new(CheckFailed(format!("{what}: {err}")))
 }
 
@@ -51,10 +48,8 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            if err.chain().any(|c| {
-                c.downcast_ref::<io::Error>()
-                    .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
-            }) {
+            if err.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
+            {
                 return ExitCode::SUCCESS;
             }
             let line = format!("{err:#}").replace('\n', " ");
@@ -76,47 +71,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             DrvCommand::Show { file } => drv::show(&file),
             DrvCommand::Path { file } => drv::path(&file),
         },
-        Command::Keygen {
-            name,
-            secret_file,
-            public_file,
-        } => keys::keygen(&name, &secret_file, &public_file),
+        Command::Keygen { name, secret_file, public_file } => keys::keygen(&name, &secret_file, &public_file),
         Command::Sign { key, narinfo } => keys::sign(&key, &narinfo),
         Command::Verify { trusted, narinfo } => keys::verify(&trusted, &narinfo),
-        Command::Realise {
-            file,
-            store_root,
-            cores,
-            max_silent_time,
-            timeout,
-        } => realise::run(
-            &file,
-            &realise::Options {
+        Command::Realise { file, store_root, cores, max_silent_time, timeout } => {
+            realise::run(&file, &realise::Options { store_root, cores, max_silent: max_silent_time, timeout })
+        }
+        Command::Agent { state_dir, store_root, signing_key, systems, features, store_dirs, host_paths, cores } => {
+            agent::run(agent::Options {
+                state_dir,
                 store_root,
+                signing_key,
+                systems,
+                features,
+                store_dirs,
+                host_paths,
                 cores,
-                max_silent: max_silent_time,
-                timeout,
-            },
-        ),
-        Command::Agent {
-            state_dir,
-            store_root,
-            signing_key,
-            systems,
-            features,
-            store_dirs,
-            host_paths,
-            cores,
-        } => agent::run(agent::Options {
-            state_dir,
-            store_root,
-            signing_key,
-            systems,
-            features,
-            store_dirs,
-            host_paths,
-            cores,
-        }),
+            })
+        }
         Command::Demo => demo::run(),
         Command::Sandbox { .. } | Command::SandboxInit { .. } => Ok(()),
         Command::GenerateMan { dir } => man::generate(&dir),

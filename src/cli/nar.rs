@@ -12,9 +12,8 @@ use crate::formats::nar::{self, RestoreError};
 /// take turns sixteen times as often, which costs more than the copying on a busy machine.
 fn grow_stdout_pipe() {
     let stdout = io::stdout();
-    let is_pipe = rustix::fs::fstat(&stdout).is_ok_and(|st| {
-        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo
-    });
+    let is_pipe = rustix::fs::fstat(&stdout)
+        .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo);
     if is_pipe {
         let _ = rustix::pipe::fcntl_setpipe_size(&stdout, 1 << 20);
     }

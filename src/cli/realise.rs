@@ -19,9 +19,7 @@ pub fn default_state_dir() -> anyhow::Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
         return Ok(PathBuf::from(x).join("gbc"));
     }
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .context("neither XDG_STATE_HOME nor HOME is set")?;
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context("neither XDG_STATE_HOME nor HOME is set")?;
     Ok(PathBuf::from(home).join(".local/state/gbc"))
 }
 
@@ -65,19 +63,12 @@ fn realise(
     }
     let drv = read_drv(file)?;
     let (store_dir, name, _) = identify(file, &drv)?;
-    let drv_path = store_dir.display(
-        &drv.drv_path(&store_dir, &name)
-            .map_err(|e| check_failed(file.display(), e))?,
-    );
+    let drv_path = store_dir.display(&drv.drv_path(&store_dir, &name).map_err(|e| check_failed(file.display(), e))?);
     let mut graph = DrvGraph::new();
-    let mut load =
-        |p: &str| -> Result<Vec<u8>, io::Error> { read_first(&input_locations(file, p)) };
-    graph
-        .resolve_inputs(&store_dir, &drv, &mut load)
-        .map_err(|e| check_failed(file.display(), e))?;
-    let outputs = drv
-        .validate_outputs(&store_dir, &name, &graph.lookup())
-        .map_err(|e| check_failed(file.display(), e))?;
+    let mut load = |p: &str| -> Result<Vec<u8>, io::Error> { read_first(&input_locations(file, p)) };
+    graph.resolve_inputs(&store_dir, &drv, &mut load).map_err(|e| check_failed(file.display(), e))?;
+    let outputs =
+        drv.validate_outputs(&store_dir, &name, &graph.lookup()).map_err(|e| check_failed(file.display(), e))?;
 
     let mut inputs: BTreeSet<String> = drv.input_srcs.clone();
     for (input, used) in &drv.input_drvs {
@@ -87,50 +78,30 @@ fn realise(
             .with_context(|| format!("{}: input derivation {input} not found", file.display()))?;
         let outs = realise(store, settings, &input_file, done)?;
         for o in used {
-            let p = outs
-                .get(o)
-                .with_context(|| format!("{input} has no output {o:?}"))?;
+            let p = outs.get(o).with_context(|| format!("{input} has no output {o:?}"))?;
             inputs.insert(p.clone());
         }
     }
 
-    let req = BuildRequest {
-        drv_path: &drv_path,
-        drv: &drv,
-        store_dir: &store_dir,
-        name: &name,
-        outputs: &outputs,
-        inputs,
-    };
+    let req =
+        BuildRequest { drv_path: &drv_path, drv: &drv, store_dir: &store_dir, name: &name, outputs: &outputs, inputs };
     let mut stderr = io::stderr();
     let outcome = build::build(store, &req, settings, &mut |chunk| {
         let _ = stderr.write_all(chunk);
     });
     let result: BTreeMap<String, String> = match outcome {
-        Outcome::Success { outputs, .. } => outputs
-            .into_iter()
-            .map(|(o, info)| (o, info.path))
-            .collect(),
+        Outcome::Success { outputs, .. } => outputs.into_iter().map(|(o, info)| (o, info.path)).collect(),
         Outcome::Failed { reason, .. } => {
             return Err(check_failed(&drv_path, format!("build failed: {reason}")));
         }
         Outcome::TimedOut(d) => {
-            return Err(check_failed(
-                &drv_path,
-                format!("build timed out after {}s", d.as_secs()),
-            ));
+            return Err(check_failed(&drv_path, format!("build timed out after {}s", d.as_secs())));
         }
         Outcome::SilentTooLong(d) => {
-            return Err(check_failed(
-                &drv_path,
-                format!("build was silent for more than {}s", d.as_secs()),
-            ));
+            return Err(check_failed(&drv_path, format!("build was silent for more than {}s", d.as_secs())));
         }
         Outcome::MissingInputs(m) => {
-            return Err(check_failed(
-                &drv_path,
-                format!("inputs missing from the store: {}", m.join(" ")),
-            ));
+            return Err(check_failed(&drv_path, format!("inputs missing from the store: {}", m.join(" "))));
         }
         Outcome::Canceled => anyhow::bail!("{drv_path}: build canceled"),
         Outcome::SetupFailure(why) => anyhow::bail!("{drv_path}: build setup failed: {why}"),
@@ -147,8 +118,5 @@ pub(super) fn read_first(places: &[PathBuf]) -> Result<Vec<u8>, io::Error> {
         }
     }
     let tried: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("not found (looked at {})", tried.join(" and ")),
-    ))
+    Err(io::Error::new(io::ErrorKind::NotFound, format!("not found (looked at {})", tried.join(" and "))))
 }

@@ -84,17 +84,11 @@ impl Hash {
         if digest.len() != algo.size() {
             return Err(HashError::BadLength(hex::encode(digest), algo));
         }
-        Ok(Hash {
-            algo,
-            digest: digest.to_vec(),
-        })
+        Ok(Hash { algo, digest: digest.to_vec() })
     }
 
     pub fn sha256(digest: [u8; 32]) -> Hash {
-        Hash {
-            algo: HashAlgo::Sha256,
-            digest: digest.to_vec(),
-        }
+        Hash { algo: HashAlgo::Sha256, digest: digest.to_vec() }
     }
 
     pub fn algo(&self) -> HashAlgo {
@@ -114,9 +108,7 @@ impl Hash {
         } else if s.len() == nix32::encoded_len(size) {
             nix32::decode(s).map_err(|_| HashError::BadEncoding(s.to_owned(), "nix32"))?
         } else if s.len() == size.div_ceil(3) * 4 {
-            BASE64
-                .decode(s)
-                .map_err(|_| HashError::BadEncoding(s.to_owned(), "base64"))?
+            BASE64.decode(s).map_err(|_| HashError::BadEncoding(s.to_owned(), "base64"))?
         } else {
             return Err(HashError::BadLength(s.to_owned(), algo));
         };
@@ -130,9 +122,7 @@ impl Hash {
         }
         if let Some((algo, rest)) = s.split_once('-') {
             let algo = HashAlgo::parse(algo)?;
-            let digest = BASE64
-                .decode(rest)
-                .map_err(|_| HashError::BadEncoding(s.to_owned(), "SRI base64"))?;
+            let digest = BASE64.decode(rest).map_err(|_| HashError::BadEncoding(s.to_owned(), "SRI base64"))?;
             return Hash::new(algo, &digest).map_err(|_| HashError::BadLength(s.to_owned(), algo));
         }
         Err(HashError::NoAlgo(s.to_owned()))
@@ -190,9 +180,7 @@ pub mod hex {
         if !s.len().is_multiple_of(2) {
             return None;
         }
-        s.chunks_exact(2)
-            .map(|p| Some(val(p[0])? << 4 | val(p[1])?))
-            .collect()
+        s.chunks_exact(2).map(|p| Some(val(p[0])? << 4 | val(p[1])?)).collect()
     }
 }
 
@@ -254,18 +242,16 @@ impl PipelinedHashSink {
     pub fn new() -> io::Result<PipelinedHashSink> {
         let (full, full_rx) = mpsc::sync_channel::<Vec<u8>>(4);
         let (empty_tx, empty) = mpsc::channel();
-        let worker = thread::Builder::new()
-            .name("gbc-hash".to_owned())
-            .spawn(move || {
-                let mut sink = HashSink::new();
-                for mut chunk in full_rx {
-                    sink.hasher.update(&chunk);
-                    sink.len += chunk.len() as u64;
-                    chunk.clear();
-                    let _ = empty_tx.send(chunk);
-                }
-                sink
-            })?;
+        let worker = thread::Builder::new().name("gbc-hash".to_owned()).spawn(move || {
+            let mut sink = HashSink::new();
+            for mut chunk in full_rx {
+                sink.hasher.update(&chunk);
+                sink.len += chunk.len() as u64;
+                chunk.clear();
+                let _ = empty_tx.send(chunk);
+            }
+            sink
+        })?;
         Ok(PipelinedHashSink {
             chunk: Vec::with_capacity(PIPELINE_CHUNK),
             full: Some(full),
@@ -275,17 +261,10 @@ impl PipelinedHashSink {
     }
 
     fn send(&mut self) -> io::Result<()> {
-        let next = self
-            .empty
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(PIPELINE_CHUNK));
+        let next = self.empty.try_recv().unwrap_or_else(|_| Vec::with_capacity(PIPELINE_CHUNK));
         let chunk = std::mem::replace(&mut self.chunk, next);
-        let full = self
-            .full
-            .as_ref()
-            .ok_or_else(|| io::Error::other("hash sink already finished"))?;
-        full.send(chunk)
-            .map_err(|_| io::Error::other("the hashing thread stopped"))
+        let full = self.full.as_ref().ok_or_else(|| io::Error::other("hash sink already finished"))?;
+        full.send(chunk).map_err(|_| io::Error::other("the hashing thread stopped"))
     }
 
     /// Wait for the helper thread; the hash and length of everything written.
@@ -294,13 +273,8 @@ impl PipelinedHashSink {
             self.send()?;
         }
         self.full = None;
-        let worker = self
-            .worker
-            .take()
-            .ok_or_else(|| io::Error::other("hash sink already finished"))?;
-        let sink = worker
-            .join()
-            .map_err(|_| io::Error::other("the hashing thread panicked"))?;
+        let worker = self.worker.take().ok_or_else(|| io::Error::other("hash sink already finished"))?;
+        let sink = worker.join().map_err(|_| io::Error::other("the hashing thread panicked"))?;
         Ok(sink.finish())
     }
 }
@@ -372,10 +346,7 @@ pub struct HashingReader<R> {
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> HashingReader<R> {
-        HashingReader {
-            inner,
-            sink: HashSink::new(),
-        }
+        HashingReader { inner, sink: HashSink::new() }
     }
 
     /// The hash and length of the bytes read so far.
@@ -411,28 +382,16 @@ mod tests {
         ] {
             assert_eq!(Hash::parse(&s), Ok(h.clone()), "{s}");
         }
-        assert_eq!(
-            h.to_sri(),
-            "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
-        );
+        assert_eq!(h.to_sri(), "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
     }
 
     #[test]
     fn rejects_malformed_hashes() {
-        assert!(matches!(
-            Hash::parse("sha256:abc"),
-            Err(HashError::BadLength(..))
-        ));
-        assert!(matches!(
-            Hash::parse("sha3:abc"),
-            Err(HashError::UnknownAlgo(_))
-        ));
+        assert!(matches!(Hash::parse("sha256:abc"), Err(HashError::BadLength(..))));
+        assert!(matches!(Hash::parse("sha3:abc"), Err(HashError::UnknownAlgo(_))));
         assert!(matches!(Hash::parse(EMPTY_HEX), Err(HashError::NoAlgo(_))));
         let bad_hex = format!("sha256:{}", "g".repeat(64));
-        assert!(matches!(
-            Hash::parse(&bad_hex),
-            Err(HashError::BadEncoding(..))
-        ));
+        assert!(matches!(Hash::parse(&bad_hex), Err(HashError::BadEncoding(..))));
     }
 
     #[test]
@@ -440,14 +399,10 @@ mod tests {
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let mut piped = PipelinedHashSink::new().unwrap_or_else(|e| unreachable!("{e}"));
         for part in data.chunks(700_001) {
-            piped
-                .write_all(part)
-                .unwrap_or_else(|e| unreachable!("{e}"));
+            piped.write_all(part).unwrap_or_else(|e| unreachable!("{e}"));
         }
         let mut plain = HashSink::new();
-        plain
-            .write_all(&data)
-            .unwrap_or_else(|e| unreachable!("{e}"));
+        plain.write_all(&data).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(piped.finish().ok(), Some(plain.finish()));
     }
 

@@ -57,54 +57,27 @@ impl NarInfo {
                 .split_once(": ")
                 .or_else(|| line.strip_suffix(':').map(|k| (k, "")))
                 .ok_or_else(|| err("expected \"Key: value\"".to_owned()))?;
-            fn set<T>(
-                slot: &mut Option<T>,
-                v: T,
-                key: &str,
-                line: usize,
-            ) -> Result<(), NarInfoError> {
+            fn set<T>(slot: &mut Option<T>, v: T, key: &str, line: usize) -> Result<(), NarInfoError> {
                 if slot.replace(v).is_some() {
-                    return Err(NarInfoError::Line {
-                        line,
-                        msg: format!("{key} appears twice"),
-                    });
+                    return Err(NarInfoError::Line { line, msg: format!("{key} appears twice") });
                 }
                 Ok(())
             }
             let base = |v: &str| StorePath::from_base_name(v).map_err(|e| err(e.to_string()));
-            let number = |v: &str| {
-                v.parse::<u64>()
-                    .map_err(|_| err(format!("{key} is not a number: {v:?}")))
-            };
+            let number = |v: &str| v.parse::<u64>().map_err(|_| err(format!("{key} is not a number: {v:?}")));
             match key {
-                "StorePath" => set(
-                    &mut store,
-                    StoreDir::split_path(value).map_err(|e| err(e.to_string()))?,
-                    key,
-                    line_no,
-                )?,
+                "StorePath" => {
+                    set(&mut store, StoreDir::split_path(value).map_err(|e| err(e.to_string()))?, key, line_no)?
+                }
                 "URL" => set(&mut url, value.to_owned(), key, line_no)?,
                 "Compression" => set(&mut compression, value.to_owned(), key, line_no)?,
-                "FileHash" => set(
-                    &mut file_hash,
-                    Hash::parse(value).map_err(|e| err(e.to_string()))?,
-                    key,
-                    line_no,
-                )?,
+                "FileHash" => set(&mut file_hash, Hash::parse(value).map_err(|e| err(e.to_string()))?, key, line_no)?,
                 "FileSize" => set(&mut file_size, number(value)?, key, line_no)?,
-                "NarHash" => set(
-                    &mut nar_hash,
-                    Hash::parse(value).map_err(|e| err(e.to_string()))?,
-                    key,
-                    line_no,
-                )?,
+                "NarHash" => set(&mut nar_hash, Hash::parse(value).map_err(|e| err(e.to_string()))?, key, line_no)?,
                 "NarSize" => set(&mut nar_size, number(value)?, key, line_no)?,
                 "References" => {
-                    let mut refs = value
-                        .split(' ')
-                        .filter(|r| !r.is_empty())
-                        .map(base)
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let mut refs =
+                        value.split(' ').filter(|r| !r.is_empty()).map(base).collect::<Result<Vec<_>, _>>()?;
                     refs.sort();
                     refs.dedup();
                     set(&mut references, refs, key, line_no)?
@@ -121,16 +94,12 @@ impl NarInfo {
         Ok(NarInfo {
             store_dir,
             store_path,
-            url: url
-                .filter(|u| !u.is_empty())
-                .ok_or(NarInfoError::Missing("URL"))?,
+            url: url.filter(|u| !u.is_empty()).ok_or(NarInfoError::Missing("URL"))?,
             compression,
             file_hash,
             file_size,
             nar_hash: nar_hash.ok_or(NarInfoError::Missing("NarHash"))?,
-            nar_size: nar_size
-                .filter(|&n| n > 0)
-                .ok_or(NarInfoError::Missing("NarSize"))?,
+            nar_size: nar_size.filter(|&n| n > 0).ok_or(NarInfoError::Missing("NarSize"))?,
             references: references.unwrap_or_default(),
             deriver,
             system,
@@ -145,17 +114,8 @@ impl NarInfo {
         if self.nar_hash.algo() != HashAlgo::Sha256 {
             return Err(NarInfoError::NotSha256);
         }
-        let refs: Vec<String> = self
-            .references
-            .iter()
-            .map(|r| self.store_dir.display(r))
-            .collect();
-        Ok(fingerprint(
-            &self.store_dir.display(&self.store_path),
-            &self.nar_hash,
-            self.nar_size,
-            &refs,
-        ))
+        let refs: Vec<String> = self.references.iter().map(|r| self.store_dir.display(r)).collect();
+        Ok(fingerprint(&self.store_dir.display(&self.store_path), &self.nar_hash, self.nar_size, &refs))
     }
 
     /// Add (or replace) this key's signature.
@@ -167,10 +127,7 @@ impl NarInfo {
     }
 
     /// The trusted key that signed this narinfo, if any did.
-    pub fn verify<'k>(
-        &self,
-        trusted: &'k TrustedKeys,
-    ) -> Result<Option<&'k PublicKey>, NarInfoError> {
+    pub fn verify<'k>(&self, trusted: &'k TrustedKeys) -> Result<Option<&'k PublicKey>, NarInfoError> {
         Ok(trusted.verify_any(self.fingerprint()?.as_bytes(), &self.sigs))
     }
 }
@@ -180,11 +137,7 @@ impl NarInfo {
 pub fn fingerprint(path: &str, nar_hash: &Hash, nar_size: u64, references: &[String]) -> String {
     let mut refs: Vec<&str> = references.iter().map(String::as_str).collect();
     refs.sort_unstable();
-    format!(
-        "1;{path};{};{nar_size};{}",
-        nar_hash.to_nix32_string(),
-        refs.join(",")
-    )
+    format!("1;{path};{};{nar_size};{}", nar_hash.to_nix32_string(), refs.join(","))
 }
 
 impl fmt::Display for NarInfo {
@@ -262,11 +215,7 @@ Deriver: h51sg24fc6mmgwnihsipf9ylc1w31byk-b.drv
         let mut ni = sample();
         ni.sign(&key).unwrap_or_else(|e| unreachable!("{e}"));
         ni.sign(&key).unwrap_or_else(|e| unreachable!("{e}"));
-        assert_eq!(
-            ni.sigs.len(),
-            1,
-            "signing twice keeps one signature per key"
-        );
+        assert_eq!(ni.sigs.len(), 1, "signing twice keeps one signature per key");
         let back = NarInfo::parse(&ni.to_string()).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(back, ni);
         let trusted = TrustedKeys::new(vec![key.public()]);
@@ -279,36 +228,17 @@ Deriver: h51sg24fc6mmgwnihsipf9ylc1w31byk-b.drv
     #[test]
     fn malformed_narinfos_are_rejected_with_the_line() {
         let cases = [
-            (
-                SAMPLE.replace("NarSize: 18735072", "NarSize: lots"),
-                "line 7",
-            ),
+            (SAMPLE.replace("NarSize: 18735072", "NarSize: lots"), "line 7"),
             (SAMPLE.replace("URL: ", "URL "), "line 2"),
             (SAMPLE.replace("Deriver: h51", "Deriver: !!!"), "line 9"),
             (format!("{SAMPLE}NarSize: 1\n"), "appears twice"),
-            (
-                SAMPLE.replace("StorePath: /nix/store/6vza", "StorePath: /nix/store/eeee"),
-                "line 1",
-            ),
-            (
-                SAMPLE.replace("NarHash: sha256:1i", "NarHash: sha256:i"),
-                "line 6",
-            ),
+            (SAMPLE.replace("StorePath: /nix/store/6vza", "StorePath: /nix/store/eeee"), "line 1"),
+            (SAMPLE.replace("NarHash: sha256:1i", "NarHash: sha256:i"), "line 6"),
             (format!("{SAMPLE}Sig: nope\n"), "Sig:"),
-            (
-                SAMPLE
-                    .lines()
-                    .filter(|l| !l.starts_with("NarHash"))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                "NarHash",
-            ),
+            (SAMPLE.lines().filter(|l| !l.starts_with("NarHash")).collect::<Vec<_>>().join("\n"), "NarHash"),
         ];
         for (text, want) in cases {
-            let e = NarInfo::parse(&text)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
+            let e = NarInfo::parse(&text).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.contains(want), "{e:?} lacks {want:?}");
         }
     }

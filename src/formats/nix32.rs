@@ -35,11 +35,7 @@ pub fn encode(bytes: &[u8]) -> String {
         let b = n * 5;
         let (i, j) = (b / 8, b % 8);
         let low = bytes[i] >> j;
-        let high = if i + 1 < bytes.len() {
-            (u16::from(bytes[i + 1]) << (8 - j)) as u8
-        } else {
-            0
-        };
+        let high = if i + 1 < bytes.len() { (u16::from(bytes[i + 1]) << (8 - j)) as u8 } else { 0 };
         out.push(char::from(ALPHABET[usize::from((low | high) & 0x1f)]));
     }
     out
@@ -82,14 +78,10 @@ mod tests {
     fn known_values() {
         // sha256("") as printed by `nix-hash --type sha256 --flat --base32 /dev/null`.
         let empty = [
-            0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f,
-            0xb9, 0x24, 0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b,
-            0x78, 0x52, 0xb8, 0x55,
+            0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae,
+            0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
         ];
-        assert_eq!(
-            encode(&empty),
-            "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
-        );
+        assert_eq!(encode(&empty), "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
         assert_eq!(encode(&[]), "");
         assert_eq!(encode(&[0x1f]), "0z");
     }

@@ -20,11 +20,7 @@ pub enum KeyError {
     #[error("key data is not valid base64")]
     BadBase64,
     #[error("{what} is {len} bytes, expected {expected}")]
-    BadLength {
-        what: &'static str,
-        len: usize,
-        expected: usize,
-    },
+    BadLength { what: &'static str, len: usize, expected: usize },
     #[error("secret key's public half does not match its seed")]
     Inconsistent,
     #[error("public key is not a valid Ed25519 point")]
@@ -41,20 +37,12 @@ fn check_name(name: &str) -> Result<(), KeyError> {
 }
 
 /// Split `name:base64` and decode the base64 part to exactly `expected` bytes.
-fn split(
-    s: &str,
-    what: &'static str,
-    expected: usize,
-) -> Result<(String, Zeroizing<Vec<u8>>), KeyError> {
+fn split(s: &str, what: &'static str, expected: usize) -> Result<(String, Zeroizing<Vec<u8>>), KeyError> {
     let (name, data) = s.trim().split_once(':').ok_or(KeyError::NoName)?;
     check_name(name)?;
     let bytes = Zeroizing::new(BASE64.decode(data).map_err(|_| KeyError::BadBase64)?);
     if bytes.len() != expected {
-        return Err(KeyError::BadLength {
-            what,
-            len: bytes.len(),
-            expected,
-        });
+        return Err(KeyError::BadLength { what, len: bytes.len(), expected });
     }
     Ok((name.to_owned(), bytes))
 }
@@ -71,23 +59,17 @@ impl SecretKey {
         check_name(name)?;
         let mut seed = Zeroizing::new([0u8; 32]);
         getrandom::fill(seed.as_mut()).map_err(|e| KeyError::Random(e.to_string()))?;
-        Ok(SecretKey {
-            name: name.to_owned(),
-            key: SigningKey::from_bytes(&seed),
-        })
+        Ok(SecretKey { name: name.to_owned(), key: SigningKey::from_bytes(&seed) })
     }
 
     /// Parse Nix's secret key format.
     pub fn parse(s: &str) -> Result<SecretKey, KeyError> {
         let (name, bytes) = split(s, "secret key", 64)?;
-        let pair: &[u8; 64] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| KeyError::BadLength {
-                what: "secret key",
-                len: bytes.len(),
-                expected: 64,
-            })?;
+        let pair: &[u8; 64] = bytes.as_slice().try_into().map_err(|_| KeyError::BadLength {
+            what: "secret key",
+            len: bytes.len(),
+            expected: 64,
+        })?;
         let key = SigningKey::from_keypair_bytes(pair).map_err(|_| KeyError::Inconsistent)?;
         Ok(SecretKey { name, key })
     }
@@ -103,26 +85,17 @@ impl SecretKey {
     }
 
     pub fn public(&self) -> PublicKey {
-        PublicKey {
-            name: self.name.clone(),
-            key: self.key.verifying_key(),
-        }
+        PublicKey { name: self.name.clone(), key: self.key.verifying_key() }
     }
 
     pub fn sign(&self, message: &[u8]) -> Signature {
-        Signature {
-            key_name: self.name.clone(),
-            bytes: self.key.sign(message).to_bytes(),
-        }
+        Signature { key_name: self.name.clone(), bytes: self.key.sign(message).to_bytes() }
     }
 }
 
 impl fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecretKey")
-            .field("name", &self.name)
-            .field("key", &"<redacted>")
-            .finish()
+        f.debug_struct("SecretKey").field("name", &self.name).field("key", &"<redacted>").finish()
     }
 }
 
@@ -136,10 +109,7 @@ pub struct PublicKey {
 impl PublicKey {
     pub fn parse(s: &str) -> Result<PublicKey, KeyError> {
         let (name, bytes) = split(s, "public key", 32)?;
-        let raw: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| KeyError::BadPoint)?;
+        let raw: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::BadPoint)?;
         let key = VerifyingKey::from_bytes(&raw).map_err(|_| KeyError::BadPoint)?;
         Ok(PublicKey { name, key })
     }
@@ -150,11 +120,7 @@ impl PublicKey {
 
     /// Whether `sig` is this key's signature of `message` (the names must match too).
     pub fn verify(&self, message: &[u8], sig: &Signature) -> bool {
-        sig.key_name == self.name
-            && self
-                .key
-                .verify(message, &ed25519_dalek::Signature::from_bytes(&sig.bytes))
-                .is_ok()
+        sig.key_name == self.name && self.key.verify(message, &ed25519_dalek::Signature::from_bytes(&sig.bytes)).is_ok()
     }
 }
 
@@ -180,10 +146,7 @@ pub struct Signature {
 impl Signature {
     pub fn parse(s: &str) -> Result<Signature, KeyError> {
         let (key_name, bytes) = split(s, "signature", 64)?;
-        let bytes: [u8; 64] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| KeyError::BadBase64)?;
+        let bytes: [u8; 64] = bytes.as_slice().try_into().map_err(|_| KeyError::BadBase64)?;
         Ok(Signature { key_name, bytes })
     }
 
@@ -218,13 +181,8 @@ impl TrustedKeys {
     }
 
     /// The first trusted key that made one of `sigs` over `message`.
-    pub fn verify_any<'a>(
-        &self,
-        message: &[u8],
-        sigs: impl IntoIterator<Item = &'a Signature>,
-    ) -> Option<&PublicKey> {
-        sigs.into_iter()
-            .find_map(|s| self.0.iter().find(|k| k.verify(message, s)))
+    pub fn verify_any<'a>(&self, message: &[u8], sigs: impl IntoIterator<Item = &'a Signature>) -> Option<&PublicKey> {
+        sigs.into_iter().find_map(|s| self.0.iter().find(|k| k.verify(message, s)))
     }
 }
 
@@ -262,21 +220,14 @@ mod tests {
         let (a, b) = (key(), key());
         let trusted = TrustedKeys::new(vec![b.public()]);
         assert!(trusted.verify_any(b"m", [&a.sign(b"m")]).is_none());
-        assert!(
-            trusted
-                .verify_any(b"m", [&a.sign(b"m"), &b.sign(b"m")])
-                .is_some()
-        );
+        assert!(trusted.verify_any(b"m", [&a.sign(b"m"), &b.sign(b"m")]).is_some());
     }
 
     #[test]
     fn secret_keys_do_not_leak_through_debug() {
         let k = key();
         let secret = k.to_nix_string();
-        let b64 = secret
-            .split_once(':')
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
+        let b64 = secret.split_once(':').map(|(_, b)| b.to_owned()).unwrap_or_default();
         let dbg = format!("{k:?}");
         assert!(!dbg.contains(&b64) && dbg.contains("redacted"), "{dbg}");
     }
@@ -284,39 +235,19 @@ mod tests {
     #[test]
     fn malformed_keys_are_rejected() {
         assert_eq!(SecretKey::parse("nocolon").err(), Some(KeyError::NoName));
-        assert_eq!(
-            SecretKey::parse(":AAAA").err(),
-            Some(KeyError::BadName(String::new()))
-        );
+        assert_eq!(SecretKey::parse(":AAAA").err(), Some(KeyError::BadName(String::new())));
         assert_eq!(SecretKey::parse("a:!!").err(), Some(KeyError::BadBase64));
-        assert!(matches!(
-            SecretKey::parse("a:AAAA"),
-            Err(KeyError::BadLength { .. })
-        ));
+        assert!(matches!(SecretKey::parse("a:AAAA"), Err(KeyError::BadLength { .. })));
         // A public key where a secret key is expected.
         let public = key().public().to_string();
-        assert!(matches!(
-            SecretKey::parse(&public),
-            Err(KeyError::BadLength { .. })
-        ));
+        assert!(matches!(SecretKey::parse(&public), Err(KeyError::BadLength { .. })));
         // Secret key whose second half is another key's public half.
         let (a, b) = (key(), key());
-        let mut pair = BASE64
-            .decode(a.to_nix_string().split_once(':').map(|x| x.1).unwrap_or(""))
-            .unwrap_or_default();
+        let mut pair = BASE64.decode(a.to_nix_string().split_once(':').map(|x| x.1).unwrap_or("")).unwrap_or_default();
         let bp = BASE64
-            .decode(
-                b.public()
-                    .to_string()
-                    .split_once(':')
-                    .map(|x| x.1.to_owned())
-                    .unwrap_or_default(),
-            )
+            .decode(b.public().to_string().split_once(':').map(|x| x.1.to_owned()).unwrap_or_default())
             .unwrap_or_default();
         pair[32..].copy_from_slice(&bp);
-        assert_eq!(
-            SecretKey::parse(&format!("x:{}", BASE64.encode(&pair))).err(),
-            Some(KeyError::Inconsistent)
-        );
+        assert_eq!(SecretKey::parse(&format!("x:{}", BASE64.encode(&pair))).err(), Some(KeyError::Inconsistent));
     }
 }

@@ -34,9 +34,7 @@ impl StoreDir {
         let normal = dir.len() > 1
             && dir.starts_with('/')
             && !dir.ends_with('/')
-            && dir[1..]
-                .split('/')
-                .all(|c| !c.is_empty() && c != "." && c != "..")
+            && dir[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..")
             && !dir.contains('\0');
         if !normal {
             return Err(StorePathError::BadStoreDir(dir.to_owned()));
@@ -59,9 +57,7 @@ impl StoreDir {
 
     /// Parse a full store path, taking its store dir from the path itself.
     pub fn split_path(path: &str) -> Result<(StoreDir, StorePath), StorePathError> {
-        let (dir, base) = path
-            .rsplit_once('/')
-            .ok_or_else(|| StorePathError::BadBaseName(path.to_owned()))?;
+        let (dir, base) = path.rsplit_once('/').ok_or_else(|| StorePathError::BadBaseName(path.to_owned()))?;
         let dir = StoreDir::new(dir)?;
         let sp = StorePath::from_base_name(base).map_err(|e| e.with_path(path))?;
         Ok((dir, sp))
@@ -72,21 +68,10 @@ impl StoreDir {
     }
 
     /// Nix's `makeStorePath`: the path for content of type `ty` with the given SHA-256 `inner` hash.
-    pub fn make_store_path(
-        &self,
-        ty: &str,
-        inner: &[u8; 32],
-        name: &str,
-    ) -> Result<StorePath, StorePathError> {
-        check_name(name).map_err(|why| StorePathError::BadName {
-            path: name.to_owned(),
-            why,
-        })?;
+    pub fn make_store_path(&self, ty: &str, inner: &[u8; 32], name: &str) -> Result<StorePath, StorePathError> {
+        check_name(name).map_err(|why| StorePathError::BadName { path: name.to_owned(), why })?;
         let s = format!("{ty}:sha256:{}:{}:{name}", hex::encode(inner), self.0);
-        Ok(StorePath::from_digest(
-            &compress_hash(&sha256(s.as_bytes())),
-            name,
-        ))
+        Ok(StorePath::from_digest(&compress_hash(&sha256(s.as_bytes())), name))
     }
 
     /// The path of output `output` of an input-addressed derivation named `drv_name` whose
@@ -97,11 +82,7 @@ impl StoreDir {
         drv_hash: &[u8; 32],
         drv_name: &str,
     ) -> Result<StorePath, StorePathError> {
-        self.make_store_path(
-            &format!("output:{output}"),
-            drv_hash,
-            &output_path_name(drv_name, output),
-        )
+        self.make_store_path(&format!("output:{output}"), drv_hash, &output_path_name(drv_name, output))
     }
 
     /// The path of content-addressed text (such as a `.drv` file) with the given references.
@@ -122,17 +103,10 @@ impl StoreDir {
         hash: &Hash,
         name: &str,
     ) -> Result<StorePath, StorePathError> {
-        if let (true, HashAlgo::Sha256, Ok(digest)) =
-            (recursive, hash.algo(), <[u8; 32]>::try_from(hash.digest()))
-        {
+        if let (true, HashAlgo::Sha256, Ok(digest)) = (recursive, hash.algo(), <[u8; 32]>::try_from(hash.digest())) {
             return self.make_store_path("source", &digest, name);
         }
-        let inner = format!(
-            "fixed:out:{}{}:{}:",
-            if recursive { "r:" } else { "" },
-            hash.algo(),
-            hash.to_hex()
-        );
+        let inner = format!("fixed:out:{}{}:{}:", if recursive { "r:" } else { "" }, hash.algo(), hash.to_hex());
         self.make_store_path("output:out", &sha256(inner.as_bytes()), name)
     }
 }
@@ -144,11 +118,7 @@ impl fmt::Display for StoreDir {
 }
 
 /// `type:ref1:ref2...[:self]`, references sorted as Nix sorts a `StorePathSet`.
-fn make_type<'a>(
-    ty: &str,
-    references: impl IntoIterator<Item = &'a str>,
-    self_ref: bool,
-) -> String {
+fn make_type<'a>(ty: &str, references: impl IntoIterator<Item = &'a str>, self_ref: bool) -> String {
     let mut refs: Vec<&str> = references.into_iter().collect();
     refs.sort_unstable();
     refs.dedup();
@@ -165,11 +135,7 @@ fn make_type<'a>(
 
 /// The name of output `output` of a derivation named `drv_name`.
 pub fn output_path_name(drv_name: &str, output: &str) -> String {
-    if output == "out" {
-        drv_name.to_owned()
-    } else {
-        format!("{drv_name}-{output}")
-    }
+    if output == "out" { drv_name.to_owned() } else { format!("{drv_name}-{output}") }
 }
 
 /// XOR-fold a hash down to 20 bytes, as Nix's `compressHash`.
@@ -192,10 +158,7 @@ pub fn check_name(name: &str) -> Result<(), &'static str> {
     if name.starts_with('.') {
         return Err("its name starts with a dot");
     }
-    if !name
-        .bytes()
-        .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
-    {
+    if !name.bytes().all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c)) {
         return Err("its name contains a character other than letters, digits and +-._?=");
     }
     Ok(())
@@ -218,19 +181,12 @@ impl StorePath {
         if !nix32::is_nix32(&base.as_bytes()[..HASH_LEN]) {
             return Err(bad());
         }
-        check_name(&base[HASH_LEN + 1..]).map_err(|why| StorePathError::BadName {
-            path: base.to_owned(),
-            why,
-        })?;
-        Ok(StorePath {
-            base: base.to_owned(),
-        })
+        check_name(&base[HASH_LEN + 1..]).map_err(|why| StorePathError::BadName { path: base.to_owned(), why })?;
+        Ok(StorePath { base: base.to_owned() })
     }
 
     fn from_digest(digest: &[u8; 20], name: &str) -> StorePath {
-        StorePath {
-            base: format!("{}-{name}", nix32::encode(digest)),
-        }
+        StorePath { base: format!("{}-{name}", nix32::encode(digest)) }
     }
 
     /// The 32-character nix32 hash part.
@@ -257,10 +213,7 @@ impl StorePathError {
     fn with_path(self, path: &str) -> StorePathError {
         match self {
             StorePathError::BadBaseName(_) => StorePathError::BadBaseName(path.to_owned()),
-            StorePathError::BadName { why, .. } => StorePathError::BadName {
-                path: path.to_owned(),
-                why,
-            },
+            StorePathError::BadName { why, .. } => StorePathError::BadName { path: path.to_owned(), why },
             e => e,
         }
     }
@@ -297,14 +250,7 @@ mod tests {
         ] {
             assert!(sd.parse_path(bad).is_err(), "{bad}");
         }
-        for bad in [
-            "",
-            "/",
-            "nix/store",
-            "/nix/store/",
-            "/nix//store",
-            "/nix/./store",
-        ] {
+        for bad in ["", "/", "nix/store", "/nix/store/", "/nix//store", "/nix/./store"] {
             assert!(StoreDir::new(bad).is_err(), "{bad:?}");
         }
     }

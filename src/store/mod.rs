@@ -45,11 +45,7 @@ pub struct LocalStore {
 impl LocalStore {
     /// Open (creating if needed) the store under `root`.
     pub fn open(root: &Path) -> io::Result<LocalStore> {
-        let store = LocalStore {
-            root: root.to_owned(),
-            db: root.join(".gbc-db"),
-            tmp: root.join(".gbc-tmp"),
-        };
+        let store = LocalStore { root: root.to_owned(), db: root.join(".gbc-db"), tmp: root.join(".gbc-tmp") };
         for dir in [&store.root, &store.db, &store.tmp] {
             fs::create_dir_all(dir).map_err(|e| with_path(e, dir))?;
         }
@@ -71,21 +67,15 @@ impl LocalStore {
 
     /// The record of `path` (a full logical path), if it is valid.
     pub fn query(&self, store_dir: &StoreDir, path: &str) -> io::Result<Option<PathInfo>> {
-        let sp = store_dir
-            .parse_path(path)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let sp = store_dir.parse_path(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let file = self.record(&sp);
         let bytes = match fs::read(&file) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(with_path(e, &file)),
         };
-        let info: PathInfo = serde_json::from_slice(&bytes).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}: {e}", file.display()),
-            )
-        })?;
+        let info: PathInfo = serde_json::from_slice(&bytes)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", file.display())))?;
         // A record for the same base name in another store dir does not make this path valid.
         Ok((info.path == path).then_some(info))
     }
@@ -96,9 +86,7 @@ impl LocalStore {
 
     /// Mark a path valid. Its contents must already be complete at [`LocalStore::physical`].
     pub fn register(&self, store_dir: &StoreDir, info: &PathInfo) -> io::Result<()> {
-        let sp = store_dir
-            .parse_path(&info.path)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let sp = store_dir.parse_path(&info.path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         sync_tree(&self.physical(&sp))?;
         let json = serde_json::to_vec_pretty(info).map_err(io::Error::other)?;
         write_atomically(&self.record(&sp), &json)
@@ -118,9 +106,7 @@ impl LocalStore {
         if self.is_valid(store_dir, path)? {
             return Ok(());
         }
-        let sp = store_dir
-            .parse_path(path)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let sp = store_dir.parse_path(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         remove_tree(&self.physical(&sp))
     }
 
@@ -193,9 +179,7 @@ fn sync_tree(path: &Path) -> io::Result<()> {
         }
     }
     if !md.file_type().is_symlink() {
-        File::open(path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| with_path(e, path))?;
+        File::open(path).and_then(|f| f.sync_all()).map_err(|e| with_path(e, path))?;
     }
     Ok(())
 }
@@ -208,8 +192,7 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         Err(e) => return Err(with_path(e, path)),
     };
     if md.is_dir() {
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
-            .map_err(|e| with_path(e, path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(|e| with_path(e, path))?;
         for entry in fs::read_dir(path)? {
             remove_tree(&entry?.path())?;
         }
@@ -225,13 +208,8 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, LocalStore, StoreDir) {
         let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
-        let store =
-            LocalStore::open(&tmp.path().join("root")).unwrap_or_else(|e| unreachable!("{e}"));
-        (
-            tmp,
-            store,
-            StoreDir::new("/gnu/store").unwrap_or_else(|e| unreachable!("{e}")),
-        )
+        let store = LocalStore::open(&tmp.path().join("root")).unwrap_or_else(|e| unreachable!("{e}"));
+        (tmp, store, StoreDir::new("/gnu/store").unwrap_or_else(|e| unreachable!("{e}")))
     }
 
     const A: &str = "/gnu/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a";
@@ -256,18 +234,13 @@ mod tests {
         store.clear_stale(&sd, A).ok();
         assert!(!store.physical(&a).exists());
         fs::write(store.physical(&a), b"done").ok();
-        store
-            .register(&sd, &info(A, &[]))
-            .unwrap_or_else(|e| unreachable!("{e}"));
+        store.register(&sd, &info(A, &[])).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(store.query(&sd, A).ok().flatten(), Some(info(A, &[])));
         store.clear_stale(&sd, A).ok();
         assert!(store.physical(&a).exists(), "a valid path is not stale");
         // The same base name in another store dir is not valid.
         let nix = StoreDir::new("/nix/store").unwrap_or_else(|e| unreachable!("{e}"));
-        assert_eq!(
-            store.is_valid(&nix, &A.replace("/gnu/", "/nix/")).ok(),
-            Some(false)
-        );
+        assert_eq!(store.is_valid(&nix, &A.replace("/gnu/", "/nix/")).ok(), Some(false));
     }
 
     #[test]
@@ -275,12 +248,8 @@ mod tests {
         let (_t, store, sd) = store();
         let a = sd.parse_path(A).unwrap_or_else(|e| unreachable!("{e}"));
         fs::write(store.physical(&a), b"x").ok();
-        store
-            .register(&sd, &info(A, &[A, B]))
-            .unwrap_or_else(|e| unreachable!("{e}"));
-        let (have, missing) = store
-            .closure(&sd, [A])
-            .unwrap_or_else(|e| unreachable!("{e}"));
+        store.register(&sd, &info(A, &[A, B])).unwrap_or_else(|e| unreachable!("{e}"));
+        let (have, missing) = store.closure(&sd, [A]).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(have, BTreeSet::from([A.to_owned()]));
         assert_eq!(missing, BTreeSet::from([B.to_owned()]));
     }

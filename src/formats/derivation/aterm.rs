@@ -12,9 +12,7 @@ use super::{Derivation, DrvError, Output};
 pub(super) fn parse(input: &[u8]) -> Result<Derivation, DrvError> {
     let mut p = Parser { s: input, pos: 0 };
     if input.starts_with(b"DrvWithVersion(") {
-        return Err(DrvError::Unsupported(
-            "dynamic derivations (DrvWithVersion) are not supported".to_owned(),
-        ));
+        return Err(DrvError::Unsupported("dynamic derivations (DrvWithVersion) are not supported".to_owned()));
     }
     p.expect(b"Derive(")?;
 
@@ -30,17 +28,7 @@ pub(super) fn parse(input: &[u8]) -> Result<Derivation, DrvError> {
         p.expect(b",")?;
         let hash = p.string()?;
         p.expect(b")")?;
-        insert_sorted(
-            &mut outputs,
-            name,
-            Output {
-                path,
-                hash_algo,
-                hash,
-            },
-            at,
-            "outputs",
-        )
+        insert_sorted(&mut outputs, name, Output { path, hash_algo, hash }, at, "outputs")
     })?;
     p.expect(b",")?;
 
@@ -100,15 +88,7 @@ pub(super) fn parse(input: &[u8]) -> Result<Derivation, DrvError> {
             msg: "unexpected bytes after the end of the derivation".to_owned(),
         });
     }
-    Ok(Derivation {
-        outputs,
-        input_drvs,
-        input_srcs,
-        system,
-        builder,
-        args,
-        env,
-    })
+    Ok(Derivation { outputs, input_drvs, input_srcs, system, builder, args, env })
 }
 
 fn insert_sorted<V>(
@@ -121,28 +101,17 @@ fn insert_sorted<V>(
     if let Some((last, _)) = map.last_key_value()
         && *last >= key
     {
-        return Err(DrvError::Syntax {
-            offset,
-            msg: format!("{what} are not strictly sorted at {key:?}"),
-        });
+        return Err(DrvError::Syntax { offset, msg: format!("{what} are not strictly sorted at {key:?}") });
     }
     map.insert(key, value);
     Ok(())
 }
 
-fn insert_sorted_set(
-    set: &mut BTreeSet<String>,
-    key: String,
-    offset: usize,
-    what: &str,
-) -> Result<(), DrvError> {
+fn insert_sorted_set(set: &mut BTreeSet<String>, key: String, offset: usize, what: &str) -> Result<(), DrvError> {
     if let Some(last) = set.last()
         && *last >= key
     {
-        return Err(DrvError::Syntax {
-            offset,
-            msg: format!("{what} are not strictly sorted at {key:?}"),
-        });
+        return Err(DrvError::Syntax { offset, msg: format!("{what} are not strictly sorted at {key:?}") });
     }
     set.insert(key);
     Ok(())
@@ -159,10 +128,7 @@ impl Parser<'_> {
     }
 
     fn error(&self, msg: String) -> DrvError {
-        DrvError::Syntax {
-            offset: self.pos,
-            msg,
-        }
+        DrvError::Syntax { offset: self.pos, msg }
     }
 
     fn expect(&mut self, token: &[u8]) -> Result<(), DrvError> {
@@ -170,20 +136,14 @@ impl Parser<'_> {
             self.pos += token.len();
             Ok(())
         } else if self.pos >= self.s.len() {
-            Err(self.error(format!(
-                "unexpected end of input, expected {:?}",
-                String::from_utf8_lossy(token)
-            )))
+            Err(self.error(format!("unexpected end of input, expected {:?}", String::from_utf8_lossy(token))))
         } else {
             Err(self.error(format!("expected {:?}", String::from_utf8_lossy(token))))
         }
     }
 
     /// `[item,item,...]`
-    fn list(
-        &mut self,
-        mut item: impl FnMut(&mut Self) -> Result<(), DrvError>,
-    ) -> Result<(), DrvError> {
+    fn list(&mut self, mut item: impl FnMut(&mut Self) -> Result<(), DrvError>) -> Result<(), DrvError> {
         self.expect(b"[")?;
         if self.peek() == Some(b']') {
             self.pos += 1;
@@ -209,10 +169,7 @@ impl Parser<'_> {
         loop {
             let rest = &self.s[self.pos..];
             let Some(stop) = rest.iter().position(|c| b"\"\\\n\r\t".contains(c)) else {
-                return Err(DrvError::Syntax {
-                    offset: start,
-                    msg: "unterminated string".to_owned(),
-                });
+                return Err(DrvError::Syntax { offset: start, msg: "unterminated string".to_owned() });
             };
             out.extend_from_slice(&rest[..stop]);
             self.pos += stop;
@@ -223,9 +180,7 @@ impl Parser<'_> {
                 }
                 b'\\' => {}
                 _ => {
-                    return Err(self.error(
-                        "raw control character in a string (Nix writes it escaped)".to_owned(),
-                    ));
+                    return Err(self.error("raw control character in a string (Nix writes it escaped)".to_owned()));
                 }
             }
             self.pos += 1;
@@ -235,22 +190,16 @@ impl Parser<'_> {
                 Some(b't') => b'\t',
                 Some(c @ (b'"' | b'\\')) => c,
                 Some(_) => {
-                    return Err(self
-                        .error("escape other than \\\" \\\\ \\n \\r \\t in a string".to_owned()));
+                    return Err(self.error("escape other than \\\" \\\\ \\n \\r \\t in a string".to_owned()));
                 }
                 None => {
-                    return Err(DrvError::Syntax {
-                        offset: start,
-                        msg: "unterminated string".to_owned(),
-                    });
+                    return Err(DrvError::Syntax { offset: start, msg: "unterminated string".to_owned() });
                 }
             });
             self.pos += 1;
         }
-        String::from_utf8(out).map_err(|_| DrvError::Syntax {
-            offset: start,
-            msg: "string is not valid UTF-8".to_owned(),
-        })
+        String::from_utf8(out)
+            .map_err(|_| DrvError::Syntax { offset: start, msg: "string is not valid UTF-8".to_owned() })
     }
 }
 
@@ -307,14 +256,7 @@ pub(super) fn print(
         out.push(b'(');
         string(&mut out, k);
         out.push(b',');
-        string(
-            &mut out,
-            if mask_outputs && drv.outputs.contains_key(k) {
-                ""
-            } else {
-                v
-            },
-        );
+        string(&mut out, if mask_outputs && drv.outputs.contains_key(k) { "" } else { v });
         out.push(b')');
     }
     out.extend_from_slice(b"])");

@@ -58,19 +58,9 @@ pub enum DrvError {
     #[error(transparent)]
     Hash(#[from] HashError),
     #[error("output {output:?} should be {expected}, but the derivation declares {declared:?}")]
-    OutputMismatch {
-        output: String,
-        expected: String,
-        declared: String,
-    },
-    #[error(
-        "environment variable {output:?} should be {expected}, but the derivation has {found:?}"
-    )]
-    EnvMismatch {
-        output: String,
-        expected: String,
-        found: Option<String>,
-    },
+    OutputMismatch { output: String, expected: String, declared: String },
+    #[error("environment variable {output:?} should be {expected}, but the derivation has {found:?}")]
+    EnvMismatch { output: String, expected: String, found: Option<String> },
     #[error("input derivation {0} has not been hashed")]
     MissingInput(String),
 }
@@ -95,31 +85,22 @@ impl Derivation {
     /// Everything that can be checked without knowing the store dir or other derivations.
     fn check_shape(&self) -> Result<(), DrvError> {
         if self.outputs.is_empty() {
-            return Err(DrvError::Invalid(
-                "the derivation has no outputs".to_owned(),
-            ));
+            return Err(DrvError::Invalid("the derivation has no outputs".to_owned()));
         }
         for name in self.outputs.keys() {
-            super::store_path::check_name(name).map_err(|why| {
-                DrvError::Invalid(format!("output name {name:?} is not valid: {why}"))
-            })?;
+            super::store_path::check_name(name)
+                .map_err(|why| DrvError::Invalid(format!("output name {name:?} is not valid: {why}")))?;
         }
         self.kind().map(|_| ())
     }
 
     /// Classify the derivation, refusing the kinds gbc does not build yet.
     pub fn kind(&self) -> Result<DrvKind, DrvError> {
-        let fixed: Vec<(&String, &Output)> = self
-            .outputs
-            .iter()
-            .filter(|(_, o)| !o.hash_algo.is_empty())
-            .collect();
+        let fixed: Vec<(&String, &Output)> = self.outputs.iter().filter(|(_, o)| !o.hash_algo.is_empty()).collect();
         for (name, o) in &self.outputs {
             if o.hash_algo.is_empty() {
                 if !o.hash.is_empty() {
-                    return Err(DrvError::Invalid(format!(
-                        "output {name:?} has a hash but no hash algorithm"
-                    )));
+                    return Err(DrvError::Invalid(format!("output {name:?} has a hash but no hash algorithm")));
                 }
                 if o.path.is_empty() {
                     return Err(DrvError::Unsupported(format!(
@@ -128,9 +109,7 @@ impl Derivation {
                     )));
                 }
             } else if o.hash == "impure" {
-                return Err(DrvError::Unsupported(format!(
-                    "output {name:?} is impure, which is not supported"
-                )));
+                return Err(DrvError::Unsupported(format!("output {name:?} is impure, which is not supported")));
             } else if o.hash.is_empty() {
                 return Err(DrvError::Unsupported(format!(
                     "output {name:?} is content-addressed (floating), which is not supported"
@@ -154,10 +133,7 @@ impl Derivation {
             None => (false, o.hash_algo.as_str()),
         };
         let algo = HashAlgo::parse(algo)?;
-        Ok(DrvKind::FixedOutput {
-            recursive,
-            hash: Hash::parse_digest(algo, &o.hash)?,
-        })
+        Ok(DrvKind::FixedOutput { recursive, hash: Hash::parse_digest(algo, &o.hash)? })
     }
 
     /// Infer the store dir from the declared output paths (all outputs must agree).
@@ -167,9 +143,7 @@ impl Derivation {
             let (d, _) = StoreDir::split_path(&o.path)?;
             match &dir {
                 Some(prev) if *prev != d => {
-                    return Err(DrvError::Invalid(format!(
-                        "outputs lie in two store dirs, {prev} and {d}"
-                    )));
+                    return Err(DrvError::Invalid(format!("outputs lie in two store dirs, {prev} and {d}")));
                 }
                 _ => dir = Some(d),
             }
@@ -180,24 +154,16 @@ impl Derivation {
     /// Infer the derivation's name from its outputs: `out` is named like the derivation, other
     /// outputs `<name>-<output>`.
     pub fn name_from_outputs(&self) -> Result<String, DrvError> {
-        let (output, o) = self
-            .outputs
-            .iter()
-            .next()
-            .ok_or_else(|| DrvError::Invalid("the derivation has no outputs".to_owned()))?;
+        let (output, o) =
+            self.outputs.iter().next().ok_or_else(|| DrvError::Invalid("the derivation has no outputs".to_owned()))?;
         let (_, path) = StoreDir::split_path(&o.path)?;
         let name = if output == "out" {
             Some(path.name())
         } else {
-            path.name()
-                .strip_suffix(output.as_str())
-                .and_then(|n| n.strip_suffix('-'))
+            path.name().strip_suffix(output.as_str()).and_then(|n| n.strip_suffix('-'))
         };
         name.map(str::to_owned).ok_or_else(|| {
-            DrvError::Invalid(format!(
-                "output {output:?} has path {:?}, whose name does not end in -{output}",
-                o.path
-            ))
+            DrvError::Invalid(format!("output {output:?} has path {:?}, whose name does not end in -{output}", o.path))
         })
     }
 
@@ -212,25 +178,17 @@ impl Derivation {
         if let DrvKind::FixedOutput { recursive, hash } = self.kind()? {
             let path = store_dir.make_fixed_output_path(recursive, &hash, name)?;
             let method = if recursive { "r:" } else { "" };
-            let s = format!(
-                "fixed:out:{method}{}:{}:{}",
-                hash.algo(),
-                hash.to_hex(),
-                store_dir.display(&path)
-            );
+            let s = format!("fixed:out:{method}{}:{}:{}", hash.algo(), hash.to_hex(), store_dir.display(&path));
             return Ok(BTreeMap::from([("out".to_owned(), sha256(s.as_bytes()))]));
         }
         let mut replaced: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (path, outs) in &self.input_drvs {
             let hashes = inputs(path).ok_or_else(|| DrvError::MissingInput(path.clone()))?;
             for o in outs {
-                let h = hashes.get(o).ok_or_else(|| {
-                    DrvError::Invalid(format!("input derivation {path} has no output {o:?}"))
-                })?;
-                replaced
-                    .entry(super::hash::hex::encode(h))
-                    .or_default()
-                    .insert(o.clone());
+                let h = hashes
+                    .get(o)
+                    .ok_or_else(|| DrvError::Invalid(format!("input derivation {path} has no output {o:?}")))?;
+                replaced.entry(super::hash::hex::encode(h)).or_default().insert(o.clone());
             }
         }
         let h = sha256(&aterm::print(self, mask_outputs, Some(&replaced)));
@@ -245,16 +203,12 @@ impl Derivation {
         inputs: &dyn Fn(&str) -> Option<OutputHashes>,
     ) -> Result<BTreeMap<String, StorePath>, DrvError> {
         match self.kind()? {
-            DrvKind::FixedOutput { recursive, hash } => Ok(BTreeMap::from([(
-                "out".to_owned(),
-                store_dir.make_fixed_output_path(recursive, &hash, name)?,
-            )])),
+            DrvKind::FixedOutput { recursive, hash } => {
+                Ok(BTreeMap::from([("out".to_owned(), store_dir.make_fixed_output_path(recursive, &hash, name)?)]))
+            }
             DrvKind::InputAddressed => {
                 let hashes = self.hash_modulo(store_dir, name, true, inputs)?;
-                hashes
-                    .iter()
-                    .map(|(o, h)| Ok((o.clone(), store_dir.make_output_path(o, h, name)?)))
-                    .collect()
+                hashes.iter().map(|(o, h)| Ok((o.clone(), store_dir.make_output_path(o, h, name)?))).collect()
             }
         }
     }
@@ -271,11 +225,7 @@ impl Derivation {
         let computed = self.compute_output_paths(store_dir, name, inputs)?;
         for (output, path) in &computed {
             let expected = store_dir.display(path);
-            let declared = self
-                .outputs
-                .get(output)
-                .map(|o| o.path.as_str())
-                .unwrap_or_default();
+            let declared = self.outputs.get(output).map(|o| o.path.as_str()).unwrap_or_default();
             if declared != expected {
                 return Err(DrvError::OutputMismatch {
                     output: output.clone(),
@@ -285,11 +235,7 @@ impl Derivation {
             }
             let found = self.env.get(output);
             if found != Some(&expected) {
-                return Err(DrvError::EnvMismatch {
-                    output: output.clone(),
-                    expected,
-                    found: found.cloned(),
-                });
+                return Err(DrvError::EnvMismatch { output: output.clone(), expected, found: found.cloned() });
             }
         }
         Ok(computed)
@@ -302,9 +248,7 @@ impl Derivation {
         }
         for p in self.input_drvs.keys() {
             if !store_dir.parse_path(p)?.name().ends_with(".drv") {
-                return Err(DrvError::Invalid(format!(
-                    "input derivation {p:?} does not end in .drv"
-                )));
+                return Err(DrvError::Invalid(format!("input derivation {p:?} does not end in .drv")));
             }
         }
         Ok(())
@@ -312,11 +256,7 @@ impl Derivation {
 
     /// The `.drv` store path of this derivation: a text path over its ATerm, referencing its inputs.
     pub fn drv_path(&self, store_dir: &StoreDir, name: &str) -> Result<StorePath, DrvError> {
-        let refs = self
-            .input_srcs
-            .iter()
-            .chain(self.input_drvs.keys())
-            .map(String::as_str);
+        let refs = self.input_srcs.iter().chain(self.input_drvs.keys()).map(String::as_str);
         Ok(store_dir.make_text_path(&format!("{name}.drv"), &sha256(&self.to_aterm()), refs)?)
     }
 }
@@ -326,11 +266,7 @@ pub fn name_from_drv_path(path: &StorePath) -> Result<&str, DrvError> {
     path.name()
         .strip_suffix(".drv")
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| {
-            DrvError::Invalid(format!(
-                "{path} does not name a derivation: it must end in .drv"
-            ))
-        })
+        .ok_or_else(|| DrvError::Invalid(format!("{path} does not name a derivation: it must end in .drv")))
 }
 
 /// Errors from walking a graph of derivations with [`DrvGraph`].
@@ -376,12 +312,8 @@ impl DrvGraph {
         drv: &Derivation,
         load: &mut dyn FnMut(&str) -> Result<Vec<u8>, E>,
     ) -> Result<(), GraphError<E>> {
-        let mut stack: Vec<(String, Option<(Derivation, String)>)> = drv
-            .input_drvs
-            .keys()
-            .filter(|p| !self.hashes.contains_key(*p))
-            .map(|p| (p.clone(), None))
-            .collect();
+        let mut stack: Vec<(String, Option<(Derivation, String)>)> =
+            drv.input_drvs.keys().filter(|p| !self.hashes.contains_key(*p)).map(|p| (p.clone(), None)).collect();
         let mut on_stack: HashSet<String> = stack.iter().map(|(p, _)| p.clone()).collect();
         while let Some((path, loaded)) = stack.last_mut() {
             if self.hashes.contains_key(path.as_str()) {
@@ -395,11 +327,7 @@ impl DrvGraph {
             let Some((input, name)) = loaded.as_ref() else {
                 continue;
             };
-            let next = input
-                .input_drvs
-                .keys()
-                .find(|p| !self.hashes.contains_key(*p))
-                .cloned();
+            let next = input.input_drvs.keys().find(|p| !self.hashes.contains_key(*p)).cloned();
             if let Some(next) = next {
                 if !on_stack.insert(next.clone()) {
                     return Err(GraphError::Cycle(next));
@@ -412,10 +340,7 @@ impl DrvGraph {
                 input
                     .validate_outputs(store_dir, name, &lookup)
                     .and_then(|_| input.hash_modulo(store_dir, name, false, &lookup))
-                    .map_err(|source| GraphError::Invalid {
-                        path: path.clone(),
-                        source,
-                    })?
+                    .map_err(|source| GraphError::Invalid { path: path.clone(), source })?
             };
             self.hashes.insert(path.clone(), hashes);
         }
@@ -429,23 +354,14 @@ fn load_checked<E: std::error::Error + 'static>(
     path: &str,
     load: &mut dyn FnMut(&str) -> Result<Vec<u8>, E>,
 ) -> Result<(Derivation, String), GraphError<E>> {
-    let invalid = |source| GraphError::Invalid {
-        path: path.to_owned(),
-        source,
-    };
+    let invalid = |source| GraphError::Invalid { path: path.to_owned(), source };
     let sp = store_dir.parse_path(path).map_err(|e| invalid(e.into()))?;
     let name = name_from_drv_path(&sp).map_err(invalid)?.to_owned();
-    let bytes = load(path).map_err(|source| GraphError::Load {
-        path: path.to_owned(),
-        source,
-    })?;
+    let bytes = load(path).map_err(|source| GraphError::Load { path: path.to_owned(), source })?;
     let drv = Derivation::parse(&bytes).map_err(invalid)?;
     let computed = drv.drv_path(store_dir, &name).map_err(invalid)?;
     if computed != sp {
-        return Err(GraphError::WrongDrvPath {
-            path: path.to_owned(),
-            computed: store_dir.display(&computed),
-        });
+        return Err(GraphError::WrongDrvPath { path: path.to_owned(), computed: store_dir.display(&computed) });
     }
     Ok((drv, name))
 }

@@ -12,10 +12,7 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
     for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.ends_with(".drv") {
-            out.push((
-                format!("/nix/store/{name}"),
-                std::fs::read(entry.path()).unwrap_or_default(),
-            ));
+            out.push((format!("/nix/store/{name}"), std::fs::read(entry.path()).unwrap_or_default()));
         }
     }
     out.sort();
@@ -35,13 +32,10 @@ fn parse(bytes: &[u8]) -> Derivation {
 fn resolved_graph(fx: &[(String, Vec<u8>)]) -> DrvGraph {
     let map: BTreeMap<String, Vec<u8>> = fx.iter().cloned().collect();
     let mut graph = DrvGraph::new();
-    let mut load =
-        |p: &str| -> Result<Vec<u8>, Infallible> { Ok(map.get(p).cloned().unwrap_or_default()) };
+    let mut load = |p: &str| -> Result<Vec<u8>, Infallible> { Ok(map.get(p).cloned().unwrap_or_default()) };
     for (path, bytes) in fx {
         let drv = parse(bytes);
-        graph
-            .resolve_inputs(&nix_store(), &drv, &mut load)
-            .unwrap_or_else(|e| unreachable!("{path}: {e}"));
+        graph.resolve_inputs(&nix_store(), &drv, &mut load).unwrap_or_else(|e| unreachable!("{path}: {e}"));
     }
     graph
 }
@@ -82,10 +76,7 @@ fn declared_outputs_validate() {
 }
 
 fn fixture(name: &str) -> (String, Derivation) {
-    let (p, b) = fixtures()
-        .into_iter()
-        .find(|(p, _)| p.ends_with(name))
-        .unwrap_or_default();
+    let (p, b) = fixtures().into_iter().find(|(p, _)| p.ends_with(name)).unwrap_or_default();
     (p, parse(&b))
 }
 
@@ -95,15 +86,10 @@ fn a_tampered_output_path_is_rejected() {
     let graph = resolved_graph(&fx);
     let (_, mut drv) = fixture("-chain-b.drv");
     let other = fixture("-single.drv").1.outputs["out"].path.clone();
-    drv.outputs
-        .entry("out".to_owned())
-        .and_modify(|o| o.path = other.clone());
+    drv.outputs.entry("out".to_owned()).and_modify(|o| o.path = other.clone());
     drv.env.insert("out".to_owned(), other);
     let err = drv.validate_outputs(&nix_store(), "chain-b", &graph.lookup());
-    assert!(
-        matches!(err, Err(DrvError::OutputMismatch { .. })),
-        "{err:?}"
-    );
+    assert!(matches!(err, Err(DrvError::OutputMismatch { .. })), "{err:?}");
 }
 
 #[test]
@@ -111,10 +97,7 @@ fn a_tampered_environment_is_rejected() {
     let fx = fixtures();
     let graph = resolved_graph(&fx);
     let (_, mut drv) = fixture("-multi.drv");
-    drv.env.insert(
-        "dev".to_owned(),
-        "/nix/store/00000000000000000000000000000000-x".to_owned(),
-    );
+    drv.env.insert("dev".to_owned(), "/nix/store/00000000000000000000000000000000-x".to_owned());
     // The env is masked out of the output hash, so only the env check catches this.
     let err = drv.validate_outputs(&nix_store(), "multi", &graph.lookup());
     assert!(matches!(err, Err(DrvError::EnvMismatch { .. })), "{err:?}");
@@ -127,23 +110,15 @@ fn a_changed_builder_changes_the_output_paths() {
     let (_, mut drv) = fixture("-single.drv");
     drv.args.push("extra".to_owned());
     let err = drv.validate_outputs(&nix_store(), "single", &graph.lookup());
-    assert!(
-        matches!(err, Err(DrvError::OutputMismatch { .. })),
-        "{err:?}"
-    );
+    assert!(matches!(err, Err(DrvError::OutputMismatch { .. })), "{err:?}");
 }
 
 #[test]
 fn a_wrong_fixed_output_hash_is_rejected() {
     let (_, mut drv) = fixture("-fixed-flat.drv");
-    drv.outputs
-        .entry("out".to_owned())
-        .and_modify(|o| o.hash = "00".repeat(32));
+    drv.outputs.entry("out".to_owned()).and_modify(|o| o.hash = "00".repeat(32));
     let err = drv.validate_outputs(&nix_store(), "fixed-flat", &|_| None);
-    assert!(
-        matches!(err, Err(DrvError::OutputMismatch { .. })),
-        "{err:?}"
-    );
+    assert!(matches!(err, Err(DrvError::OutputMismatch { .. })), "{err:?}");
 }
 
 #[test]
@@ -151,11 +126,7 @@ fn an_input_whose_contents_do_not_match_its_path_is_rejected() {
     let fx = fixtures();
     let (_, drv) = fixture("-chain-b.drv");
     let mut load = |p: &str| -> Result<Vec<u8>, Infallible> {
-        let mut bytes = fx
-            .iter()
-            .find(|(q, _)| q == p)
-            .map(|(_, b)| b.clone())
-            .unwrap_or_default();
+        let mut bytes = fx.iter().find(|(q, _)| q == p).map(|(_, b)| b.clone()).unwrap_or_default();
         // Swap in a different (valid) derivation under the input's name.
         if p.ends_with("-chain-a.drv") {
             bytes = fixture("-single.drv").1.to_aterm();
@@ -163,10 +134,7 @@ fn an_input_whose_contents_do_not_match_its_path_is_rejected() {
         Ok(bytes)
     };
     let err = DrvGraph::new().resolve_inputs(&nix_store(), &drv, &mut load);
-    assert!(
-        matches!(err, Err(GraphError::WrongDrvPath { .. })),
-        "{err:?}"
-    );
+    assert!(matches!(err, Err(GraphError::WrongDrvPath { .. })), "{err:?}");
 }
 
 #[test]
@@ -196,18 +164,9 @@ fn non_canonical_and_malformed_input_is_rejected() {
         (MIN.replace("Derive(", "Derivation("), "expected"),
         (format!("{MIN}\n"), "after the end"),
         (MIN[..MIN.len() - 3].to_owned(), "end of input"),
-        (
-            MIN.replace("[],[],", r#"[],["/b","/a"],"#),
-            "not strictly sorted",
-        ),
-        (
-            MIN.replace("[],[],", r#"[],["/a","/a"],"#),
-            "not strictly sorted",
-        ),
-        (
-            MIN.replace(r#"[],[])"#, r#"[],[("b",""),("a","")])"#),
-            "not strictly sorted",
-        ),
+        (MIN.replace("[],[],", r#"[],["/b","/a"],"#), "not strictly sorted"),
+        (MIN.replace("[],[],", r#"[],["/a","/a"],"#), "not strictly sorted"),
+        (MIN.replace(r#"[],[])"#, r#"[],[("b",""),("a","")])"#), "not strictly sorted"),
         (MIN.replace(r#""s""#, r#""\q""#), "escape"),
         (MIN.replace(r#""s""#, "\"a\nb\""), "raw control"),
         (MIN.replace(r#""s""#, "\"\u{0}\""), ""),
@@ -227,61 +186,30 @@ fn non_canonical_and_malformed_input_is_rejected() {
     let mut bytes = MIN.as_bytes().to_vec();
     let at = MIN.find("\"s\"").unwrap_or_default() + 1;
     bytes[at] = 0xff;
-    assert!(matches!(
-        Derivation::parse(&bytes),
-        Err(DrvError::Syntax { .. })
-    ));
+    assert!(matches!(Derivation::parse(&bytes), Err(DrvError::Syntax { .. })));
 }
 
 #[test]
 fn unsupported_kinds_are_refused_clearly() {
-    let floating = MIN.replace(
-        r#""/nix/store/z7hc05ps92sb1hm09cgk2c2kvpvcnq9x-x","","""#,
-        r#""","r:sha256","""#,
-    );
-    assert!(
-        parse_err(&floating)
-            .to_string()
-            .contains("content-addressed (floating)")
-    );
-    let impure = MIN.replace(
-        r#""/nix/store/z7hc05ps92sb1hm09cgk2c2kvpvcnq9x-x","","""#,
-        r#""","r:sha256","impure""#,
-    );
+    let floating = MIN.replace(r#""/nix/store/z7hc05ps92sb1hm09cgk2c2kvpvcnq9x-x","","""#, r#""","r:sha256","""#);
+    assert!(parse_err(&floating).to_string().contains("content-addressed (floating)"));
+    let impure = MIN.replace(r#""/nix/store/z7hc05ps92sb1hm09cgk2c2kvpvcnq9x-x","","""#, r#""","r:sha256","impure""#);
     assert!(parse_err(&impure).to_string().contains("impure"));
-    let deferred = MIN.replace(
-        r#""/nix/store/z7hc05ps92sb1hm09cgk2c2kvpvcnq9x-x","","""#,
-        r#""","","""#,
-    );
+    let deferred = MIN.replace(r#""/nix/store/z7hc05ps92sb1hm09cgk2c2kvpvcnq9x-x","","""#, r#""","","""#);
     assert!(parse_err(&deferred).to_string().contains("deferred"));
     let dynamic = r#"DrvWithVersion("xp-dyn-drv",[],[],[],"s","b",[],[])"#;
-    assert!(
-        parse_err(dynamic)
-            .to_string()
-            .contains("dynamic derivations")
-    );
-    let dyn_input = MIN.replace(
-        "[],[],",
-        r#"[("/nix/store/z7hc05ps92sb1hm09cgk2c2kvpvcnq9x-a.drv",(["out"],[]))],[],"#,
-    );
-    assert!(
-        parse_err(&dyn_input)
-            .to_string()
-            .contains("dynamic-derivation")
-    );
+    assert!(parse_err(dynamic).to_string().contains("dynamic derivations"));
+    let dyn_input =
+        MIN.replace("[],[],", r#"[("/nix/store/z7hc05ps92sb1hm09cgk2c2kvpvcnq9x-a.drv",(["out"],[]))],[],"#);
+    assert!(parse_err(&dyn_input).to_string().contains("dynamic-derivation"));
     let two_fixed = r#"Derive([("a","/nix/store/z7hc05ps92sb1hm09cgk2c2kvpvcnq9x-x-a","sha256","00"),("out","/nix/store/z7hc05ps92sb1hm09cgk2c2kvpvcnq9x-x","","")],[],[],"s","b",[],[])"#;
-    assert!(
-        parse_err(two_fixed)
-            .to_string()
-            .contains("exactly one output")
-    );
+    assert!(parse_err(two_fixed).to_string().contains("exactly one output"));
     let no_outputs = r#"Derive([],[],[],"s","b",[],[])"#;
     assert!(parse_err(no_outputs).to_string().contains("no outputs"));
 }
 
 fn arb_string() -> impl Strategy<Value = String> {
-    proptest::string::string_regex("[a-z\"\\\\\n\r\t ✓\u{0}]{0,12}")
-        .unwrap_or_else(|e| unreachable!("{e}"))
+    proptest::string::string_regex("[a-z\"\\\\\n\r\t ✓\u{0}]{0,12}").unwrap_or_else(|e| unreachable!("{e}"))
 }
 
 fn arb_path() -> impl Strategy<Value = String> {

@@ -28,10 +28,7 @@ impl DumpError {
 }
 
 fn at(path: &Path) -> impl FnOnce(io::Error) -> DumpError + '_ {
-    move |source| DumpError {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| DumpError { path: path.to_owned(), source }
 }
 
 /// A reader the standard library cannot see through, so that `io::copy` reads file contents straight
@@ -59,12 +56,10 @@ fn dump_node<W: Write>(path: &Path, node: Node<'_, W>) -> Result<(), DumpError> 
     if ft.is_file() {
         let file = File::open(path).map_err(at(path))?;
         let executable = md.permissions().mode() & 0o100 != 0;
-        node.regular(executable, md.len(), PlainRead(file))
-            .map_err(at(path))
+        node.regular(executable, md.len(), PlainRead(file)).map_err(at(path))
     } else if ft.is_symlink() {
         let target = fs::read_link(path).map_err(at(path))?;
-        node.symlink(target.as_os_str().as_bytes())
-            .map_err(at(path))
+        node.symlink(target.as_os_str().as_bytes()).map_err(at(path))
     } else if ft.is_dir() {
         let mut names: Vec<OsString> = Vec::new();
         for entry in fs::read_dir(path).map_err(at(path))? {
@@ -88,10 +83,7 @@ fn dump_node<W: Write>(path: &Path, node: Node<'_, W>) -> Result<(), DumpError> 
         };
         Err(DumpError {
             path: path.to_owned(),
-            source: io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{kind} cannot be put in a NAR"),
-            ),
+            source: io::Error::new(io::ErrorKind::InvalidInput, format!("{kind} cannot be put in a NAR")),
         })
     }
 }
@@ -99,10 +91,7 @@ fn dump_node<W: Write>(path: &Path, node: Node<'_, W>) -> Result<(), DumpError> 
 /// The SHA-256 hash and size of the NAR of the tree at `path` (what `nix-store -q --hash` prints).
 /// Files are read on this thread and hashed on another.
 pub fn nar_hash(path: &Path) -> Result<(Hash, u64), DumpError> {
-    let err = |source| DumpError {
-        path: path.to_owned(),
-        source,
-    };
+    let err = |source| DumpError { path: path.to_owned(), source };
     let mut w = BufWriter::with_capacity(1 << 20, PipelinedHashSink::new().map_err(err)?);
     dump_path(path, &mut w)?;
     let sink = w.into_inner().map_err(|e| err(e.into_error()))?;

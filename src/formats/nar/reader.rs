@@ -10,9 +10,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 
 use thiserror::Error;
 
-use super::{
-    MAGIC, MAX_DEPTH, MAX_NAME_LEN, MAX_TARGET_LEN, check_entry_name, check_symlink_target, padding,
-};
+use super::{MAGIC, MAX_DEPTH, MAX_NAME_LEN, MAX_TARGET_LEN, check_entry_name, check_symlink_target, padding};
 
 /// The longest grammar token ("directory", "executable", ...).
 const MAX_TOKEN_LEN: usize = 16;
@@ -28,34 +26,15 @@ pub enum NarError {
     #[error("not a NAR: bad magic at byte 0")]
     BadMagic,
     #[error("NAR byte {offset}: expected {expected}, found {found}")]
-    Unexpected {
-        offset: u64,
-        expected: &'static str,
-        found: String,
-    },
+    Unexpected { offset: u64, expected: &'static str, found: String },
     #[error("NAR byte {offset}: {what} is {len} bytes long, more than the limit of {max}")]
-    TooLong {
-        offset: u64,
-        what: &'static str,
-        len: u64,
-        max: u64,
-    },
+    TooLong { offset: u64, what: &'static str, len: u64, max: u64 },
     #[error("NAR byte {offset}: non-zero padding")]
     NonZeroPadding { offset: u64 },
     #[error("NAR byte {offset}: {why}: {name}")]
-    BadName {
-        offset: u64,
-        why: &'static str,
-        name: String,
-    },
-    #[error(
-        "NAR byte {offset}: entry {name} is not after {previous} (entries must be sorted and unique)"
-    )]
-    Unsorted {
-        offset: u64,
-        name: String,
-        previous: String,
-    },
+    BadName { offset: u64, why: &'static str, name: String },
+    #[error("NAR byte {offset}: entry {name} is not after {previous} (entries must be sorted and unique)")]
+    Unsorted { offset: u64, name: String, previous: String },
     #[error("NAR byte {offset}: directories nested deeper than {MAX_DEPTH} levels")]
     TooDeep { offset: u64 },
     #[error("NAR byte {offset}: trailing bytes after the end of the archive")]
@@ -159,17 +138,9 @@ impl<R: Read> NarReader<R> {
             Event::Directory { name } => Event::Directory { name },
             Event::EndDirectory => Event::EndDirectory,
             Event::Symlink { name, target } => Event::Symlink { name, target },
-            Event::Regular {
-                name,
-                executable,
-                size,
-                contents: (),
-            } => Event::Regular {
-                name,
-                executable,
-                size,
-                contents: Contents { nar: self },
-            },
+            Event::Regular { name, executable, size, contents: () } => {
+                Event::Regular { name, executable, size, contents: Contents { nar: self } }
+            }
         }))
     }
 
@@ -203,9 +174,7 @@ impl<R: Read> NarReader<R> {
     fn parse_event(&mut self) -> Result<Option<Event<()>>, NarError> {
         match self.state {
             State::Start => {
-                let magic = self
-                    .read_string(MAGIC.len(), "the magic")
-                    .map_err(|_| NarError::BadMagic)?;
+                let magic = self.read_string(MAGIC.len(), "the magic").map_err(|_| NarError::BadMagic)?;
                 if magic != MAGIC {
                     return Err(NarError::BadMagic);
                 }
@@ -225,20 +194,12 @@ impl<R: Read> NarReader<R> {
                         self.expect(b"name", "\"name\"")?;
                         let offset = self.pos;
                         let name = self.read_string(MAX_NAME_LEN, "an entry name")?;
-                        check_entry_name(&name).map_err(|why| NarError::BadName {
-                            offset,
-                            why,
-                            name: show(&name),
-                        })?;
+                        check_entry_name(&name).map_err(|why| NarError::BadName { offset, why, name: show(&name) })?;
                         let last = self.stack.last_mut().and_then(Option::take);
                         if let Some(previous) = last
                             && previous >= name
                         {
-                            return Err(NarError::Unsorted {
-                                offset,
-                                name: show(&name),
-                                previous: show(&previous),
-                            });
+                            return Err(NarError::Unsorted { offset, name: show(&name), previous: show(&previous) });
                         }
                         if let Some(slot) = self.stack.last_mut() {
                             *slot = Some(name.clone());
@@ -246,11 +207,7 @@ impl<R: Read> NarReader<R> {
                         self.expect(b"node", "\"node\"")?;
                         self.node(name)
                     }
-                    other => Err(NarError::Unexpected {
-                        offset,
-                        expected: "\"entry\" or \")\"",
-                        found: show(other),
-                    }),
+                    other => Err(NarError::Unexpected { offset, expected: "\"entry\" or \")\"", found: show(other) }),
                 }
             }
             _ => Ok(None),
@@ -272,40 +229,22 @@ impl<R: Read> NarReader<R> {
                     token = self.read_token()?;
                 }
                 if token != b"contents" {
-                    return Err(NarError::Unexpected {
-                        offset,
-                        expected: "\"contents\"",
-                        found: show(&token),
-                    });
+                    return Err(NarError::Unexpected { offset, expected: "\"contents\"", found: show(&token) });
                 }
                 let offset = self.pos;
                 let size = self.read_u64()?;
                 if size > MAX_FILE_SIZE {
-                    return Err(NarError::TooLong {
-                        offset,
-                        what: "a file",
-                        len: size,
-                        max: MAX_FILE_SIZE,
-                    });
+                    return Err(NarError::TooLong { offset, what: "a file", len: size, max: MAX_FILE_SIZE });
                 }
                 self.size = size;
                 self.state = State::Contents { remaining: size };
-                Ok(Some(Event::Regular {
-                    name,
-                    executable,
-                    size,
-                    contents: (),
-                }))
+                Ok(Some(Event::Regular { name, executable, size, contents: () }))
             }
             b"symlink" => {
                 self.expect(b"target", "\"target\"")?;
                 let offset = self.pos;
                 let target = self.read_string(MAX_TARGET_LEN, "a symlink target")?;
-                check_symlink_target(&target).map_err(|why| NarError::BadName {
-                    offset,
-                    why,
-                    name: show(&target),
-                })?;
+                check_symlink_target(&target).map_err(|why| NarError::BadName { offset, why, name: show(&target) })?;
                 self.expect(b")", "\")\" after a symlink target")?;
                 self.state = State::AfterNode;
                 Ok(Some(Event::Symlink { name, target }))
@@ -318,11 +257,7 @@ impl<R: Read> NarReader<R> {
                 self.state = State::InDirectory;
                 Ok(Some(Event::Directory { name }))
             }
-            other => Err(NarError::Unexpected {
-                offset,
-                expected: "a node type",
-                found: show(other),
-            }),
+            other => Err(NarError::Unexpected { offset, expected: "a node type", found: show(other) }),
         }
     }
 
@@ -354,12 +289,7 @@ impl<R: Read> NarReader<R> {
         let offset = self.pos;
         let len = self.read_u64()?;
         if len > max as u64 {
-            return Err(NarError::TooLong {
-                offset,
-                what,
-                len,
-                max: max as u64,
-            });
+            return Err(NarError::TooLong { offset, what, len, max: max as u64 });
         }
         let mut s = vec![0u8; len as usize];
         self.read_exact(&mut s)?;
@@ -375,11 +305,7 @@ impl<R: Read> NarReader<R> {
         let offset = self.pos;
         let found = self.read_token()?;
         if found != token {
-            return Err(NarError::Unexpected {
-                offset,
-                expected,
-                found: show(&found),
-            });
+            return Err(NarError::Unexpected { offset, expected, found: show(&found) });
         }
         Ok(())
     }
@@ -448,14 +374,9 @@ impl<R: Read> BufRead for Contents<'_, R> {
         let offset = self.nar.pos;
         let buf = self.nar.r.fill_buf()?;
         if buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                NarError::Truncated { offset },
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, NarError::Truncated { offset }));
         }
-        let n = buf
-            .len()
-            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        let n = buf.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
         Ok(&buf[..n])
     }
 
@@ -464,8 +385,6 @@ impl<R: Read> BufRead for Contents<'_, R> {
         let n = (n as u64).min(remaining);
         self.nar.r.consume(n as usize);
         self.nar.pos += n;
-        self.nar.state = State::Contents {
-            remaining: remaining - n,
-        };
+        self.nar.state = State::Contents { remaining: remaining - n };
     }
 }

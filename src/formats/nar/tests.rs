@@ -32,9 +32,7 @@ fn write_node<W: Write>(node: Node<'_, W>, tree: &Tree) -> std::io::Result<()> {
 
 fn to_nar(tree: &Tree) -> Vec<u8> {
     let mut out = Vec::new();
-    begin(&mut out)
-        .and_then(|root| write_node(root, tree))
-        .unwrap_or_else(|e| unreachable!("{e}"));
+    begin(&mut out).and_then(|root| write_node(root, tree)).unwrap_or_else(|e| unreachable!("{e}"));
     out
 }
 
@@ -59,17 +57,9 @@ fn from_nar(bytes: &[u8]) -> Result<Tree, NarError> {
                 place(&mut stack, name, Tree::Dir(entries));
             }
             Event::Symlink { name, target } => place(&mut stack, name, Tree::Link(target)),
-            Event::Regular {
-                name,
-                executable,
-                mut contents,
-                ..
-            } => {
+            Event::Regular { name, executable, mut contents, .. } => {
                 let mut data = Vec::new();
-                contents.read_to_end(&mut data).map_err(|e| NarError::Io {
-                    offset: 0,
-                    source: e,
-                })?;
+                contents.read_to_end(&mut data).map_err(|e| NarError::Io { offset: 0, source: e })?;
                 place(&mut stack, name, Tree::File { executable, data });
             }
         }
@@ -78,8 +68,7 @@ fn from_nar(bytes: &[u8]) -> Result<Tree, NarError> {
 }
 
 fn arb_name() -> impl Strategy<Value = Vec<u8>> {
-    proptest::collection::vec(1u8..=255, 1..12)
-        .prop_filter("valid entry name", |n| check_entry_name(n).is_ok())
+    proptest::collection::vec(1u8..=255, 1..12).prop_filter("valid entry name", |n| check_entry_name(n).is_ok())
 }
 
 fn arb_tree() -> impl Strategy<Value = Tree> {
@@ -88,9 +77,7 @@ fn arb_tree() -> impl Strategy<Value = Tree> {
             .prop_map(|(executable, data)| Tree::File { executable, data }),
         proptest::collection::vec(1u8..=255, 1..20).prop_map(Tree::Link),
     ];
-    leaf.prop_recursive(4, 40, 6, |inner| {
-        proptest::collection::btree_map(arb_name(), inner, 0..6).prop_map(Tree::Dir)
-    })
+    leaf.prop_recursive(4, 40, 6, |inner| proptest::collection::btree_map(arb_name(), inner, 0..6).prop_map(Tree::Dir))
 }
 
 proptest! {
@@ -144,13 +131,7 @@ fn strs<'a>(s: &[&'a str]) -> Vec<P<'a>> {
 fn dir_with(names: &[&[u8]]) -> Vec<u8> {
     let mut parts = strs(&["nix-archive-1", "(", "type", "directory"]);
     for n in names {
-        parts.extend([
-            P::S(b"entry"),
-            P::S(b"("),
-            P::S(b"name"),
-            P::S(n),
-            P::S(b"node"),
-        ]);
+        parts.extend([P::S(b"entry"), P::S(b"("), P::S(b"name"), P::S(n), P::S(b"node")]);
         parts.extend(strs(&["(", "type", "regular", "contents", "x", ")", ")"]));
     }
     parts.push(P::S(b")"));
@@ -176,18 +157,7 @@ fn sanity_the_raw_builder_makes_valid_nars() {
 
 #[test]
 fn rejects_bad_magic() {
-    assert_rejected(
-        &raw(&strs(&[
-            "nix-archive-2",
-            "(",
-            "type",
-            "symlink",
-            "target",
-            "x",
-            ")",
-        ])),
-        "bad magic",
-    );
+    assert_rejected(&raw(&strs(&["nix-archive-2", "(", "type", "symlink", "target", "x", ")"])), "bad magic");
     assert_rejected(b"", "bad magic");
 }
 
@@ -225,21 +195,12 @@ fn rejects_nul_in_name() {
 #[test]
 fn rejects_every_truncation() {
     let nar = to_nar(&Tree::Dir(BTreeMap::from([
-        (
-            b"f".to_vec(),
-            Tree::File {
-                executable: true,
-                data: b"hello world".to_vec(),
-            },
-        ),
+        (b"f".to_vec(), Tree::File { executable: true, data: b"hello world".to_vec() }),
         (b"l".to_vec(), Tree::Link(b"f".to_vec())),
     ])));
     for cut in 0..nar.len() {
         let e = decode_err(&nar[..cut]);
-        assert!(
-            e.contains("truncated") || e.contains("bad magic"),
-            "cut at {cut}: {e}"
-        );
+        assert!(e.contains("truncated") || e.contains("bad magic"), "cut at {cut}: {e}");
     }
 }
 
@@ -265,14 +226,8 @@ fn rejects_absurd_lengths() {
     assert_rejected(&huge_name, "more than the limit");
     let huge_token = raw(&[P::S(b"nix-archive-1"), P::U(u64::MAX)]);
     assert_rejected(&huge_token, "more than the limit");
-    let huge_file = raw(&[
-        P::S(b"nix-archive-1"),
-        P::S(b"("),
-        P::S(b"type"),
-        P::S(b"regular"),
-        P::S(b"contents"),
-        P::U(u64::MAX),
-    ]);
+    let huge_file =
+        raw(&[P::S(b"nix-archive-1"), P::S(b"("), P::S(b"type"), P::S(b"regular"), P::S(b"contents"), P::U(u64::MAX)]);
     assert_rejected(&huge_file, "more than the limit");
     let long_target = vec![b'a'; MAX_TARGET_LEN + 1];
     let nar = raw(&[
@@ -284,27 +239,18 @@ fn rejects_absurd_lengths() {
         P::S(&long_target),
     ]);
     assert_rejected(&nar, "more than the limit");
-    assert_rejected(
-        &dir_with(&[&[b'a'; MAX_NAME_LEN + 1]]),
-        "more than the limit",
-    );
+    assert_rejected(&dir_with(&[&[b'a'; MAX_NAME_LEN + 1]]), "more than the limit");
 }
 
 #[test]
 fn rejects_nonzero_padding() {
-    let mut nar = to_nar(&Tree::File {
-        executable: false,
-        data: b"abc".to_vec(),
-    });
+    let mut nar = to_nar(&Tree::File { executable: false, data: b"abc".to_vec() });
     // The file's padding follows its 3 bytes of contents, 8 + 8 bytes before the final ")".
     let at = nar.len() - 16 - 1;
     nar[at] = 1;
     assert_rejected(&nar, "non-zero padding");
     let mut name = dir_with(&[b"abc"]);
-    let pos = name
-        .windows(3)
-        .position(|w| w == b"abc")
-        .unwrap_or_default();
+    let pos = name.windows(3).position(|w| w == b"abc").unwrap_or_default();
     name[pos + 3] = b'!';
     assert_rejected(&name, "non-zero padding");
 }
@@ -315,42 +261,13 @@ fn rejects_grammar_violations() {
     assert_rejected(&unknown_type, "expected a node type");
     let no_contents = raw(&strs(&["nix-archive-1", "(", "type", "regular", ")"]));
     assert_rejected(&no_contents, "expected \"contents\"");
-    let bad_exec = raw(&strs(&[
-        "nix-archive-1",
-        "(",
-        "type",
-        "regular",
-        "executable",
-        "yes",
-    ]));
+    let bad_exec = raw(&strs(&["nix-archive-1", "(", "type", "regular", "executable", "yes"]));
     assert_rejected(&bad_exec, "empty string after");
-    let junk_in_dir = raw(&strs(&[
-        "nix-archive-1",
-        "(",
-        "type",
-        "directory",
-        "entries",
-    ]));
+    let junk_in_dir = raw(&strs(&["nix-archive-1", "(", "type", "directory", "entries"]));
     assert_rejected(&junk_in_dir, "\"entry\" or \")\"");
-    let empty_target = raw(&strs(&[
-        "nix-archive-1",
-        "(",
-        "type",
-        "symlink",
-        "target",
-        "",
-        ")",
-    ]));
+    let empty_target = raw(&strs(&["nix-archive-1", "(", "type", "symlink", "target", "", ")"]));
     assert_rejected(&empty_target, "symlink target is empty");
-    let nul_target = raw(&strs(&[
-        "nix-archive-1",
-        "(",
-        "type",
-        "symlink",
-        "target",
-        "a\0",
-        ")",
-    ]));
+    let nul_target = raw(&strs(&["nix-archive-1", "(", "type", "symlink", "target", "a\0", ")"]));
     assert_rejected(&nul_target, "NUL");
 }
 
@@ -385,29 +302,17 @@ fn refuses_to_continue_after_an_error() {
 #[test]
 fn writer_refuses_bad_trees() {
     let mut out = Vec::new();
-    let Ok(root) = begin(&mut out) else {
-        unreachable!()
-    };
-    let Ok(mut dir) = root.directory() else {
-        unreachable!()
-    };
+    let Ok(root) = begin(&mut out) else { unreachable!() };
+    let Ok(mut dir) = root.directory() else { unreachable!() };
     assert!(dir.entry(b"b").and_then(|n| n.symlink(b"x")).is_ok());
     assert!(dir.entry(b"a").is_err(), "out of order");
     assert!(dir.entry(b"b").is_err(), "duplicate");
     assert!(dir.entry(b"..").is_err());
     assert!(dir.entry(b"c/d").is_err());
-    assert!(
-        dir.entry(b"c").and_then(|n| n.symlink(b"")).is_err(),
-        "empty target"
-    );
+    assert!(dir.entry(b"c").and_then(|n| n.symlink(b"")).is_err(), "empty target");
     let mut out = Vec::new();
-    let Ok(root) = begin(&mut out) else {
-        unreachable!()
-    };
-    assert!(
-        root.regular(false, 10, &b"short"[..]).is_err(),
-        "contents shorter than declared"
-    );
+    let Ok(root) = begin(&mut out) else { unreachable!() };
+    assert!(root.regular(false, 10, &b"short"[..]).is_err(), "contents shorter than declared");
 }
 
 /// Everything under `dir`, as relative paths.
@@ -417,11 +322,7 @@ fn listing(dir: &Path) -> Vec<String> {
     while let Some(d) = todo.pop() {
         for e in fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
-            out.push(
-                p.strip_prefix(dir)
-                    .map(|r| r.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            );
+            out.push(p.strip_prefix(dir).map(|r| r.to_string_lossy().into_owned()).unwrap_or_default());
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 todo.push(p);
             }
@@ -449,20 +350,8 @@ fn restoring_a_malicious_nar_writes_nothing_outside_dest() {
             ")",
             ")",
         ]));
-        parts.extend(strs(&[
-            "entry",
-            "(",
-            "name",
-            "a",
-            "node",
-            "(",
-            "type",
-            "directory",
-        ]));
-        parts.extend(strs(&[
-            "entry", "(", "name", "pwned", "node", "(", "type", "regular", "contents", "x", ")",
-            ")",
-        ]));
+        parts.extend(strs(&["entry", "(", "name", "a", "node", "(", "type", "directory"]));
+        parts.extend(strs(&["entry", "(", "name", "pwned", "node", "(", "type", "regular", "contents", "x", ")", ")"]));
         parts.extend(strs(&[")", ")", ")"]));
         raw(&parts)
     };
@@ -495,22 +384,13 @@ fn restore_refuses_an_existing_destination() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
     let dest = tmp.path().join("dest");
     fs::write(&dest, b"keep me").ok();
-    let nar = to_nar(&Tree::File {
-        executable: false,
-        data: b"new".to_vec(),
-    });
-    assert!(matches!(
-        restore(&nar[..], &dest),
-        Err(RestoreError::Exists(_))
-    ));
+    let nar = to_nar(&Tree::File { executable: false, data: b"new".to_vec() });
+    assert!(matches!(restore(&nar[..], &dest), Err(RestoreError::Exists(_))));
     assert_eq!(fs::read(&dest).ok().as_deref(), Some(&b"keep me"[..]));
     // A dangling symlink counts as existing too.
     let link = tmp.path().join("link");
     std::os::unix::fs::symlink(tmp.path().join("nowhere"), &link).ok();
-    assert!(matches!(
-        restore(&nar[..], &link),
-        Err(RestoreError::Exists(_))
-    ));
+    assert!(matches!(restore(&nar[..], &link), Err(RestoreError::Exists(_))));
     assert!(!tmp.path().join("nowhere").exists());
 }
 
@@ -518,57 +398,29 @@ fn restore_refuses_an_existing_destination() {
 fn restore_sets_executable_bits_and_dump_reads_them() {
     use std::os::unix::fs::PermissionsExt as _;
     let tree = Tree::Dir(BTreeMap::from([
-        (
-            b"bin".to_vec(),
-            Tree::File {
-                executable: true,
-                data: b"#!/bin/sh\n".to_vec(),
-            },
-        ),
-        (
-            b"data".to_vec(),
-            Tree::File {
-                executable: false,
-                data: Vec::new(),
-            },
-        ),
-        (
-            "\u{e9}t\u{e9}".as_bytes().to_vec(),
-            Tree::Link(b"/abs/dangling".to_vec()),
-        ),
+        (b"bin".to_vec(), Tree::File { executable: true, data: b"#!/bin/sh\n".to_vec() }),
+        (b"data".to_vec(), Tree::File { executable: false, data: Vec::new() }),
+        ("\u{e9}t\u{e9}".as_bytes().to_vec(), Tree::Link(b"/abs/dangling".to_vec())),
         (vec![0xff, 0xfe], Tree::Dir(BTreeMap::new())),
     ]));
     let nar = to_nar(&tree);
     let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
     let dest = tmp.path().join("t");
     assert!(restore(&nar[..], &dest).is_ok());
-    let mode = |p: &str| {
-        fs::metadata(dest.join(p))
-            .map(|m| m.permissions().mode())
-            .unwrap_or(0)
-    };
+    let mode = |p: &str| fs::metadata(dest.join(p)).map(|m| m.permissions().mode()).unwrap_or(0);
     assert_eq!(mode("bin") & 0o111, 0o111);
     assert_eq!(mode("data") & 0o111, 0);
-    assert!(
-        dest.join(std::ffi::OsStr::from_bytes(&[0xff, 0xfe]))
-            .is_dir()
-    );
+    assert!(dest.join(std::ffi::OsStr::from_bytes(&[0xff, 0xfe])).is_dir());
     let (hash, size) = nar_hash(&dest).unwrap_or_else(|e| unreachable!("{e}"));
     assert_eq!(size, nar.len() as u64);
-    assert_eq!(
-        hash,
-        crate::formats::hash::Hash::sha256(crate::formats::hash::sha256(&nar))
-    );
+    assert_eq!(hash, crate::formats::hash::Hash::sha256(crate::formats::hash::sha256(&nar)));
 }
 
 #[test]
 fn restore_to_a_destination_with_a_maximal_name() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
     let dest = tmp.path().join("d".repeat(255));
-    let nar = to_nar(&Tree::Dir(BTreeMap::from([(
-        b"f".to_vec(),
-        Tree::Link(b"x".to_vec()),
-    )])));
+    let nar = to_nar(&Tree::Dir(BTreeMap::from([(b"f".to_vec(), Tree::Link(b"x".to_vec()))])));
     assert!(restore(&nar[..], &dest).is_ok());
     assert!(dest.join("f").is_symlink());
 }

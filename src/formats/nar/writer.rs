@@ -27,10 +27,7 @@ fn write_strs<W: Write + ?Sized>(w: &mut W, strs: &[&[u8]]) -> io::Result<()> {
 /// Start a NAR: writes the magic and returns the root node.
 pub fn begin<W: Write>(w: &mut W) -> io::Result<Node<'_, W>> {
     write_str(w, MAGIC)?;
-    Ok(Node {
-        w,
-        entry_open: None,
-    })
+    Ok(Node { w, entry_open: None })
 }
 
 /// A node not yet written. Writing it consumes it.
@@ -62,9 +59,7 @@ impl<'a, W: Write> Node<'a, W> {
         if copied != size {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!(
-                    "file contents ended after {copied} of {size} bytes (did the file change?)"
-                ),
+                format!("file contents ended after {copied} of {size} bytes (did the file change?)"),
             ));
         }
         self.w.write_all(&[0u8; 8][..padding(size)])?;
@@ -81,12 +76,7 @@ impl<'a, W: Write> Node<'a, W> {
     /// A directory; add entries with [`Directory::entry`], then [`Directory::close`] it.
     pub fn directory(self) -> io::Result<Directory<'a, W>> {
         write_strs(self.w, &[b"(", b"type", b"directory"])?;
-        Ok(Directory {
-            w: self.w,
-            entry_open: self.entry_open,
-            last: None,
-            child_open: false,
-        })
+        Ok(Directory { w: self.w, entry_open: self.entry_open, last: None, child_open: false })
     }
 }
 
@@ -104,8 +94,7 @@ impl<W: Write> Directory<'_, W> {
         if self.child_open {
             return Err(invalid("the previous directory entry was never written"));
         }
-        check_entry_name(name)
-            .map_err(|why| invalid(format!("{why}: {:?}", String::from_utf8_lossy(name))))?;
+        check_entry_name(name).map_err(|why| invalid(format!("{why}: {:?}", String::from_utf8_lossy(name))))?;
         if let Some(last) = &self.last
             && last.as_slice() >= name
         {
@@ -118,10 +107,7 @@ impl<W: Write> Directory<'_, W> {
         self.last = Some(name.to_vec());
         write_strs(self.w, &[b"entry", b"(", b"name", name, b"node"])?;
         self.child_open = true;
-        Ok(Node {
-            w: self.w,
-            entry_open: Some(&mut self.child_open),
-        })
+        Ok(Node { w: self.w, entry_open: Some(&mut self.child_open) })
     }
 
     /// End the directory.
@@ -129,10 +115,6 @@ impl<W: Write> Directory<'_, W> {
         if self.child_open {
             return Err(invalid("the last directory entry was never written"));
         }
-        Node {
-            w: self.w,
-            entry_open: self.entry_open,
-        }
-        .finish()
+        Node { w: self.w, entry_open: self.entry_open }.finish()
     }
 }
