@@ -6,12 +6,12 @@
 //! Builds (once) a derivation whose output is SIZE_BYTES of random data, in an agent store under
 //! WORK_DIR, then per round: asks a fresh agent to build it again (the output is valid, so the agent
 //! only streams its NAR) and times from `finished` to `nar_end` as a reader that parses every frame
-//! sees it; and times `cat NAR_FILE` into a reader that discards the bytes. Prints the medians and
-//! their ratio.
+//! sees it; and times `cat NAR_FILE` into a reader that discards the bytes, over a pipe of the same
+//! size as the agent's (1 MiB). Prints the medians and their ratio.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,7 +64,7 @@ fn agent_round(gbc: &Path, state: &Path, drv_path: &str, drv: &Derivation) -> (D
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    let mut reader = FrameReader::new(BufReader::with_capacity(1 << 20, child.stdout.take().unwrap()));
+    let mut reader = FrameReader::from_read(child.stdout.take().unwrap());
     let send = |stdin: &mut std::process::ChildStdin, m: Message| {
         write_frame(stdin, &Frame::new(m)).unwrap();
         stdin.flush().unwrap();
@@ -86,14 +86,15 @@ fn agent_round(gbc: &Path, state: &Path, drv_path: &str, drv: &Derivation) -> (D
     send(&mut stdin, Message::Start { build: "b".into() });
     let mut started = None;
     let mut bytes = 0u64;
+    let mut payload = Vec::new();
     loop {
-        let f = reader.read().unwrap().expect("agent closed the stream");
-        match f.message {
+        let message = reader.read_message(&mut payload).unwrap().expect("agent closed the stream");
+        match message {
             Message::Finished { status, .. } => {
                 assert_eq!(status, gbc::protocol::BuildStatus::Success);
                 started = Some(Instant::now());
             }
-            Message::NarChunk { .. } => bytes += f.payload.len() as u64,
+            Message::NarChunk { .. } => bytes += payload.len() as u64,
             Message::NarEnd { .. } => break,
             Message::Error { message, .. } => panic!("agent: {message}"),
             _ => {}
@@ -110,6 +111,8 @@ fn cat_round(file: &Path) -> Duration {
     let start = Instant::now();
     let mut child = Command::new("cat").arg(file).stdout(Stdio::piped()).spawn().unwrap();
     let mut out = child.stdout.take().unwrap();
+    // The same kind of pipe as the agent's: it grows its stdout pipe to 1 MiB.
+    rustix::pipe::fcntl_setpipe_size(&out, 1 << 20).unwrap();
     let mut buf = vec![0u8; 1 << 20];
     while out.read(&mut buf).unwrap() > 0 {}
     child.wait().unwrap();

@@ -9,11 +9,11 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
-use std::io::{self, BufRead, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufWriter, IoSlice, Read, Write};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -25,8 +25,8 @@ use crate::formats::narinfo;
 use crate::formats::signing::SecretKey;
 use crate::formats::store_path::{StoreDir, StorePath};
 use crate::protocol::{
-    BuildStatus, BuiltOutput, ChunkWriter, Frame, FrameReader, HostFacts, MAX_PAYLOAD, Message, PROTOCOL_VERSION,
-    PathMeta, ProtocolError,
+    BuildStatus, BuiltOutput, ChunkWriter, Frame, FrameReader, HostFacts, MAX_PAYLOAD, Message, NAR_CHUNK,
+    PROTOCOL_VERSION, PathMeta, ProtocolError,
 };
 use crate::store::{LocalStore, PathInfo, remove_tree};
 
@@ -64,7 +64,30 @@ pub fn load_or_create_key(path: &Path, name: &str) -> io::Result<SecretKey> {
     }
 }
 
-type Tx = mpsc::SyncSender<Frame>;
+/// The session's output, shared by every thread that sends. A frame is written whole under the lock,
+/// payload straight from the sender's buffer (no copy, no hand-off to another thread), and flushed.
+#[derive(Clone)]
+struct Tx(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Tx {
+    fn frame(&self, message: &Message, payload: &[u8]) -> io::Result<()> {
+        let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let mut out = self.0.lock().map_err(|_| io::Error::other("output lock poisoned"))?;
+        // One system call for header and payload where possible: a separate tiny write would take a
+        // page of the pipe of its own and split the payload's write in two.
+        let mut slices = [IoSlice::new(&line), IoSlice::new(payload)];
+        let mut slices = &mut slices[..];
+        while !slices.is_empty() {
+            let n = out.write_vectored(slices)?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut slices, n);
+        }
+        out.flush()
+    }
+}
 
 struct Pending {
     drv_path: String,
@@ -80,32 +103,12 @@ struct Pending {
 
 /// Serve one session on `input`/`output` until the peer closes `input`.
 pub fn serve<R: BufRead, W: Write + Send + 'static>(config: AgentConfig, input: R, output: W) -> io::Result<()> {
-    let (tx, rx) = mpsc::sync_channel::<Frame>(64);
-    let writer = std::thread::spawn(move || write_loop(rx, output));
-    let config = Arc::new(config);
-    let result = session(&config, input, &tx);
-    drop(tx);
-    let written = writer.join().map_err(|_| io::Error::other("writer thread panicked"))?;
-    result.and(written)
-}
-
-fn write_loop<W: Write>(rx: mpsc::Receiver<Frame>, output: W) -> io::Result<()> {
-    let mut w = BufWriter::with_capacity(MAX_PAYLOAD + 4096, output);
-    while let Ok(frame) = rx.recv() {
-        crate::protocol::write_frame(&mut w, &frame)?;
-        // Flush when nothing else is waiting, so small messages are not held back.
-        let mut next = rx.try_recv();
-        while let Ok(frame) = next {
-            crate::protocol::write_frame(&mut w, &frame)?;
-            next = rx.try_recv();
-        }
-        w.flush()?;
-    }
-    w.flush()
+    let tx = Tx(Arc::new(Mutex::new(Box::new(output))));
+    session(&Arc::new(config), input, &tx)
 }
 
 fn send(tx: &Tx, message: Message) {
-    let _ = tx.send(Frame::new(message));
+    let _ = tx.frame(&message, &[]);
 }
 
 fn reply_error(tx: &Tx, message: String, build: Option<String>, transfer: Option<u64>) {
@@ -344,8 +347,7 @@ fn run_build(config: &AgentConfig, tx: &Tx, id: &str, p: Pending, cancel: Arc<At
     send(tx, Message::Started { build: id.to_owned() });
     let outcome = build::build(&config.store, &req, &settings, &mut |chunk| {
         for part in chunk.chunks(MAX_PAYLOAD) {
-            let message = Message::Log { build: id.to_owned(), payload: part.len() as u64 };
-            let _ = tx.send(Frame { message, payload: part.to_vec() });
+            let _ = tx.frame(&Message::Log { build: id.to_owned(), payload: part.len() as u64 }, part);
         }
     });
     let status = match outcome {
@@ -406,11 +408,12 @@ fn send_nar(
 ) -> io::Result<()> {
     let sp = sd.parse_path(&meta.path).map_err(|e| invalid(e.to_string()))?;
     send(tx, Message::NarStart { transfer, build: Some(build.to_owned()), meta: meta.clone() });
-    let mut chunks =
-        ChunkWriter::new(transfer, |frame| tx.send(frame).map_err(|_| io::Error::other("connection closed")));
+    let chunks = ChunkWriter::new(transfer, |message, payload| tx.frame(message, payload));
+    // Through a buffer of one chunk, so that files are read a chunk at a time straight into it.
+    let mut chunks = BufWriter::with_capacity(NAR_CHUNK, chunks);
     let result = nar::dump_path(&config.store.physical(&sp), &mut chunks)
-        .map_err(|e| io::Error::new(e.source.kind(), e.to_string()));
-    let result = result.and_then(|()| chunks.finish());
+        .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))
+        .and_then(|()| chunks.flush());
     send(tx, Message::NarEnd { transfer });
     result
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -38,7 +38,7 @@ impl Agent {
         let stdout = child.stdout.take().unwrap();
         let (tx, frames) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut r = FrameReader::new(BufReader::new(stdout));
+            let mut r = FrameReader::from_read(stdout);
             while let Ok(Some(f)) = r.read() {
                 if tx.send(f).is_err() {
                     break;

@@ -52,6 +52,6 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     };
     let systems = if opts.systems.is_empty() { vec![native_system()] } else { opts.systems };
     let config = AgentConfig { store, signing_key, settings, store_dirs, systems, features: opts.features };
-    serve(config, io::stdin().lock(), io::stdout())?;
+    serve(config, io::stdin().lock(), io::BufWriter::with_capacity(64 * 1024, super::raw_stdout()?))?;
     Ok(())
 }

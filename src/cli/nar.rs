@@ -8,21 +8,8 @@ use anyhow::Context as _;
 use super::check_failed;
 use crate::formats::nar::{self, RestoreError};
 
-/// When standard output is a pipe, grow it to 1 MiB: with the default 64 KiB, writer and reader
-/// take turns sixteen times as often, which costs more than the copying on a busy machine.
-fn grow_stdout_pipe() {
-    let stdout = io::stdout();
-    let is_pipe = rustix::fs::fstat(&stdout)
-        .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo);
-    if is_pipe {
-        let _ = rustix::pipe::fcntl_setpipe_size(&stdout, 1 << 20);
-    }
-}
-
 pub fn dump(path: &Path) -> anyhow::Result<()> {
-    grow_stdout_pipe();
-    let stdout = io::stdout().lock();
-    let mut out = BufWriter::with_capacity(1 << 20, stdout);
+    let mut out = BufWriter::with_capacity(1 << 20, super::raw_stdout()?);
     nar::dump_path(path, &mut out)?;
     out.flush().context("standard output")?;
     Ok(())
