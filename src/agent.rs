@@ -513,3 +513,151 @@ fn add_path(
     let cleaned = remove_tree(&tmp);
     result.and(cleaned)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use super::*;
+    use crate::formats::hash::sha256;
+    use crate::protocol::write_frame;
+
+    /// An output that tests can read after the session.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().map_err(|_| io::Error::other("poisoned"))?.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn config(root: &Path) -> AgentConfig {
+        let store = LocalStore::open(root).unwrap_or_else(|e| unreachable!("{e}"));
+        AgentConfig {
+            store,
+            signing_key: SecretKey::generate("test-agent-1").unwrap_or_else(|e| unreachable!("{e}")),
+            settings: BuildSettings::default(),
+            store_dirs: vec![StoreDir::new("/gnu/store").unwrap_or_else(|e| unreachable!("{e}"))],
+            systems: vec![native_system()],
+            features: vec!["kvm".to_owned()],
+        }
+    }
+
+    fn frames(messages: &[(Message, Vec<u8>)], raw_after_hello: &[u8]) -> Vec<u8> {
+        let mut input = Vec::new();
+        for (i, (m, p)) in messages.iter().enumerate() {
+            write_frame(&mut input, &Frame { message: m.clone(), payload: p.clone() }).ok();
+            if i == 0 {
+                input.extend_from_slice(raw_after_hello);
+            }
+        }
+        input
+    }
+
+    fn replies(output: &Shared) -> Vec<Message> {
+        let bytes = output.0.lock().map(|b| b.clone()).unwrap_or_default();
+        let mut r = FrameReader::new(&bytes[..]);
+        let mut out = Vec::new();
+        while let Ok(Some(f)) = r.read() {
+            out.push(f.message);
+        }
+        out
+    }
+
+    const PATH: &str = "/gnu/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-hello";
+
+    fn nar_of(contents: &[u8]) -> Vec<u8> {
+        let mut nar = Vec::new();
+        let root = nar::begin(&mut nar).unwrap_or_else(|e| unreachable!("{e}"));
+        root.regular(false, contents.len() as u64, contents).unwrap_or_else(|e| unreachable!("{e}"));
+        nar
+    }
+
+    fn upload(transfer: u64, nar: &[u8], declared: &[u8], path: &str) -> Vec<(Message, Vec<u8>)> {
+        let meta = PathMeta {
+            path: path.to_owned(),
+            nar_hash: Hash::sha256(sha256(declared)).to_nix32_string(),
+            nar_size: declared.len() as u64,
+            references: vec![],
+            deriver: None,
+        };
+        vec![
+            (Message::NarStart { transfer, build: None, meta }, vec![]),
+            (Message::NarChunk { transfer, payload: nar.len() as u64 }, nar.to_vec()),
+            (Message::NarEnd { transfer }, vec![]),
+        ]
+    }
+
+    #[test]
+    fn transcript_hello_errors_and_uploads() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let cfg = config(&tmp.path().join("store"));
+        let public = cfg.signing_key.public().to_string();
+        let good = nar_of(b"hello\n");
+        let mut bad = good.clone();
+        // Same length, one letter of the contents changed: a valid NAR with the wrong hash.
+        let at = bad.windows(5).position(|w| w == b"hello").unwrap_or_default();
+        bad[at] = b'j';
+        let mut msgs =
+            vec![(Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "t".into(), host: None }, vec![])];
+        msgs.extend(upload(1, &good, &good, PATH));
+        msgs.extend(upload(2, &bad, &good, &PATH.replace("-hello", "-other")));
+        msgs.extend(upload(3, &good, &good, "/etc/passwd"));
+        msgs.push((Message::Cancel { build: "nope".into() }, vec![]));
+        msgs.push((Message::Started { build: "x".into() }, vec![]));
+        let input = frames(&msgs, b"not json\n{\"type\":\"teleport\"}\n");
+        let output = Shared::default();
+        serve(cfg, Cursor::new(input), output.clone()).unwrap_or_else(|e| unreachable!("{e}"));
+
+        let got = replies(&output);
+        let Some(Message::Hello { protocol, host: Some(host), .. }) = got.first() else { unreachable!("{got:?}") };
+        assert_eq!(*protocol, PROTOCOL_VERSION);
+        assert_eq!((host.signing_key.as_str(), host.features.as_slice()), (public.as_str(), &["kvm".to_owned()][..]));
+        let rest = &got[1..];
+        let errors: Vec<&str> = rest
+            .iter()
+            .filter_map(|m| match m {
+                Message::Error { message, .. } => Some(message.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(errors.len(), 6, "{rest:?}");
+        for want in ["bad message", "unknown variant", "does not match", "not a store path", "no build", "unexpected"] {
+            assert!(errors.iter().any(|e| e.contains(want)), "no error about {want:?}: {errors:?}");
+        }
+        assert!(rest.contains(&Message::PathAdded { transfer: 1, path: PATH.to_owned() }), "{rest:?}");
+
+        // Only the good upload is valid; nothing else is left in the store.
+        let store = LocalStore::open(&tmp.path().join("store")).unwrap_or_else(|e| unreachable!("{e}"));
+        let sd = StoreDir::new("/gnu/store").unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(store.is_valid(&sd, PATH).unwrap_or(false));
+        assert!(!store.is_valid(&sd, &PATH.replace("-hello", "-other")).unwrap_or(true));
+        let names: Vec<String> = fs::read_dir(tmp.path().join("store"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        assert_eq!(names, vec!["3pysdbjixd4amzidam0kp6vwzpqy58y3-hello".to_owned()]);
+        assert_eq!(fs::read_dir(tmp.path().join("store/.gbc-tmp")).map(|d| d.count()).unwrap_or(1), 0);
+    }
+
+    #[test]
+    fn transcript_refuses_a_session_without_hello() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let input = frames(&[(Message::Start { build: "b".into() }, vec![])], b"");
+        let output = Shared::default();
+        assert!(serve(config(tmp.path()), Cursor::new(input), output.clone()).is_err());
+        let got = replies(&output);
+        assert!(
+            matches!(got.get(1), Some(Message::Error { message, .. }) if message.contains("must be hello")),
+            "{got:?}"
+        );
+    }
+}
