@@ -241,6 +241,82 @@ fn a_hostile_peer_gets_errors_and_nothing_half_written_becomes_valid() {
     assert_eq!(leftovers, 0, "temporary files left behind");
 }
 
+fn instantiate_builds(attrs: &[&str], salt: &str) -> BTreeMap<String, String> {
+    let mut cmd = nix("nix-instantiate");
+    cmd.arg(repo_path("tests/nix/builds.nix")).args(["--argstr", "salt", salt]);
+    for a in attrs {
+        cmd.args(["-A", a]);
+    }
+    attrs.iter().map(|a| a.to_string()).zip(run_ok_str(&mut cmd).lines().map(str::to_owned)).collect()
+}
+
+#[test]
+fn builds_run_at_once_and_their_messages_interleave() {
+    let drvs = instantiate_builds(&["pauseA", "pauseB", "slow"], &salt());
+    let tmp = tempdir();
+    let mut agent = Agent::start(tmp.path());
+    for (id, attr) in [("a", "pauseA"), ("b", "pauseB"), ("s", "slow")] {
+        agent.send(build_msg(id, &drvs[attr], vec![]));
+        assert!(matches!(agent.next().message, Message::Inputs { ref missing, .. } if missing.is_empty()));
+    }
+    for id in ["a", "b", "s"] {
+        agent.send(Message::Start { build: id.into() });
+    }
+    // Cancel the slow one while it runs.
+    let mut events: Vec<(String, String)> = Vec::new();
+    let mut finished = BTreeMap::new();
+    let mut canceled_sent = false;
+    while finished.len() < 3 {
+        let f = agent.next();
+        match f.message {
+            Message::Started { build } => {
+                events.push((build.clone(), "started".into()));
+                if build == "s" && !canceled_sent {
+                    agent.send(Message::Cancel { build: "s".into() });
+                    canceled_sent = true;
+                }
+            }
+            Message::Log { build, .. } => events.push((build, String::from_utf8_lossy(&f.payload).trim().to_owned())),
+            Message::Finished { build, status, .. } => {
+                events.push((build.clone(), "finished".into()));
+                finished.insert(build, status);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(finished["a"], BuildStatus::Success);
+    assert_eq!(finished["b"], BuildStatus::Success);
+    assert_eq!(finished["s"], BuildStatus::Canceled);
+    // Both pauses began before either ended: they ran at the same time.
+    let pos = |b: &str, what: &str| events.iter().position(|(x, w)| x == b && w.contains(what)).unwrap();
+    assert!(pos("a", "a begins") < pos("b", "finished") && pos("b", "b begins") < pos("a", "finished"), "{events:?}");
+}
+
+#[test]
+fn a_kill_during_an_upload_leaves_nothing_valid() {
+    let drvs = instantiate(&["chainA", "chainB"], &salt());
+    let a_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainA"]])).trim().to_owned();
+    let tmp = tempdir();
+    let (meta, nar) = nix_path(&a_out);
+    {
+        let mut agent = Agent::start(tmp.path());
+        agent.send(Message::NarStart { transfer: 1, build: None, meta });
+        let half = &nar[..nar.len() / 2];
+        agent.send_frame(Frame {
+            message: Message::NarChunk { transfer: 1, payload: half.len() as u64 },
+            payload: half.to_vec(),
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // Drop kills the agent with SIGKILL.
+    }
+    let mut agent = Agent::start(tmp.path());
+    agent.send(build_msg("b", &drvs["chainB"], vec![a_out.clone()]));
+    assert_eq!(agent.next().message, Message::Inputs { build: "b".into(), missing: vec![a_out.clone()] });
+    assert_eq!(std::fs::read_dir(tmp.path().join("agent/store/.gbc-tmp")).unwrap().count(), 0);
+    let base = std::path::Path::new(&a_out).file_name().unwrap();
+    assert!(!tmp.path().join("agent/store").join(base).exists());
+}
+
 #[test]
 fn incompatible_protocol_versions_are_refused_clearly() {
     let tmp = tempdir();

@@ -40,13 +40,36 @@ pub struct LocalStore {
     root: PathBuf,
     db: PathBuf,
     tmp: PathBuf,
+    /// Held for the store's lifetime: one process at a time owns a store root.
+    _lock: File,
 }
 
 impl LocalStore {
-    /// Open (creating if needed) the store under `root`.
+    /// Open (creating if needed) the store under `root`, taking it for this process alone, and
+    /// clear what an interrupted earlier owner left in its temporary space.
     pub fn open(root: &Path) -> io::Result<LocalStore> {
-        let store = LocalStore { root: root.to_owned(), db: root.join(".gbc-db"), tmp: root.join(".gbc-tmp") };
-        for dir in [&store.root, &store.db, &store.tmp] {
+        fs::create_dir_all(root).map_err(|e| with_path(e, root))?;
+        let lock_path = root.join(".gbc-lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| with_path(e, &lock_path))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{}: the store is in use by another gbc process", root.display()),
+                ));
+            }
+            Err(e) => return Err(with_path(e.into(), &lock_path)),
+        }
+        let store =
+            LocalStore { root: root.to_owned(), db: root.join(".gbc-db"), tmp: root.join(".gbc-tmp"), _lock: lock };
+        remove_tree(&store.tmp)?;
+        for dir in [&store.db, &store.tmp] {
             fs::create_dir_all(dir).map_err(|e| with_path(e, dir))?;
         }
         Ok(store)
@@ -252,6 +275,20 @@ mod tests {
         let (have, missing) = store.closure(&sd, [A]).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(have, BTreeSet::from([A.to_owned()]));
         assert_eq!(missing, BTreeSet::from([B.to_owned()]));
+    }
+
+    #[test]
+    fn one_process_owns_a_store_and_leftovers_are_cleared() {
+        let (tmp, store, _) = store();
+        let leftover = store.temp_dir("nar").unwrap_or_else(|e| unreachable!("{e}"));
+        fs::write(leftover.join("half"), b"x").ok();
+        // flock locks belong to open file descriptions: a second open in the same process conflicts.
+        let second = LocalStore::open(&tmp.path().join("root"));
+        assert!(second.is_err_and(|e| e.to_string().contains("in use")));
+        drop(store);
+        let reopened = LocalStore::open(&tmp.path().join("root"));
+        assert!(reopened.is_ok());
+        assert!(!leftover.exists(), "temporary space not cleared");
     }
 
     #[test]

@@ -9,6 +9,10 @@ let
   } // args);
   input = sh "probe-input" "echo input ${salt} > $out" { };
 in {
+  # Two builds that take a while, to run at once over one agent session.
+  pauseA = sh "pause-a" "echo 'a begins'; /bin/sleep 2; echo 'a ends'; echo a > $out" { inherit salt; };
+  pauseB = sh "pause-b" "echo 'b begins'; /bin/sleep 2; echo 'b ends'; echo b > $out" { inherit salt; };
+
   failing = sh "failing" "echo 'failing on purpose' >&2; exit 3" { };
 
   noOutput = sh "no-output" "echo 'made nothing'" { };
