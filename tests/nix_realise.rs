@@ -214,3 +214,45 @@ fn the_environment_is_nix_s() {
     }
     assert!(!env.lines().any(|l| l.starts_with("big=")), "passAsFile variables are not in the environment");
 }
+
+#[test]
+fn an_unprivileged_user_can_build_too() {
+    // CI runs as root; drop to nobody for this one (user namespaces need no privilege).
+    if !rustix::process::getuid().is_root() {
+        // Already unprivileged: every other test here covers it.
+        return;
+    }
+    let drvs = instantiate("tests/nix/derivations.nix", &["chainB", "chainA"], &salt());
+    let tmp = tempdir();
+    // nobody must be able to reach the binary, the .drv files and the store root.
+    let exe = tmp.path().join("gbc");
+    fs::copy(env!("CARGO_BIN_EXE_gbc"), &exe).unwrap();
+    let drv_dir = tmp.path().join("drvs");
+    fs::create_dir(&drv_dir).unwrap();
+    for d in drvs.values() {
+        fs::copy(d, drv_dir.join(Path::new(d).file_name().unwrap())).unwrap();
+    }
+    let root = tmp.path().join("store");
+    fs::create_dir(&root).unwrap();
+    run_ok_str(std::process::Command::new("chown").args(["-R", "65534:65534"]).arg(tmp.path()));
+    run_ok_str(std::process::Command::new("chmod").arg("755").arg(tmp.path()));
+    let file = drv_dir.join(Path::new(&drvs["chainB"]).file_name().unwrap());
+    let out = run(std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&exe)
+        .arg("realise")
+        .arg("--store-root")
+        .arg(&root)
+        .arg(&file)
+        .env("HOME", tmp.path()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let path = String::from_utf8(out.stdout).unwrap();
+    let theirs = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainB"]]));
+    assert_eq!(path.trim(), theirs.trim());
+    let hash = run_ok_str(nix("nix-store").args(["-q", "--hash", theirs.trim()]));
+    assert_eq!(record(&root, path.trim())["nar_hash"].as_str(), Some(hash.trim()));
+    let owner = std::os::unix::fs::MetadataExt::uid(
+        &fs::symlink_metadata(root.join(Path::new(path.trim()).file_name().unwrap())).unwrap(),
+    );
+    assert_eq!(owner, 65534, "outputs belong to the agent's user");
+}
