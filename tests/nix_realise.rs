@@ -180,6 +180,8 @@ fn the_sandbox_holds() {
     let expected: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
     assert!(listing.is_subset(&expected) && listing.len() >= 2, "store seen inside: {listing:?}, closure {expected:?}");
     assert!(report.contains("hostname=localhost"), "{report}");
+    // lo is up: the kernel has local host routes (127.0.0.1) only then.
+    assert!(!report.contains("loopback: 0"), "lo is down: {report}");
     for escaped in ["/gbc-escaped", "/tmp/gbc-escaped", "/usr/gbc-escaped", "/nix/gbc-escaped"] {
         assert!(!Path::new(escaped).exists(), "{escaped} was written on the host");
     }

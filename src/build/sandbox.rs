@@ -314,6 +314,9 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     fs::write(etc.join("hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
 
     ctx(rustix::system::sethostname(b"localhost"), || "setting the host name".to_owned())?;
+    if !spec.network {
+        super::sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("bringing up lo: {e}")))?;
+    }
     remount_read_only(root)?;
 
     ctx(rustix::process::chdir(root), || "entering the new root".to_owned())?;
