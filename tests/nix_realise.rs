@@ -258,3 +258,31 @@ fn an_unprivileged_user_can_build_too() {
     );
     assert_eq!(owner, 65534, "outputs belong to the agent's user");
 }
+
+#[test]
+fn fixed_output_builds_keep_the_network() {
+    let host_interfaces = fs::read_to_string("/proc/net/dev").unwrap().lines().count() - 2;
+    assert!(host_interfaces > 1, "this test needs a host with a network interface besides lo");
+    let drvs = instantiate("tests/nix/builds.nix", &["fixedNetwork"], &salt());
+    let tmp = tempdir();
+    let out = realise(&tmp.path().join("store"), &drvs["fixedNetwork"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn without_user_namespaces_the_setup_failure_says_why() {
+    // Inside a user namespace of our own, allow no further ones (the limit is per namespace).
+    let drvs = instantiate("tests/nix/derivations.nix", &["single"], &salt());
+    let tmp = tempdir();
+    let script = format!(
+        "echo 0 > /proc/sys/user/max_user_namespaces && exec {} realise --store-root {} {}",
+        env!("CARGO_BIN_EXE_gbc"),
+        tmp.path().join("store").display(),
+        drvs["single"]
+    );
+    let out = run(std::process::Command::new("unshare").args(["--user", "--map-root-user", "sh", "-c", &script]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("build setup failed") && err.contains("user namespaces"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

@@ -13,6 +13,18 @@ in {
   pauseA = sh "pause-a" "echo 'a begins'; /bin/sleep 2; echo 'a ends'; echo a > $out" { inherit salt; };
   pauseB = sh "pause-b" "echo 'b begins'; /bin/sleep 2; echo 'b ends'; echo b > $out" { inherit salt; };
 
+  # A fixed-output build keeps the host's network: it sees more interfaces than lo. Its output is
+  # "networked" only then, and the declared hash is of that word.
+  fixedNetwork = sh "fixed-network" ''
+    n=$(/bin/cat /proc/net/dev | /usr/bin/tail -n +3 | /usr/bin/wc -l)
+    if [ "$n" -gt 1 ]; then printf networked > $out; else printf isolated > $out; fi
+  '' {
+    outputHashMode = "flat";
+    outputHashAlgo = "sha256";
+    outputHash = builtins.hashString "sha256" "networked";
+    inherit salt;
+  };
+
   failing = sh "failing" "echo 'failing on purpose' >&2; exit 3" { };
 
   noOutput = sh "no-output" "echo 'made nothing'" { };
