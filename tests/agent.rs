@@ -315,6 +315,11 @@ fn a_kill_during_an_upload_leaves_nothing_valid() {
     assert_eq!(std::fs::read_dir(tmp.path().join("agent/store/.gbc-tmp")).unwrap().count(), 0);
     let base = std::path::Path::new(&a_out).file_name().unwrap();
     assert!(!tmp.path().join("agent/store").join(base).exists());
+    // Starting anyway ends the build with the list of what is missing.
+    agent.send(Message::Start { build: "b".into() });
+    let frames = agent.until(|m| matches!(m, Message::Finished { .. }));
+    let Some(Message::Finished { status, .. }) = frames.last().map(|f| &f.message) else { unreachable!() };
+    assert_eq!(*status, BuildStatus::MissingInputs { paths: vec![a_out.clone()] });
 }
 
 #[test]
