@@ -381,18 +381,23 @@ fn run_build(config: &AgentConfig, tx: &Tx, id: &str, p: Pending, cancel: Arc<At
     send(tx, Message::Finished { build: id.to_owned(), status, outputs: vec![] });
 }
 
+/// The wire form of a store path's record (wire and store types are kept apart on purpose).
+fn meta_of(info: &PathInfo) -> PathMeta {
+    PathMeta {
+        path: info.path.clone(),
+        nar_hash: info.nar_hash.clone(),
+        nar_size: info.nar_size,
+        references: info.references.clone(),
+        deriver: info.deriver.clone(),
+    }
+}
+
 fn sign_output(config: &AgentConfig, name: &str, info: &PathInfo) -> io::Result<BuiltOutput> {
     let hash = Hash::parse(&info.nar_hash).map_err(|e| invalid(e.to_string()))?;
     let fp = narinfo::fingerprint(&info.path, &hash, info.nar_size, &info.references);
     Ok(BuiltOutput {
         name: name.to_owned(),
-        meta: PathMeta {
-            path: info.path.clone(),
-            nar_hash: info.nar_hash.clone(),
-            nar_size: info.nar_size,
-            references: info.references.clone(),
-            deriver: info.deriver.clone(),
-        },
+        meta: meta_of(info),
         signature: config.signing_key.sign(fp.as_bytes()).to_string(),
     })
 }

@@ -10,7 +10,7 @@ use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{gbc, nix, repo_path, run_ok, run_ok_str, salt, tempdir};
+use common::{gbc, nix, run_ok, run_ok_str, salt, tempdir};
 use gbc::formats::hash::Hash;
 use gbc::formats::narinfo::fingerprint;
 use gbc::formats::signing::{PublicKey, Signature};
@@ -104,12 +104,7 @@ impl Drop for Agent {
 }
 
 fn instantiate(attrs: &[&str], salt: &str) -> BTreeMap<String, String> {
-    let mut cmd = nix("nix-instantiate");
-    cmd.arg(repo_path("tests/nix/derivations.nix")).args(["--argstr", "salt", salt]);
-    for a in attrs {
-        cmd.args(["-A", a]);
-    }
-    attrs.iter().map(|a| a.to_string()).zip(run_ok_str(&mut cmd).lines().map(str::to_owned)).collect()
+    common::instantiate("tests/nix/derivations.nix", None, attrs, salt).into_iter().collect()
 }
 
 fn build_msg(id: &str, drv: &str, inputs: Vec<String>) -> Message {
@@ -242,12 +237,7 @@ fn a_hostile_peer_gets_errors_and_nothing_half_written_becomes_valid() {
 }
 
 fn instantiate_builds(attrs: &[&str], salt: &str) -> BTreeMap<String, String> {
-    let mut cmd = nix("nix-instantiate");
-    cmd.arg(repo_path("tests/nix/builds.nix")).args(["--argstr", "salt", salt]);
-    for a in attrs {
-        cmd.args(["-A", a]);
-    }
-    attrs.iter().map(|a| a.to_string()).zip(run_ok_str(&mut cmd).lines().map(str::to_owned)).collect()
+    common::instantiate("tests/nix/builds.nix", None, attrs, salt).into_iter().collect()
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{gbc, nix, repo_path, run, run_ok, run_ok_str, salt, tempdir};
+use common::{gbc, nix, run, run_ok, run_ok_str, salt, tempdir};
 use gbc::formats::derivation::Derivation;
 
 const ATTRS: &[&str] = &[
@@ -29,18 +29,7 @@ const ATTRS: &[&str] = &[
 
 /// Instantiate every attribute; returns (attribute, .drv path as Nix printed it).
 fn instantiate(store: Option<&str>, salt: &str) -> Vec<(String, String)> {
-    let mut cmd = nix("nix-instantiate");
-    if let Some(store) = store {
-        cmd.args(["--store", store]);
-    }
-    cmd.arg(repo_path("tests/nix/derivations.nix")).args(["--argstr", "salt", salt]);
-    for a in ATTRS {
-        cmd.args(["-A", a]);
-    }
-    let out = run_ok_str(&mut cmd);
-    let paths: Vec<String> = out.lines().map(str::to_owned).collect();
-    assert_eq!(paths.len(), ATTRS.len(), "{out}");
-    ATTRS.iter().map(|a| a.to_string()).zip(paths).collect()
+    common::instantiate("tests/nix/derivations.nix", store, ATTRS, salt)
 }
 
 /// The output paths Nix recorded for a derivation, via `nix show-derivation`.

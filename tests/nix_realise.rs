@@ -9,17 +9,11 @@ use std::fs;
 use std::path::Path;
 use std::process::Output;
 
-use common::{gbc, nix, repo_path, run, run_ok_str, salt, tempdir};
+use common::{gbc, nix, run, run_ok_str, salt, tempdir};
 
 /// Instantiate attributes of a test expression; returns attribute → .drv path.
 fn instantiate(file: &str, attrs: &[&str], salt: &str) -> BTreeMap<String, String> {
-    let mut cmd = nix("nix-instantiate");
-    cmd.arg(repo_path(file)).args(["--argstr", "salt", salt]);
-    for a in attrs {
-        cmd.args(["-A", a]);
-    }
-    let out = run_ok_str(&mut cmd);
-    attrs.iter().map(|a| a.to_string()).zip(out.lines().map(str::to_owned)).collect()
+    common::instantiate(file, None, attrs, salt).into_iter().collect()
 }
 
 fn realise(root: &Path, drv: &str, extra: &[&str]) -> Output {

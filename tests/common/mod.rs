@@ -52,6 +52,23 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
 
+/// `nix-instantiate` attributes of one of the test expressions (`tests/nix/*.nix`) with `salt`, in
+/// the default store or `store`; returns attribute → `.drv` path, in the order given.
+pub fn instantiate(file: &str, store: Option<&str>, attrs: &[&str], salt: &str) -> Vec<(String, String)> {
+    let mut cmd = nix("nix-instantiate");
+    if let Some(store) = store {
+        cmd.args(["--store", store]);
+    }
+    cmd.arg(repo_path(file)).args(["--argstr", "salt", salt]);
+    for a in attrs {
+        cmd.args(["-A", a]);
+    }
+    let out = run_ok_str(&mut cmd);
+    let paths: Vec<String> = out.lines().map(str::to_owned).collect();
+    assert_eq!(paths.len(), attrs.len(), "{out}");
+    attrs.iter().map(|a| a.to_string()).zip(paths).collect()
+}
+
 /// A salt that makes this run's derivations new to the Nix store, so comparisons are live.
 pub fn salt() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
