@@ -111,6 +111,9 @@ impl LocalStore {
     pub fn register(&self, store_dir: &StoreDir, info: &PathInfo) -> io::Result<()> {
         let sp = store_dir.parse_path(&info.path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         sync_tree(&self.physical(&sp))?;
+        // The path's own directory entry (it was just renamed into the root) must be durable before
+        // the record that says it is valid.
+        File::open(&self.root).and_then(|d| d.sync_all()).map_err(|e| with_path(e, &self.root))?;
         let json = serde_json::to_vec_pretty(info).map_err(io::Error::other)?;
         write_atomically(&self.record(&sp), &json)
     }
