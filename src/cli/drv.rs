@@ -12,7 +12,7 @@ use super::check_failed;
 use crate::formats::derivation::{Derivation, DrvGraph, GraphError, name_from_drv_path};
 use crate::formats::store_path::{StoreDir, StorePath};
 
-pub(super) fn read_drv(file: &Path) -> anyhow::Result<Derivation> {
+fn read_drv(file: &Path) -> anyhow::Result<Derivation> {
     let bytes = fs::read(file).with_context(|| format!("{}", file.display()))?;
     Derivation::parse(&bytes).map_err(|e| check_failed(file.display(), e))
 }
@@ -51,7 +51,7 @@ pub fn show(file: &Path) -> anyhow::Result<()> {
 }
 
 /// A derivation file's store dir, its name, and the store path its file name claims (if it has one).
-pub(super) fn identify(file: &Path, drv: &Derivation) -> anyhow::Result<(StoreDir, String, Option<StorePath>)> {
+fn identify(file: &Path, drv: &Derivation) -> anyhow::Result<(StoreDir, String, Option<StorePath>)> {
     let store_dir = drv.store_dir().map_err(|e| check_failed(file.display(), e))?;
     let base = file.file_name().and_then(|b| b.to_str()).unwrap_or_default();
     match StorePath::from_base_name(base) {
@@ -74,32 +74,59 @@ pub(super) fn input_locations(file: &Path, drv_path: &str) -> Vec<PathBuf> {
     vec![sibling, PathBuf::from(drv_path)]
 }
 
-pub fn path(file: &Path) -> anyhow::Result<()> {
+/// A derivation file whose contents have been checked: they give its own name (when it is named
+/// like a store path), every input derivation gives its path, and the declared outputs are right.
+pub(super) struct CheckedDrv {
+    pub drv: Derivation,
+    pub store_dir: StoreDir,
+    pub name: String,
+    pub drv_path: StorePath,
+    pub outputs: BTreeMap<String, StorePath>,
+}
+
+/// Read and check `file`, resolving its inputs into `graph` (shared between calls, so each input is
+/// hashed once). Input derivations are read from beside `file`, else from their store path.
+pub(super) fn load_checked(file: &Path, graph: &mut DrvGraph) -> anyhow::Result<CheckedDrv> {
     let drv = read_drv(file)?;
     let (store_dir, name, claimed) = identify(file, &drv)?;
-    let computed = drv.drv_path(&store_dir, &name).map_err(|e| check_failed(file.display(), e))?;
+    let drv_path = drv.drv_path(&store_dir, &name).map_err(|e| check_failed(file.display(), e))?;
     if let Some(claimed) = &claimed
-        && *claimed != computed
+        && *claimed != drv_path
     {
         return Err(check_failed(
             file.display(),
-            format!("its contents give the path {}, not its own name", store_dir.display(&computed)),
+            format!("its contents give the path {}, not its own name", store_dir.display(&drv_path)),
         ));
     }
-
-    let mut graph = DrvGraph::new();
-    let mut load = |p: &str| super::realise::read_first(&input_locations(file, p));
+    let mut load = |p: &str| read_first(&input_locations(file, p));
     graph.resolve_inputs(&store_dir, &drv, &mut load).map_err(|e| match e {
         GraphError::Load { .. } => anyhow::Error::new(e).context(file.display().to_string()),
         e => check_failed(file.display(), format!("input derivation {e}")),
     })?;
-    let outputs: BTreeMap<String, StorePath> =
+    let outputs =
         drv.validate_outputs(&store_dir, &name, &graph.lookup()).map_err(|e| check_failed(file.display(), e))?;
+    Ok(CheckedDrv { drv, store_dir, name, drv_path, outputs })
+}
 
+/// The first of `places` that exists, read.
+pub(super) fn read_first(places: &[PathBuf]) -> Result<Vec<u8>, io::Error> {
+    for place in places {
+        match fs::read(place) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            other => return other,
+        }
+    }
+    let tried: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
+    Err(io::Error::new(io::ErrorKind::NotFound, format!("not found (looked at {})", tried.join(" and "))))
+}
+
+pub fn path(file: &Path) -> anyhow::Result<()> {
+    let checked = load_checked(file, &mut DrvGraph::new())?;
+    let sd = &checked.store_dir;
     let mut out = io::stdout().lock();
-    writeln!(out, "{}", store_dir.display(&computed))?;
-    for (output, path) in outputs {
-        writeln!(out, "{output} {}", store_dir.display(&path))?;
+    writeln!(out, "{}", sd.display(&checked.drv_path))?;
+    for (output, path) in &checked.outputs {
+        writeln!(out, "{output} {}", sd.display(path))?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::check_failed;
-use super::drv::{identify, input_locations, read_drv};
+use super::drv::{CheckedDrv, input_locations, load_checked};
 use crate::build::{self, BuildRequest, BuildSettings, Outcome};
 use crate::formats::derivation::DrvGraph;
 use crate::store::LocalStore;
@@ -43,7 +43,7 @@ pub fn run(file: &Path, opts: &Options) -> anyhow::Result<()> {
     settings.max_silent = opts.max_silent.map(Duration::from_secs);
     settings.timeout = opts.timeout.map(Duration::from_secs);
     let mut done = BTreeMap::new();
-    let outputs = realise(&store, &settings, file, &mut done)?;
+    let outputs = realise(&store, &settings, file, &mut DrvGraph::new(), &mut done)?;
     let mut out = io::stdout().lock();
     for path in outputs.values() {
         writeln!(out, "{path}")?;
@@ -51,24 +51,20 @@ pub fn run(file: &Path, opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Realise `file`, its missing inputs first; returns output name → path. `done` memoises by file.
+/// Realise `file`, its missing inputs first; returns output name → path. `graph` holds the hashes
+/// of derivations already checked; `done` memoises by file.
 fn realise(
     store: &LocalStore,
     settings: &BuildSettings,
     file: &Path,
+    graph: &mut DrvGraph,
     done: &mut BTreeMap<PathBuf, BTreeMap<String, String>>,
 ) -> anyhow::Result<BTreeMap<String, String>> {
     if let Some(outs) = done.get(file) {
         return Ok(outs.clone());
     }
-    let drv = read_drv(file)?;
-    let (store_dir, name, _) = identify(file, &drv)?;
-    let drv_path = store_dir.display(&drv.drv_path(&store_dir, &name).map_err(|e| check_failed(file.display(), e))?);
-    let mut graph = DrvGraph::new();
-    let mut load = |p: &str| -> Result<Vec<u8>, io::Error> { read_first(&input_locations(file, p)) };
-    graph.resolve_inputs(&store_dir, &drv, &mut load).map_err(|e| check_failed(file.display(), e))?;
-    let outputs =
-        drv.validate_outputs(&store_dir, &name, &graph.lookup()).map_err(|e| check_failed(file.display(), e))?;
+    let CheckedDrv { drv, store_dir, name, drv_path, outputs } = load_checked(file, graph)?;
+    let drv_path = store_dir.display(&drv_path);
 
     let mut inputs: BTreeSet<String> = drv.input_srcs.clone();
     for (input, used) in &drv.input_drvs {
@@ -76,7 +72,7 @@ fn realise(
             .into_iter()
             .find(|p| p.exists())
             .with_context(|| format!("{}: input derivation {input} not found", file.display()))?;
-        let outs = realise(store, settings, &input_file, done)?;
+        let outs = realise(store, settings, &input_file, graph, done)?;
         for o in used {
             let p = outs.get(o).with_context(|| format!("{input} has no output {o:?}"))?;
             inputs.insert(p.clone());
@@ -108,15 +104,4 @@ fn realise(
     };
     done.insert(file.to_owned(), result.clone());
     Ok(result)
-}
-
-pub(super) fn read_first(places: &[PathBuf]) -> Result<Vec<u8>, io::Error> {
-    for place in places {
-        match std::fs::read(place) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            other => return other,
-        }
-    }
-    let tried: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
-    Err(io::Error::new(io::ErrorKind::NotFound, format!("not found (looked at {})", tried.join(" and "))))
 }
