@@ -77,18 +77,19 @@ fn fail(spec_error_file: &Path, stage: &str, e: &io::Error) -> ExitCode {
     ExitCode::from(SETUP_FAILED)
 }
 
-fn parse(spec: &str) -> io::Result<SandboxSpec> {
-    serde_json::from_str(spec).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+/// The spec, or the exit of a stage that cannot even read it (there is no error file to write to).
+fn parse(spec: &str, stage: &str) -> Result<SandboxSpec, ExitCode> {
+    serde_json::from_str(spec).map_err(|e| {
+        let _ = writeln!(io::stderr(), "gbc {stage}: {e}");
+        ExitCode::from(SETUP_FAILED)
+    })
 }
 
 /// Stage 1: enter the namespaces and start stage 2 as their PID 1.
 pub fn stage1(spec_json: &str) -> ExitCode {
-    let spec = match parse(spec_json) {
+    let spec = match parse(spec_json, "__sandbox") {
         Ok(s) => s,
-        Err(e) => {
-            let _ = writeln!(io::stderr(), "gbc __sandbox: {e}");
-            return ExitCode::from(SETUP_FAILED);
-        }
+        Err(code) => return code,
     };
     match enter_namespaces(&spec) {
         Ok(()) => {}
@@ -142,12 +143,9 @@ fn become_build_user() -> io::Result<()> {
 
 /// Stage 2, PID 1 of the sandbox: build the root, pivot into it, run the builder.
 pub fn stage2(spec_json: &str) -> ExitCode {
-    let spec = match parse(spec_json) {
+    let spec = match parse(spec_json, "__sandbox-init") {
         Ok(s) => s,
-        Err(e) => {
-            let _ = writeln!(io::stderr(), "gbc __sandbox-init: {e}");
-            return ExitCode::from(SETUP_FAILED);
-        }
+        Err(code) => return code,
     };
     // Open the error file now: after pivoting, its path is out of reach.
     let mut errors = match OpenOptions::new().write(true).create(true).truncate(true).open(&spec.error_file) {
