@@ -6,8 +6,11 @@
 //! - [`cli`]: the `gbc` command line; the only module that prints to users.
 
 pub mod agent;
+pub mod api;
 pub mod build;
 pub mod cli;
+pub mod coordinator;
+pub mod db;
 pub mod formats;
 pub mod protocol;
 pub mod store;

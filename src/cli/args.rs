@@ -7,9 +7,10 @@ use clap::{Parser, Subcommand};
 
 /// gbc: a build coordinator for Guix and Nix derivations.
 ///
-/// gbc builds derivations across many machines reached over SSH and publishes the verified outputs
-/// as a signed binary cache. This version provides the store-format tools everything else rests on:
-/// NAR archives, derivations, narinfo signing and verification, all byte-exact with Nix.
+/// A coordinator (`gbc coordinator`) keeps a durable queue of builds and hands them to build
+/// machines, each running `gbc agent`; `gbc submit`, `watch`, `build`, `builds`, `show`, `log`,
+/// `cancel` and `machines` talk to it. The store-format tools underneath (NAR archives,
+/// derivations, narinfo signing and verification) are byte-exact with Nix.
 ///
 /// Exit status: 0 on success, 1 when a check failed (invalid or mismatching input, a missing or
 /// untrusted signature), 2 on a usage or I/O error.
@@ -120,6 +121,140 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         cores: Option<u32>,
     },
+    /// Run the coordinator in the foreground: the build queue, the machines, the client socket.
+    ///
+    /// State (the SQLite database, build logs, the local machine's store) lives in the state dir;
+    /// clients reach the coordinator through <state dir>/gbc.sock. With no machines file, one
+    /// built-in machine, `localhost`, builds with this host's system, running `gbc agent` as a child
+    /// process. SIGINT or SIGTERM stops it: no new build starts, running builds get --grace seconds
+    /// to finish, the others go back to the queue. Killed outright, it loses nothing: builds that
+    /// were running are queued again at the next start.
+    Coordinator {
+        /// State directory (default: $GBC_STATE_DIR, else $XDG_STATE_HOME/gbc or ~/.local/state/gbc).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Parallel builds of the local machine (default: this host's cores).
+        #[arg(long, value_name = "N")]
+        local_builds: Option<u32>,
+        /// Attempts a build gets when its setup fails or its machine is lost, before it fails.
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        max_attempts: u32,
+        /// Seconds running builds may go on after SIGINT/SIGTERM.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        grace: u64,
+        /// Kill a build after this many seconds without log output.
+        #[arg(long, value_name = "SECONDS")]
+        max_silent_time: Option<u64>,
+        /// Kill a build after this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
+    /// Queue derivations for building; print one build UUID per line, in order.
+    ///
+    /// Each DRV is read here, with its input derivations (from beside it, else from their store
+    /// path), and sent to the coordinator, which checks them all and answers at once. Input
+    /// derivations with neither a queued, running nor successful build get builds of their own,
+    /// which the submitted ones wait for.
+    Submit {
+        /// Higher goes first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i64,
+        /// A KEY=VALUE tag (repeatable), for `gbc builds --tag`.
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        /// When a successful build already produced these outputs, print its UUID instead.
+        #[arg(long)]
+        ignore_if_built: bool,
+        #[arg(required = true, value_name = "DRV")]
+        drvs: Vec<PathBuf>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Follow builds until they end (every queued or running build when no UUID is given).
+    ///
+    /// Exits 0 when every watched build succeeded, 1 when one failed or was canceled.
+    Watch {
+        /// One JSON event per line.
+        #[arg(long)]
+        json: bool,
+        #[arg(value_name = "UUID")]
+        uuids: Vec<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Submit derivations, follow their builds, then print their output paths.
+    ///
+    /// Progress goes to standard error, output paths to standard output. Exits 1 when a build
+    /// failed.
+    Build {
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i64,
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        #[arg(long)]
+        ignore_if_built: bool,
+        /// Progress as one JSON event per line on standard error.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true, value_name = "DRV")]
+        drvs: Vec<PathBuf>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List builds, newest first.
+    Builds {
+        #[arg(long, value_name = "STATE", value_parser = parse_state)]
+        state: Option<crate::api::BuildState>,
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        #[arg(long, value_name = "N", default_value_t = 50)]
+        limit: u32,
+        /// A JSON array.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Show everything about one build: state, derivation, outputs, attempts.
+    Show {
+        uuid: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Print a build's log, following it while the build runs.
+    Log {
+        uuid: String,
+        /// Which attempt (default: the latest).
+        #[arg(long, value_name = "N")]
+        attempt: Option<u32>,
+        /// Print what there is now and stop.
+        #[arg(long)]
+        no_follow: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Cancel queued or running builds; builds waiting for them fail.
+    Cancel {
+        #[arg(required = true, value_name = "UUID")]
+        uuids: Vec<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Show the machines: up or down, since when, running builds, load.
+    Machines {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Coordinator counters and allocation timings, as JSON.
+    #[command(hide = true)]
+    Stats {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Show what gbc's format tools do, on an embedded example (no Nix needed).
     Demo,
     /// Internal: the sandbox helper (stage 1).
@@ -131,6 +266,30 @@ pub enum Command {
     /// Write the man pages to DIR.
     #[command(hide = true)]
     GenerateMan { dir: PathBuf },
+}
+
+/// How a client command finds the coordinator.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientOpts {
+    /// The coordinator's state directory (default: $GBC_STATE_DIR, else $XDG_STATE_HOME/gbc or
+    /// ~/.local/state/gbc); its socket is <DIR>/gbc.sock.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The coordinator's socket, overriding --state-dir [env: GBC_COORDINATOR].
+    #[arg(long, value_name = "SOCKET")]
+    pub coordinator: Option<PathBuf>,
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+fn parse_state(s: &str) -> Result<crate::api::BuildState, String> {
+    crate::api::BuildState::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a state (queued, running, succeeded, failed, canceled)"))
 }
 
 #[derive(Debug, Subcommand)]

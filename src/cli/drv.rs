@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::check_failed;
-use crate::formats::derivation::{Derivation, DrvGraph, GraphError, name_from_drv_path};
+use crate::formats::derivation::{self, Derivation, DrvGraph, GraphError};
 use crate::formats::store_path::{StoreDir, StorePath};
 
 fn read_drv(file: &Path) -> anyhow::Result<Derivation> {
@@ -50,21 +50,9 @@ pub fn show(file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A derivation file's store dir, its name, and the store path its file name claims (if it has one).
 fn identify(file: &Path, drv: &Derivation) -> anyhow::Result<(StoreDir, String, Option<StorePath>)> {
-    let store_dir = drv.store_dir().map_err(|e| check_failed(file.display(), e))?;
     let base = file.file_name().and_then(|b| b.to_str()).unwrap_or_default();
-    match StorePath::from_base_name(base) {
-        Ok(sp) => {
-            let name = name_from_drv_path(&sp).map_err(|e| check_failed(file.display(), e))?.to_owned();
-            Ok((store_dir, name, Some(sp)))
-        }
-        // Not named like a store path (e.g. a copy called foo.drv): take the name from the outputs.
-        Err(_) => {
-            let name = drv.name_from_outputs().map_err(|e| check_failed(file.display(), e))?;
-            Ok((store_dir, name, None))
-        }
-    }
+    derivation::identify(base, drv).map_err(|e| check_failed(file.display(), e))
 }
 
 /// Where to read an input derivation from: beside `file`, else at its own store path.

@@ -7,6 +7,8 @@
 
 mod agent;
 pub mod args;
+mod client;
+mod coordinator;
 mod demo;
 mod drv;
 mod keys;
@@ -105,6 +107,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cores,
             })
         }
+        Command::Coordinator { state_dir, local_builds, max_attempts, grace, max_silent_time, timeout } => {
+            coordinator::run(coordinator::Options {
+                state_dir,
+                local_builds,
+                max_attempts,
+                grace,
+                max_silent: max_silent_time,
+                timeout,
+            })
+        }
+        Command::Submit { priority, tags, ignore_if_built, drvs, client } => {
+            client::submit(&client, &drvs, priority, tags, ignore_if_built)
+        }
+        Command::Watch { json, uuids, client } => client::watch(&client, uuids, json),
+        Command::Build { priority, tags, ignore_if_built, json, drvs, client } => {
+            client::build(&client, &drvs, priority, tags, ignore_if_built, json)
+        }
+        Command::Builds { state, tags, limit, json, client } => client::builds(&client, state, tags, limit, json),
+        Command::Show { uuid, json, client } => client::show(&client, &uuid, json),
+        Command::Log { uuid, attempt, no_follow, client } => client::log(&client, &uuid, attempt, no_follow),
+        Command::Cancel { uuids, client } => client::cancel(&client, &uuids),
+        Command::Machines { json, client } => client::machines(&client, json),
+        Command::Stats { client } => client::stats(&client),
         Command::Demo => demo::run(),
         Command::Sandbox { .. } | Command::SandboxInit { .. } => Ok(()),
         Command::GenerateMan { dir } => man::generate(&dir),

@@ -14,8 +14,12 @@ use crate::build::{self, BuildRequest, BuildSettings, Outcome};
 use crate::formats::derivation::DrvGraph;
 use crate::store::LocalStore;
 
-/// The default state directory: `$XDG_STATE_HOME/gbc`, else `~/.local/state/gbc`.
+/// The default state directory: `$GBC_STATE_DIR`, else `$XDG_STATE_HOME/gbc`, else
+/// `~/.local/state/gbc`.
 pub fn default_state_dir() -> anyhow::Result<PathBuf> {
+    if let Some(x) = std::env::var_os("GBC_STATE_DIR").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x));
+    }
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
         return Ok(PathBuf::from(x).join("gbc"));
     }

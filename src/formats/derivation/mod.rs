@@ -261,6 +261,20 @@ impl Derivation {
     }
 }
 
+/// A derivation file's store dir, its name, and the store path its file name claims (when the file
+/// is named like a store path, `<hash>-<name>.drv`; a copy called `foo.drv` takes its name from its
+/// outputs instead).
+pub fn identify(file_name: &str, drv: &Derivation) -> Result<(StoreDir, String, Option<StorePath>), DrvError> {
+    let store_dir = drv.store_dir()?;
+    match StorePath::from_base_name(file_name) {
+        Ok(sp) => {
+            let name = name_from_drv_path(&sp)?.to_owned();
+            Ok((store_dir, name, Some(sp)))
+        }
+        Err(_) => Ok((store_dir, drv.name_from_outputs()?, None)),
+    }
+}
+
 /// The name of a derivation stored at `path` (`<hash>-<name>.drv`).
 pub fn name_from_drv_path(path: &StorePath) -> Result<&str, DrvError> {
     path.name()

@@ -1,0 +1,313 @@
+//! The client protocol: what `gbc submit`, `watch`, `builds`... say to the coordinator over its Unix
+//! socket. One tagged enum each way, versioned; specified for people in docs/client-protocol.md.
+//!
+//! Framing: one JSON object per line. The coordinator speaks first (`hello`), then answers each
+//! request with one reply, except `watch` and `log`, which stream until `end`. Log bytes travel raw:
+//! a `log` reply line carries `"bytes": N` and exactly N bytes follow its newline.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change; a client refuses a coordinator that speaks another version.
+pub const CLIENT_PROTOCOL_VERSION: u32 = 1;
+/// Longest request line the coordinator reads (a submission of 10,000 derivations is ~10 MB).
+pub const MAX_REQUEST: usize = 256 << 20;
+
+/// Build states. `queued` includes builds waiting for their dependencies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl BuildState {
+    pub const ALL: [BuildState; 5] =
+        [BuildState::Queued, BuildState::Running, BuildState::Succeeded, BuildState::Failed, BuildState::Canceled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildState::Queued => "queued",
+            BuildState::Running => "running",
+            BuildState::Succeeded => "succeeded",
+            BuildState::Failed => "failed",
+            BuildState::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BuildState> {
+        BuildState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, BuildState::Succeeded | BuildState::Failed | BuildState::Canceled)
+    }
+}
+
+impl std::fmt::Display for BuildState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A derivation file as the client read it: `file` is how the user named it (for messages), `aterm`
+/// its contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrvFile {
+    pub file: String,
+    pub aterm: String,
+}
+
+/// Client → coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Queue one build per entry of `derivations`. `inputs` holds every input derivation of theirs,
+    /// recursively, keyed by store path; the coordinator checks all of them.
+    Submit {
+        derivations: Vec<DrvFile>,
+        #[serde(default)]
+        inputs: BTreeMap<String, String>,
+        #[serde(default)]
+        priority: i64,
+        #[serde(default)]
+        tags: Vec<(String, String)>,
+        #[serde(default)]
+        ignore_if_built: bool,
+    },
+    /// Stream events of these builds (every build when empty) until they have all ended.
+    Watch {
+        #[serde(default)]
+        builds: Vec<String>,
+    },
+    /// Recent builds, newest first.
+    Builds {
+        #[serde(default)]
+        state: Option<BuildState>,
+        #[serde(default)]
+        tags: Vec<(String, String)>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    Show {
+        build: String,
+    },
+    /// A build's log (its latest attempt, or `attempt`); with `follow`, until the build ends.
+    Log {
+        build: String,
+        #[serde(default)]
+        attempt: Option<u32>,
+        #[serde(default)]
+        follow: bool,
+    },
+    Cancel {
+        build: String,
+    },
+    Machines,
+    /// Counters and timings, for benchmarks and monitoring.
+    Stats,
+}
+
+/// A build as listed by `builds`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildSummary {
+    pub uuid: String,
+    pub drv: String,
+    pub state: BuildState,
+    pub priority: i64,
+    pub tags: Vec<(String, String)>,
+    /// Unix time, milliseconds.
+    pub created_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<i64>,
+    pub attempts: u32,
+    /// Why it failed or was canceled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One output as an attempt produced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputInfo {
+    pub name: String,
+    pub path: String,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub references: Vec<String>,
+    pub signature: String,
+}
+
+/// One try at a build, on one machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptInfo {
+    pub n: u32,
+    pub machine: String,
+    pub started_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<i64>,
+    /// `success`, `build_failure`, `timed_out`, `silent_too_long`, `setup_failure`,
+    /// `missing_inputs`, `canceled`, `interrupted`; absent while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<OutputInfo>,
+}
+
+/// Everything about one build.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildDetail {
+    #[serde(flatten)]
+    pub summary: BuildSummary,
+    pub system: String,
+    /// Output name → store path, as the derivation declares them.
+    pub outputs: BTreeMap<String, String>,
+    /// Builds this one waits for or waited for.
+    pub dependencies: Vec<String>,
+    pub attempt_list: Vec<AttemptInfo>,
+}
+
+/// A machine as `machines` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineInfo {
+    pub name: String,
+    /// `up`, `connecting` or `down`.
+    pub state: String,
+    /// Unix ms of the last change of `state`.
+    pub since_ms: i64,
+    pub systems: Vec<String>,
+    pub features: Vec<String>,
+    pub parallel_builds: u32,
+    pub speed: f64,
+    pub running: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_space: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// What happened to a build, as `watch` streams it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub build: String,
+    pub drv: String,
+    pub state: BuildState,
+    /// Unix ms.
+    pub at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Set on an event that puts a build back in the queue after an attempt that did not count
+    /// against it (a machine lost, a setup failure).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
+    /// True for events describing where a build stood when `watch` began, rather than a change.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
+}
+
+/// Coordinator counters and timings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub queued: u64,
+    pub running: u64,
+    pub allocations: u64,
+    pub retries: u64,
+    /// Allocation time per build over the last allocations (choosing it and recording the attempt),
+    /// microseconds.
+    pub alloc_p50_us: u64,
+    pub alloc_p99_us: u64,
+    pub alloc_samples: u64,
+}
+
+/// Coordinator → client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reply {
+    Hello {
+        protocol: u32,
+        gbc_version: String,
+    },
+    /// `builds`: one UUID per submitted derivation, in order; `dependencies`: builds queued for
+    /// input derivations that had none.
+    Submitted {
+        builds: Vec<String>,
+        dependencies: Vec<String>,
+    },
+    Event {
+        #[serde(flatten)]
+        event: Event,
+    },
+    Builds {
+        builds: Vec<BuildSummary>,
+    },
+    Build {
+        build: Box<BuildDetail>,
+    },
+    /// Exactly `bytes` raw log bytes follow this line.
+    Log {
+        bytes: u64,
+    },
+    Canceled {
+        build: String,
+    },
+    Machines {
+        machines: Vec<MachineInfo>,
+    },
+    Stats {
+        stats: Stats,
+    },
+    /// End of a `watch` or `log` stream.
+    End,
+    Error {
+        message: String,
+    },
+}
+
+/// Current time as Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_refuse_unknown_fields() {
+        let r = Request::Submit {
+            derivations: vec![DrvFile { file: "a.drv".into(), aterm: "Derive(...)".into() }],
+            inputs: BTreeMap::new(),
+            priority: 3,
+            tags: vec![("k".into(), "v".into())],
+            ignore_if_built: true,
+        };
+        let line = serde_json::to_string(&r).unwrap_or_default();
+        assert!(line.starts_with(r#"{"type":"submit""#), "{line}");
+        assert_eq!(serde_json::from_str::<Request>(&line).ok(), Some(r));
+        assert!(serde_json::from_str::<Request>(r#"{"type":"cancel","build":"x","extra":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"type":"machines"}"#).is_ok());
+    }
+
+    #[test]
+    fn states_parse_their_own_names() {
+        for s in BuildState::ALL {
+            assert_eq!(BuildState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(BuildState::parse("done"), None);
+    }
+}

@@ -1,0 +1,48 @@
+//! `gbc coordinator`: set up from the command line and run until stopped.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use super::realise::default_state_dir;
+use crate::coordinator::{self, Config};
+
+pub struct Options {
+    pub state_dir: Option<PathBuf>,
+    pub local_builds: Option<u32>,
+    pub max_attempts: u32,
+    pub grace: u64,
+    pub max_silent: Option<u64>,
+    pub timeout: Option<u64>,
+}
+
+pub fn run(opts: Options) -> anyhow::Result<()> {
+    let state_dir = match opts.state_dir {
+        Some(s) => s,
+        None => default_state_dir()?,
+    };
+    if opts.local_builds == Some(0) {
+        anyhow::bail!("--local-builds must be at least 1");
+    }
+    if opts.max_attempts == 0 {
+        anyhow::bail!("--max-attempts must be at least 1");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GBC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let config = Config {
+        socket: state_dir.join("gbc.sock"),
+        state_dir,
+        local_builds: opts.local_builds,
+        max_attempts: opts.max_attempts,
+        grace: Duration::from_secs(opts.grace),
+        timeout_secs: opts.timeout,
+        max_silent_secs: opts.max_silent,
+        agent_program: std::env::current_exe().context("finding the gbc binary")?,
+    };
+    let machines = vec![coordinator::local_machine(&config)];
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(coordinator::run(config, machines))
+}

@@ -1,0 +1,587 @@
+//! `gbc coordinator`: the durable queue, allocation, and the machines' drivers.
+//!
+//! Tasks: the core ([`Core`]) owns the in-memory queue and the machines' slots and is the only
+//! writer of build state; the client server (`server`) accepts connections on the Unix socket;
+//! one driver (`machine`) per machine talks to its agent. They talk through channels; the
+//! database is the truth, so a crash at any point loses nothing (see ARCHITECTURE.md).
+
+pub mod logs;
+pub mod machine;
+pub mod queue;
+mod server;
+pub mod submit;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::api::{BuildState, Event, MachineInfo, Stats, now_ms};
+use crate::db::{AttemptEnd, BuildChange, Db, Submission, SubmitOutcome};
+use crate::protocol::HostFacts;
+use machine::{AttemptResult, Driver, DriverCmd, DriverEvent, Transport};
+use queue::{BuildId, Capabilities, Queue, Slot};
+
+/// How a coordinator runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Parallel builds of the built-in local machine (default: this host's cores).
+    pub local_builds: Option<u32>,
+    /// Attempts a build gets when setups fail or machines are lost, before it fails.
+    pub max_attempts: u32,
+    /// How long running builds may go on after SIGINT/SIGTERM before they are put back in the queue.
+    pub grace: Duration,
+    pub timeout_secs: Option<u64>,
+    pub max_silent_secs: Option<u64>,
+    /// The `gbc` binary the local machine runs as its agent.
+    pub agent_program: PathBuf,
+}
+
+/// A machine the coordinator allocates to.
+pub struct MachineSpec {
+    pub name: String,
+    pub caps: Capabilities,
+    pub parallel: u32,
+    pub speed: f64,
+    pub transport: Transport,
+}
+
+/// Requests to the core.
+pub(crate) enum Command {
+    Submit(Box<Submission>, oneshot::Sender<anyhow::Result<SubmitOutcome>>),
+    Cancel(String, oneshot::Sender<Result<(), String>>),
+    Machines(oneshot::Sender<Vec<MachineInfo>>),
+    Stats(oneshot::Sender<Stats>),
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Connecting,
+    Up,
+    Down,
+}
+
+struct Running {
+    attempt: i64,
+    canceled: bool,
+}
+
+struct MachineState {
+    spec: MachineSpec,
+    link: Link,
+    since_ms: i64,
+    facts: Option<HostFacts>,
+    last_error: Option<String>,
+    running: HashMap<BuildId, Running>,
+    tx: mpsc::UnboundedSender<DriverCmd>,
+}
+
+/// Identity of an active build, for events.
+struct Known {
+    uuid: Box<str>,
+    drv: Box<str>,
+    retries: u32,
+}
+
+struct Core {
+    config: Config,
+    db: Arc<Db>,
+    queue: Queue,
+    known: HashMap<BuildId, Known>,
+    machines: Vec<MachineState>,
+    events: broadcast::Sender<Event>,
+    stopping: Option<Instant>,
+    stats: Stats,
+    alloc_samples: VecDeque<u64>,
+}
+
+/// Run a coordinator until SIGINT or SIGTERM.
+pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir).with_context(|| format!("{}", config.state_dir.display()))?;
+    let db = Arc::new(Db::open(&config.state_dir.join("gbc.sqlite")).await?);
+    let interrupted = db.recover(now_ms()).await?;
+    for (uuid, n) in &interrupted {
+        let _ = logs::compress(&logs::plain_path(&config.state_dir, uuid, *n));
+    }
+    if !interrupted.is_empty() {
+        tracing::info!("{} builds that were running when the coordinator stopped are queued again", interrupted.len());
+    }
+    let listener = server::bind(&config.socket)?;
+
+    let (events, _) = broadcast::channel(16 * 1024);
+    let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(1024);
+    let (drv_tx, drv_rx) = mpsc::unbounded_channel::<DriverEvent>();
+    let mut states = Vec::new();
+    for (index, spec) in machines.into_iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            index,
+            name: spec.name.clone(),
+            transport: spec.transport.clone(),
+            state_dir: config.state_dir.clone(),
+            trusted: Vec::new(),
+            timeout_secs: config.timeout_secs,
+            max_silent_secs: config.max_silent_secs,
+            events: drv_tx.clone(),
+        };
+        tokio::spawn(driver.run(rx));
+        states.push(MachineState {
+            spec,
+            link: Link::Connecting,
+            since_ms: now_ms(),
+            facts: None,
+            last_error: None,
+            running: HashMap::new(),
+            tx,
+        });
+    }
+    drop(drv_tx);
+
+    let mut core = Core {
+        config: config.clone(),
+        db: db.clone(),
+        queue: Queue::new(),
+        known: HashMap::new(),
+        machines: states,
+        events: events.clone(),
+        stopping: None,
+        stats: Stats::default(),
+        alloc_samples: VecDeque::new(),
+    };
+    for b in db.load_queue().await? {
+        core.queue.insert(b.id, b.priority, &b.system, &b.features, &b.deps);
+        core.known.insert(b.id, Known { uuid: b.uuid.into(), drv: b.drv.into(), retries: 0 });
+    }
+    tracing::info!("coordinator: {} builds queued; listening on {}", core.queue.queued_len(), config.socket.display());
+
+    let srv = server::Server { db, commands: cmd_tx.clone(), events, state_dir: config.state_dir.clone() };
+    let server_task = tokio::spawn(server::serve(Arc::new(srv), listener));
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stopping: no new builds start; running builds get {:?} to finish", config.grace);
+        let _ = cmd_tx.send(Command::Shutdown).await;
+    });
+    let result = core.run(cmd_rx, drv_rx).await;
+    server_task.abort();
+    signals.abort();
+    let _ = std::fs::remove_file(&core.config.socket);
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+impl Core {
+    async fn run(
+        &mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut drivers: mpsc::UnboundedReceiver<DriverEvent>,
+    ) -> anyhow::Result<()> {
+        loop {
+            let deadline = self.stopping.map(|s| tokio::time::Instant::from_std(s + self.config.grace));
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd).await?,
+                    None => return Ok(()),
+                },
+                ev = drivers.recv() => match ev {
+                    Some(ev) => self.driver_event(ev).await?,
+                    None => return Ok(()),
+                },
+                _ = sleep_until_opt(deadline) => {
+                    self.requeue_running("the coordinator stopped before the build finished").await?;
+                    return Ok(());
+                }
+            }
+            if self.stopping.is_some() {
+                if self.machines.iter().all(|m| m.running.is_empty()) {
+                    return Ok(());
+                }
+            } else {
+                self.allocate().await?;
+            }
+        }
+    }
+
+    async fn command(&mut self, cmd: Command) -> anyhow::Result<()> {
+        match cmd {
+            Command::Submit(sub, reply) => {
+                let outcome = self.db.submit(*sub).await;
+                if let Ok(o) = &outcome {
+                    let now = now_ms();
+                    for b in &o.created {
+                        self.queue.insert(b.id, b.priority, &b.system, &b.features, &b.deps);
+                        self.known.insert(
+                            b.id,
+                            Known { uuid: b.uuid.as_str().into(), drv: b.drv.as_str().into(), retries: 0 },
+                        );
+                        self.emit(b.id, BuildState::Queued, now, None, None, false);
+                    }
+                }
+                let _ = reply.send(outcome);
+            }
+            Command::Cancel(uuid, reply) => {
+                let r = self.cancel(&uuid).await?;
+                let _ = reply.send(r);
+            }
+            Command::Machines(reply) => {
+                let _ = reply.send(self.machine_infos());
+            }
+            Command::Stats(reply) => {
+                let mut s = self.stats.clone();
+                s.queued = self.queue.queued_len() as u64;
+                s.running = self.machines.iter().map(|m| m.running.len() as u64).sum();
+                let mut v: Vec<u64> = self.alloc_samples.iter().copied().collect();
+                v.sort_unstable();
+                s.alloc_samples = v.len() as u64;
+                s.alloc_p50_us = percentile(&v, 50);
+                s.alloc_p99_us = percentile(&v, 99);
+                let _ = reply.send(s);
+            }
+            Command::Shutdown => {
+                if self.stopping.is_none() {
+                    self.stopping = Some(Instant::now());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn emit(
+        &self,
+        id: BuildId,
+        state: BuildState,
+        at_ms: i64,
+        machine: Option<&str>,
+        reason: Option<String>,
+        retry: bool,
+    ) {
+        let Some(k) = self.known.get(&id) else { return };
+        let _ = self.events.send(Event {
+            build: k.uuid.to_string(),
+            drv: k.drv.to_string(),
+            state,
+            at_ms,
+            machine: machine.map(str::to_owned),
+            reason,
+            retry,
+            snapshot: false,
+        });
+    }
+
+    /// Start as many builds as free machines can take, recording the attempts in one transaction.
+    async fn allocate(&mut self) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        let mut picks: Vec<(BuildId, usize)> = Vec::new();
+        {
+            let mut counts: Vec<u32> = self.machines.iter().map(|m| m.running.len() as u32).collect();
+            loop {
+                let slots: Vec<Slot<'_>> = self
+                    .machines
+                    .iter()
+                    .zip(&counts)
+                    .filter(|(m, _)| m.link == Link::Up)
+                    .map(|(m, &running)| Slot {
+                        name: &m.spec.name,
+                        caps: &m.spec.caps,
+                        running,
+                        parallel: m.spec.parallel,
+                        speed: m.spec.speed,
+                    })
+                    .collect();
+                let up: Vec<usize> = (0..self.machines.len()).filter(|&i| self.machines[i].link == Link::Up).collect();
+                let Some(p) = self.queue.pick(&slots) else { break };
+                let m = up[p.machine];
+                counts[m] += 1;
+                picks.push((p.build, m));
+                if picks.len() >= 512 {
+                    break;
+                }
+            }
+        }
+        if picks.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let request = picks.iter().map(|&(b, m)| (b, self.machines[m].spec.name.clone())).collect();
+        let jobs = self.db.start_attempts(request, now).await?;
+        let per_build = t0.elapsed().as_micros() as u64 / picks.len() as u64;
+        for _ in &picks {
+            if self.alloc_samples.len() == 10_000 {
+                self.alloc_samples.pop_front();
+            }
+            self.alloc_samples.push_back(per_build);
+        }
+        self.stats.allocations += picks.len() as u64;
+        for (job, &(build, m)) in jobs.into_iter().zip(&picks) {
+            let machine = &mut self.machines[m];
+            machine.running.insert(build, Running { attempt: job.attempt, canceled: false });
+            let name = machine.spec.name.clone();
+            if machine.tx.send(DriverCmd::Assign(Box::new(job))).is_err() {
+                anyhow::bail!("the driver of {name} stopped");
+            }
+            self.emit(build, BuildState::Running, now, Some(&name), None, false);
+        }
+        Ok(())
+    }
+
+    async fn driver_event(&mut self, ev: DriverEvent) -> anyhow::Result<()> {
+        match ev {
+            DriverEvent::Up { machine, facts } => {
+                let m = &mut self.machines[machine];
+                tracing::info!(machine = %m.spec.name, "up: {} (load {:.2})", facts.systems.join(" "), facts.load1);
+                m.link = Link::Up;
+                m.since_ms = now_ms();
+                m.facts = Some(facts);
+                m.last_error = None;
+            }
+            DriverEvent::Down { machine, error } => {
+                let m = &mut self.machines[machine];
+                if m.link != Link::Down {
+                    m.since_ms = now_ms();
+                }
+                m.link = Link::Down;
+                m.last_error = Some(error.clone());
+                let lost: Vec<(BuildId, i64)> = m.running.iter().map(|(&b, r)| (b, r.attempt)).collect();
+                for (build, attempt) in lost {
+                    let reason = format!("lost machine {}: {error}", self.machines[machine].spec.name);
+                    let result = AttemptResult::Retry { status: "interrupted".into(), reason, count: true };
+                    self.attempt_done(machine, build, attempt, result).await?;
+                }
+            }
+            DriverEvent::Done { machine, build, attempt, result } => {
+                self.attempt_done(machine, build, attempt, result).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn attempt_done(
+        &mut self,
+        machine: usize,
+        build: BuildId,
+        attempt: i64,
+        result: AttemptResult,
+    ) -> anyhow::Result<()> {
+        let m = &mut self.machines[machine];
+        let Some(run) = m.running.remove(&build) else { return Ok(()) };
+        if run.attempt != attempt {
+            m.running.insert(build, run);
+            return Ok(());
+        }
+        let machine_name = m.spec.name.clone();
+        let now = now_ms();
+        let mut events: Vec<(BuildId, BuildState, Option<String>, bool)> = Vec::new();
+        let (status, reason, outputs, change) = if run.canceled {
+            let (status, reason) = describe(&result);
+            (status, reason, Vec::new(), BuildChange::Nothing)
+        } else {
+            match result {
+                AttemptResult::Success { outputs } => {
+                    self.queue.succeeded(build);
+                    events.push((build, BuildState::Succeeded, None, false));
+                    ("success".to_owned(), None, outputs, BuildChange::Succeed)
+                }
+                AttemptResult::Failed { status, reason } => {
+                    let change = self.fail(build, &reason, &mut events);
+                    (status, Some(reason), Vec::new(), change)
+                }
+                AttemptResult::Canceled => {
+                    let reason = "canceled by the agent".to_owned();
+                    let change = self.fail(build, &reason, &mut events);
+                    ("canceled".to_owned(), Some(reason), Vec::new(), change)
+                }
+                AttemptResult::Retry { status, reason, count } => {
+                    let retries = self.known.get(&build).map_or(0, |k| k.retries) + u32::from(count);
+                    if retries >= self.config.max_attempts {
+                        let why = format!("gave up after {retries} attempts; the last: {reason}");
+                        let change = self.fail(build, &why, &mut events);
+                        (status, Some(reason), Vec::new(), change)
+                    } else {
+                        if let Some(k) = self.known.get_mut(&build) {
+                            k.retries = retries;
+                        }
+                        self.stats.retries += 1;
+                        self.queue.requeue(build, Some(&machine_name));
+                        events.push((build, BuildState::Queued, Some(reason.clone()), true));
+                        (status, Some(reason), Vec::new(), BuildChange::Requeue { count_retry: count })
+                    }
+                }
+            }
+        };
+        let end = AttemptEnd { build, attempt, status, reason, outputs, change, now };
+        self.db.end_attempts(vec![end]).await?;
+        for (id, state, reason, retry) in events {
+            let on = (id == build).then_some(machine_name.as_str());
+            self.emit(id, state, now, on, reason, retry);
+            if state.is_terminal() {
+                self.known.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Take a build out of the queue as failed, with its dependents.
+    fn fail(
+        &mut self,
+        build: BuildId,
+        reason: &str,
+        events: &mut Vec<(BuildId, BuildState, Option<String>, bool)>,
+    ) -> BuildChange {
+        events.push((build, BuildState::Failed, Some(reason.to_owned()), false));
+        let cascade = self.cascade(build, events);
+        BuildChange::Fail { reason: reason.to_owned(), cascade }
+    }
+
+    fn cascade(
+        &mut self,
+        build: BuildId,
+        events: &mut Vec<(BuildId, BuildState, Option<String>, bool)>,
+    ) -> Vec<(BuildId, String)> {
+        let mut out = Vec::new();
+        for (dependent, cause) in self.queue.failed(build) {
+            let why = match self.known.get(&cause) {
+                Some(k) => format!("dependency {} ({}) did not succeed", k.uuid, k.drv),
+                None => format!("dependency #{cause} did not succeed"),
+            };
+            events.push((dependent, BuildState::Failed, Some(why.clone()), false));
+            out.push((dependent, why));
+        }
+        out
+    }
+
+    async fn cancel(&mut self, uuid: &str) -> anyhow::Result<Result<(), String>> {
+        let Some(brief) = self.db.find(uuid).await? else {
+            return Ok(Err(format!("no build {uuid}")));
+        };
+        if brief.state.is_terminal() {
+            return Ok(Err(format!("build {uuid} has already {}", brief.state)));
+        }
+        let id = brief.id;
+        let mut events = vec![(id, BuildState::Canceled, Some("canceled".to_owned()), false)];
+        let cascade = self.cascade(id, &mut events);
+        let now = now_ms();
+        self.db.cancel(id, cascade, now).await?;
+        for m in &mut self.machines {
+            if let Some(r) = m.running.get_mut(&id) {
+                r.canceled = true;
+                let _ = m.tx.send(DriverCmd::Cancel(id));
+            }
+        }
+        for (b, state, reason, retry) in events {
+            self.emit(b, state, now, None, reason, retry);
+            self.known.remove(&b);
+        }
+        Ok(Ok(()))
+    }
+
+    /// At the end of the grace period: every running build goes back to the queue.
+    async fn requeue_running(&mut self, reason: &str) -> anyhow::Result<()> {
+        let now = now_ms();
+        let mut ends = Vec::new();
+        for m in &mut self.machines {
+            for (build, r) in m.running.drain() {
+                let change =
+                    if r.canceled { BuildChange::Nothing } else { BuildChange::Requeue { count_retry: false } };
+                ends.push(AttemptEnd {
+                    build,
+                    attempt: r.attempt,
+                    status: "interrupted".into(),
+                    reason: Some(reason.to_owned()),
+                    outputs: Vec::new(),
+                    change,
+                    now,
+                });
+            }
+        }
+        if !ends.is_empty() {
+            tracing::info!("{} running builds go back to the queue", ends.len());
+        }
+        self.db.end_attempts(ends).await
+    }
+
+    fn machine_infos(&self) -> Vec<MachineInfo> {
+        self.machines
+            .iter()
+            .map(|m| MachineInfo {
+                name: m.spec.name.clone(),
+                state: match m.link {
+                    Link::Up => "up",
+                    Link::Connecting => "connecting",
+                    Link::Down => "down",
+                }
+                .into(),
+                since_ms: m.since_ms,
+                systems: m.spec.caps.systems.clone(),
+                features: m.spec.caps.features.clone(),
+                parallel_builds: m.spec.parallel,
+                speed: m.spec.speed,
+                running: m.running.keys().filter_map(|b| self.known.get(b).map(|k| k.uuid.to_string())).collect(),
+                load1: m.facts.as_ref().map(|f| f.load1),
+                free_space: m.facts.as_ref().map(|f| f.free_space),
+                last_error: m.last_error.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Status and reason of an attempt's result, for the record.
+fn describe(result: &AttemptResult) -> (String, Option<String>) {
+    match result {
+        AttemptResult::Success { .. } => ("success".into(), None),
+        AttemptResult::Failed { status, reason } | AttemptResult::Retry { status, reason, .. } => {
+            (status.clone(), Some(reason.clone()))
+        }
+        AttemptResult::Canceled => ("canceled".into(), Some("canceled".into())),
+    }
+}
+
+fn percentile(sorted: &[u64], p: usize) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = (sorted.len() * p).div_ceil(100).saturating_sub(1);
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The built-in machine: this host, its agent a child process with its store in the state dir.
+pub fn local_machine(config: &Config) -> MachineSpec {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let parallel = config.local_builds.unwrap_or(cores).max(1);
+    let dir = config.state_dir.join("machines/localhost");
+    let args = vec!["--state-dir".to_owned(), dir.display().to_string()];
+    MachineSpec {
+        name: "localhost".into(),
+        caps: Capabilities {
+            systems: vec![crate::agent::native_system()],
+            features: Vec::new(),
+            mandatory_features: Vec::new(),
+        },
+        parallel,
+        speed: 1.0,
+        transport: Transport::Local { program: config.agent_program.clone(), args },
+    }
+}

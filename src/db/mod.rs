@@ -1,0 +1,698 @@
+//! The coordinator's durable state in SQLite: the only module that touches rusqlite.
+//!
+//! One connection writes (tokio-rusqlite runs it on its own thread, so writes are serialised and
+//! never block the async runtime); another reads, so listing builds never waits for a write (WAL
+//! mode). Every change that must survive a crash is one transaction: a submission with all its
+//! builds, the start of a round of attempts, the end of an attempt with the builds it decides.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use anyhow::Context as _;
+use rusqlite::{OptionalExtension as _, Transaction, params};
+use rusqlite_migration::{M, Migrations};
+use uuid::Uuid;
+
+use crate::api::{AttemptInfo, BuildDetail, BuildState, BuildSummary, OutputInfo};
+use crate::coordinator::queue::BuildId;
+
+/// A checked derivation, ready to store.
+#[derive(Debug, Clone)]
+pub struct NewDerivation {
+    pub path: String,
+    pub system: String,
+    pub features: BTreeSet<String>,
+    pub aterm: String,
+    pub outputs: BTreeMap<String, String>,
+    pub input_drvs: Vec<String>,
+    /// Store paths the build uses directly.
+    pub inputs: Vec<String>,
+}
+
+/// A submission: derivations in dependency order (inputs first), and the paths to build.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub derivations: Vec<NewDerivation>,
+    pub requested: Vec<String>,
+    pub priority: i64,
+    pub tags: Vec<(String, String)>,
+    pub ignore_if_built: bool,
+    pub now: i64,
+}
+
+/// A build the queue must learn about.
+#[derive(Debug, Clone)]
+pub struct QueuedBuild {
+    pub id: BuildId,
+    pub uuid: String,
+    pub drv: String,
+    pub priority: i64,
+    pub system: String,
+    pub features: BTreeSet<String>,
+    pub deps: Vec<BuildId>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SubmitOutcome {
+    /// One per requested derivation.
+    pub requested: Vec<String>,
+    /// Builds created for input derivations.
+    pub dependencies: Vec<String>,
+    /// Every new build, in dependency order.
+    pub created: Vec<QueuedBuild>,
+}
+
+/// An attempt about to be sent to a machine.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub build: BuildId,
+    pub uuid: String,
+    pub attempt: i64,
+    pub n: u32,
+    pub drv_path: String,
+    pub aterm: String,
+    pub inputs: Vec<String>,
+}
+
+/// What the end of an attempt does to its build.
+#[derive(Debug, Clone)]
+pub enum BuildChange {
+    Succeed,
+    /// Fail it; `cascade` lists dependents that fail with it, with the reason for each.
+    Fail {
+        reason: String,
+        cascade: Vec<(BuildId, String)>,
+    },
+    Requeue {
+        count_retry: bool,
+    },
+    /// The build already ended (canceled while running): only the attempt is recorded.
+    Nothing,
+}
+
+/// The end of one attempt.
+#[derive(Debug, Clone)]
+pub struct AttemptEnd {
+    pub build: BuildId,
+    pub attempt: i64,
+    pub status: String,
+    pub reason: Option<String>,
+    pub outputs: Vec<OutputInfo>,
+    pub change: BuildChange,
+    pub now: i64,
+}
+
+/// Filter for [`Db::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<BuildState>,
+    pub tags: Vec<(String, String)>,
+    pub limit: u32,
+}
+
+/// How a build stands, for watchers.
+#[derive(Debug, Clone)]
+pub struct BuildBrief {
+    pub id: BuildId,
+    pub uuid: String,
+    pub drv: String,
+    pub state: BuildState,
+    pub reason: Option<String>,
+    pub machine: Option<String>,
+}
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(include_str!("schema.sql"))])
+}
+
+fn configure(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a commit is on disk before the coordinator answers (a submitted build survives even a
+    // power cut, not only kill -9).
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(())
+}
+
+type DbResult<T> = Result<T, rusqlite::Error>;
+
+/// The coordinator's database.
+pub struct Db {
+    writer: tokio_rusqlite::Connection,
+    reader: tokio_rusqlite::Connection,
+}
+
+fn db_err(e: tokio_rusqlite::Error<rusqlite::Error>) -> anyhow::Error {
+    match e {
+        tokio_rusqlite::Error::Error(e) => anyhow::Error::new(e).context("database"),
+        tokio_rusqlite::Error::ConnectionClosed => anyhow::anyhow!("database: connection closed"),
+        tokio_rusqlite::Error::Close((_, e)) => anyhow::Error::new(e).context("database: close"),
+        _ => anyhow::anyhow!("database error"),
+    }
+}
+
+impl Db {
+    /// Open (creating and migrating as needed) the database at `path`.
+    pub async fn open(path: &Path) -> anyhow::Result<Db> {
+        let writer = tokio_rusqlite::Connection::open(path).await.with_context(|| format!("{}", path.display()))?;
+        writer
+            .call(|conn| -> Result<(), String> {
+                configure(conn).map_err(|e| e.to_string())?;
+                migrations().to_latest(conn).map_err(|e| format!("migrating the schema: {e}"))
+            })
+            .await
+            .map_err(|e| match e {
+                tokio_rusqlite::Error::Error(e) => anyhow::anyhow!("{}: {e}", path.display()),
+                _ => anyhow::anyhow!("{}: the database connection closed", path.display()),
+            })?;
+        let reader = tokio_rusqlite::Connection::open(path).await.with_context(|| format!("{}", path.display()))?;
+        reader.call(|conn| configure(conn)).await.map_err(db_err)?;
+        Ok(Db { writer, reader })
+    }
+
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> DbResult<R> + Send + 'static,
+    ) -> anyhow::Result<R> {
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let r = f(&tx)?;
+                tx.commit()?;
+                Ok(r)
+            })
+            .await
+            .map_err(db_err)
+    }
+
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> DbResult<R> + Send + 'static,
+    ) -> anyhow::Result<R> {
+        self.reader.call(move |conn| f(conn)).await.map_err(db_err)
+    }
+
+    /// After a crash or a stop: attempts left open were interrupted, and their builds go back to
+    /// the queue. Returns the interrupted attempts as (build uuid, attempt number).
+    pub async fn recover(&self, now: i64) -> anyhow::Result<Vec<(String, u32)>> {
+        self.write(move |tx| {
+            let open: Vec<(String, u32)> = tx
+                .prepare("SELECT b.uuid, a.n FROM attempts a JOIN builds b ON b.id = a.build WHERE a.ended_at IS NULL")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<DbResult<_>>()?;
+            tx.execute(
+                "UPDATE attempts SET ended_at = ?1, status = 'interrupted', reason = 'the coordinator stopped'
+                 WHERE ended_at IS NULL",
+                [now],
+            )?;
+            tx.execute("UPDATE builds SET state = 'queued' WHERE state = 'running'", [])?;
+            Ok(open)
+        })
+        .await
+    }
+
+    /// Every queued build, oldest first (so dependencies come before their dependents), with the
+    /// dependencies that are still queued.
+    pub async fn load_queue(&self) -> anyhow::Result<Vec<QueuedBuild>> {
+        self.read(|conn| {
+            let mut deps: HashMap<BuildId, Vec<BuildId>> = HashMap::new();
+            let mut stmt = conn.prepare(
+                "SELECT d.build, d.dep FROM build_deps d JOIN builds b ON b.id = d.build
+                 JOIN builds dep ON dep.id = d.dep
+                 WHERE b.state = 'queued' AND dep.state IN ('queued', 'running')",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                deps.entry(r.get(0)?).or_default().push(r.get(1)?);
+            }
+            let mut stmt = conn.prepare(
+                "SELECT b.id, b.uuid, d.path, b.priority, d.system, d.features FROM builds b
+                 JOIN derivations d ON d.id = b.drv WHERE b.state = 'queued' ORDER BY b.id",
+            )?;
+            let builds = stmt
+                .query_map([], |r| {
+                    let id: BuildId = r.get(0)?;
+                    let features: String = r.get(5)?;
+                    Ok(QueuedBuild {
+                        id,
+                        uuid: r.get(1)?,
+                        drv: r.get(2)?,
+                        priority: r.get(3)?,
+                        system: r.get(4)?,
+                        features: split_words(&features),
+                        deps: Vec::new(),
+                    })
+                })?
+                .collect::<DbResult<Vec<_>>>()?;
+            Ok(builds
+                .into_iter()
+                .map(|mut b| {
+                    b.deps = deps.remove(&b.id).unwrap_or_default();
+                    b
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Store a submission: its derivations (once each), a build per requested derivation, and a
+    /// build for each input derivation that has neither an active nor a successful one.
+    pub async fn submit(&self, sub: Submission) -> anyhow::Result<SubmitOutcome> {
+        self.write(move |tx| submit(tx, &sub)).await
+    }
+
+    /// Record the start of attempts (build, machine) and return what to send.
+    pub async fn start_attempts(&self, picks: Vec<(BuildId, String)>, now: i64) -> anyhow::Result<Vec<Job>> {
+        self.write(move |tx| {
+            let mut jobs = Vec::with_capacity(picks.len());
+            let mut get = tx.prepare_cached(
+                "SELECT b.uuid, b.attempts, d.path, d.aterm, d.inputs FROM builds b
+                 JOIN derivations d ON d.id = b.drv WHERE b.id = ?1",
+            )?;
+            let mut upd = tx.prepare_cached(
+                "UPDATE builds SET state = 'running', attempts = attempts + 1,
+                 started_at = COALESCE(started_at, ?2) WHERE id = ?1",
+            )?;
+            let mut ins =
+                tx.prepare_cached("INSERT INTO attempts (build, n, machine, started_at) VALUES (?1, ?2, ?3, ?4)")?;
+            for (build, machine) in picks {
+                let (uuid, attempts, drv_path, aterm, inputs): (String, u32, String, String, String) =
+                    get.query_row([build], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+                upd.execute(params![build, now])?;
+                let n = attempts + 1;
+                ins.execute(params![build, n, machine, now])?;
+                let attempt = tx.last_insert_rowid();
+                let inputs = inputs.lines().map(str::to_owned).collect();
+                jobs.push(Job { build, uuid, attempt, n, drv_path, aterm, inputs });
+            }
+            Ok(jobs)
+        })
+        .await
+    }
+
+    /// Record the end of attempts, and what they decide for their builds, in one transaction.
+    pub async fn end_attempts(&self, ends: Vec<AttemptEnd>) -> anyhow::Result<()> {
+        self.write(move |tx| {
+            for end in &ends {
+                end_attempt(tx, end)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Cancel a queued or running build, failing its dependents (`cascade`). False when it had
+    /// already ended.
+    pub async fn cancel(&self, build: BuildId, cascade: Vec<(BuildId, String)>, now: i64) -> anyhow::Result<bool> {
+        self.write(move |tx| {
+            let n = tx.execute(
+                "UPDATE builds SET state = 'canceled', reason = 'canceled', ended_at = ?2
+                 WHERE id = ?1 AND state IN ('queued', 'running')",
+                params![build, now],
+            )?;
+            fail_all(tx, &cascade, now)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// A build's id and state, by UUID.
+    pub async fn find(&self, uuid: &str) -> anyhow::Result<Option<BuildBrief>> {
+        let uuid = uuid.to_owned();
+        self.read(move |conn| brief(conn, "b.uuid = ?1", &uuid)).await
+    }
+
+    /// Where each of these builds stands (unknown UUIDs are left out).
+    pub async fn briefs(&self, uuids: Vec<String>) -> anyhow::Result<Vec<BuildBrief>> {
+        self.read(move |conn| {
+            let mut out = Vec::new();
+            for u in &uuids {
+                if let Some(b) = brief(conn, "b.uuid = ?1", u)? {
+                    out.push(b);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Every queued or running build.
+    pub async fn active(&self) -> anyhow::Result<Vec<BuildBrief>> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT b.uuid FROM builds b WHERE b.state IN ('queued', 'running') ORDER BY b.state, b.id")?;
+            let uuids: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<DbResult<_>>()?;
+            let mut out = Vec::with_capacity(uuids.len());
+            for u in &uuids {
+                if let Some(b) = brief(conn, "b.uuid = ?1", u)? {
+                    out.push(b);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn list(&self, filter: ListFilter) -> anyhow::Result<Vec<BuildSummary>> {
+        self.read(move |conn| list(conn, &filter)).await
+    }
+
+    pub async fn show(&self, uuid: &str) -> anyhow::Result<Option<BuildDetail>> {
+        let uuid = uuid.to_owned();
+        self.read(move |conn| show(conn, &uuid)).await
+    }
+
+    /// Counts of builds by state.
+    pub async fn counts(&self) -> anyhow::Result<BTreeMap<String, i64>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare("SELECT state, count(*) FROM builds GROUP BY state")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+        })
+        .await
+    }
+}
+
+fn split_words(s: &str) -> BTreeSet<String> {
+    s.split_whitespace().map(str::to_owned).collect()
+}
+
+fn join_lines<S: AsRef<str>>(items: &[S]) -> String {
+    items.iter().map(AsRef::as_ref).collect::<Vec<_>>().join("\n")
+}
+
+fn submit(tx: &Transaction<'_>, sub: &Submission) -> DbResult<SubmitOutcome> {
+    // Store each derivation once.
+    let mut drv_ids: HashMap<&str, i64> = HashMap::with_capacity(sub.derivations.len());
+    {
+        let mut find = tx.prepare_cached("SELECT id FROM derivations WHERE path = ?1")?;
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO derivations (path, system, features, aterm, inputs) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut ins_out = tx.prepare_cached("INSERT INTO derivation_outputs (drv, name, path) VALUES (?1, ?2, ?3)")?;
+        let mut ins_in = tx.prepare_cached("INSERT OR IGNORE INTO derivation_inputs (drv, input) VALUES (?1, ?2)")?;
+        for d in &sub.derivations {
+            if let Some(id) = find.query_row([&d.path], |r| r.get::<_, i64>(0)).optional()? {
+                drv_ids.insert(&d.path, id);
+                continue;
+            }
+            let features = d.features.iter().cloned().collect::<Vec<_>>().join(" ");
+            ins.execute(params![d.path, d.system, features, d.aterm, join_lines(&d.inputs)])?;
+            let id = tx.last_insert_rowid();
+            drv_ids.insert(&d.path, id);
+            for (name, path) in &d.outputs {
+                ins_out.execute(params![id, name, path])?;
+            }
+            for input in &d.input_drvs {
+                if let Some(&input_id) = drv_ids.get(input.as_str()) {
+                    ins_in.execute(params![id, input_id])?;
+                }
+            }
+        }
+    }
+
+    let mut out = SubmitOutcome::default();
+    // The build each derivation's dependents wait for: Some(active build) or None (succeeded).
+    let mut resolved: HashMap<&str, Option<BuildId>> = HashMap::new();
+    let requested: BTreeSet<&str> = sub.requested.iter().map(String::as_str).collect();
+    let mut requested_ids: HashMap<&str, String> = HashMap::new();
+    let mut existing = tx.prepare_cached(
+        "SELECT id, state FROM builds WHERE drv = ?1 AND state IN ('queued', 'running', 'succeeded')
+         ORDER BY state = 'succeeded', id DESC LIMIT 1",
+    )?;
+    let mut succeeded_same_outputs = tx.prepare_cached(
+        "SELECT b.uuid FROM builds b JOIN derivation_outputs o ON o.drv = b.drv
+         WHERE o.path = ?1 AND b.state = 'succeeded' ORDER BY b.id DESC LIMIT 1",
+    )?;
+    for d in &sub.derivations {
+        let drv_id = drv_ids.get(d.path.as_str()).copied().unwrap_or_default();
+        let is_requested = requested.contains(d.path.as_str());
+        if is_requested && sub.ignore_if_built {
+            let first_output = d.outputs.values().next().cloned().unwrap_or_default();
+            if let Some(uuid) =
+                succeeded_same_outputs.query_row([&first_output], |r| r.get::<_, String>(0)).optional()?
+            {
+                requested_ids.insert(&d.path, uuid);
+                resolved.insert(&d.path, None);
+                continue;
+            }
+        }
+        if !is_requested
+            && let Some((id, state)) =
+                existing.query_row([drv_id], |r| Ok((r.get::<_, BuildId>(0)?, r.get::<_, String>(1)?))).optional()?
+        {
+            resolved.insert(&d.path, (state != "succeeded").then_some(id));
+            continue;
+        }
+        let deps: Vec<BuildId> =
+            d.input_drvs.iter().filter_map(|p| resolved.get(p.as_str()).copied().flatten()).collect();
+        let created = new_build(tx, drv_id, d, &deps, sub, is_requested)?;
+        if is_requested {
+            requested_ids.insert(&d.path, created.uuid.clone());
+        } else {
+            out.dependencies.push(created.uuid.clone());
+        }
+        resolved.insert(&d.path, Some(created.id));
+        out.created.push(created);
+    }
+    out.requested = sub.requested.iter().map(|p| requested_ids.get(p.as_str()).cloned().unwrap_or_default()).collect();
+    Ok(out)
+}
+
+fn new_build(
+    tx: &Transaction<'_>,
+    drv_id: i64,
+    d: &NewDerivation,
+    deps: &[BuildId],
+    sub: &Submission,
+    tagged: bool,
+) -> DbResult<QueuedBuild> {
+    let uuid = Uuid::new_v4().to_string();
+    tx.prepare_cached("INSERT INTO builds (uuid, drv, priority, state, created_at) VALUES (?1, ?2, ?3, 'queued', ?4)")?
+        .execute(params![uuid, drv_id, sub.priority, sub.now])?;
+    let id = tx.last_insert_rowid();
+    if tagged {
+        let mut ins = tx.prepare_cached("INSERT OR IGNORE INTO build_tags (build, key, value) VALUES (?1, ?2, ?3)")?;
+        for (k, v) in &sub.tags {
+            ins.execute(params![id, k, v])?;
+        }
+    }
+    let mut ins = tx.prepare_cached("INSERT OR IGNORE INTO build_deps (build, dep) VALUES (?1, ?2)")?;
+    for dep in deps {
+        ins.execute(params![id, dep])?;
+    }
+    Ok(QueuedBuild {
+        id,
+        uuid,
+        drv: d.path.clone(),
+        priority: sub.priority,
+        system: d.system.clone(),
+        features: d.features.clone(),
+        deps: deps.to_vec(),
+    })
+}
+
+fn fail_all(tx: &Transaction<'_>, builds: &[(BuildId, String)], now: i64) -> DbResult<()> {
+    let mut upd = tx.prepare_cached(
+        "UPDATE builds SET state = 'failed', reason = ?2, ended_at = ?3 WHERE id = ?1 AND state = 'queued'",
+    )?;
+    for (id, reason) in builds {
+        upd.execute(params![id, reason, now])?;
+    }
+    Ok(())
+}
+
+fn end_attempt(tx: &Transaction<'_>, end: &AttemptEnd) -> DbResult<()> {
+    tx.prepare_cached(
+        "UPDATE attempts SET ended_at = ?2, status = ?3, reason = ?4 WHERE id = ?1 AND ended_at IS NULL",
+    )?
+    .execute(params![end.attempt, end.now, end.status, end.reason])?;
+    let mut ins = tx.prepare_cached(
+        "INSERT OR REPLACE INTO attempt_outputs (attempt, name, path, nar_hash, nar_size, refs, signature)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for o in &end.outputs {
+        ins.execute(params![
+            end.attempt,
+            o.name,
+            o.path,
+            o.nar_hash,
+            i64::try_from(o.nar_size).unwrap_or(i64::MAX),
+            join_lines(&o.references),
+            o.signature
+        ])?;
+    }
+    match &end.change {
+        BuildChange::Succeed => {
+            tx.prepare_cached(
+                "UPDATE builds SET state = 'succeeded', reason = NULL, ended_at = ?2 WHERE id = ?1 AND state = 'running'",
+            )?
+            .execute(params![end.build, end.now])?;
+        }
+        BuildChange::Fail { reason, cascade } => {
+            tx.prepare_cached(
+                "UPDATE builds SET state = 'failed', reason = ?2, ended_at = ?3 WHERE id = ?1 AND state = 'running'",
+            )?
+            .execute(params![end.build, reason, end.now])?;
+            fail_all(tx, cascade, end.now)?;
+        }
+        BuildChange::Requeue { count_retry } => {
+            tx.prepare_cached(
+                "UPDATE builds SET state = 'queued', retries = retries + ?2 WHERE id = ?1 AND state = 'running'",
+            )?
+            .execute(params![end.build, i64::from(*count_retry)])?;
+        }
+        BuildChange::Nothing => {}
+    }
+    Ok(())
+}
+
+const SUMMARY_COLUMNS: &str = "b.id, b.uuid, d.path, b.state, b.priority, b.created_at, b.started_at, b.ended_at, \
+                               b.attempts, b.reason";
+
+fn summary_row(conn: &rusqlite::Connection, r: &rusqlite::Row<'_>) -> DbResult<BuildSummary> {
+    let id: BuildId = r.get(0)?;
+    let state: String = r.get(3)?;
+    let tags = conn
+        .prepare_cached("SELECT key, value FROM build_tags WHERE build = ?1 ORDER BY key, value")?
+        .query_map([id], |t| Ok((t.get(0)?, t.get(1)?)))?
+        .collect::<DbResult<_>>()?;
+    Ok(BuildSummary {
+        uuid: r.get(1)?,
+        drv: r.get(2)?,
+        state: BuildState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, format!("state {state}").into())
+        })?,
+        priority: r.get(4)?,
+        tags,
+        created_ms: r.get(5)?,
+        started_ms: r.get(6)?,
+        ended_ms: r.get(7)?,
+        attempts: r.get(8)?,
+        reason: r.get(9)?,
+    })
+}
+
+fn list(conn: &rusqlite::Connection, f: &ListFilter) -> DbResult<Vec<BuildSummary>> {
+    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM builds b JOIN derivations d ON d.id = b.drv WHERE 1");
+    let mut args: Vec<String> = Vec::new();
+    if let Some(state) = f.state {
+        args.push(state.as_str().to_owned());
+        sql.push_str(&format!(" AND b.state = ?{}", args.len()));
+    }
+    for (k, v) in &f.tags {
+        args.push(k.clone());
+        args.push(v.clone());
+        sql.push_str(&format!(
+            " AND b.id IN (SELECT build FROM build_tags WHERE key = ?{} AND value = ?{})",
+            args.len() - 1,
+            args.len()
+        ));
+    }
+    sql.push_str(&format!(" ORDER BY b.id DESC LIMIT {}", f.limit));
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(summary_row(conn, r)?);
+    }
+    Ok(out)
+}
+
+fn brief(conn: &rusqlite::Connection, cond: &str, arg: &str) -> DbResult<Option<BuildBrief>> {
+    let sql = format!(
+        "SELECT b.id, b.uuid, d.path, b.state, b.reason,
+                (SELECT machine FROM attempts a WHERE a.build = b.id ORDER BY n DESC LIMIT 1)
+         FROM builds b JOIN derivations d ON d.id = b.drv WHERE {cond}"
+    );
+    conn.prepare_cached(&sql)?
+        .query_row([arg], |r| {
+            let state: String = r.get(3)?;
+            Ok(BuildBrief {
+                id: r.get(0)?,
+                uuid: r.get(1)?,
+                drv: r.get(2)?,
+                state: BuildState::parse(&state).unwrap_or(BuildState::Failed),
+                reason: r.get(4)?,
+                machine: r.get(5)?,
+            })
+        })
+        .optional()
+}
+
+fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<BuildDetail>> {
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS}, d.id, d.system FROM builds b JOIN derivations d ON d.id = b.drv WHERE b.uuid = ?1"
+    );
+    let Some((id, drv_id, system, summary)) = conn
+        .prepare(&sql)?
+        .query_row([uuid], |r| {
+            Ok((r.get::<_, BuildId>(0)?, r.get::<_, i64>(10)?, r.get::<_, String>(11)?, summary_row(conn, r)?))
+        })
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let outputs = conn
+        .prepare("SELECT name, path FROM derivation_outputs WHERE drv = ?1 ORDER BY name")?
+        .query_map([drv_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<DbResult<_>>()?;
+    let dependencies = conn
+        .prepare("SELECT b.uuid FROM build_deps x JOIN builds b ON b.id = x.dep WHERE x.build = ?1 ORDER BY b.id")?
+        .query_map([id], |r| r.get(0))?
+        .collect::<DbResult<_>>()?;
+    let mut attempt_list: Vec<(i64, AttemptInfo)> = conn
+        .prepare(
+            "SELECT id, n, machine, started_at, ended_at, status, reason FROM attempts WHERE build = ?1 ORDER BY n",
+        )?
+        .query_map([id], |r| {
+            Ok((
+                r.get(0)?,
+                AttemptInfo {
+                    n: r.get(1)?,
+                    machine: r.get(2)?,
+                    started_ms: r.get(3)?,
+                    ended_ms: r.get(4)?,
+                    status: r.get(5)?,
+                    reason: r.get(6)?,
+                    outputs: Vec::new(),
+                },
+            ))
+        })?
+        .collect::<DbResult<_>>()?;
+    let mut outs = conn.prepare(
+        "SELECT name, path, nar_hash, nar_size, refs, signature FROM attempt_outputs WHERE attempt = ?1 ORDER BY name",
+    )?;
+    for (aid, a) in &mut attempt_list {
+        a.outputs = outs
+            .query_map([*aid], |r| {
+                let refs: String = r.get(4)?;
+                Ok(OutputInfo {
+                    name: r.get(0)?,
+                    path: r.get(1)?,
+                    nar_hash: r.get(2)?,
+                    nar_size: r.get::<_, i64>(3)?.try_into().unwrap_or(0),
+                    references: refs.lines().map(str::to_owned).collect(),
+                    signature: r.get(5)?,
+                })
+            })?
+            .collect::<DbResult<_>>()?;
+    }
+    Ok(Some(BuildDetail {
+        summary,
+        system,
+        outputs,
+        dependencies,
+        attempt_list: attempt_list.into_iter().map(|(_, a)| a).collect(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_valid() {
+        assert!(migrations().validate().is_ok());
+    }
+}
