@@ -332,8 +332,10 @@ impl Driver {
                             }
                         }
                         Message::Finished { build, status, outputs } => {
-                            if let Some(a) = active.get_mut(&build) {
-                                if let Some(result) = finished(a, status, outputs, &trusted) { ended.push((build, result)) }
+                            if let Some(a) = active.get_mut(&build)
+                                && let Some(result) = finished(a, status, outputs, &trusted)
+                            {
+                                ended.push((build, result));
                             }
                         }
                         Message::NarStart { transfer, build: Some(build), meta } => {

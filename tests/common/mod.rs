@@ -74,3 +74,94 @@ pub fn salt() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{}-{nanos}", std::process::id())
 }
+
+/// A `gbc coordinator` running in its own temporary state dir, killed when dropped.
+pub struct Coordinator {
+    pub dir: tempfile::TempDir,
+    pub state: PathBuf,
+    pub args: Vec<String>,
+    child: Option<std::process::Child>,
+}
+
+impl Coordinator {
+    /// Start one with these extra arguments (e.g. `--local-builds 2`) and wait until it listens.
+    pub fn start(args: &[&str]) -> Coordinator {
+        let dir = tempdir();
+        let state = dir.path().join("state");
+        let mut c = Coordinator { dir, state, args: args.iter().map(|s| s.to_string()).collect(), child: None };
+        c.restart();
+        c
+    }
+
+    /// Start it again (after [`Coordinator::kill9`] or a stop) on the same state dir.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("coordinator.log"))
+            .unwrap();
+        let child = gbc()
+            .arg("coordinator")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(self.state.join("gbc.sock")).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the coordinator exited with {status}: {}", self.log());
+            }
+            assert!(std::time::Instant::now() < deadline, "the coordinator did not listen: {}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// What it printed.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+    }
+
+    /// A client command (`gbc ARGS... --state-dir STATE`).
+    pub fn gbc(&self, args: &[&str]) -> Command {
+        let mut c = gbc();
+        c.args(args).arg("--state-dir").arg(&self.state);
+        c
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Send a signal and wait for the coordinator to exit; returns how long that took.
+    pub fn signal_and_wait(&mut self, sig: rustix::process::Signal) -> std::time::Duration {
+        let mut child = self.child.take().unwrap();
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let t0 = std::time::Instant::now();
+        rustix::process::kill_process(pid, sig).unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "the coordinator exited with {status}: {}", self.log());
+        t0.elapsed()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

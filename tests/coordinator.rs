@@ -1,0 +1,446 @@
+//! The coordinator end to end: a real `gbc coordinator` in a temporary state dir, its built-in local
+//! machine, the client commands, derivations from `nix-instantiate`, and Nix's own realisation as
+//! the reference for every output.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Coordinator, nix, run, run_ok_str, salt};
+use serde_json::Value;
+
+const QUEUE: &str = "tests/nix/queue.nix";
+
+fn instantiate(attrs: &[&str], salt: &str) -> BTreeMap<String, String> {
+    common::instantiate(QUEUE, None, attrs, salt).into_iter().collect()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+/// `/nix/store/<hash>-NAME.drv` → NAME
+fn drv_name(path: &str) -> &str {
+    let base = path.rsplit('/').next().unwrap();
+    base.split_once('-').unwrap().1.strip_suffix(".drv").unwrap()
+}
+
+fn submit(c: &Coordinator, drvs: &[&str], extra: &[&str]) -> Vec<String> {
+    let out = run(&mut c.gbc(&["submit"]).args(extra).args(drvs));
+    assert!(out.status.success(), "submit: {}", stderr(&out));
+    let uuids = lines(&out);
+    assert_eq!(uuids.len(), drvs.len());
+    uuids
+}
+
+fn show(c: &Coordinator, uuid: &str) -> Value {
+    serde_json::from_str(&run_ok_str(&mut c.gbc(&["show", "--json", uuid]))).unwrap()
+}
+
+fn state(c: &Coordinator, uuid: &str) -> String {
+    show(c, uuid)["state"].as_str().unwrap().to_owned()
+}
+
+fn wait_for_state(c: &Coordinator, uuid: &str, wanted: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state(c, uuid) != wanted {
+        assert!(Instant::now() < deadline, "{uuid} never became {wanted}: {}", c.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The NarHash of each output of a successful build, as the coordinator recorded it.
+fn recorded_hashes(build: &Value) -> BTreeMap<String, String> {
+    let attempts = build["attempt_list"].as_array().unwrap();
+    let last = attempts.last().unwrap();
+    assert_eq!(last["status"], "success", "{build}");
+    last["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["path"].as_str().unwrap().to_owned(), o["nar_hash"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+#[test]
+fn a_diamond_builds_in_order_and_its_outputs_equal_nix_s() {
+    let c = Coordinator::start(&["--local-builds", "2"]);
+    let drvs = instantiate(&["top", "left", "right", "base"], &salt());
+    // Only the top is submitted: its input derivations get builds of their own, in order.
+    let out = run(&mut c.gbc(&["build", "--json", &drvs["top"]]));
+    assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
+    let printed = lines(&out);
+    let theirs: Vec<String> =
+        run_ok_str(nix("nix-store").args(["--realise", &drvs["top"]])).lines().map(str::to_owned).collect();
+    assert_eq!(printed, theirs, "gbc build prints the output paths");
+
+    // Progress went to stderr as JSON events: every build ran after its dependencies succeeded.
+    let events: Vec<Value> = stderr(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let when = |name: &str, st: &str| {
+        events
+            .iter()
+            .position(|e| drv_name(e["drv"].as_str().unwrap()) == name && e["state"] == st)
+            .unwrap_or_else(|| panic!("no {st} event for {name}: {events:?}"))
+    };
+    assert!(when("base", "succeeded") < when("left", "running"));
+    assert!(when("base", "succeeded") < when("right", "running"));
+    assert!(when("left", "succeeded") < when("top", "running"));
+    assert!(when("right", "succeeded") < when("top", "running"));
+
+    // Every output's NarHash is the one Nix computes for its own realisation.
+    let list: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    assert_eq!(list.len(), 4, "{list:?}");
+    for b in &list {
+        assert_eq!(b["state"], "succeeded");
+        let detail = show(&c, b["uuid"].as_str().unwrap());
+        for (path, hash) in recorded_hashes(&detail) {
+            run_ok_str(nix("nix-store").args(["--realise", detail["drv"].as_str().unwrap()]));
+            let nix_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", &path]));
+            assert_eq!(hash, nix_hash.trim(), "{path}");
+        }
+    }
+
+    // Submitting the same top again with --ignore-if-built returns the build that made it.
+    let top_uuid = list.iter().find(|b| b["drv"] == drvs["top"].as_str()).unwrap()["uuid"].as_str().unwrap();
+    let again = submit(&c, &[&drvs["top"]], &["--ignore-if-built"]);
+    assert_eq!(again, [top_uuid]);
+    // Without it, a new build, whose inputs (already built) need no new builds.
+    let fresh = submit(&c, &[&drvs["top"]], &[]);
+    assert_ne!(fresh, [top_uuid]);
+    let w = run(&mut c.gbc(&["watch"]).args(&fresh));
+    assert!(w.status.success(), "{}", stderr(&w));
+    let list: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    assert_eq!(list.len(), 5);
+}
+
+#[test]
+fn a_failure_fails_its_dependents_with_the_cause() {
+    let c = Coordinator::start(&["--local-builds", "2"]);
+    let drvs = instantiate(&["alsoAfterBroken", "broken", "base"], &salt());
+    let out = run(&mut c.gbc(&["build", &drvs["alsoAfterBroken"], &drvs["base"]]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("also-after-broken") && err.contains("did not succeed"), "{err}");
+    // The one that could be built was, and its path printed.
+    assert_eq!(lines(&out).len(), 1);
+
+    let list: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let by_name = |n: &str| list.iter().find(|b| drv_name(b["drv"].as_str().unwrap()) == n).unwrap();
+    let broken = by_name("broken");
+    assert_eq!(broken["state"], "failed");
+    assert!(broken["reason"].as_str().unwrap().contains("status 1"), "{broken}");
+    let after = by_name("after-broken");
+    assert_eq!(after["state"], "failed");
+    let why = after["reason"].as_str().unwrap();
+    assert!(why.contains(broken["uuid"].as_str().unwrap()) && why.contains("broken.drv"), "{why}");
+    assert_eq!(after["attempts"], 0, "a dependent of a failure never starts");
+    let also = by_name("also-after-broken");
+    assert!(also["reason"].as_str().unwrap().contains(after["uuid"].as_str().unwrap()), "{also}");
+    assert_eq!(by_name("base")["state"], "succeeded");
+
+    // The failed build's log says why; `watch` of it exits 1.
+    let log = run_ok_str(&mut c.gbc(&["log", broken["uuid"].as_str().unwrap()]));
+    assert!(log.contains("breaking on purpose"), "{log}");
+    let w = run(&mut c.gbc(&["watch", broken["uuid"].as_str().unwrap()]));
+    assert_eq!(w.status.code(), Some(1));
+}
+
+#[test]
+fn higher_priority_goes_first() {
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drvs = instantiate(&["blocker", "p1", "p2", "p3"], &salt());
+    let blocker = submit(&c, &[&drvs["blocker"]], &[]);
+    wait_for_state(&c, &blocker[0], "running");
+    let low = submit(&c, &[&drvs["p1"]], &["--priority", "1"]);
+    let high = submit(&c, &[&drvs["p2"]], &["--priority", "5", "--tag", "kind=prio"]);
+    let mid = submit(&c, &[&drvs["p3"]], &["--priority", "3"]);
+    let all = [&blocker[0], &low[0], &high[0], &mid[0]];
+    let w = run(&mut c.gbc(&["watch", "--json"]).args(all));
+    assert!(w.status.success(), "{}", stderr(&w));
+    let started: Vec<String> = String::from_utf8_lossy(&w.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["state"] == "running" && e.get("snapshot").is_none())
+        .map(|e| e["build"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(started, [high[0].clone(), mid[0].clone(), low[0].clone()]);
+    // Tags select.
+    let tagged: Vec<Value> =
+        serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json", "--tag", "kind=prio"]))).unwrap();
+    assert_eq!(tagged.len(), 1);
+    assert_eq!(tagged[0]["uuid"], high[0].as_str());
+}
+
+#[test]
+fn cancel_while_queued_and_while_running() {
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drvs = instantiate(&["slow", "afterSlow", "p1"], &salt());
+    let slow = submit(&c, &[&drvs["slow"]], &[]);
+    wait_for_state(&c, &slow[0], "running");
+    let queued = submit(&c, &[&drvs["p1"], &drvs["afterSlow"]], &[]);
+    assert_eq!(state(&c, &queued[0]), "queued");
+
+    run_ok_str(&mut c.gbc(&["cancel", &queued[0]]));
+    assert_eq!(state(&c, &queued[0]), "canceled");
+
+    let t0 = Instant::now();
+    run_ok_str(&mut c.gbc(&["cancel", &slow[0]]));
+    assert_eq!(state(&c, &slow[0]), "canceled");
+    // Its dependent fails, naming it.
+    let after = show(&c, &queued[1]);
+    assert_eq!(after["state"], "failed");
+    assert!(after["reason"].as_str().unwrap().contains(&slow[0]), "{after}");
+    // The agent stops the build and the slot frees up: a new build runs long before the 60 s.
+    let again = submit(&c, &[&drvs["p1"]], &[]);
+    let w = run(&mut c.gbc(&["watch"]).args(&again));
+    assert!(w.status.success(), "{}\n{}", stderr(&w), c.log());
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    let slow_detail = show(&c, &slow[0]);
+    assert_eq!(slow_detail["attempt_list"][0]["status"], "canceled", "{slow_detail}");
+
+    // Canceling what has ended is an error that names it; the coordinator goes on.
+    let out = run(&mut c.gbc(&["cancel", &slow[0]]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already canceled"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_running_build_s_log_can_be_followed() {
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drvs = instantiate(&["ticker"], &salt());
+    let b = submit(&c, &[&drvs["ticker"]], &[]);
+    wait_for_state(&c, &b[0], "running");
+    let t0 = Instant::now();
+    let followed = run_ok_str(&mut c.gbc(&["log", &b[0]]));
+    assert!(t0.elapsed() > Duration::from_millis(500), "it followed the build to its end");
+    assert_eq!(state(&c, &b[0]), "succeeded");
+    let ticks: Vec<&str> = followed.lines().filter(|l| l.starts_with("tick")).collect();
+    assert_eq!(ticks.len(), 6, "{followed}");
+    // Once the build is over the log is read from its compressed copy, the same bytes.
+    let after = run_ok_str(&mut c.gbc(&["log", "--no-follow", &b[0]]));
+    assert_eq!(after, followed);
+    let logs = c.state.join("logs");
+    let files: Vec<String> = walk(&logs);
+    assert!(files.iter().all(|f| f.ends_with(".log.zst")), "{files:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_the_coordinator_goes_on() {
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drvs = instantiate(&["base", "left"], &salt());
+    let tmp = common::tempdir();
+
+    // Not a derivation.
+    let junk = tmp.path().join("junk.drv");
+    std::fs::write(&junk, "this is not a derivation").unwrap();
+    let out = run(&mut c.gbc(&["submit"]).arg(&junk));
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("junk.drv"), "{err}");
+
+    // A derivation whose declared output is not what its contents give: the coordinator says so.
+    let text = std::fs::read_to_string(&drvs["base"]).unwrap();
+    let declared = text.split('"').nth(3).unwrap().to_owned(); // Derive([("out","<path>",...
+    assert!(declared.starts_with("/nix/store/"), "{declared}");
+    let forged = format!("/nix/store/{}-base", "0".repeat(32));
+    let tampered = tmp.path().join("tampered.drv");
+    std::fs::write(&tampered, text.replace(&declared, &forged)).unwrap();
+    let out = run(&mut c.gbc(&["submit"]).arg(&tampered));
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("tampered.drv") && err.contains(&declared), "{err}");
+
+    // An input derivation that does not match its path, named as such.
+    let left_text = std::fs::read_to_string(&drvs["left"]).unwrap();
+    let dir = tmp.path().join("copy");
+    std::fs::create_dir(&dir).unwrap();
+    let left_copy = dir.join(std::path::Path::new(&drvs["left"]).file_name().unwrap());
+    std::fs::write(&left_copy, &left_text).unwrap();
+    let base_copy = dir.join(std::path::Path::new(&drvs["base"]).file_name().unwrap());
+    std::fs::write(&base_copy, text.replace("echo base", "echo BASE")).unwrap();
+    let out = run(&mut c.gbc(&["submit"]).arg(&left_copy));
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&drvs["base"]) && err.contains("contents give"), "{err}");
+
+    // Unknown UUIDs.
+    let out = run(&mut c.gbc(&["show", "00000000-0000-0000-0000-000000000000"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no build 00000000-0000-0000-0000-000000000000"), "{}", stderr(&out));
+    let out = run(&mut c.gbc(&["watch", "nope"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no build nope"));
+
+    // A malformed client message gets an error reply; the same connection then works.
+    let mut s = UnixStream::connect(c.state.join("gbc.sock")).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains(r#""type":"hello""#), "{line}");
+    s.write_all(b"{not json\n{\"type\":\"cancel\"}\n{\"type\":\"machines\"}\n").unwrap();
+    for expect in ["malformed request", "malformed request", r#""type":"machines""#] {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains(expect), "{expect}: {line}");
+    }
+    drop(s);
+
+    // After all that, it still builds.
+    let out = run(&mut c.gbc(&["build", &drvs["left"]]));
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn without_a_coordinator_the_client_says_how_to_start_one() {
+    let tmp = common::tempdir();
+    let out = run(common::gbc().args(["builds", "--state-dir"]).arg(tmp.path()));
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no coordinator is listening"), "{err}");
+    assert!(err.contains(&format!("gbc coordinator --state-dir {}", tmp.path().display())), "{err}");
+    // GBC_COORDINATOR names the socket.
+    let out = run(common::gbc().arg("machines").env("GBC_COORDINATOR", tmp.path().join("x.sock")));
+    assert!(stderr(&out).contains("x.sock"), "{}", stderr(&out));
+}
+
+#[test]
+fn sigterm_lets_running_builds_finish_or_puts_them_back() {
+    // With time enough, the running build finishes before the coordinator exits.
+    let mut c = Coordinator::start(&["--local-builds", "1", "--grace", "30"]);
+    let drvs = instantiate(&["blocker", "slow"], &salt());
+    let b = submit(&c, &[&drvs["blocker"]], &[]);
+    wait_for_state(&c, &b[0], "running");
+    c.signal_and_wait(rustix::process::Signal::TERM);
+    c.restart();
+    assert_eq!(state(&c, &b[0]), "succeeded");
+
+    // Without, it goes back to the queue and runs again after the restart.
+    c.kill9();
+    c.args = ["--local-builds", "1", "--grace", "1"].map(String::from).to_vec();
+    c.restart();
+    let s = submit(&c, &[&drvs["slow"]], &[]);
+    wait_for_state(&c, &s[0], "running");
+    let took = c.signal_and_wait(rustix::process::Signal::INT);
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    c.restart();
+    let d = show(&c, &s[0]);
+    assert_eq!(d["attempt_list"][0]["status"], "interrupted", "{d}");
+    wait_for_state(&c, &s[0], "running");
+    assert_eq!(show(&c, &s[0])["attempts"], 2);
+    run_ok_str(&mut c.gbc(&["cancel", &s[0]]));
+}
+
+#[test]
+fn machines_shows_the_local_machine() {
+    let c = Coordinator::start(&["--local-builds", "3"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["machines", "--json"]))).unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0]["name"], "localhost");
+        assert_eq!(m[0]["parallel_builds"], 3);
+        if m[0]["state"] == "up" {
+            assert!(m[0]["load1"].is_number(), "{m:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let human = run_ok_str(&mut c.gbc(&["machines"]));
+    assert!(human.starts_with("localhost  up since "), "{human}");
+}
+
+/// kill -9 at random moments of a run of a few hundred builds: after each restart nothing
+/// submitted is lost, builds that were running run again, and every build ends exactly once.
+#[test]
+fn kill_9_at_random_moments_loses_nothing() {
+    let n = 200;
+    let salt = salt();
+    let out = run_ok_str(nix("nix-instantiate").arg(common::repo_path(QUEUE)).args([
+        "--argstr",
+        "salt",
+        &salt,
+        "--arg",
+        "n",
+        &n.to_string(),
+        "-A",
+        "many",
+    ]));
+    let drvs: Vec<&str> = out.lines().collect();
+    assert_eq!(drvs.len(), n);
+    let mut c = Coordinator::start(&["--local-builds", "2"]);
+    let mut uuids = submit(&c, &drvs[..150], &[]);
+    // A seed from the clock; printed so that a failure can be replayed by hand.
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("seed {seed}");
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..4 {
+        std::thread::sleep(Duration::from_millis(200 + next() % 1500));
+        if round == 2 {
+            // Submitted, answered, killed at once: the builds must still be there.
+            uuids.extend(submit(&c, &drvs[150..], &[]));
+        }
+        c.kill9();
+        c.restart();
+        // Nothing submitted is lost.
+        let list: Vec<Value> =
+            serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json", "--limit", "1000"]))).unwrap();
+        let known: BTreeSet<&str> = list.iter().map(|b| b["uuid"].as_str().unwrap()).collect();
+        for u in &uuids {
+            assert!(known.contains(u.as_str()), "round {round}: {u} lost");
+        }
+    }
+    let mut w = c.gbc(&["watch"]);
+    w.args(&uuids).stdout(Stdio::null());
+    let w = run(&mut w);
+    assert!(w.status.success(), "{}\n{}", stderr(&w), c.log());
+
+    let list: Vec<Value> =
+        serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json", "--limit", "1000"]))).unwrap();
+    assert_eq!(list.len(), n, "exactly one build per submitted derivation");
+    let mut interrupted = 0;
+    for b in &list {
+        assert_eq!(b["state"], "succeeded", "{b}");
+        let d = show(&c, b["uuid"].as_str().unwrap());
+        let attempts = d["attempt_list"].as_array().unwrap();
+        // Every attempt ended; exactly one succeeded, the last.
+        assert!(attempts.iter().all(|a| a["status"].is_string()), "{d}");
+        assert_eq!(attempts.iter().filter(|a| a["status"] == "success").count(), 1, "{d}");
+        assert_eq!(attempts.last().unwrap()["status"], "success", "{d}");
+        interrupted += attempts.iter().filter(|a| a["status"] == "interrupted").count();
+    }
+    eprintln!("{interrupted} attempts were interrupted by kill -9");
+    // No half-written log remains.
+    let files = walk(&c.state.join("logs"));
+    assert!(files.iter().all(|f| f.ends_with(".log.zst")), "{files:?}");
+}

@@ -1,0 +1,33 @@
+# Derivations for the coordinator tests: a diamond, a failure and its dependents, builds that take a
+# while (to fill a slot, to cancel, to follow a log), and `many` trivial ones. Builders are /bin/sh.
+{ system ? builtins.currentSystem, salt ? "", n ? 0 }:
+let
+  sh = name: script: args: derivation ({
+    inherit system name;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  } // args);
+in rec {
+  base = sh "base" "echo base ${salt} > $out" { };
+  left = sh "left" "read x < ${base}; echo \"$x left\" > $out" { };
+  right = sh "right" "read x < ${base}; /bin/mkdir -p $out/share; echo \"$x right\" > $out/share/right" { };
+  top = sh "top" "echo building top; /bin/cat ${left} ${right}/share/right > $out" { };
+
+  broken = sh "broken" "echo 'breaking on purpose' ${salt}; exit 1" { };
+  afterBroken = sh "after-broken" "/bin/cat ${broken} > $out" { };
+  alsoAfterBroken = sh "also-after-broken" "/bin/cat ${afterBroken} > $out" { };
+
+  blocker = sh "blocker" "echo blocking ${salt}; /bin/sleep 3; echo done > $out" { };
+  slow = sh "slow" "echo starting ${salt}; /bin/sleep 60; echo never > $out" { };
+  afterSlow = sh "after-slow" "/bin/cat ${slow} > $out" { };
+  ticker = sh "ticker" ''
+    for i in 1 2 3 4 5 6; do echo "tick $i ${salt}"; /bin/sleep 0.5; done
+    echo done > $out
+  '' { };
+
+  p1 = sh "prio-1" "echo 1 ${salt} > $out" { };
+  p2 = sh "prio-2" "echo 2 ${salt} > $out" { };
+  p3 = sh "prio-3" "echo 3 ${salt} > $out" { };
+
+  many = builtins.genList (i: sh "trivial-${toString i}" "echo ${toString i} ${salt} > $out" { }) n;
+}
