@@ -35,7 +35,7 @@ fn drv_name(path: &str) -> &str {
 }
 
 fn submit(c: &Coordinator, drvs: &[&str], extra: &[&str]) -> Vec<String> {
-    let out = run(&mut c.gbc(&["submit"]).args(extra).args(drvs));
+    let out = run(c.gbc(&["submit"]).args(extra).args(drvs));
     assert!(out.status.success(), "submit: {}", stderr(&out));
     let uuids = lines(&out);
     assert_eq!(uuids.len(), drvs.len());
@@ -116,7 +116,7 @@ fn a_diamond_builds_in_order_and_its_outputs_equal_nix_s() {
     // Without it, a new build, whose inputs (already built) need no new builds.
     let fresh = submit(&c, &[&drvs["top"]], &[]);
     assert_ne!(fresh, [top_uuid]);
-    let w = run(&mut c.gbc(&["watch"]).args(&fresh));
+    let w = run(c.gbc(&["watch"]).args(&fresh));
     assert!(w.status.success(), "{}", stderr(&w));
     let list: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
     assert_eq!(list.len(), 5);
@@ -164,7 +164,7 @@ fn higher_priority_goes_first() {
     let high = submit(&c, &[&drvs["p2"]], &["--priority", "5", "--tag", "kind=prio"]);
     let mid = submit(&c, &[&drvs["p3"]], &["--priority", "3"]);
     let all = [&blocker[0], &low[0], &high[0], &mid[0]];
-    let w = run(&mut c.gbc(&["watch", "--json"]).args(all));
+    let w = run(c.gbc(&["watch", "--json"]).args(all));
     assert!(w.status.success(), "{}", stderr(&w));
     let started: Vec<String> = String::from_utf8_lossy(&w.stdout)
         .lines()
@@ -201,7 +201,7 @@ fn cancel_while_queued_and_while_running() {
     assert!(after["reason"].as_str().unwrap().contains(&slow[0]), "{after}");
     // The agent stops the build and the slot frees up: a new build runs long before the 60 s.
     let again = submit(&c, &[&drvs["p1"]], &[]);
-    let w = run(&mut c.gbc(&["watch"]).args(&again));
+    let w = run(c.gbc(&["watch"]).args(&again));
     assert!(w.status.success(), "{}\n{}", stderr(&w), c.log());
     assert!(t0.elapsed() < Duration::from_secs(30));
     let slow_detail = show(&c, &slow[0]);
@@ -255,7 +255,7 @@ fn bad_input_gets_one_clear_line_and_the_coordinator_goes_on() {
     // Not a derivation.
     let junk = tmp.path().join("junk.drv");
     std::fs::write(&junk, "this is not a derivation").unwrap();
-    let out = run(&mut c.gbc(&["submit"]).arg(&junk));
+    let out = run(c.gbc(&["submit"]).arg(&junk));
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -268,7 +268,7 @@ fn bad_input_gets_one_clear_line_and_the_coordinator_goes_on() {
     let forged = format!("/nix/store/{}-base", "0".repeat(32));
     let tampered = tmp.path().join("tampered.drv");
     std::fs::write(&tampered, text.replace(&declared, &forged)).unwrap();
-    let out = run(&mut c.gbc(&["submit"]).arg(&tampered));
+    let out = run(c.gbc(&["submit"]).arg(&tampered));
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -282,7 +282,7 @@ fn bad_input_gets_one_clear_line_and_the_coordinator_goes_on() {
     std::fs::write(&left_copy, &left_text).unwrap();
     let base_copy = dir.join(std::path::Path::new(&drvs["base"]).file_name().unwrap());
     std::fs::write(&base_copy, text.replace("echo base", "echo BASE")).unwrap();
-    let out = run(&mut c.gbc(&["submit"]).arg(&left_copy));
+    let out = run(c.gbc(&["submit"]).arg(&left_copy));
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains(&drvs["base"]) && err.contains("contents give"), "{err}");
