@@ -11,6 +11,7 @@ pub mod build;
 pub mod cli;
 pub mod coordinator;
 pub mod db;
+pub mod examples;
 pub mod formats;
 pub mod protocol;
 pub mod store;

@@ -27,7 +27,7 @@ pub struct Derivation {
 }
 
 /// One output as declared: its path, and for fixed outputs the hash method/algorithm and the hash.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Output {
     pub path: String,
     /// `""` (input-addressed), `"sha256"` (flat file hash) or `"r:sha256"` (NAR hash), any algorithm.
@@ -261,6 +261,35 @@ impl Derivation {
     }
 }
 
+/// Complete an input-addressed derivation as Nix's `derivation` builtin does: compute its output
+/// paths (from its contents, inputs hashed modulo through `inputs`), write them into `outputs` and
+/// the environment, and return the `.drv` path. `drv.outputs` names the outputs; their paths are
+/// overwritten.
+pub fn instantiate(
+    drv: &mut Derivation,
+    store_dir: &StoreDir,
+    name: &str,
+    inputs: &dyn Fn(&str) -> Option<OutputHashes>,
+) -> Result<StorePath, DrvError> {
+    if drv.outputs.is_empty() {
+        return Err(DrvError::Invalid("a derivation needs at least one output".into()));
+    }
+    // Any non-empty path will do here: output paths and their variables are masked when hashing.
+    for (o, out) in &mut drv.outputs {
+        out.path = "pending".to_owned();
+        drv.env.insert(o.clone(), String::new());
+    }
+    let paths = drv.compute_output_paths(store_dir, name, inputs)?;
+    for (o, path) in paths {
+        let shown = store_dir.display(&path);
+        if let Some(out) = drv.outputs.get_mut(&o) {
+            out.path.clone_from(&shown);
+        }
+        drv.env.insert(o, shown);
+    }
+    drv.drv_path(store_dir, name)
+}
+
 /// A derivation file's store dir, its name, and the store path its file name claims (when the file
 /// is named like a store path, `<hash>-<name>.drv`; a copy called `foo.drv` takes its name from its
 /// outputs instead).
@@ -311,6 +340,11 @@ impl DrvGraph {
     /// The hashes of a derivation already resolved.
     pub fn get(&self, drv_path: &str) -> Option<&OutputHashes> {
         self.hashes.get(drv_path)
+    }
+
+    /// Record the (unmasked) hashes of a derivation made or checked elsewhere.
+    pub fn insert(&mut self, drv_path: &str, hashes: OutputHashes) {
+        self.hashes.insert(drv_path.to_owned(), hashes);
     }
 
     /// Lookup function for [`Derivation::hash_modulo`] and friends.
