@@ -12,7 +12,7 @@ use std::fs;
 use std::io::{self, BufRead, BufWriter, IoSlice, Read, Write};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -67,9 +67,15 @@ pub fn load_or_create_key(path: &Path, name: &str) -> io::Result<SecretKey> {
 /// The session's output, shared by every thread that sends. A frame is written whole under the lock,
 /// payload straight from the sender's buffer (no copy, no hand-off to another thread), and flushed.
 #[derive(Clone)]
-struct Tx(Arc<Mutex<Box<dyn Write + Send>>>);
+struct Tx(Arc<Mutex<Box<dyn Write + Send>>>, Arc<AtomicU64>);
 
 impl Tx {
+    /// A number for a NAR this agent sends: unique in the session, since `nar_chunk` and `nar_end`
+    /// name only the transfer, and the NARs of concurrent builds interleave.
+    fn next_transfer(&self) -> u64 {
+        self.1.fetch_add(1, Ordering::Relaxed)
+    }
+
     fn frame(&self, message: &Message, payload: &[u8]) -> io::Result<()> {
         let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
         line.push(b'\n');
@@ -103,7 +109,7 @@ struct Pending {
 
 /// Serve one session on `input`/`output` until the peer closes `input`.
 pub fn serve<R: BufRead, W: Write + Send + 'static>(config: AgentConfig, input: R, output: W) -> io::Result<()> {
-    let tx = Tx(Arc::new(Mutex::new(Box::new(output))));
+    let tx = Tx(Arc::new(Mutex::new(Box::new(output))), Arc::new(AtomicU64::new(0)));
     session(&Arc::new(config), input, &tx)
 }
 
@@ -364,8 +370,8 @@ fn run_build(config: &AgentConfig, tx: &Tx, id: &str, p: Pending, cancel: Arc<At
                 }
             }
             send(tx, Message::Finished { build: id.to_owned(), status: BuildStatus::Success, outputs: built.clone() });
-            for (n, out) in built.iter().enumerate() {
-                if let Err(e) = send_nar(config, tx, id, n as u64, &p.store_dir, &out.meta) {
+            for out in &built {
+                if let Err(e) = send_nar(config, tx, id, tx.next_transfer(), &p.store_dir, &out.meta) {
                     reply_error(tx, format!("sending {}: {e}", out.meta.path), Some(id.to_owned()), None);
                 }
             }
@@ -402,7 +408,7 @@ fn sign_output(config: &AgentConfig, name: &str, info: &PathInfo) -> io::Result<
     })
 }
 
-/// Agent-originated transfers are numbered per build: the coordinator tells them apart by `build`.
+/// Send one output's NAR as transfer `transfer`, tagged with its build.
 fn send_nar(
     config: &AgentConfig,
     tx: &Tx,

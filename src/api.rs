@@ -109,8 +109,12 @@ pub enum Request {
         build: String,
     },
     Machines,
-    /// Counters and timings, for benchmarks and monitoring.
-    Stats,
+    /// Counters and timings, for benchmarks and monitoring; `reset` starts the timing samples
+    /// afresh (after this reply).
+    Stats {
+        #[serde(default)]
+        reset: bool,
+    },
 }
 
 /// A build as listed by `builds`.
@@ -301,6 +305,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&line).ok(), Some(r));
         assert!(serde_json::from_str::<Request>(r#"{"type":"cancel","build":"x","extra":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"type":"machines"}"#).is_ok());
+        assert_eq!(serde_json::from_str::<Request>(r#"{"type":"stats"}"#).ok(), Some(Request::Stats { reset: false }));
     }
 
     #[test]

@@ -256,7 +256,9 @@ fn builds_run_at_once_and_their_messages_interleave() {
     let mut events: Vec<(String, String)> = Vec::new();
     let mut finished = BTreeMap::new();
     let mut canceled_sent = false;
-    while finished.len() < 3 {
+    let mut transfers: Vec<(u64, String)> = Vec::new();
+    let mut nar_ends = 0;
+    while finished.len() < 3 || nar_ends < 2 {
         let f = agent.next();
         match f.message {
             Message::Started { build } => {
@@ -271,12 +273,17 @@ fn builds_run_at_once_and_their_messages_interleave() {
                 events.push((build.clone(), "finished".into()));
                 finished.insert(build, status);
             }
+            Message::NarStart { transfer, build, .. } => transfers.push((transfer, build.unwrap_or_default())),
+            Message::NarEnd { .. } => nar_ends += 1,
             _ => {}
         }
     }
     assert_eq!(finished["a"], BuildStatus::Success);
     assert_eq!(finished["b"], BuildStatus::Success);
     assert_eq!(finished["s"], BuildStatus::Canceled);
+    // The two outputs' NARs travel as different transfers: chunks name only the transfer.
+    assert_eq!(transfers.len(), 2, "{transfers:?}");
+    assert_ne!(transfers[0].0, transfers[1].0, "{transfers:?}");
     // Both pauses began before either ended: they ran at the same time.
     let pos = |b: &str, what: &str| events.iter().position(|(x, w)| x == b && w.contains(what)).unwrap();
     assert!(pos("a", "a begins") < pos("b", "finished") && pos("b", "b begins") < pos("a", "finished"), "{events:?}");

@@ -252,6 +252,9 @@ pub enum Command {
     /// Coordinator counters and allocation timings, as JSON.
     #[command(hide = true)]
     Stats {
+        /// Start the allocation timing samples afresh.
+        #[arg(long)]
+        reset: bool,
         #[command(flatten)]
         client: ClientOpts,
     },

@@ -498,9 +498,9 @@ pub fn machines(client: &ClientOpts, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn stats(client: &ClientOpts) -> anyhow::Result<()> {
+pub fn stats(client: &ClientOpts, reset: bool) -> anyhow::Result<()> {
     let mut c = Client::connect(client)?;
-    match c.call(&Request::Stats)? {
+    match c.call(&Request::Stats { reset })? {
         Reply::Stats { stats } => {
             println!("{}", serde_json::to_string(&stats)?);
             Ok(())

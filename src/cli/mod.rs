@@ -129,7 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log { uuid, attempt, no_follow, client } => client::log(&client, &uuid, attempt, no_follow),
         Command::Cancel { uuids, client } => client::cancel(&client, &uuids),
         Command::Machines { json, client } => client::machines(&client, json),
-        Command::Stats { client } => client::stats(&client),
+        Command::Stats { reset, client } => client::stats(&client, reset),
         Command::Demo => demo::run(),
         Command::Sandbox { .. } | Command::SandboxInit { .. } => Ok(()),
         Command::GenerateMan { dir } => man::generate(&dir),

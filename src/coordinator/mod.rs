@@ -56,7 +56,7 @@ pub(crate) enum Command {
     Submit(Box<Submission>, oneshot::Sender<anyhow::Result<SubmitOutcome>>),
     Cancel(String, oneshot::Sender<Result<(), String>>),
     Machines(oneshot::Sender<Vec<MachineInfo>>),
-    Stats(oneshot::Sender<Stats>),
+    Stats(oneshot::Sender<Stats>, bool),
     Shutdown,
 }
 
@@ -243,7 +243,7 @@ impl Core {
             Command::Machines(reply) => {
                 let _ = reply.send(self.machine_infos());
             }
-            Command::Stats(reply) => {
+            Command::Stats(reply, reset) => {
                 let mut s = self.stats.clone();
                 s.queued = self.queue.queued_len() as u64;
                 s.running = self.machines.iter().map(|m| m.running.len() as u64).sum();
@@ -253,6 +253,9 @@ impl Core {
                 s.alloc_p50_us = percentile(&v, 50);
                 s.alloc_p99_us = percentile(&v, 99);
                 let _ = reply.send(s);
+                if reset {
+                    self.alloc_samples.clear();
+                }
             }
             Command::Shutdown => {
                 if self.stopping.is_none() {

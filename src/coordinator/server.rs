@@ -154,8 +154,8 @@ impl Server {
                 let machines = self.ask(Command::Machines).await?;
                 send(out, &Reply::Machines { machines }).await
             }
-            Request::Stats => {
-                let stats = self.ask(Command::Stats).await?;
+            Request::Stats { reset } => {
+                let stats = self.ask(|tx| Command::Stats(tx, reset)).await?;
                 send(out, &Reply::Stats { stats }).await
             }
         }
