@@ -156,7 +156,7 @@ pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<(
     };
     for b in db.load_queue().await? {
         core.queue.insert(b.id, b.priority, &b.system, &b.features, &b.deps);
-        core.known.insert(b.id, Known { uuid: b.uuid.into(), drv: b.drv.into(), retries: 0 });
+        core.known.insert(b.id, Known { uuid: b.uuid.into(), drv: b.drv.into(), retries: b.retries });
     }
     tracing::info!("coordinator: {} builds queued; listening on {}", core.queue.queued_len(), config.socket.display());
 

@@ -50,6 +50,8 @@ pub struct QueuedBuild {
     pub system: String,
     pub features: BTreeSet<String>,
     pub deps: Vec<BuildId>,
+    /// Attempts so far that failed to set up or lost their machine.
+    pub retries: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -227,7 +229,7 @@ impl Db {
                 deps.entry(r.get(0)?).or_default().push(r.get(1)?);
             }
             let mut stmt = conn.prepare(
-                "SELECT b.id, b.uuid, d.path, b.priority, d.system, d.features FROM builds b
+                "SELECT b.id, b.uuid, d.path, b.priority, d.system, d.features, b.retries FROM builds b
                  JOIN derivations d ON d.id = b.drv WHERE b.state = 'queued' ORDER BY b.id",
             )?;
             let builds = stmt
@@ -242,6 +244,7 @@ impl Db {
                         system: r.get(4)?,
                         features: split_words(&features),
                         deps: Vec::new(),
+                        retries: r.get(6)?,
                     })
                 })?
                 .collect::<DbResult<Vec<_>>>()?;
@@ -489,6 +492,7 @@ fn new_build(
         system: d.system.clone(),
         features: d.features.clone(),
         deps: deps.to_vec(),
+        retries: 0,
     })
 }
 

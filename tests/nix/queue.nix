@@ -29,5 +29,8 @@ in rec {
   p2 = sh "prio-2" "echo 2 ${salt} > $out" { };
   p3 = sh "prio-3" "echo 3 ${salt} > $out" { };
 
+  # Its builder script is an input source, which no build host has yet: nobody can provide it.
+  needsSource = sh "needs-source" ". ${builtins.toFile "needs-source.sh" "echo ${salt} > $out"}" { };
+
   many = builtins.genList (i: sh "trivial-${toString i}" "echo ${toString i} ${salt} > $out" { }) n;
 }
