@@ -293,29 +293,24 @@ impl Core {
         let t0 = Instant::now();
         let mut picks: Vec<(BuildId, usize)> = Vec::new();
         {
-            let mut counts: Vec<u32> = self.machines.iter().map(|m| m.running.len() as u32).collect();
-            loop {
-                let slots: Vec<Slot<'_>> = self
-                    .machines
-                    .iter()
-                    .zip(&counts)
-                    .filter(|(m, _)| m.link == Link::Up)
-                    .map(|(m, &running)| Slot {
+            let up: Vec<usize> = (0..self.machines.len()).filter(|&i| self.machines[i].link == Link::Up).collect();
+            let mut slots: Vec<Slot<'_>> = up
+                .iter()
+                .map(|&i| {
+                    let m = &self.machines[i];
+                    Slot {
                         name: &m.spec.name,
                         caps: &m.spec.caps,
-                        running,
+                        running: m.running.len() as u32,
                         parallel: m.spec.parallel,
                         speed: m.spec.speed,
-                    })
-                    .collect();
-                let up: Vec<usize> = (0..self.machines.len()).filter(|&i| self.machines[i].link == Link::Up).collect();
+                    }
+                })
+                .collect();
+            while picks.len() < 512 {
                 let Some(p) = self.queue.pick(&slots) else { break };
-                let m = up[p.machine];
-                counts[m] += 1;
-                picks.push((p.build, m));
-                if picks.len() >= 512 {
-                    break;
-                }
+                slots[p.machine].running += 1;
+                picks.push((p.build, up[p.machine]));
             }
         }
         if picks.is_empty() {

@@ -92,10 +92,6 @@ impl Queue {
         self.running.len()
     }
 
-    pub fn is_queued(&self, id: BuildId) -> bool {
-        self.queued.contains_key(&id)
-    }
-
     pub fn is_active(&self, id: BuildId) -> bool {
         self.queued.contains_key(&id) || self.running.contains_key(&id)
     }

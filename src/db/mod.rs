@@ -365,15 +365,6 @@ impl Db {
         let uuid = uuid.to_owned();
         self.read(move |conn| show(conn, &uuid)).await
     }
-
-    /// Counts of builds by state.
-    pub async fn counts(&self) -> anyhow::Result<BTreeMap<String, i64>> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare("SELECT state, count(*) FROM builds GROUP BY state")?;
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
-        })
-        .await
-    }
 }
 
 fn split_words(s: &str) -> BTreeSet<String> {
