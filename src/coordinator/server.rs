@@ -251,15 +251,14 @@ impl Server {
                 break;
             }
             // The attempt is over: the build has ended, or a new attempt starts (or will).
-            let brief = self.db.find(uuid).await?;
-            let Some(brief) = brief else { break };
-            let latest = self.db.show(uuid).await?.and_then(|d| d.attempt_list.last().map(|a| a.n)).unwrap_or(0);
+            let Some(now) = self.db.show(uuid).await? else { break };
+            let latest = now.attempt_list.last().map_or(0, |a| a.n);
             if latest > n {
                 n = latest;
                 offset = 0;
                 continue;
             }
-            if brief.state.is_terminal() {
+            if now.summary.state.is_terminal() {
                 break;
             }
             out.flush().await?;

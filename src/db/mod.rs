@@ -323,7 +323,7 @@ impl Db {
     /// A build's id and state, by UUID.
     pub async fn find(&self, uuid: &str) -> anyhow::Result<Option<BuildBrief>> {
         let uuid = uuid.to_owned();
-        self.read(move |conn| brief(conn, "b.uuid = ?1", &uuid)).await
+        self.read(move |conn| brief(conn, &uuid)).await
     }
 
     /// Where each of these builds stands (unknown UUIDs are left out).
@@ -331,7 +331,7 @@ impl Db {
         self.read(move |conn| {
             let mut out = Vec::new();
             for u in &uuids {
-                if let Some(b) = brief(conn, "b.uuid = ?1", u)? {
+                if let Some(b) = brief(conn, u)? {
                     out.push(b);
                 }
             }
@@ -343,16 +343,8 @@ impl Db {
     /// Every queued or running build.
     pub async fn active(&self) -> anyhow::Result<Vec<BuildBrief>> {
         self.read(|conn| {
-            let mut stmt = conn
-                .prepare("SELECT b.uuid FROM builds b WHERE b.state IN ('queued', 'running') ORDER BY b.state, b.id")?;
-            let uuids: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<DbResult<_>>()?;
-            let mut out = Vec::with_capacity(uuids.len());
-            for u in &uuids {
-                if let Some(b) = brief(conn, "b.uuid = ?1", u)? {
-                    out.push(b);
-                }
-            }
-            Ok(out)
+            let sql = format!("{BRIEF_SELECT} WHERE b.state IN ('queued', 'running') ORDER BY b.state, b.id");
+            conn.prepare(&sql)?.query_map([], brief_row)?.collect()
         })
         .await
     }
@@ -542,12 +534,23 @@ fn end_attempt(tx: &Transaction<'_>, end: &AttemptEnd) -> DbResult<()> {
     Ok(())
 }
 
+/// A build state column; anything else is a corrupt row, not a state to guess.
+fn state_column(r: &rusqlite::Row<'_>, i: usize) -> DbResult<BuildState> {
+    let state: String = r.get(i)?;
+    BuildState::parse(&state).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("build state {state:?}").into(),
+        )
+    })
+}
+
 const SUMMARY_COLUMNS: &str = "b.id, b.uuid, d.path, b.state, b.priority, b.created_at, b.started_at, b.ended_at, \
                                b.attempts, b.reason";
 
 fn summary_row(conn: &rusqlite::Connection, r: &rusqlite::Row<'_>) -> DbResult<BuildSummary> {
     let id: BuildId = r.get(0)?;
-    let state: String = r.get(3)?;
     let tags = conn
         .prepare_cached("SELECT key, value FROM build_tags WHERE build = ?1 ORDER BY key, value")?
         .query_map([id], |t| Ok((t.get(0)?, t.get(1)?)))?
@@ -555,9 +558,7 @@ fn summary_row(conn: &rusqlite::Connection, r: &rusqlite::Row<'_>) -> DbResult<B
     Ok(BuildSummary {
         uuid: r.get(1)?,
         drv: r.get(2)?,
-        state: BuildState::parse(&state).ok_or_else(|| {
-            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, format!("state {state}").into())
-        })?,
+        state: state_column(r, 3)?,
         priority: r.get(4)?,
         tags,
         created_ms: r.get(5)?,
@@ -594,25 +595,23 @@ fn list(conn: &rusqlite::Connection, f: &ListFilter) -> DbResult<Vec<BuildSummar
     Ok(out)
 }
 
-fn brief(conn: &rusqlite::Connection, cond: &str, arg: &str) -> DbResult<Option<BuildBrief>> {
-    let sql = format!(
-        "SELECT b.id, b.uuid, d.path, b.state, b.reason,
-                (SELECT machine FROM attempts a WHERE a.build = b.id ORDER BY n DESC LIMIT 1)
-         FROM builds b JOIN derivations d ON d.id = b.drv WHERE {cond}"
-    );
-    conn.prepare_cached(&sql)?
-        .query_row([arg], |r| {
-            let state: String = r.get(3)?;
-            Ok(BuildBrief {
-                id: r.get(0)?,
-                uuid: r.get(1)?,
-                drv: r.get(2)?,
-                state: BuildState::parse(&state).unwrap_or(BuildState::Failed),
-                reason: r.get(4)?,
-                machine: r.get(5)?,
-            })
-        })
-        .optional()
+const BRIEF_SELECT: &str = "SELECT b.id, b.uuid, d.path, b.state, b.reason,
+        (SELECT machine FROM attempts a WHERE a.build = b.id ORDER BY n DESC LIMIT 1)
+    FROM builds b JOIN derivations d ON d.id = b.drv";
+
+fn brief_row(r: &rusqlite::Row<'_>) -> DbResult<BuildBrief> {
+    Ok(BuildBrief {
+        id: r.get(0)?,
+        uuid: r.get(1)?,
+        drv: r.get(2)?,
+        state: state_column(r, 3)?,
+        reason: r.get(4)?,
+        machine: r.get(5)?,
+    })
+}
+
+fn brief(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<BuildBrief>> {
+    conn.prepare_cached(&format!("{BRIEF_SELECT} WHERE b.uuid = ?1"))?.query_row([uuid], brief_row).optional()
 }
 
 fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<BuildDetail>> {
