@@ -156,17 +156,8 @@ pub enum Command {
     /// derivations with neither a queued, running nor successful build get builds of their own,
     /// which the submitted ones wait for.
     Submit {
-        /// Higher goes first.
-        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-        priority: i64,
-        /// A KEY=VALUE tag (repeatable), for `gbc builds --tag`.
-        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
-        tags: Vec<(String, String)>,
-        /// When a successful build already produced these outputs, print its UUID instead.
-        #[arg(long)]
-        ignore_if_built: bool,
-        #[arg(required = true, value_name = "DRV")]
-        drvs: Vec<PathBuf>,
+        #[command(flatten)]
+        submit: SubmitOpts,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -187,17 +178,11 @@ pub enum Command {
     /// Progress goes to standard error, output paths to standard output. Exits 1 when a build
     /// failed.
     Build {
-        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-        priority: i64,
-        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
-        tags: Vec<(String, String)>,
-        #[arg(long)]
-        ignore_if_built: bool,
+        #[command(flatten)]
+        submit: SubmitOpts,
         /// Progress as one JSON event per line on standard error.
         #[arg(long)]
         json: bool,
-        #[arg(required = true, value_name = "DRV")]
-        drvs: Vec<PathBuf>,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -281,6 +266,22 @@ pub struct ClientOpts {
     /// The coordinator's socket, overriding --state-dir [env: GBC_COORDINATOR].
     #[arg(long, value_name = "SOCKET")]
     pub coordinator: Option<PathBuf>,
+}
+
+/// What `submit` and `build` queue, and how.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SubmitOpts {
+    /// Higher goes first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i64,
+    /// A KEY=VALUE tag (repeatable), for `gbc builds --tag`.
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+    /// When a successful build already produced these outputs, use it instead of a new one.
+    #[arg(long)]
+    pub ignore_if_built: bool,
+    #[arg(required = true, value_name = "DRV")]
+    pub drvs: Vec<PathBuf>,
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use super::args::ClientOpts;
+use super::args::{ClientOpts, SubmitOpts};
 use super::drv::{input_locations, read_first};
 use super::realise::default_state_dir;
 use super::{CheckFailed, check_failed};
@@ -123,24 +123,19 @@ fn read_aterm(file: &Path, bytes: &[u8]) -> anyhow::Result<String> {
     String::from_utf8(bytes.to_vec()).map_err(|_| check_failed(file.display(), "not a derivation: not UTF-8 text"))
 }
 
-fn submit_request(
-    drvs: &[PathBuf],
-    priority: i64,
-    tags: Vec<(String, String)>,
-    ignore_if_built: bool,
-) -> anyhow::Result<Request> {
-    let (derivations, inputs) = read_submission(drvs)?;
-    Ok(Request::Submit { derivations, inputs, priority, tags, ignore_if_built })
+fn submit_request(opts: &SubmitOpts) -> anyhow::Result<Request> {
+    let (derivations, inputs) = read_submission(&opts.drvs)?;
+    Ok(Request::Submit {
+        derivations,
+        inputs,
+        priority: opts.priority,
+        tags: opts.tags.clone(),
+        ignore_if_built: opts.ignore_if_built,
+    })
 }
 
-pub fn submit(
-    client: &ClientOpts,
-    drvs: &[PathBuf],
-    priority: i64,
-    tags: Vec<(String, String)>,
-    ignore_if_built: bool,
-) -> anyhow::Result<()> {
-    let request = submit_request(drvs, priority, tags, ignore_if_built)?;
+pub fn submit(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result<()> {
+    let request = submit_request(opts)?;
     let mut c = Client::connect(client)?;
     match c.call(&request)? {
         Reply::Submitted { builds, .. } => {
@@ -308,15 +303,8 @@ pub fn watch(client: &ClientOpts, uuids: Vec<String>, json: bool) -> anyhow::Res
     Ok(())
 }
 
-pub fn build(
-    client: &ClientOpts,
-    drvs: &[PathBuf],
-    priority: i64,
-    tags: Vec<(String, String)>,
-    ignore_if_built: bool,
-    json: bool,
-) -> anyhow::Result<()> {
-    let request = submit_request(drvs, priority, tags, ignore_if_built)?;
+pub fn build(client: &ClientOpts, opts: &SubmitOpts, json: bool) -> anyhow::Result<()> {
+    let request = submit_request(opts)?;
     let mut c = Client::connect(client)?;
     let (builds, deps) = match c.call(&request)? {
         Reply::Submitted { builds, dependencies } => (builds, dependencies),

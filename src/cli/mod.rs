@@ -117,13 +117,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 timeout,
             })
         }
-        Command::Submit { priority, tags, ignore_if_built, drvs, client } => {
-            client::submit(&client, &drvs, priority, tags, ignore_if_built)
-        }
+        Command::Submit { submit, client } => client::submit(&client, &submit),
         Command::Watch { json, uuids, client } => client::watch(&client, uuids, json),
-        Command::Build { priority, tags, ignore_if_built, json, drvs, client } => {
-            client::build(&client, &drvs, priority, tags, ignore_if_built, json)
-        }
+        Command::Build { submit, json, client } => client::build(&client, &submit, json),
         Command::Builds { state, tags, limit, json, client } => client::builds(&client, state, tags, limit, json),
         Command::Show { uuid, json, client } => client::show(&client, &uuid, json),
         Command::Log { uuid, attempt, no_follow, client } => client::log(&client, &uuid, attempt, no_follow),
