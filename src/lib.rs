@@ -13,5 +13,7 @@ pub mod coordinator;
 pub mod db;
 pub mod examples;
 pub mod formats;
+pub mod machines;
 pub mod protocol;
+pub mod ssh;
 pub mod store;

@@ -1,0 +1,497 @@
+//! SSH connections to build hosts: the only module that touches russh.
+//!
+//! One [`Connection`] per host carries any number of exec channels ([`Connection::exec`]). Every
+//! channel is drained by its own task as soon as it opens, because russh stops reading the whole
+//! connection when one channel's buffer is full; stdout goes to an unbounded queue the caller
+//! reads at its own pace (what limits it is the SSH window), stderr and the exit status are read
+//! from the same `wait()` loop on the channel's read half (`split()`), which the stream helpers
+//! would drop.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use russh::keys::PrivateKeyWithHashAlg;
+use russh::keys::agent::AgentIdentity;
+use russh::keys::agent::client::AgentClient;
+use russh::keys::PublicKeyOrCertificate;
+use russh::{ChannelMsg, client};
+use thiserror::Error;
+use tokio::io::{AsyncWrite, AsyncWriteExt as _};
+use tokio::sync::{mpsc, oneshot};
+
+/// How the host's key is checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostKeyCheck {
+    /// An OpenSSH public key line; any other key is refused.
+    Pinned(String),
+    /// A known_hosts file in OpenSSH's format.
+    KnownHosts(PathBuf),
+}
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// Private key file; None: the keys of the ssh-agent at `$SSH_AUTH_SOCK`.
+    pub identity: Option<PathBuf>,
+    pub host_key: HostKeyCheck,
+}
+
+/// Why a connection could not be made, one variant per diagnosis `gbc machines test` gives.
+#[derive(Debug, Error)]
+pub enum SshError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("no answer from {addr} within {secs} s")]
+    Timeout { addr: String, secs: u64 },
+    #[error("host key mismatch for {addr}: it presented {got}, but {expected}; nothing was sent")]
+    HostKey { addr: String, got: String, expected: String },
+    #[error("authentication refused for user {user} at {addr} with {with}")]
+    Auth { addr: String, user: String, with: String },
+    #[error("{what}: {message}")]
+    Key { what: String, message: String },
+    #[error("ssh connection to {addr}: {message}")]
+    Protocol { addr: String, message: String },
+}
+
+impl SshError {
+    /// A short name of the kind of failure, for reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SshError::Connect { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused => {
+                "connection refused"
+            }
+            SshError::Connect { .. } | SshError::Timeout { .. } => "host unreachable",
+            SshError::HostKey { .. } => "host key mismatch",
+            SshError::Auth { .. } | SshError::Key { .. } => "authentication refused",
+            SshError::Protocol { .. } => "ssh error",
+        }
+    }
+}
+
+/// A host key as an OpenSSH public key line: `ssh-ed25519 AAAA… [comment]`, or as `ssh-keyscan`
+/// prints it, with the host name first.
+pub fn parse_host_key(line: &str) -> Result<russh::keys::PublicKey, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (alg, b64) = match words.as_slice() {
+        [a, b, ..] if a.starts_with("ssh-") || a.starts_with("ecdsa-") => (*a, *b),
+        [_host, a, b, ..] => (*a, *b),
+        _ => return Err(format!("{line:?} is not an OpenSSH public key line (\"ssh-ed25519 AAAA…\")")),
+    };
+    let key = russh::keys::parse_public_key_base64(b64).map_err(|e| format!("{line:?}: {e}"))?;
+    if key.algorithm().as_str() != alg {
+        return Err(format!("{line:?}: the key is {}, not {alg}", key.algorithm().as_str()));
+    }
+    Ok(key)
+}
+
+/// Check that a private key file can be used (read and parsed, without a passphrase).
+pub fn check_identity(path: &Path) -> Result<(), String> {
+    russh::keys::load_secret_key(path, None).map(|_| ()).map_err(|e| e.to_string())
+}
+
+fn openssh_line(key: &russh::keys::PublicKey) -> String {
+    key.to_openssh().unwrap_or_else(|_| format!("a {} key", key.algorithm().as_str()))
+}
+
+/// Checks the server's key; remembers what it saw for the error message.
+struct Checker {
+    check: HostKeyCheck,
+    host: String,
+    port: u16,
+    seen: Arc<Mutex<Option<(String, String)>>>,
+}
+
+impl client::Handler for Checker {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, presented: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let key = match presented {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key,
+            PublicKeyOrCertificate::Certificate(_) => {
+                if let Ok(mut s) = self.seen.lock() {
+                    *s = Some(("a host certificate".into(), "only plain host keys are pinned".into()));
+                }
+                return Ok(false);
+            }
+        };
+        let got = openssh_line(key);
+        let verdict: Result<(), String> = match &self.check {
+            HostKeyCheck::Pinned(line) => match parse_host_key(line) {
+                Ok(pinned) if pinned.key_data() == key.key_data() => Ok(()),
+                Ok(pinned) => Err(format!("the pinned host_key is {}", openssh_line(&pinned))),
+                Err(e) => Err(format!("the pinned host_key does not parse: {e}")),
+            },
+            HostKeyCheck::KnownHosts(path) => {
+                match russh::keys::check_known_hosts_path(&self.host, self.port, key, path) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(format!("{} has no {} key for it", path.display(), key.algorithm().as_str())),
+                    Err(russh::keys::Error::KeyChanged { line }) => {
+                        Err(format!("{} line {line} records another key", path.display()))
+                    }
+                    Err(e) => Err(format!("{}: {e}", path.display())),
+                }
+            }
+        };
+        match verdict {
+            Ok(()) => Ok(true),
+            Err(expected) => {
+                if let Ok(mut s) = self.seen.lock() {
+                    *s = Some((got, expected));
+                }
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// Timing of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Longest wait for TCP connect, the handshake and authentication.
+    pub connect: Duration,
+    /// A keepalive goes out after this long without traffic...
+    pub keepalive: Duration,
+    /// ...and the connection is dropped after this many unanswered in a row.
+    pub keepalive_max: usize,
+}
+
+impl Default for Timing {
+    fn default() -> Timing {
+        Timing { connect: Duration::from_secs(20), keepalive: Duration::from_secs(15), keepalive_max: 4 }
+    }
+}
+
+/// An authenticated SSH connection.
+pub struct Connection {
+    handle: client::Handle<Checker>,
+    addr: String,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection").field("addr", &self.addr).finish()
+    }
+}
+
+impl Connection {
+    /// Connect, check the host key, authenticate.
+    pub async fn open(target: &Target, timing: Timing) -> Result<Connection, SshError> {
+        let addr = if target.host.contains(':') {
+            format!("[{}]:{}", target.host, target.port)
+        } else {
+            format!("{}:{}", target.host, target.port)
+        };
+        let secs = timing.connect.as_secs();
+        match tokio::time::timeout(timing.connect, Self::open_inner(target, timing, &addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::Timeout { addr, secs }),
+        }
+    }
+
+    async fn open_inner(target: &Target, timing: Timing, addr: &str) -> Result<Connection, SshError> {
+        let mut preferred = russh::Preferred::default();
+        // AES-GCM first: with AES-NI it is the fastest of OpenSSH's ciphers.
+        preferred.cipher = Cow::Owned(vec![
+            russh::cipher::AES_256_GCM,
+            russh::cipher::AES_128_GCM,
+            russh::cipher::CHACHA20_POLY1305,
+            russh::cipher::AES_256_CTR,
+        ]);
+        let config = client::Config {
+            preferred,
+            keepalive_interval: Some(timing.keepalive),
+            keepalive_max: timing.keepalive_max,
+            // Room for large transfers: the window is what the server may send ahead.
+            window_size: 16 << 20,
+            maximum_packet_size: 65535,
+            channel_buffer_size: 1024,
+            nodelay: true,
+            ..Default::default()
+        };
+        let seen = Arc::new(Mutex::new(None));
+        let checker = Checker {
+            check: target.host_key.clone(),
+            host: target.host.clone(),
+            port: target.port,
+            seen: seen.clone(),
+        };
+        let stream = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|source| SshError::Connect { addr: addr.to_owned(), source })?;
+        let mut handle = match client::connect_stream(Arc::new(config), stream, checker).await {
+            Ok(h) => h,
+            Err(e) => {
+                if let Some((got, expected)) = seen.lock().ok().and_then(|mut s| s.take()) {
+                    return Err(SshError::HostKey { addr: addr.to_owned(), got, expected });
+                }
+                return Err(SshError::Protocol { addr: addr.to_owned(), message: e.to_string() });
+            }
+        };
+        let proto = |e: russh::Error| SshError::Protocol { addr: addr.to_owned(), message: e.to_string() };
+        let user = target.user.clone();
+        match &target.identity {
+            Some(path) => {
+                let key = russh::keys::load_secret_key(path, None).map_err(|e| SshError::Key {
+                    what: format!("identity {}", path.display()),
+                    message: e.to_string(),
+                })?;
+                let hash = handle.best_supported_rsa_hash().await.map_err(proto)?.flatten();
+                let r = handle
+                    .authenticate_publickey(user.clone(), PrivateKeyWithHashAlg::new(Arc::new(key), hash))
+                    .await
+                    .map_err(proto)?;
+                if !r.success() {
+                    let with = format!("key {}", path.display());
+                    return Err(SshError::Auth { addr: addr.to_owned(), user, with });
+                }
+            }
+            None => {
+                let mut agent = AgentClient::connect_env().await.map_err(|e| SshError::Key {
+                    what: "no identity file given and no usable ssh-agent ($SSH_AUTH_SOCK)".into(),
+                    message: e.to_string(),
+                })?;
+                let ids = agent
+                    .request_identities()
+                    .await
+                    .map_err(|e| SshError::Key { what: "ssh-agent".into(), message: e.to_string() })?;
+                let mut ok = false;
+                for id in ids {
+                    let AgentIdentity::PublicKey { key, .. } = id else { continue };
+                    let hash = handle.best_supported_rsa_hash().await.map_err(proto)?.flatten();
+                    match handle.authenticate_publickey_with(user.clone(), key, hash, &mut agent).await {
+                        Ok(r) if r.success() => {
+                            ok = true;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) => return Err(SshError::Key { what: "ssh-agent".into(), message: e.to_string() }),
+                    }
+                }
+                if !ok {
+                    let with = "the keys of the ssh-agent".to_owned();
+                    return Err(SshError::Auth { addr: addr.to_owned(), user, with });
+                }
+            }
+        }
+        Ok(Connection { handle, addr: addr.to_owned() })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    /// Run a command on a new channel. Its output starts being drained at once.
+    pub async fn exec(&self, command: &str) -> Result<Exec, SshError> {
+        let proto = |e: russh::Error| SshError::Protocol { addr: self.addr.clone(), message: e.to_string() };
+        let channel = self.handle.channel_open_session().await.map_err(proto)?;
+        channel.exec(true, command).await.map_err(proto)?;
+        let (mut read, write) = channel.split();
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<Bytes>();
+        let (end_tx, end_rx) = oneshot::channel::<ExitInfo>();
+        let stdin: Box<dyn AsyncWrite + Send + Unpin> = Box::new(write.make_writer());
+        tokio::spawn(async move {
+            let mut info = ExitInfo::default();
+            let mut out = Some(out_tx);
+            while let Some(msg) = read.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => {
+                        if let Some(tx) = &out {
+                            let _ = tx.send(data);
+                        }
+                    }
+                    ChannelMsg::ExtendedData { data, .. } => info.add_stderr(&data),
+                    ChannelMsg::ExitStatus { exit_status } => info.status = Some(exit_status),
+                    ChannelMsg::ExitSignal { signal_name, error_message, .. } => {
+                        info.signal = Some(format!("{signal_name:?} {error_message}").trim().to_owned());
+                    }
+                    ChannelMsg::Eof => out = None,
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            drop(out);
+            let _ = end_tx.send(info);
+        });
+        Ok(Exec { stdin, stdout: out_rx, end: end_rx, _write: write })
+    }
+
+    /// Run a command to its end, feeding it `input`; its output, stderr and exit status.
+    pub async fn run(&self, command: &str, input: &[u8]) -> Result<Output, SshError> {
+        let mut exec = self.exec(command).await?;
+        let write = async {
+            let r = exec.stdin.write_all(input).await;
+            let _ = exec.stdin.shutdown().await;
+            r
+        };
+        let mut stdout = Vec::new();
+        let read = async {
+            while let Some(b) = exec.stdout.recv().await {
+                stdout.extend_from_slice(&b);
+            }
+        };
+        let (w, ()) = tokio::join!(write, read);
+        let info = exec.end.await.unwrap_or_default();
+        if let Err(e) = w
+            && info.status.is_none()
+        {
+            return Err(SshError::Protocol { addr: self.addr.clone(), message: format!("sending to {command}: {e}") });
+        }
+        Ok(Output { stdout, info })
+    }
+
+    pub async fn close(self) {
+        let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+    }
+}
+
+/// A running remote command.
+pub struct Exec {
+    /// Its standard input; shut it down to send EOF.
+    pub stdin: Box<dyn AsyncWrite + Send + Unpin>,
+    /// Its standard output, as it arrives; ends at EOF.
+    pub stdout: mpsc::UnboundedReceiver<Bytes>,
+    /// How it ended, once the channel closes.
+    pub end: oneshot::Receiver<ExitInfo>,
+    _write: russh::ChannelWriteHalf<client::Msg>,
+}
+
+/// How a remote command ended.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExitInfo {
+    pub status: Option<u32>,
+    pub signal: Option<String>,
+    /// The last few KiB of its stderr.
+    pub stderr: String,
+}
+
+impl ExitInfo {
+    const KEEP: usize = 8 * 1024;
+
+    fn add_stderr(&mut self, data: &[u8]) {
+        self.stderr.push_str(&String::from_utf8_lossy(data));
+        if self.stderr.len() > Self::KEEP {
+            let mut cut = self.stderr.len() - Self::KEEP;
+            while !self.stderr.is_char_boundary(cut) {
+                cut += 1;
+            }
+            self.stderr.drain(..cut);
+        }
+    }
+
+    /// The last non-empty line of stderr.
+    pub fn last_line(&self) -> &str {
+        self.stderr.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("")
+    }
+
+    /// Whether the shell said the command does not exist (127) or cannot run (126).
+    pub fn not_runnable(&self) -> bool {
+        matches!(self.status, Some(126 | 127))
+    }
+}
+
+impl fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.status, &self.signal) {
+            (Some(s), _) => write!(f, "exit status {s}")?,
+            (None, Some(sig)) => write!(f, "killed by {sig}")?,
+            (None, None) => f.write_str("the connection closed")?,
+        }
+        let last = self.last_line();
+        if !last.is_empty() {
+            write!(f, ": {last}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`Connection::run`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub info: ExitInfo,
+}
+
+/// Reads an exec's stdout from a plain thread (for the blocking frame parser).
+pub struct BlockingReader {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    current: Bytes,
+}
+
+impl BlockingReader {
+    pub fn new(rx: mpsc::UnboundedReceiver<Bytes>) -> BlockingReader {
+        BlockingReader { rx, current: Bytes::new() }
+    }
+}
+
+impl Read for BlockingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.current = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Quote a word for a POSIX shell (the remote side of an exec runs the user's shell).
+pub fn shell_quote(word: &str) -> String {
+    if !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("gbc"), "gbc");
+        assert_eq!(shell_quote("/a b"), "'/a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
+    }
+
+    #[test]
+    fn host_keys_as_keyscan_prints_them() {
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICt8gLdDAnGRd/jMz++Wkv8w45IPl6BGi/collfki9dG";
+        assert!(parse_host_key(key).is_ok());
+        assert!(parse_host_key(&format!("{key} comment")).is_ok());
+        assert!(parse_host_key(&format!("[127.0.0.1]:2222 {key}")).is_ok());
+        let e = parse_host_key("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAICt8gLdDAnGRd/jMz++Wkv8w45IPl6BGi/collfki9dG");
+        assert!(e.is_err_and(|e| e.contains("not ssh-rsa")));
+        assert!(parse_host_key("ssh-ed25519 AAAA").is_err());
+        assert!(parse_host_key("nonsense").is_err());
+    }
+
+    #[test]
+    fn stderr_keeps_the_tail() {
+        let mut info = ExitInfo { status: Some(127), ..Default::default() };
+        info.add_stderr("x".repeat(10_000).as_bytes());
+        info.add_stderr(b"\nsh: 1: gbc: not found\n");
+        assert!(info.stderr.len() <= ExitInfo::KEEP);
+        assert_eq!(info.to_string(), "exit status 127: sh: 1: gbc: not found");
+        assert!(info.not_runnable());
+    }
+}
