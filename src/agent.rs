@@ -239,6 +239,19 @@ fn session<R: BufRead>(config: &Arc<AgentConfig>, input: R, tx: &Tx) -> io::Resu
                     reply_error(tx, format!("no open transfer {transfer}"), None, Some(transfer));
                 }
             }
+            Message::Fetch { transfer, path } => {
+                let sent = store_dir_of(config, &path).and_then(|(sd, _)| match config.store.query(&sd, &path)? {
+                    Some(info) => send_nar(config, tx, None, transfer, &sd, &meta_of(&info)),
+                    None => Err(invalid(format!("{path} is not valid in this agent's store"))),
+                });
+                if let Err(e) = sent {
+                    reply_error(tx, format!("fetch {path}: {e}"), None, Some(transfer));
+                }
+            }
+            Message::Ping {} => {
+                let facts = host_facts(config);
+                send(tx, Message::Pong { load1: facts.load1, free_space: facts.free_space });
+            }
             other => reply_error(tx, format!("unexpected message {:?} from the coordinator", kind(&other)), None, None),
         }
     }
@@ -371,7 +384,7 @@ fn run_build(config: &AgentConfig, tx: &Tx, id: &str, p: Pending, cancel: Arc<At
             }
             send(tx, Message::Finished { build: id.to_owned(), status: BuildStatus::Success, outputs: built.clone() });
             for out in &built {
-                if let Err(e) = send_nar(config, tx, id, tx.next_transfer(), &p.store_dir, &out.meta) {
+                if let Err(e) = send_nar(config, tx, Some(id), tx.next_transfer(), &p.store_dir, &out.meta) {
                     reply_error(tx, format!("sending {}: {e}", out.meta.path), Some(id.to_owned()), None);
                 }
             }
@@ -408,17 +421,17 @@ fn sign_output(config: &AgentConfig, name: &str, info: &PathInfo) -> io::Result<
     })
 }
 
-/// Send one output's NAR as transfer `transfer`, tagged with its build.
+/// Send a valid path's NAR as transfer `transfer`, tagged with its build when it is an output.
 fn send_nar(
     config: &AgentConfig,
     tx: &Tx,
-    build: &str,
+    build: Option<&str>,
     transfer: u64,
     sd: &StoreDir,
     meta: &PathMeta,
 ) -> io::Result<()> {
     let sp = sd.parse_path(&meta.path).map_err(|e| invalid(e.to_string()))?;
-    send(tx, Message::NarStart { transfer, build: Some(build.to_owned()), meta: meta.clone() });
+    send(tx, Message::NarStart { transfer, build: build.map(str::to_owned), meta: meta.clone() });
     let chunks = ChunkWriter::new(transfer, |message, payload| tx.frame(message, payload));
     // Through a buffer of one chunk, so that files are read a chunk at a time straight into it.
     let mut chunks = BufWriter::with_capacity(NAR_CHUNK, chunks);

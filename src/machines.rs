@@ -249,6 +249,20 @@ pub fn parse(text: &str, file: &str) -> Result<MachinesFile, ConfigError> {
             });
         }
     }
+    if parsed.trusted_keys.is_empty()
+        && let Some(m) = parsed.machines.0.iter().find(|m| m.signing_key.is_none())
+    {
+        let (line, column) = locate(text, &format!("\"{}\"", m.name));
+        return Err(ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            message: format!(
+                "machine \"{}\": no signing_key and no trusted_keys: its outputs could not be checked (`gbc machines test {}` shows the key its agent uses)",
+                m.name, m.name
+            ),
+        });
+    }
     Ok(parsed)
 }
 
@@ -256,8 +270,12 @@ pub fn parse(text: &str, file: &str) -> Result<MachinesFile, ConfigError> {
 /// read. Relative paths in it are taken from the file's directory.
 pub fn load(path: &Path) -> Result<MachinesFile, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError { file: file.clone(), line: 0, column: 0, message: format!("cannot read: {e}") })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read: {e}"),
+    })?;
     let mut parsed = parse(&text, &file)?;
     let base = path.parent().unwrap_or(Path::new("."));
     for m in &mut parsed.machines.0 {
@@ -304,10 +322,13 @@ fn locate(text: &str, needle: &str) -> (usize, usize) {
 mod tests {
     use super::*;
 
+    const SIG: &str = "farm-1:xhEUSJFW7Y4RUUMyYjUwjPk+fYSVH0SruBaiw7GI2t8=";
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICt8gLdDAnGRd/jMz++Wkv8w45IPl6BGi/collfki9dG";
 
     fn one(fields: &str) -> String {
-        format!("(machines: [(name: \"a\", host: \"h\", host_key: \"{KEY}\", systems: [\"x86_64-linux\"], {fields})])")
+        format!(
+            "(machines: [(name: \"a\", host: \"h\", host_key: \"{KEY}\", systems: [\"x86_64-linux\"], signing_key: \"{SIG}\", {fields})])"
+        )
     }
 
     fn err(text: &str) -> String {
@@ -323,7 +344,7 @@ mod tests {
         let m = &f.machines.0[0];
         assert_eq!((m.port, m.speed, m.parallel_builds, m.enabled, m.auto_deploy), (22, 1.0, 1, true, false));
         assert_eq!(m.agent, "gbc agent");
-        assert!(m.user.is_none() && m.identity.is_none() && m.signing_key.is_none());
+        assert!(m.user.is_none() && m.identity.is_none() && m.known_hosts.is_none());
     }
 
     #[test]
@@ -348,8 +369,10 @@ mod tests {
         assert!(e.contains("no host_key and no known_hosts"), "{e}");
         let e = err("(machines: [(name: \"a\", host: \"h\", host_key: \"ssh-ed25519 AAAA\", systems: [\"x\"])])");
         assert!(e.contains("host_key:"), "{e}");
-        let e = err(&one("signing_key: \"nope\""));
+        let e = err(&one("").replace(SIG, "nope"));
         assert!(e.contains("signing_key \"nope\""), "{e}");
+        let e = err(&one("").replace(&format!("signing_key: \"{SIG}\", "), ""));
+        assert!(e.contains("machine \"a\": no signing_key and no trusted_keys"), "{e}");
         let e = err(&one("speed: 0.0"));
         assert!(e.contains("speed must be a positive number"), "{e}");
         let e = err(&one("features: [\"kvm\"], mandatory_features: [\"big\"]"));
@@ -358,7 +381,7 @@ mod tests {
 
     #[test]
     fn duplicate_names_point_at_the_second() {
-        let m = format!("(name: \"a\", host: \"h\", host_key: \"{KEY}\", systems: [\"x\"])");
+        let m = format!("(name: \"a\", host: \"h\", host_key: \"{KEY}\", systems: [\"x\"], signing_key: \"{SIG}\")");
         let e = err(&format!("(machines: [\n{m},\n{m},\n])"));
         assert!(e.starts_with("m.ron:3:") && e.contains("machine name \"a\" is used twice"), "{e}");
     }
@@ -377,7 +400,7 @@ mod tests {
     fn unreadable_files_are_named() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
         let path = dir.path().join("machines.ron");
-        std::fs::write(&path, format!("(machines: [\n(name: \"b\", host: \"h\", host_key: \"{KEY}\", systems: [\"x\"], identity: \"nope\")])"))
+        std::fs::write(&path, format!("(machines: [\n(name: \"b\", host: \"h\", host_key: \"{KEY}\", systems: [\"x\"], identity: \"nope\", signing_key: \"{SIG}\")])"))
             .unwrap_or_else(|e| unreachable!("{e}"));
         let e = match load(&path) {
             Ok(f) => unreachable!("{f:?}"),

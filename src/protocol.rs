@@ -144,6 +144,19 @@ pub enum Message {
     NarEnd {
         transfer: u64,
     },
+    /// Coordinator → agent: send the NAR of this valid path as transfer `transfer` (`nar_start`
+    /// without `build`, chunks, `nar_end`), or an `error` naming the transfer.
+    Fetch {
+        transfer: u64,
+        path: String,
+    },
+    /// Coordinator → agent: how loaded is the host now? Answered by `pong`.
+    Ping {},
+    /// Agent → coordinator: the host's current 1-minute load and free bytes in the store.
+    Pong {
+        load1: f64,
+        free_space: u64,
+    },
     /// Agent → coordinator: a NAR sent to it checked out and its path is now valid.
     PathAdded {
         transfer: u64,

@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use russh::keys::PrivateKeyWithHashAlg;
+use russh::keys::PublicKeyOrCertificate;
 use russh::keys::agent::AgentIdentity;
 use russh::keys::agent::client::AgentClient;
-use russh::keys::PublicKeyOrCertificate;
 use russh::{ChannelMsg, client};
 use thiserror::Error;
 use tokio::io::{AsyncWrite, AsyncWriteExt as _};
@@ -197,14 +197,16 @@ impl Connection {
     }
 
     async fn open_inner(target: &Target, timing: Timing, addr: &str) -> Result<Connection, SshError> {
-        let mut preferred = russh::Preferred::default();
         // AES-GCM first: with AES-NI it is the fastest of OpenSSH's ciphers.
-        preferred.cipher = Cow::Owned(vec![
-            russh::cipher::AES_256_GCM,
-            russh::cipher::AES_128_GCM,
-            russh::cipher::CHACHA20_POLY1305,
-            russh::cipher::AES_256_CTR,
-        ]);
+        let preferred = russh::Preferred {
+            cipher: Cow::Owned(vec![
+                russh::cipher::AES_256_GCM,
+                russh::cipher::AES_128_GCM,
+                russh::cipher::CHACHA20_POLY1305,
+                russh::cipher::AES_256_CTR,
+            ]),
+            ..Default::default()
+        };
         let config = client::Config {
             preferred,
             keepalive_interval: Some(timing.keepalive),

@@ -148,6 +148,28 @@ pub enum Command {
         /// Kill a build after this many seconds.
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<u64>,
+        /// The build hosts, a machines.ron file (default: <state dir>/machines.ron when it exists).
+        /// With one, the built-in localhost machine is used only if --local-builds is given.
+        #[arg(long, value_name = "FILE")]
+        machines: Option<PathBuf>,
+        /// Seconds to wait before reconnecting to a lost host; tripled after each failure in a row
+        /// (plus up to 10% at random, at most an hour).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        reconnect_delay: u64,
+        /// Seconds between load queries to each agent.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30, hide = true)]
+        ping_interval: u64,
+    },
+    /// Check a machines.ron file (default: <state dir>/machines.ron) as the coordinator would.
+    ///
+    /// Prints one line per machine when the file is good; else one error naming the file, line and
+    /// column, and exits with status 1.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// State directory whose machines.ron is checked when no FILE is given.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Queue derivations for building; print one build UUID per line, in order.
     ///
@@ -229,6 +251,8 @@ pub enum Command {
     },
     /// Show the machines: up or down, since when, running builds, load.
     Machines {
+        #[command(subcommand)]
+        command: Option<MachinesCommand>,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -321,4 +345,25 @@ pub enum DrvCommand {
     /// variable of the same name) is not the one the contents give. Input derivations are read from
     /// the file's own directory, else from their store path.
     Path { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachinesCommand {
+    /// Check that build hosts work, like `guix offload test`.
+    ///
+    /// For each machine of the machines file (or only NAME): connect, check the host key,
+    /// authenticate, start the agent (deploying gbc if the machine has auto_deploy), report its
+    /// version, systems, features, load and free disk and its signing key, and send a small NAR
+    /// to it and fetch it back. Each failure gets a diagnosis: connection refused, host
+    /// unreachable, host key mismatch, authentication refused, agent missing, protocol mismatch.
+    /// Exits with status 1 if any machine fails. Needs no running coordinator.
+    Test {
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
+        /// The machines file (default: <state dir>/machines.ron).
+        #[arg(long, value_name = "FILE")]
+        machines: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }

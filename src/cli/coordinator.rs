@@ -15,6 +15,9 @@ pub struct Options {
     pub grace: u64,
     pub max_silent: Option<u64>,
     pub timeout: Option<u64>,
+    pub machines: Option<PathBuf>,
+    pub reconnect_delay: u64,
+    pub ping_interval: u64,
 }
 
 pub fn run(opts: Options) -> anyhow::Result<()> {
@@ -25,6 +28,17 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     if opts.local_builds == Some(0) {
         anyhow::bail!("--local-builds must be at least 1");
     }
+    if opts.ping_interval == 0 {
+        anyhow::bail!("--ping-interval must be at least 1");
+    }
+    let machines_file = match opts.machines {
+        Some(f) => Some(f),
+        None => Some(state_dir.join("machines.ron")).filter(|f| f.exists()),
+    };
+    let file = match &machines_file {
+        Some(f) => Some(crate::machines::load(f).map_err(|e| super::check_failed("machines file", e))?),
+        None => None,
+    };
     if opts.max_attempts == 0 {
         anyhow::bail!("--max-attempts must be at least 1");
     }
@@ -41,8 +55,20 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         timeout_secs: opts.timeout,
         max_silent_secs: opts.max_silent,
         agent_program: std::env::current_exe().context("finding the gbc binary")?,
+        machines_file,
+        reconnect_delay: Duration::from_secs(opts.reconnect_delay),
+        ping_interval: Duration::from_secs(opts.ping_interval),
     };
-    let machines = vec![coordinator::local_machine(&config)];
+    let mut machines = Vec::new();
+    match &file {
+        Some(file) => {
+            if opts.local_builds.is_some() {
+                machines.push(coordinator::local_machine(&config));
+            }
+            machines.extend(coordinator::host_machines(file, &config).map_err(anyhow::Error::msg)?);
+        }
+        None => machines.push(coordinator::local_machine(&config)),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(coordinator::run(config, machines))
 }

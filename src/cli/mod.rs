@@ -12,6 +12,7 @@ mod coordinator;
 mod demo;
 mod drv;
 mod keys;
+mod machines;
 mod man;
 mod nar;
 mod realise;
@@ -21,7 +22,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use args::{Cli, Command, DrvCommand, NarCommand};
+use args::{Cli, Command, DrvCommand, MachinesCommand, NarCommand};
 
 /// An error that means a check failed (exit 1) rather than a usage or I/O problem (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -107,16 +108,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cores,
             })
         }
-        Command::Coordinator { state_dir, local_builds, max_attempts, grace, max_silent_time, timeout } => {
-            coordinator::run(coordinator::Options {
-                state_dir,
-                local_builds,
-                max_attempts,
-                grace,
-                max_silent: max_silent_time,
-                timeout,
-            })
-        }
+        Command::Coordinator {
+            state_dir,
+            local_builds,
+            max_attempts,
+            grace,
+            max_silent_time,
+            timeout,
+            machines,
+            reconnect_delay,
+            ping_interval,
+        } => coordinator::run(coordinator::Options {
+            state_dir,
+            local_builds,
+            max_attempts,
+            grace,
+            max_silent: max_silent_time,
+            timeout,
+            machines,
+            reconnect_delay,
+            ping_interval,
+        }),
+        Command::CheckConfig { file, state_dir } => machines::check_config(file, state_dir),
         Command::Submit { submit, client } => client::submit(&client, &submit),
         Command::Watch { json, uuids, client } => client::watch(&client, uuids, json),
         Command::Build { submit, json, client } => client::build(&client, &submit, json),
@@ -124,7 +137,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Show { uuid, json, client } => client::show(&client, &uuid, json),
         Command::Log { uuid, attempt, no_follow, client } => client::log(&client, &uuid, attempt, no_follow),
         Command::Cancel { uuids, client } => client::cancel(&client, &uuids),
-        Command::Machines { json, client } => client::machines(&client, json),
+        Command::Machines { command: None, json, client } => client::machines(&client, json),
+        Command::Machines { command: Some(MachinesCommand::Test { name, machines, state_dir }), .. } => {
+            machines::test(machines, state_dir, name)
+        }
         Command::Stats { reset, client } => client::stats(&client, reset),
         Command::Demo => demo::run(),
         Command::Sandbox { .. } | Command::SandboxInit { .. } => Ok(()),

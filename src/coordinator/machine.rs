@@ -8,23 +8,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use super::logs;
 use super::queue::BuildId;
+use super::transport::Transport;
 use crate::api::OutputInfo;
 use crate::db::Job;
 use crate::formats::derivation::Derivation;
 use crate::formats::hash::HashSink;
 use crate::formats::narinfo;
 use crate::formats::signing::{PublicKey, Signature};
-use crate::protocol::{
-    BuildStatus, BuiltOutput, Frame, FrameReader, HostFacts, Message, PROTOCOL_VERSION, PathMeta, write_frame,
-};
+use crate::protocol::{BuildStatus, BuiltOutput, Frame, HostFacts, Message, PathMeta};
 
 /// Core → driver.
 #[derive(Debug)]
@@ -57,102 +54,26 @@ pub enum AttemptResult {
 /// Driver → core.
 #[derive(Debug)]
 pub enum DriverEvent {
-    Up { machine: usize, facts: HostFacts },
-    Down { machine: usize, error: String },
-    Done { machine: usize, build: BuildId, attempt: i64, result: AttemptResult },
-}
-
-/// How to reach a machine's agent.
-#[derive(Debug, Clone)]
-pub enum Transport {
-    /// `program agent ARGS...` as a child process.
-    Local { program: PathBuf, args: Vec<String> },
-}
-
-/// Frames to and from one agent session.
-struct Session {
-    tx: mpsc::Sender<Frame>,
-    rx: mpsc::Receiver<Result<Frame, String>>,
-}
-
-impl Transport {
-    fn connect(&self, name: &str) -> anyhow::Result<Session> {
-        match self {
-            Transport::Local { program, args } => spawn_local(name, program, args),
-        }
-    }
-}
-
-fn spawn_local(name: &str, program: &PathBuf, args: &[String]) -> anyhow::Result<Session> {
-    let mut child = Command::new(program)
-        .arg("agent")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start {} agent: {e}", program.display()))?;
-    let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        anyhow::bail!("agent pipes missing");
-    };
-    let last_err = Arc::new(Mutex::new(String::new()));
-    {
-        let last_err = last_err.clone();
-        let name = name.to_owned();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                tracing::warn!(machine = %name, "agent: {line}");
-                if let Ok(mut l) = last_err.lock() {
-                    *l = line;
-                }
-            }
-        });
-    }
-    let (in_tx, in_rx) = mpsc::channel::<Result<Frame, String>>(64);
-    std::thread::spawn(move || {
-        let mut reader = FrameReader::from_read(stdout);
-        loop {
-            match reader.read() {
-                Ok(Some(frame)) => {
-                    if in_tx.blocking_send(Ok(frame)).is_err() {
-                        break;
-                    }
-                }
-                Ok(None) => {
-                    // Give the stderr thread a moment to record why the agent stopped.
-                    std::thread::sleep(Duration::from_millis(50));
-                    let why = last_err.lock().map(|l| l.clone()).unwrap_or_default();
-                    let why =
-                        if why.is_empty() { "the agent exited".to_owned() } else { format!("the agent exited: {why}") };
-                    let _ = in_tx.blocking_send(Err(why));
-                    break;
-                }
-                Err(e) => {
-                    let _ = in_tx.blocking_send(Err(format!("agent protocol error: {e}")));
-                    break;
-                }
-            }
-        }
-    });
-    let (out_tx, mut out_rx) = mpsc::channel::<Frame>(64);
-    std::thread::spawn(move || {
-        let mut w = BufWriter::with_capacity(256 * 1024, stdin);
-        while let Some(frame) = out_rx.blocking_recv() {
-            if write_frame(&mut w, &frame).is_err() {
-                break;
-            }
-            if out_rx.is_empty() && w.flush().is_err() {
-                break;
-            }
-        }
-        // Closing the agent's input ends its session: it stops its builds and exits.
-        drop(w);
-        let _ = child.wait();
-    });
-    Ok(Session { tx: out_tx, rx: in_rx })
+    Up {
+        machine: usize,
+        facts: HostFacts,
+    },
+    /// Fresh load figures from a ping.
+    Load {
+        machine: usize,
+        load1: f64,
+        free_space: u64,
+    },
+    Down {
+        machine: usize,
+        error: String,
+    },
+    Done {
+        machine: usize,
+        build: BuildId,
+        attempt: i64,
+        result: AttemptResult,
+    },
 }
 
 /// One attempt in flight on this machine.
@@ -178,9 +99,12 @@ pub struct Driver {
     pub name: String,
     pub transport: Transport,
     pub state_dir: PathBuf,
-    /// Keys whose signatures on outputs are accepted; empty: the key the agent announces (the
-    /// local machine, whose agent the coordinator started itself).
+    /// Keys whose signatures on outputs are accepted; empty: the key the agent announces (only for
+    /// the local machine, whose agent the coordinator started itself).
     pub trusted: Vec<PublicKey>,
+    pub backoff: Backoff,
+    /// How often the agent is asked for its load.
+    pub ping: Duration,
     pub timeout_secs: Option<u64>,
     pub max_silent_secs: Option<u64>,
     pub events: mpsc::UnboundedSender<DriverEvent>,
@@ -189,21 +113,23 @@ pub struct Driver {
 impl Driver {
     /// Keep a session open, reconnecting with backoff, until the core goes away.
     pub async fn run(self, mut cmds: mpsc::UnboundedReceiver<DriverCmd>) {
-        let mut backoff = Duration::from_millis(250);
+        let mut failures = 0u32;
         loop {
             let (error, was_up) = match self.session(&mut cmds).await {
                 SessionEnd::CoreGone => return,
                 SessionEnd::Lost { error, was_up } => (error, was_up),
             };
             if was_up {
-                backoff = Duration::from_millis(250);
+                failures = 0;
             }
-            tracing::warn!(machine = %self.name, "{error}");
+            let delay = self.backoff.delay(failures);
+            failures = failures.saturating_add(1);
+            tracing::warn!(machine = %self.name, "{error}; next try in {:.0?}", delay);
             if self.events.send(DriverEvent::Down { machine: self.index, error }).is_err() {
                 return;
             }
             // Wait before reconnecting; jobs assigned meanwhile go back at once.
-            let deadline = tokio::time::Instant::now() + backoff;
+            let deadline = tokio::time::Instant::now() + delay;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => break,
@@ -214,7 +140,6 @@ impl Driver {
                     },
                 }
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
 
@@ -223,30 +148,27 @@ impl Driver {
     }
 
     async fn session(&self, cmds: &mut mpsc::UnboundedReceiver<DriverCmd>) -> SessionEnd {
-        let mut session = match self.transport.connect(&self.name) {
+        let connecting = self.transport.connect(&self.name);
+        tokio::pin!(connecting);
+        // Assignments can't arrive before `Up`, but the core may go away meanwhile.
+        let connected = loop {
+            tokio::select! {
+                r = &mut connecting => break r,
+                cmd = cmds.recv() => match cmd {
+                    None => return SessionEnd::CoreGone,
+                    Some(DriverCmd::Assign(job)) => self.report(job.build, job.attempt, not_connected()),
+                    Some(DriverCmd::Cancel(_)) => {}
+                },
+            }
+        };
+        let mut session = match connected {
             Ok(s) => s,
-            Err(e) => return lost(format!("{e:#}")),
+            Err(e) => return lost(e.to_string()),
         };
-        // Handshake.
-        let hello =
-            Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: env!("CARGO_PKG_VERSION").into(), host: None };
-        if session.tx.send(Frame::new(hello)).await.is_err() {
-            return lost("the agent closed its input");
+        for note in &session.notes {
+            tracing::info!(machine = %self.name, "{note}");
         }
-        let facts = match tokio::time::timeout(Duration::from_secs(60), session.rx.recv()).await {
-            Err(_) => return lost("the agent did not say hello within 60 s"),
-            Ok(None) => return lost("the agent exited"),
-            Ok(Some(Err(e))) => return lost(e),
-            Ok(Some(Ok(Frame { message: Message::Hello { protocol, host: Some(facts), .. }, .. })))
-                if protocol == PROTOCOL_VERSION =>
-            {
-                facts
-            }
-            Ok(Some(Ok(Frame { message: Message::Error { message, .. }, .. }))) => return lost(message),
-            Ok(Some(Ok(other))) => {
-                return lost(format!("the agent's first message is not a compatible hello: {:?}", other.message));
-            }
-        };
+        let facts = session.facts.clone();
         let trusted = if self.trusted.is_empty() {
             match PublicKey::parse(&facts.signing_key) {
                 Ok(k) => vec![k],
@@ -262,8 +184,16 @@ impl Driver {
         let mut active: HashMap<String, Active> = HashMap::new();
         let mut by_build: HashMap<BuildId, String> = HashMap::new();
         let mut transfers: HashMap<u64, Transfer> = HashMap::new();
+        let mut ping = tokio::time::interval(self.ping);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.reset();
         loop {
             tokio::select! {
+                _ = ping.tick() => {
+                    if session.tx.send(Frame::new(Message::Ping {})).await.is_err() {
+                        return SessionEnd::Lost { error: "the agent closed its input".into(), was_up: true };
+                    }
+                }
                 cmd = cmds.recv() => match cmd {
                     None => return SessionEnd::CoreGone,
                     Some(DriverCmd::Assign(job)) => {
@@ -322,6 +252,9 @@ impl Driver {
                             }
                         }
                         Message::Started { .. } => {}
+                        Message::Pong { load1, free_space } => {
+                            let _ = self.events.send(DriverEvent::Load { machine: self.index, load1, free_space });
+                        }
                         Message::Log { build, .. } => {
                             if let Some(a) = active.get_mut(&build)
                                 && let Some(log) = &mut a.log
@@ -415,6 +348,37 @@ impl Driver {
             }
         })
         .await;
+    }
+}
+
+/// How long to wait before reconnecting after the `n`th failure in a row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub first: Duration,
+    pub factor: u32,
+    pub max: Duration,
+    /// Add up to this fraction of the delay, at random, so that hosts lost together don't all
+    /// come back in the same instant.
+    pub jitter: f64,
+}
+
+impl Backoff {
+    /// For SSH hosts, like Hydra: 60 s × 3^n plus up to 10%, at most an hour.
+    pub fn hosts(first: Duration) -> Backoff {
+        Backoff { first, factor: 3, max: Duration::from_secs(3600), jitter: 0.1 }
+    }
+
+    /// For the local agent, a child process: quick retries.
+    pub fn local() -> Backoff {
+        Backoff { first: Duration::from_millis(250), factor: 2, max: Duration::from_secs(30), jitter: 0.0 }
+    }
+
+    pub fn delay(&self, failures: u32) -> Duration {
+        let base = self.first.saturating_mul(self.factor.saturating_pow(failures.min(30))).min(self.max);
+        let mut r = [0u8; 4];
+        let unit =
+            if getrandom::fill(&mut r).is_ok() { f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX) } else { 0.5 };
+        base + base.mul_f64(self.jitter * unit)
     }
 }
 

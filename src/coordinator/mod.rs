@@ -7,9 +7,11 @@
 
 pub mod logs;
 pub mod machine;
+pub mod probe;
 pub mod queue;
 mod server;
 pub mod submit;
+pub mod transport;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -21,9 +23,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::api::{BuildState, Event, MachineInfo, Stats, now_ms};
 use crate::db::{AttemptEnd, BuildChange, Db, Submission, SubmitOutcome};
+use crate::formats::signing::PublicKey;
 use crate::protocol::HostFacts;
-use machine::{AttemptResult, Driver, DriverCmd, DriverEvent, Transport};
+use machine::{AttemptResult, Backoff, Driver, DriverCmd, DriverEvent};
 use queue::{BuildId, Capabilities, Queue, Slot};
+use transport::Transport;
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -38,17 +42,38 @@ pub struct Config {
     pub grace: Duration,
     pub timeout_secs: Option<u64>,
     pub max_silent_secs: Option<u64>,
-    /// The `gbc` binary the local machine runs as its agent.
+    /// The `gbc` binary the local machine runs as its agent (and auto-deploy uploads).
     pub agent_program: PathBuf,
+    /// The machines file, re-read when it changes.
+    pub machines_file: Option<PathBuf>,
+    /// First wait before reconnecting to a lost SSH host (then × 3 per failure).
+    pub reconnect_delay: Duration,
+    /// How often agents are asked for their load.
+    pub ping_interval: Duration,
 }
 
 /// A machine the coordinator allocates to.
+#[derive(Debug, Clone, PartialEq)]
 pub struct MachineSpec {
     pub name: String,
     pub caps: Capabilities,
     pub parallel: u32,
     pub speed: f64,
+    /// No new build while load1 / cores is above this.
+    pub max_load: Option<f64>,
+    /// No new build while the agent's store has fewer free bytes.
+    pub min_free_disk: Option<u64>,
     pub transport: Transport,
+    /// Keys accepted on its outputs; empty: the key its agent announces (local machine only).
+    pub trusted: Vec<PublicKey>,
+    pub backoff: Backoff,
+}
+
+impl MachineSpec {
+    /// Whether a change from `self` to `new` needs a new session (else it applies in place).
+    fn same_session(&self, new: &MachineSpec) -> bool {
+        self.transport == new.transport && self.trusted == new.trusted && self.backoff == new.backoff
+    }
 }
 
 /// Requests to the core.
@@ -57,6 +82,8 @@ pub(crate) enum Command {
     Cancel(String, oneshot::Sender<Result<(), String>>),
     Machines(oneshot::Sender<Vec<MachineInfo>>),
     Stats(oneshot::Sender<Stats>, bool),
+    /// The machines file changed: the machines it now lists.
+    Reload(Vec<MachineSpec>),
     Shutdown,
 }
 
@@ -79,7 +106,22 @@ struct MachineState {
     facts: Option<HostFacts>,
     last_error: Option<String>,
     running: HashMap<BuildId, Running>,
-    tx: mpsc::UnboundedSender<DriverCmd>,
+    /// Taken out of the machines file: no new builds; forgotten once its running builds end.
+    retired: bool,
+    tx: Option<mpsc::UnboundedSender<DriverCmd>>,
+}
+
+impl MachineState {
+    /// Whether a build may start there now.
+    fn accepts_builds(&self) -> bool {
+        if self.link != Link::Up || self.retired || self.tx.is_none() {
+            return false;
+        }
+        let Some(f) = &self.facts else { return true };
+        let overloaded = self.spec.max_load.is_some_and(|max| f.load1 / f64::from(f.cores.max(1)) > max);
+        let full = self.spec.min_free_disk.is_some_and(|min| f.free_space < min);
+        !overloaded && !full
+    }
 }
 
 /// Identity of an active build, for events.
@@ -95,6 +137,8 @@ struct Core {
     queue: Queue,
     known: HashMap<BuildId, Known>,
     machines: Vec<MachineState>,
+    /// Cloned into each new driver.
+    drivers: mpsc::UnboundedSender<DriverEvent>,
     events: broadcast::Sender<Event>,
     stopping: Option<Instant>,
     stats: Stats,
@@ -117,49 +161,32 @@ pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<(
     let (events, _) = broadcast::channel(16 * 1024);
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(1024);
     let (drv_tx, drv_rx) = mpsc::unbounded_channel::<DriverEvent>();
-    let mut states = Vec::new();
-    for (index, spec) in machines.into_iter().enumerate() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let driver = Driver {
-            index,
-            name: spec.name.clone(),
-            transport: spec.transport.clone(),
-            state_dir: config.state_dir.clone(),
-            trusted: Vec::new(),
-            timeout_secs: config.timeout_secs,
-            max_silent_secs: config.max_silent_secs,
-            events: drv_tx.clone(),
-        };
-        tokio::spawn(driver.run(rx));
-        states.push(MachineState {
-            spec,
-            link: Link::Connecting,
-            since_ms: now_ms(),
-            facts: None,
-            last_error: None,
-            running: HashMap::new(),
-            tx,
-        });
-    }
-    drop(drv_tx);
-
     let mut core = Core {
         config: config.clone(),
         db: db.clone(),
         queue: Queue::new(),
         known: HashMap::new(),
-        machines: states,
+        machines: Vec::new(),
+        drivers: drv_tx,
         events: events.clone(),
         stopping: None,
         stats: Stats::default(),
         alloc_samples: VecDeque::new(),
     };
+    for spec in machines {
+        core.add_machine(spec);
+    }
+
     for b in db.load_queue().await? {
         core.queue.insert(b.id, b.priority, &b.system, &b.features, &b.deps);
         core.known.insert(b.id, Known { uuid: b.uuid.into(), drv: b.drv.into(), retries: b.retries });
     }
     tracing::info!("coordinator: {} builds queued; listening on {}", core.queue.queued_len(), config.socket.display());
 
+    let _watcher = match &config.machines_file {
+        Some(path) => Some(watch_machines(path.clone(), config.clone(), cmd_tx.clone())?),
+        None => None,
+    };
     let srv = server::Server { db, commands: cmd_tx.clone(), events, state_dir: config.state_dir.clone() };
     let server_task = tokio::spawn(server::serve(Arc::new(srv), listener));
     let signals = tokio::spawn(async move {
@@ -257,6 +284,7 @@ impl Core {
                     self.alloc_samples.clear();
                 }
             }
+            Command::Reload(specs) => self.reload(specs),
             Command::Shutdown => {
                 if self.stopping.is_none() {
                     self.stopping = Some(Instant::now());
@@ -293,7 +321,7 @@ impl Core {
         let t0 = Instant::now();
         let mut picks: Vec<(BuildId, usize)> = Vec::new();
         {
-            let up: Vec<usize> = (0..self.machines.len()).filter(|&i| self.machines[i].link == Link::Up).collect();
+            let up: Vec<usize> = (0..self.machines.len()).filter(|&i| self.machines[i].accepts_builds()).collect();
             let mut slots: Vec<Slot<'_>> = up
                 .iter()
                 .map(|&i| {
@@ -331,7 +359,7 @@ impl Core {
             let machine = &mut self.machines[m];
             machine.running.insert(build, Running { attempt: job.attempt, canceled: false });
             let name = machine.spec.name.clone();
-            if machine.tx.send(DriverCmd::Assign(Box::new(job))).is_err() {
+            if machine.tx.as_ref().is_none_or(|tx| tx.send(DriverCmd::Assign(Box::new(job))).is_err()) {
                 anyhow::bail!("the driver of {name} stopped");
             }
             self.emit(build, BuildState::Running, now, Some(&name), None, false);
@@ -348,6 +376,12 @@ impl Core {
                 m.since_ms = now_ms();
                 m.facts = Some(facts);
                 m.last_error = None;
+            }
+            DriverEvent::Load { machine, load1, free_space } => {
+                if let Some(f) = &mut self.machines[machine].facts {
+                    f.load1 = load1;
+                    f.free_space = free_space;
+                }
             }
             DriverEvent::Down { machine, error } => {
                 let m = &mut self.machines[machine];
@@ -367,7 +401,77 @@ impl Core {
                 self.attempt_done(machine, build, attempt, result).await?;
             }
         }
+        self.forget_drained();
         Ok(())
+    }
+
+    /// Start a machine's driver and take it into allocation.
+    fn add_machine(&mut self, spec: MachineSpec) {
+        let index = self.machines.len();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            index,
+            name: spec.name.clone(),
+            transport: spec.transport.clone(),
+            state_dir: self.config.state_dir.clone(),
+            trusted: spec.trusted.clone(),
+            backoff: spec.backoff,
+            ping: self.config.ping_interval,
+            timeout_secs: self.config.timeout_secs,
+            max_silent_secs: self.config.max_silent_secs,
+            events: self.drivers.clone(),
+        };
+        tokio::spawn(driver.run(rx));
+        self.machines.push(MachineState {
+            spec,
+            link: Link::Connecting,
+            since_ms: now_ms(),
+            facts: None,
+            last_error: None,
+            running: HashMap::new(),
+            retired: false,
+            tx: Some(tx),
+        });
+    }
+
+    /// Apply a new machine list: new machines start, removed ones drain, changed ones are
+    /// updated in place or, when how to reach them changed, drained and started afresh.
+    fn reload(&mut self, specs: Vec<MachineSpec>) {
+        let mut keep = vec![false; self.machines.len()];
+        for spec in specs {
+            let current = self.machines.iter().position(|m| !m.retired && m.spec.name == spec.name);
+            match current {
+                Some(i) if self.machines[i].spec.same_session(&spec) => {
+                    if self.machines[i].spec != spec {
+                        tracing::info!(machine = %spec.name, "machine settings changed");
+                    }
+                    self.machines[i].spec = spec;
+                    keep[i] = true;
+                }
+                Some(_) | None => {
+                    tracing::info!(machine = %spec.name, "{} machine", if current.is_some() { "reconnecting changed" } else { "new" });
+                    self.add_machine(spec);
+                }
+            }
+        }
+        for (i, keep) in keep.into_iter().enumerate() {
+            let m = &mut self.machines[i];
+            if !keep && !m.retired {
+                tracing::info!(machine = %m.spec.name, "removed: {} running builds finish there", m.running.len());
+                m.retired = true;
+            }
+        }
+        self.forget_drained();
+    }
+
+    /// Stop the drivers of retired machines with nothing left running.
+    fn forget_drained(&mut self) {
+        for m in &mut self.machines {
+            if m.retired && m.running.is_empty() && m.tx.is_some() {
+                tracing::info!(machine = %m.spec.name, "drained and disconnected");
+                m.tx = None;
+            }
+        }
     }
 
     async fn attempt_done(
@@ -479,7 +583,9 @@ impl Core {
         for m in &mut self.machines {
             if let Some(r) = m.running.get_mut(&id) {
                 r.canceled = true;
-                let _ = m.tx.send(DriverCmd::Cancel(id));
+                if let Some(tx) = &m.tx {
+                    let _ = tx.send(DriverCmd::Cancel(id));
+                }
             }
         }
         for (b, state, reason, retry) in events {
@@ -517,9 +623,11 @@ impl Core {
     fn machine_infos(&self) -> Vec<MachineInfo> {
         self.machines
             .iter()
+            .filter(|m| m.tx.is_some())
             .map(|m| MachineInfo {
                 name: m.spec.name.clone(),
                 state: match m.link {
+                    _ if m.retired => "draining",
                     Link::Up => "up",
                     Link::Connecting => "connecting",
                     Link::Down => "down",
@@ -580,6 +688,121 @@ pub fn local_machine(config: &Config) -> MachineSpec {
         },
         parallel,
         speed: 1.0,
+        max_load: None,
+        min_free_disk: None,
         transport: Transport::Local { program: config.agent_program.clone(), args },
+        trusted: Vec::new(),
+        backoff: Backoff::local(),
     }
+}
+
+/// The enabled machines of a machines file, as the coordinator runs them.
+pub fn host_machines(file: &crate::machines::MachinesFile, config: &Config) -> Result<Vec<MachineSpec>, String> {
+    let trusted_all = file
+        .trusted_keys
+        .iter()
+        .map(|k| PublicKey::parse(k).map_err(|e| format!("trusted key {k:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::new();
+    for m in file.machines.0.iter().filter(|m| m.enabled) {
+        out.push(host_machine(m, &trusted_all, config)?);
+    }
+    Ok(out)
+}
+
+/// One machine of a machines file, enabled or not.
+pub fn host_machine(
+    m: &crate::machines::Machine,
+    trusted_all: &[PublicKey],
+    config: &Config,
+) -> Result<MachineSpec, String> {
+    use crate::ssh::{HostKeyCheck, Target};
+    let trusted = match &m.signing_key {
+        Some(k) => vec![PublicKey::parse(k).map_err(|e| format!("machine {}: signing_key: {e}", m.name))?],
+        None => trusted_all.to_vec(),
+    };
+    if trusted.is_empty() {
+        return Err(format!("machine {}: no signing_key and no trusted_keys", m.name));
+    }
+    let user = match &m.user {
+        Some(u) => u.clone(),
+        None => std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .map_err(|_| format!("machine {}: no user given and $USER is not set", m.name))?,
+    };
+    let host_key = match (&m.host_key, &m.known_hosts) {
+        (Some(k), _) => HostKeyCheck::Pinned(k.clone()),
+        (None, Some(f)) => HostKeyCheck::KnownHosts(f.clone()),
+        (None, None) => return Err(format!("machine {}: no host_key and no known_hosts", m.name)),
+    };
+    let target = Target { host: m.host.clone(), port: m.port, user, identity: m.identity.clone(), host_key };
+    Ok(MachineSpec {
+        name: m.name.clone(),
+        caps: Capabilities {
+            systems: m.systems.clone(),
+            features: m.features.clone(),
+            mandatory_features: m.mandatory_features.clone(),
+        },
+        parallel: m.parallel_builds,
+        speed: m.speed,
+        max_load: m.max_load,
+        min_free_disk: m.min_free_disk,
+        transport: Transport::Ssh(Box::new(transport::SshAgent {
+            target,
+            command: m.agent.clone(),
+            args: m.agent_args.clone(),
+            auto_deploy: m.auto_deploy,
+            program: config.agent_program.clone(),
+            timing: transport::SshTiming::default(),
+        })),
+        trusted,
+        backoff: Backoff::hosts(config.reconnect_delay),
+    })
+}
+
+/// Re-read the machines file whenever its directory changes (editors save by renaming), and
+/// hand the new machine list to the core; a file with an error keeps the previous machines.
+fn watch_machines(
+    path: PathBuf,
+    config: Config,
+    commands: mpsc::Sender<Command>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let dir = path.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let name = path.file_name().map(|n| n.to_owned());
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && ev.paths.iter().any(|p| p.file_name() == name.as_deref())
+        {
+            let _ = tx.send(());
+        }
+    })
+    .context("watching the machines file")?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive).with_context(|| format!("watching {}", dir.display()))?;
+    tokio::spawn(async move {
+        let mut last = std::fs::read(&path).ok();
+        while rx.recv().await.is_some() {
+            // Let a burst of events (write, rename) settle.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while rx.try_recv().is_ok() {}
+            let now = std::fs::read(&path).ok();
+            if now == last {
+                continue;
+            }
+            last = now;
+            let specs =
+                crate::machines::load(&path).map_err(|e| e.to_string()).and_then(|f| host_machines(&f, &config));
+            match specs {
+                Ok(specs) => {
+                    tracing::info!("{}: re-read, {} machines", path.display(), specs.len());
+                    if commands.send(Command::Reload(specs)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => tracing::error!("{e}; keeping the previous machines"),
+            }
+        }
+    });
+    Ok(watcher)
 }

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 
+pub mod sshd;
+
 /// The `gbc` binary under test.
 pub fn gbc() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gbc"))

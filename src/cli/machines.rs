@@ -1,0 +1,101 @@
+//! `gbc check-config` and `gbc machines test`.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::check_failed;
+use super::realise::default_state_dir;
+use crate::coordinator::{self, Config, probe};
+use crate::formats::signing::PublicKey;
+use crate::machines::{self, MachinesFile};
+
+fn machines_path(file: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match file {
+        Some(f) => Ok(f),
+        None => Ok(match state_dir {
+            Some(s) => s,
+            None => default_state_dir()?,
+        }
+        .join("machines.ron")),
+    }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<MachinesFile> {
+    machines::load(path).map_err(|e| check_failed("machines file", e))
+}
+
+pub fn check_config(file: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let path = machines_path(file, state_dir)?;
+    let parsed = load(&path)?;
+    let mut out = std::io::stdout().lock();
+    for m in &parsed.machines.0 {
+        writeln!(
+            out,
+            "{}: {}@{}:{}, {} x {}{}{}",
+            m.name,
+            m.user.as_deref().unwrap_or("$USER"),
+            m.host,
+            m.port,
+            m.parallel_builds,
+            m.systems.join(" "),
+            if m.features.is_empty() { String::new() } else { format!(" [{}]", m.features.join(" ")) },
+            if m.enabled { "" } else { " (disabled)" },
+        )?;
+    }
+    writeln!(out, "{}: {} machines, ok", path.display(), parsed.machines.0.len())?;
+    Ok(())
+}
+
+pub fn test(file: Option<PathBuf>, state_dir: Option<PathBuf>, name: Option<String>) -> anyhow::Result<()> {
+    let path = machines_path(file, state_dir)?;
+    let parsed = load(&path)?;
+    let chosen: Vec<&machines::Machine> =
+        parsed.machines.0.iter().filter(|m| name.as_deref().is_none_or(|n| m.name == n)).collect();
+    if let Some(n) = &name
+        && chosen.is_empty()
+    {
+        anyhow::bail!("{}: no machine named {n:?}", path.display());
+    }
+    let trusted = parsed
+        .trusted_keys
+        .iter()
+        .map(|k| PublicKey::parse(k))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| check_failed(path.display(), e))?;
+    let config = Config {
+        state_dir: PathBuf::new(),
+        socket: PathBuf::new(),
+        local_builds: None,
+        max_attempts: 1,
+        grace: Duration::ZERO,
+        timeout_secs: None,
+        max_silent_secs: None,
+        agent_program: std::env::current_exe()?,
+        machines_file: None,
+        reconnect_delay: Duration::from_secs(60),
+        ping_interval: Duration::from_secs(30),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut failed = Vec::new();
+    for m in chosen {
+        let spec = coordinator::host_machine(m, &trusted, &config).map_err(|e| check_failed(path.display(), e))?;
+        println!("{}:", m.name);
+        let steps = runtime.block_on(probe::probe(&spec));
+        for step in steps {
+            match step.outcome {
+                Ok(said) => println!("  ok    {}: {said}", step.what),
+                Err(f) => {
+                    println!("  FAIL  {}: {}: {}", step.what, f.kind, f.message);
+                    failed.push(format!("{} ({})", m.name, f.kind));
+                }
+            }
+        }
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::Error::new(super::CheckFailed(format!("machines failing: {}", failed.join(", ")))))
+    }
+}

@@ -1,0 +1,375 @@
+//! How the coordinator reaches a machine's agent: a child process for the built-in local machine,
+//! an exec channel on an SSH connection for build hosts. Either way the result is a [`Session`]:
+//! frames in, frames out, after the hello exchange. SSH sessions deploy the coordinator's own
+//! binary when the host has no compatible agent and the machine allows it (`auto_deploy`).
+
+use std::io::{BufWriter, Read, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::mpsc;
+
+use crate::protocol::{Frame, FrameReader, HostFacts, Message, PROTOCOL_VERSION, write_frame};
+use crate::ssh::{self, BlockingReader, Connection, ExitInfo, SshError, Target, Timing, shell_quote};
+
+/// How to reach a machine's agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transport {
+    /// `program agent ARGS...` as a child process.
+    Local { program: PathBuf, args: Vec<String> },
+    /// `agent ARGS...` on an SSH host.
+    Ssh(Box<SshAgent>),
+}
+
+/// An agent on an SSH host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SshAgent {
+    pub target: Target,
+    /// The remote command, as the remote shell reads it (`gbc agent`).
+    pub command: String,
+    /// Arguments added to it, each quoted.
+    pub args: Vec<String>,
+    /// Upload `program` to the host when its agent is missing or incompatible.
+    pub auto_deploy: bool,
+    /// This coordinator's own `gbc`, the binary auto-deploy uploads.
+    pub program: PathBuf,
+    pub timing: SshTiming,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SshTiming {
+    pub connect: Duration,
+    pub keepalive: Duration,
+}
+
+impl Default for SshTiming {
+    fn default() -> SshTiming {
+        let t = Timing::default();
+        SshTiming { connect: t.connect, keepalive: t.keepalive }
+    }
+}
+
+/// Frames to and from one agent session. Dropping it ends the session.
+pub struct Session {
+    pub tx: mpsc::Sender<Frame>,
+    pub rx: mpsc::Receiver<Result<Frame, String>>,
+    pub facts: HostFacts,
+    /// The agent's gbc version.
+    pub version: String,
+    /// What the session notes for people: "deployed gbc to …".
+    pub notes: Vec<String>,
+    _connection: Option<Arc<Connection>>,
+}
+
+/// Why a session could not be started.
+#[derive(Debug)]
+pub enum ConnectError {
+    Ssh(SshError),
+    /// The agent command could not be run (exit status 126/127).
+    AgentMissing(String),
+    /// The agent speaks another protocol version.
+    Incompatible(String),
+    /// Anything else: the agent exited, said something else than hello, deploying failed.
+    Other(String),
+}
+
+impl ConnectError {
+    /// A short diagnosis, for `gbc machines test`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConnectError::Ssh(e) => e.kind(),
+            ConnectError::AgentMissing(_) => "agent missing",
+            ConnectError::Incompatible(_) => "protocol mismatch",
+            ConnectError::Other(_) => "agent failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Ssh(e) => write!(f, "{e}"),
+            ConnectError::AgentMissing(m) | ConnectError::Incompatible(m) | ConnectError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+impl Transport {
+    /// Start a session: connect, start the agent, exchange hellos.
+    pub async fn connect(&self, name: &str) -> Result<Session, ConnectError> {
+        match self {
+            Transport::Local { program, args } => {
+                let (tx, rx) = spawn_local(name, program, args).map_err(|e| ConnectError::Other(format!("{e:#}")))?;
+                start(tx, rx, None, None).await
+            }
+            Transport::Ssh(agent) => connect_ssh(name, agent).await,
+        }
+    }
+}
+
+type Channels = (mpsc::Sender<Frame>, mpsc::Receiver<Result<Frame, String>>);
+
+fn spawn_local(name: &str, program: &Path, args: &[String]) -> anyhow::Result<Channels> {
+    let mut child = Command::new(program)
+        .arg("agent")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {} agent: {e}", program.display()))?;
+    let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        anyhow::bail!("agent pipes missing");
+    };
+    let last_err = Arc::new(Mutex::new(String::new()));
+    {
+        let last_err = last_err.clone();
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                tracing::warn!(machine = %name, "agent: {line}");
+                if let Ok(mut l) = last_err.lock() {
+                    *l = line;
+                }
+            }
+        });
+    }
+    let rx = spawn_reader(stdout, move || {
+        // Give the stderr thread a moment to record why the agent stopped.
+        std::thread::sleep(Duration::from_millis(50));
+        let why = last_err.lock().map(|l| l.clone()).unwrap_or_default();
+        if why.is_empty() { "the agent exited".to_owned() } else { format!("the agent exited: {why}") }
+    });
+    let (out_tx, mut out_rx) = mpsc::channel::<Frame>(64);
+    std::thread::spawn(move || {
+        let mut w = BufWriter::with_capacity(256 * 1024, stdin);
+        while let Some(frame) = out_rx.blocking_recv() {
+            if write_frame(&mut w, &frame).is_err() {
+                break;
+            }
+            if out_rx.is_empty() && w.flush().is_err() {
+                break;
+            }
+        }
+        // Closing the agent's input ends its session: it stops its builds and exits.
+        drop(w);
+        let _ = child.wait();
+    });
+    Ok((out_tx, rx))
+}
+
+/// Parse frames from `r` on a thread of its own; at the end, `why` says why.
+fn spawn_reader(
+    r: impl Read + Send + 'static,
+    why: impl FnOnce() -> String + Send + 'static,
+) -> mpsc::Receiver<Result<Frame, String>> {
+    let (in_tx, in_rx) = mpsc::channel::<Result<Frame, String>>(64);
+    std::thread::spawn(move || {
+        let mut reader = FrameReader::from_read(r);
+        loop {
+            match reader.read() {
+                Ok(Some(frame)) => {
+                    if in_tx.blocking_send(Ok(frame)).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    let _ = in_tx.blocking_send(Err(why()));
+                    break;
+                }
+                Err(e) => {
+                    let _ = in_tx.blocking_send(Err(format!("agent protocol error: {e}")));
+                    break;
+                }
+            }
+        }
+    });
+    in_rx
+}
+
+/// Exchange hellos on fresh channels.
+async fn start(
+    tx: mpsc::Sender<Frame>,
+    mut rx: mpsc::Receiver<Result<Frame, String>>,
+    connection: Option<Arc<Connection>>,
+    exit: Option<Arc<Mutex<Option<ExitInfo>>>>,
+) -> Result<Session, ConnectError> {
+    let hello =
+        Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: env!("CARGO_PKG_VERSION").into(), host: None };
+    // A failed send shows up as the reader's end below.
+    let _ = tx.send(Frame::new(hello)).await;
+    let first = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await;
+    let exited = |why: String| {
+        let info = exit.as_ref().and_then(|e| e.lock().ok().and_then(|i| i.clone()));
+        match info {
+            Some(i) if i.not_runnable() => ConnectError::AgentMissing(format!("the agent could not be started: {i}")),
+            _ => ConnectError::Other(why),
+        }
+    };
+    let (facts, version) = match first {
+        Err(_) => return Err(ConnectError::Other("the agent did not say hello within 60 s".into())),
+        Ok(None) => return Err(exited("the agent exited".into())),
+        Ok(Some(Err(e))) => return Err(exited(e)),
+        Ok(Some(Ok(Frame { message: Message::Hello { protocol, host: Some(facts), gbc_version }, .. })))
+            if protocol == PROTOCOL_VERSION =>
+        {
+            (facts, gbc_version)
+        }
+        Ok(Some(Ok(Frame { message: Message::Hello { protocol, gbc_version, .. }, .. }))) => {
+            return Err(ConnectError::Incompatible(format!(
+                "the agent (gbc {gbc_version}) speaks protocol version {protocol}; this coordinator speaks {PROTOCOL_VERSION}"
+            )));
+        }
+        Ok(Some(Ok(Frame { message: Message::Error { message, .. }, .. }))) => {
+            return Err(ConnectError::Other(format!("the agent refused the session: {message}")));
+        }
+        Ok(Some(Ok(other))) => {
+            return Err(ConnectError::Other(format!("the agent's first message is not hello: {:?}", other.message)));
+        }
+    };
+    Ok(Session { tx, rx, facts, version, notes: Vec::new(), _connection: connection })
+}
+
+/// Start `command` on an exec channel and exchange hellos.
+async fn exec_agent(name: &str, conn: &Arc<Connection>, command: &str) -> Result<Session, ConnectError> {
+    let exec = conn.exec(command).await.map_err(ConnectError::Ssh)?;
+    let exit: Arc<Mutex<Option<ExitInfo>>> = Arc::new(Mutex::new(None));
+    let ssh::Exec { mut stdin, stdout, end, .. } = exec;
+    let ended = {
+        let exit = exit.clone();
+        let name = name.to_owned();
+        move || {
+            let info = end.blocking_recv().unwrap_or_default();
+            for line in info.stderr.lines().filter(|l| !l.trim().is_empty()) {
+                tracing::warn!(machine = %name, "agent: {line}");
+            }
+            let why = format!("the agent ended ({info})");
+            if let Ok(mut e) = exit.lock() {
+                *e = Some(info);
+            }
+            why
+        }
+    };
+    let rx = spawn_reader(BlockingReader::new(stdout), ended);
+    let (tx, mut out_rx) = mpsc::channel::<Frame>(64);
+    tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(512 * 1024);
+        while let Some(frame) = out_rx.recv().await {
+            if write_frame(&mut buf, &frame).is_err() {
+                break;
+            }
+            if (out_rx.is_empty() || buf.len() >= 256 * 1024) && stdin.write_all(&buf).await.is_err() {
+                break;
+            }
+            if out_rx.is_empty() || buf.len() >= 256 * 1024 {
+                buf.clear();
+                if stdin.flush().await.is_err() {
+                    break;
+                }
+            }
+        }
+        if !buf.is_empty() {
+            let _ = stdin.write_all(&buf).await;
+        }
+        // EOF on the agent's input ends its session.
+        let _ = stdin.shutdown().await;
+    });
+    start(tx, rx, Some(conn.clone()), Some(exit)).await
+}
+
+async fn connect_ssh(name: &str, agent: &SshAgent) -> Result<Session, ConnectError> {
+    let timing = Timing { connect: agent.timing.connect, keepalive: agent.timing.keepalive, ..Timing::default() };
+    let conn = Arc::new(Connection::open(&agent.target, timing).await.map_err(ConnectError::Ssh)?);
+    let mut command = agent.command.clone();
+    for a in &agent.args {
+        command.push(' ');
+        command.push_str(&shell_quote(a));
+    }
+    let first = exec_agent(name, &conn, &command).await;
+    match first {
+        Err(e @ (ConnectError::AgentMissing(_) | ConnectError::Incompatible(_))) if agent.auto_deploy => {
+            tracing::info!(machine = %name, "{e}; deploying this coordinator's gbc");
+            let (remote, note) = deploy(&conn, &agent.program).await?;
+            let mut command = format!("{} agent", shell_quote_remote_path(&remote));
+            for a in &agent.args {
+                command.push(' ');
+                command.push_str(&shell_quote(a));
+            }
+            let mut session = exec_agent(name, &conn, &command).await?;
+            session.notes.push(note);
+            Ok(session)
+        }
+        other => other,
+    }
+}
+
+/// The remote directory deployed binaries go to (expanded by the remote shell).
+const DEPLOY_DIR: &str = "${XDG_CACHE_HOME:-$HOME/.cache}/gbc";
+
+/// A path under [`DEPLOY_DIR`] for the remote shell: the variable part unquoted.
+fn shell_quote_remote_path(file: &str) -> String {
+    format!("\"{DEPLOY_DIR}\"/{}", shell_quote(file))
+}
+
+/// SHA-256 of this coordinator's binary, hex, computed once.
+fn program_hash(program: &Path) -> Result<&'static str, String> {
+    static HASH: OnceLock<Result<String, String>> = OnceLock::new();
+    HASH.get_or_init(|| {
+        let mut f = std::fs::File::open(program).map_err(|e| format!("{}: {e}", program.display()))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => h.update(&buf[..n]),
+                Err(e) => return Err(format!("{}: {e}", program.display())),
+            }
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    })
+    .as_ref()
+    .map(String::as_str)
+    .map_err(Clone::clone)
+}
+
+/// Make sure the host has this coordinator's binary, named by its hash, uploading it if not.
+/// Returns the file name under [`DEPLOY_DIR`] and a note for people.
+async fn deploy(conn: &Connection, program: &Path) -> Result<(String, String), ConnectError> {
+    let fail = |what: &str, e: SshError| ConnectError::Other(format!("auto-deploy: {what}: {e}"));
+    let arch = conn.run("uname -m", b"").await.map_err(|e| fail("uname -m", e))?;
+    let remote_arch = String::from_utf8_lossy(&arch.stdout).trim().to_owned();
+    let local_arch = std::env::consts::ARCH;
+    if remote_arch != local_arch {
+        return Err(ConnectError::Other(format!(
+            "auto-deploy: the host is {remote_arch}, this coordinator's gbc is built for {local_arch}; install gbc there and set `agent`"
+        )));
+    }
+    let hash = program_hash(program).map_err(|e| ConnectError::Other(format!("auto-deploy: {e}")))?;
+    let file = format!("gbc-{}", &hash[..32]);
+    let target = shell_quote_remote_path(&file);
+    let present = conn.run(&format!("test -x {target}"), b"").await.map_err(|e| fail("checking", e))?;
+    if present.info.status == Some(0) {
+        return Ok((file.clone(), format!("using the deployed {DEPLOY_DIR}/{file}")));
+    }
+    let binary = tokio::fs::read(program)
+        .await
+        .map_err(|e| ConnectError::Other(format!("auto-deploy: {}: {e}", program.display())))?;
+    // Upload to a temporary name, check the hash there, then rename: a file with the final name
+    // is always complete and the right one.
+    let script = format!(
+        "set -e; d=\"{DEPLOY_DIR}\"; t=\"$d/.{file}.$$\"; mkdir -p \"$d\"; trap 'rm -f \"$t\"' EXIT; \
+         cat > \"$t\"; echo \"{hash}  $t\" | sha256sum -c --status; chmod 755 \"$t\"; mv -f \"$t\" \"$d/{file}\"; trap - EXIT"
+    );
+    let out = conn.run(&format!("sh -c {}", shell_quote(&script)), &binary).await.map_err(|e| fail("upload", e))?;
+    if out.info.status != Some(0) {
+        return Err(ConnectError::Other(format!("auto-deploy: uploading to {DEPLOY_DIR}/{file} failed: {}", out.info)));
+    }
+    Ok((file.clone(), format!("deployed this coordinator's gbc to {DEPLOY_DIR}/{file}")))
+}
