@@ -4,10 +4,14 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::Output;
+use std::time::{Duration, Instant};
 
-use common::sshd::{Host, client_key, machines_file};
-use common::{gbc, run};
+use common::sshd::{ClientKey, Host, client_key, machines_file};
+use common::{Coordinator, gbc, nix, run, run_ok_str, salt};
+use serde_json::Value;
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -77,4 +81,351 @@ fn machines_test_reports_each_host_and_diagnoses_each_failure() {
     // One machine by name.
     let one = run(gbc().args(["machines", "test", "good", "--machines"]).arg(&file));
     assert!(one.status.success() && !stdout(&one).contains("refused"), "{}", stdout(&one));
+}
+
+const HOSTS: &str = "tests/nix/hosts.nix";
+
+/// `nix-instantiate` of attributes of tests/nix/hosts.nix (lists give several paths each).
+fn instantiate(attrs: &[&str], salt: &str, extra: &[&str]) -> Vec<String> {
+    let mut cmd = nix("nix-instantiate");
+    cmd.arg(common::repo_path(HOSTS)).args(["--argstr", "salt", salt]).args(extra);
+    for a in attrs {
+        cmd.args(["-A", a]);
+    }
+    run_ok_str(&mut cmd).lines().map(str::to_owned).collect()
+}
+
+fn drv_name(path: &str) -> &str {
+    let base = path.rsplit('/').next().unwrap();
+    base.split_once('-').unwrap().1.strip_suffix(".drv").unwrap()
+}
+
+fn builds(c: &Coordinator) -> Vec<Value> {
+    serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json", "--limit", "1000"]))).unwrap()
+}
+
+fn show(c: &Coordinator, uuid: &str) -> Value {
+    serde_json::from_str(&run_ok_str(&mut c.gbc(&["show", "--json", uuid]))).unwrap()
+}
+
+/// Two hosts, as in most tests below: alpha builds x86_64-linux with the `big` feature, 2 at a
+/// time at speed 2; beta builds x86_64-linux and i686-linux, 1 at a time.
+struct Farm {
+    dir: tempfile::TempDir,
+    client: ClientKey,
+    alpha: Host,
+    beta: Host,
+    file: PathBuf,
+}
+
+impl Farm {
+    fn start() -> Farm {
+        let dir = common::tempdir();
+        let client = client_key(dir.path(), "client");
+        let alpha = Host::start(dir.path(), "alpha", &client);
+        let beta = Host::start(dir.path(), "beta", &client);
+        let file = dir.path().join("machines.ron");
+        let farm = Farm { dir, client, alpha, beta, file };
+        farm.write(&[farm.alpha_entry(), farm.beta_entry()]);
+        farm
+    }
+
+    fn alpha_entry(&self) -> String {
+        let args = self.alpha.agent_args(&["x86_64-linux"], &["big"]);
+        self.alpha.entry(
+            &self.client,
+            &format!("systems: [\"x86_64-linux\"], features: [\"big\"], parallel_builds: 2, speed: 2.0, {args}"),
+        )
+    }
+
+    fn beta_entry(&self) -> String {
+        let args = self.beta.agent_args(&["x86_64-linux", "i686-linux"], &[]);
+        self.beta.entry(&self.client, &format!("systems: [\"x86_64-linux\", \"i686-linux\"], {args}"))
+    }
+
+    /// Write the machines file atomically, as editors do.
+    fn write(&self, entries: &[String]) {
+        let tmp = self.dir.path().join(".machines.ron.tmp");
+        std::fs::write(&tmp, machines_file(entries)).unwrap();
+        std::fs::rename(&tmp, &self.file).unwrap();
+    }
+
+    fn coordinator(&self, extra: &[&str]) -> Coordinator {
+        let mut args = vec!["--machines", self.file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Coordinator::start(&args)
+    }
+}
+
+/// The most builds running at once on each machine, from the attempts' start and end times.
+fn peak_per_machine(details: &[Value]) -> BTreeMap<String, usize> {
+    let mut edges: BTreeMap<String, Vec<(i64, i32)>> = BTreeMap::new();
+    for d in details {
+        for a in d["attempt_list"].as_array().unwrap() {
+            let m = a["machine"].as_str().unwrap().to_owned();
+            let e = edges.entry(m).or_default();
+            e.push((a["started_ms"].as_i64().unwrap(), 1));
+            e.push((a["ended_ms"].as_i64().unwrap(), -1));
+        }
+    }
+    edges
+        .into_iter()
+        .map(|(m, mut e)| {
+            // Ends before starts at the same instant.
+            e.sort();
+            let (mut now, mut peak) = (0i32, 0i32);
+            for (_, d) in e {
+                now += d;
+                peak = peak.max(now);
+            }
+            (m, peak as usize)
+        })
+        .collect()
+}
+
+#[test]
+fn builds_go_to_the_hosts_that_fit_and_their_outputs_equal_nix_s() {
+    let farm = Farm::start();
+    let c = farm.coordinator(&[]);
+    let drvs = instantiate(&["plain", "big", "i686"], &salt(), &[]);
+    assert_eq!(drvs.len(), 16);
+    let mut cmd = c.gbc(&["build", "--json"]);
+    let out = run(cmd.args(&drvs));
+    assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
+
+    let details: Vec<Value> = builds(&c).iter().map(|b| show(&c, b["uuid"].as_str().unwrap())).collect();
+    assert_eq!(details.len(), 16);
+    let mut plain_on: BTreeMap<String, usize> = BTreeMap::new();
+    for d in &details {
+        assert_eq!(d["state"], "succeeded", "{d}");
+        let name = drv_name(d["drv"].as_str().unwrap());
+        let attempts = d["attempt_list"].as_array().unwrap();
+        assert_eq!(attempts.len(), 1, "{d}");
+        let machine = attempts[0]["machine"].as_str().unwrap().to_owned();
+        if name.starts_with("big-") {
+            assert_eq!(machine, "alpha", "only alpha has the big feature");
+        } else if name.starts_with("i686-") {
+            assert_eq!(machine, "beta", "only beta builds i686-linux");
+        } else {
+            *plain_on.entry(machine).or_default() += 1;
+        }
+    }
+    // Both hosts took plain builds; the faster one with more slots took at least as many.
+    let (on_alpha, on_beta) = (plain_on.get("alpha").copied().unwrap_or(0), plain_on.get("beta").copied().unwrap_or(0));
+    assert!(on_beta > 0 && on_alpha >= on_beta, "{plain_on:?}");
+    // Never more at once than parallel_builds allows.
+    let peaks = peak_per_machine(&details);
+    assert!(peaks["alpha"] <= 2 && peaks["beta"] <= 1, "{peaks:?}");
+    assert_eq!(peaks["alpha"], 2, "alpha's two slots were both used");
+
+    // The same derivations realised by Nix itself give the same NarHashes.
+    let theirs = run_ok_str(
+        nix("nix-store")
+            .args(["--realise", "--option", "extra-platforms", "i686-linux", "--option", "system-features", "big"])
+            .args(&drvs),
+    );
+    assert_eq!(theirs.lines().count(), 16);
+    for d in &details {
+        let outputs = d["attempt_list"][0]["outputs"].as_array().unwrap();
+        assert_eq!(outputs.len(), 1);
+        let path = outputs[0]["path"].as_str().unwrap();
+        let nix_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", path]));
+        assert_eq!(outputs[0]["nar_hash"].as_str().unwrap(), nix_hash.trim(), "{path}");
+    }
+    let m: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["machines", "--json"]))).unwrap();
+    assert_eq!(m.len(), 2, "no built-in localhost next to a machines file: {m:?}");
+    assert!(m.iter().all(|m| m["state"] == "up"), "{m:?}");
+}
+
+fn wait_until(what: &str, c: &Coordinator, secs: u64, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}:\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn machines(c: &Coordinator) -> Vec<Value> {
+    serde_json::from_str(&run_ok_str(&mut c.gbc(&["machines", "--json"]))).unwrap()
+}
+
+fn machine_state(c: &Coordinator, name: &str) -> Option<String> {
+    machines(c).iter().find(|m| m["name"] == name).map(|m| m["state"].as_str().unwrap().to_owned())
+}
+
+fn submit(c: &Coordinator, drvs: &[String]) -> Vec<String> {
+    let mut cmd = c.gbc(&["submit"]);
+    let out = run(cmd.args(drvs));
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).lines().map(str::to_owned).collect()
+}
+
+fn watch_ok(c: &Coordinator, uuids: &[String]) {
+    let mut cmd = c.gbc(&["watch"]);
+    let out = run(cmd.args(uuids));
+    assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
+}
+
+#[test]
+fn a_host_lost_mid_build_hands_the_build_to_the_other_and_comes_back() {
+    let mut farm = Farm::start();
+    let c = farm.coordinator(&["--reconnect-delay", "1"]);
+    wait_until("both hosts are up", &c, 30, || {
+        machine_state(&c, "alpha").as_deref() == Some("up") && machine_state(&c, "beta").as_deref() == Some("up")
+    });
+    let salt = salt();
+    let slow = instantiate(&["slow"], &salt, &[]);
+    let uuid = submit(&c, &slow).remove(0);
+    let mut on = String::new();
+    wait_until("the slow build runs", &c, 30, || {
+        let d = show(&c, &uuid);
+        match d["attempt_list"].as_array().and_then(|a| a.last()) {
+            Some(a) if d["state"] == "running" => {
+                on = a["machine"].as_str().unwrap().to_owned();
+                true
+            }
+            _ => false,
+        }
+    });
+    let (lost, other) = if on == "alpha" { ("alpha", "beta") } else { ("beta", "alpha") };
+    if on == "alpha" {
+        farm.alpha.sshd.kill()
+    } else {
+        farm.beta.sshd.kill()
+    }
+
+    // The build goes back to the queue and finishes on the other host.
+    watch_ok(&c, std::slice::from_ref(&uuid));
+    let d = show(&c, &uuid);
+    let attempts = d["attempt_list"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{d}");
+    assert_eq!(attempts[0]["machine"], lost);
+    assert_eq!(attempts[0]["status"], "interrupted", "{d}");
+    assert!(attempts[0]["reason"].as_str().unwrap().contains(&format!("lost machine {lost}")), "{d}");
+    assert_eq!(attempts[1]["machine"], other);
+    assert_eq!(attempts[1]["status"], "success");
+    assert_eq!(machine_state(&c, lost).as_deref(), Some("down"));
+
+    // The host comes back: the coordinator reconnects by itself and uses it again, for builds only
+    // it can do.
+    if on == "alpha" {
+        farm.alpha.sshd.restart()
+    } else {
+        farm.beta.sshd.restart()
+    }
+    wait_until("the lost host is up again", &c, 30, || machine_state(&c, lost).as_deref() == Some("up"));
+    let only_there = instantiate(&[if lost == "alpha" { "big" } else { "i686" }], &salt, &[]);
+    let uuids = submit(&c, &only_there);
+    watch_ok(&c, &uuids);
+    for u in &uuids {
+        assert_eq!(show(&c, u)["attempt_list"][0]["machine"], lost);
+    }
+}
+
+#[test]
+fn a_host_with_the_wrong_key_gets_nothing() {
+    let farm = Farm::start();
+    // alpha's entry pins beta's host key.
+    let alpha = farm.alpha_entry().replace(&farm.alpha.sshd.host_key, &farm.beta.sshd.host_key);
+    farm.write(&[alpha, farm.beta_entry()]);
+    let c = farm.coordinator(&[]);
+    let uuids = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "3"]));
+    watch_ok(&c, &uuids);
+    for u in &uuids {
+        assert_eq!(show(&c, u)["attempt_list"][0]["machine"], "beta");
+    }
+    let m = machines(&c);
+    let alpha = m.iter().find(|m| m["name"] == "alpha").unwrap();
+    assert_eq!(alpha["state"], "down");
+    assert!(alpha["last_error"].as_str().unwrap().contains("host key mismatch"), "{alpha}");
+    // Its agent never ran: no store, no key was created there.
+    assert_eq!(std::fs::read_dir(&farm.alpha.agent_dir).unwrap().count(), 0);
+}
+
+#[test]
+fn outputs_signed_by_a_key_that_is_not_the_host_s_are_rejected() {
+    let farm = Farm::start();
+    // alpha's agent signs with its own key, but the machines file says its key is beta's.
+    let alpha = farm.alpha_entry().replace(&farm.alpha.signing_public, &farm.beta.signing_public);
+    farm.write(&[alpha, farm.beta_entry()]);
+    let c = farm.coordinator(&[]);
+    let uuid = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "1"])).remove(0);
+    watch_ok(&c, std::slice::from_ref(&uuid));
+    let d = show(&c, &uuid);
+    let attempts = d["attempt_list"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "rejected on alpha (the faster), then built on beta: {d}");
+    assert_eq!(attempts[0]["machine"], "alpha");
+    assert_eq!(attempts[0]["status"], "rejected");
+    let why = attempts[0]["reason"].as_str().unwrap();
+    assert!(why.contains("not signed by a trusted key") && why.contains("alpha-1"), "{why}");
+    assert!(attempts[0].get("outputs").is_none(), "nothing recorded from the rejected attempt: {d}");
+    assert_eq!(attempts[1]["machine"], "beta");
+    assert_eq!(attempts[1]["status"], "success");
+}
+
+#[test]
+fn auto_deploy_uploads_gbc_to_a_host_without_it() {
+    let farm = Farm::start();
+    let args = farm.beta.agent_args(&["x86_64-linux"], &[]);
+    let beta = farm
+        .beta
+        .entry(&farm.client, &format!("systems: [\"x86_64-linux\"], agent: \"gbc agent\", auto_deploy: true, {args}"));
+    farm.write(&[beta.clone()]);
+    // Without auto_deploy: a clear diagnosis.
+    let plain = beta.replace("auto_deploy: true", "auto_deploy: false");
+    let no_deploy = farm.dir.path().join("no-deploy.ron");
+    std::fs::write(&no_deploy, machines_file(&[plain])).unwrap();
+    let out = run(gbc().args(["machines", "test", "--machines"]).arg(&no_deploy));
+    assert!(stdout(&out).contains("agent missing") && stdout(&out).contains("auto_deploy"), "{}", stdout(&out));
+
+    let out = run(gbc().args(["machines", "test", "--machines"]).arg(&farm.file));
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("deployed this coordinator's gbc"), "{}", stdout(&out));
+    let deployed: Vec<_> =
+        std::fs::read_dir(farm.beta.sshd.dir.join("cache/gbc")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(deployed.len(), 1, "one binary, no temporary files left: {deployed:?}");
+    assert_eq!(std::fs::read(&deployed[0]).unwrap(), std::fs::read(env!("CARGO_BIN_EXE_gbc")).unwrap());
+
+    // The coordinator finds it there and builds with it.
+    let c = farm.coordinator(&[]);
+    let uuids = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "2"]));
+    watch_ok(&c, &uuids);
+    assert!(c.log().contains("using the deployed"), "{}", c.log());
+}
+
+#[test]
+fn machines_file_edits_apply_while_running() {
+    let farm = Farm::start();
+    farm.write(&[farm.alpha_entry()]);
+    let c = farm.coordinator(&[]);
+    wait_until("alpha is up", &c, 30, || machine_state(&c, "alpha").as_deref() == Some("up"));
+    assert_eq!(machines(&c).len(), 1);
+    // A bad edit is logged and changes nothing.
+    std::fs::write(&farm.file, "(machines: [(name: \"x\")])").unwrap();
+    wait_until("the bad edit is logged", &c, 10, || c.log().contains("keeping the previous machines"));
+    assert_eq!(machine_state(&c, "alpha").as_deref(), Some("up"));
+
+    // A new machine is used.
+    farm.write(&[farm.alpha_entry(), farm.beta_entry()]);
+    wait_until("beta is up", &c, 30, || machine_state(&c, "beta").as_deref() == Some("up"));
+    let salt = salt();
+    let i686 = submit(&c, &instantiate(&["i686"], &salt, &[]));
+    watch_ok(&c, &i686);
+    assert_eq!(show(&c, &i686[0])["attempt_list"][0]["machine"], "beta");
+
+    // A removed machine finishes what it runs, then goes.
+    let slow = submit(&c, &instantiate(&["slow"], &salt, &[])).remove(0);
+    wait_until("the slow build runs on alpha", &c, 30, || show(&c, &slow)["state"] == "running");
+    assert_eq!(show(&c, &slow)["attempt_list"][0]["machine"], "alpha");
+    farm.write(&[farm.beta_entry()]);
+    wait_until("alpha drains", &c, 10, || machine_state(&c, "alpha").as_deref() == Some("draining"));
+    let after = submit(&c, &instantiate(&["plain"], &salt, &["--arg", "n", "2"]));
+    watch_ok(&c, &after);
+    for u in &after {
+        assert_eq!(show(&c, u)["attempt_list"][0]["machine"], "beta", "nothing new starts on a removed machine");
+    }
+    watch_ok(&c, std::slice::from_ref(&slow));
+    let d = show(&c, &slow);
+    assert_eq!(d["attempt_list"].as_array().unwrap().len(), 1, "it finished where it ran: {d}");
+    wait_until("alpha is gone", &c, 10, || machine_state(&c, "alpha").is_none());
 }
