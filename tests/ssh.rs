@@ -370,7 +370,7 @@ fn auto_deploy_uploads_gbc_to_a_host_without_it() {
     let beta = farm
         .beta
         .entry(&farm.client, &format!("systems: [\"x86_64-linux\"], agent: \"gbc agent\", auto_deploy: true, {args}"));
-    farm.write(&[beta.clone()]);
+    farm.write(std::slice::from_ref(&beta));
     // Without auto_deploy: a clear diagnosis.
     let plain = beta.replace("auto_deploy: true", "auto_deploy: false");
     let no_deploy = farm.dir.path().join("no-deploy.ron");
