@@ -366,4 +366,17 @@ pub enum MachinesCommand {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Fetch a store path's NAR from a machine's agent, hash it, and print size, hash and time
+    /// (a benchmark of the transport).
+    #[command(hide = true)]
+    Fetch {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(value_name = "PATH")]
+        path: String,
+        #[arg(long, value_name = "FILE")]
+        machines: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }

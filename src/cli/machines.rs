@@ -63,19 +63,7 @@ pub fn test(file: Option<PathBuf>, state_dir: Option<PathBuf>, name: Option<Stri
         .map(|k| PublicKey::parse(k))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| check_failed(path.display(), e))?;
-    let config = Config {
-        state_dir: PathBuf::new(),
-        socket: PathBuf::new(),
-        local_builds: None,
-        max_attempts: 1,
-        grace: Duration::ZERO,
-        timeout_secs: None,
-        max_silent_secs: None,
-        agent_program: std::env::current_exe()?,
-        machines_file: None,
-        reconnect_delay: Duration::from_secs(60),
-        ping_interval: Duration::from_secs(30),
-    };
+    let config = probe_config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut failed = Vec::new();
     for m in chosen {
@@ -98,4 +86,45 @@ pub fn test(file: Option<PathBuf>, state_dir: Option<PathBuf>, name: Option<Stri
     } else {
         Err(anyhow::Error::new(super::CheckFailed(format!("machines failing: {}", failed.join(", ")))))
     }
+}
+
+/// A coordinator configuration for talking to machines from the command line.
+fn probe_config() -> anyhow::Result<Config> {
+    Ok(Config {
+        state_dir: PathBuf::new(),
+        socket: PathBuf::new(),
+        local_builds: None,
+        max_attempts: 1,
+        grace: Duration::ZERO,
+        timeout_secs: None,
+        max_silent_secs: None,
+        agent_program: std::env::current_exe()?,
+        machines_file: None,
+        reconnect_delay: Duration::from_secs(60),
+        ping_interval: Duration::from_secs(30),
+    })
+}
+
+pub fn fetch(file: Option<PathBuf>, state_dir: Option<PathBuf>, name: &str, store_path: &str) -> anyhow::Result<()> {
+    let path = machines_path(file, state_dir)?;
+    let parsed = load(&path)?;
+    let m = parsed
+        .machines
+        .0
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| anyhow::anyhow!("{}: no machine named {name:?}", path.display()))?;
+    let trusted = parsed
+        .trusted_keys
+        .iter()
+        .map(|k| PublicKey::parse(k))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| check_failed(path.display(), e))?;
+    let spec = coordinator::host_machine(m, &trusted, &probe_config()?).map_err(|e| check_failed(path.display(), e))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let f = runtime.block_on(probe::fetch(&spec, store_path)).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let secs = f.elapsed.as_secs_f64();
+    println!("{} {} {:.3} {:.1}", f.nar_size, f.nar_hash, secs, f.nar_size as f64 / secs / 1e6);
+    Ok(())
 }

@@ -141,6 +141,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Machines { command: Some(MachinesCommand::Test { name, machines, state_dir }), .. } => {
             machines::test(machines, state_dir, name)
         }
+        Command::Machines { command: Some(MachinesCommand::Fetch { name, path, machines, state_dir }), .. } => {
+            machines::fetch(machines, state_dir, &name, &path)
+        }
         Command::Stats { reset, client } => client::stats(&client, reset),
         Command::Demo => demo::run(),
         Command::Sandbox { .. } | Command::SandboxInit { .. } => Ok(()),

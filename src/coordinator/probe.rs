@@ -165,3 +165,50 @@ async fn round_trip(session: &mut super::transport::Session, store_dirs: &[Strin
     debug_assert!(nar.len() < NAR_CHUNK);
     Ok(format!("{path}: {size} bytes there and back in {:.2?}", t0.elapsed()))
 }
+
+/// What [`fetch`] measured.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub nar_size: u64,
+    pub nar_hash: String,
+    /// From the request to the last byte, hashed.
+    pub elapsed: Duration,
+}
+
+/// Fetch a valid path's NAR from a machine's agent and hash it as it arrives, the way the
+/// coordinator receives outputs (for `gbc machines fetch`, a benchmark of the transport).
+pub async fn fetch(spec: &MachineSpec, path: &str) -> Result<Fetched, String> {
+    let mut session = spec.transport.connect(&spec.name).await.map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    session
+        .tx
+        .send(Frame::new(Message::Fetch { transfer: 1, path: path.to_owned() }))
+        .await
+        .map_err(|_| "the agent went away".to_owned())?;
+    let mut sink = HashSink::new();
+    let mut claimed = None;
+    loop {
+        let frame = match session.rx.recv().await {
+            None => return Err("the agent went away".into()),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(f)) => f,
+        };
+        match frame.message {
+            Message::NarStart { transfer: 1, meta, .. } => claimed = Some(meta),
+            Message::NarChunk { transfer: 1, .. } => {
+                std::io::Write::write_all(&mut sink, &frame.payload).map_err(|e| e.to_string())?;
+            }
+            Message::NarEnd { transfer: 1 } => break,
+            Message::Error { message, .. } => return Err(message),
+            _ => {}
+        }
+    }
+    let elapsed = t0.elapsed();
+    let (hash, size) = sink.finish();
+    let nar_hash = format!("sha256:{}", hash.to_nix32());
+    match claimed {
+        Some(m) if m.nar_hash == nar_hash && m.nar_size == size => Ok(Fetched { nar_size: size, nar_hash, elapsed }),
+        Some(m) => Err(format!("the NAR does not match the agent's claim {} ({} bytes)", m.nar_hash, m.nar_size)),
+        None => Err("no nar_start".into()),
+    }
+}
