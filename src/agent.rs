@@ -673,6 +673,52 @@ mod tests {
     }
 
     #[test]
+    fn transcript_fetch_and_ping() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let hello = (Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "t".into(), host: None }, vec![]);
+        let good = nar_of(b"hello\n");
+        // One session adds the path (its NAR is unpacked on a thread of its own)...
+        let mut msgs = vec![hello.clone()];
+        msgs.extend(upload(1, &good, &good, PATH));
+        serve(config(&tmp.path().join("store")), Cursor::new(frames(&msgs, b"")), Shared::default())
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        // ...the next fetches it back, asks for one that isn't there, and pings.
+        let msgs = vec![
+            hello,
+            (Message::Fetch { transfer: 7, path: PATH.to_owned() }, vec![]),
+            (Message::Fetch { transfer: 8, path: PATH.replace("-hello", "-other") }, vec![]),
+            (Message::Ping {}, vec![]),
+        ];
+        let output = Shared::default();
+        serve(config(&tmp.path().join("store")), Cursor::new(frames(&msgs, b"")), output.clone())
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let bytes = output.0.lock().map(|b| b.clone()).unwrap_or_default();
+        let mut r = FrameReader::new(&bytes[..]);
+        let mut nar = Vec::new();
+        let mut got = Vec::new();
+        while let Ok(Some(f)) = r.read() {
+            if let Message::NarChunk { transfer: 7, .. } = f.message {
+                nar.extend_from_slice(&f.payload);
+            }
+            got.push(f.message);
+        }
+        assert_eq!(nar, good);
+        let start = got.iter().find_map(|m| match m {
+            Message::NarStart { transfer: 7, build: None, meta } => Some(meta.clone()),
+            _ => None,
+        });
+        assert_eq!(start.map(|m| (m.path, m.nar_size)), Some((PATH.to_owned(), good.len() as u64)));
+        assert!(got.contains(&Message::NarEnd { transfer: 7 }), "{got:?}");
+        assert!(
+            got.iter().any(
+                |m| matches!(m, Message::Error { transfer: Some(8), message, .. } if message.contains("not valid"))
+            ),
+            "{got:?}"
+        );
+        assert!(got.iter().any(|m| matches!(m, Message::Pong { free_space, .. } if *free_space > 0)), "{got:?}");
+    }
+
+    #[test]
     fn transcript_refuses_a_session_without_hello() {
         let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
         let input = frames(&[(Message::Start { build: "b".into() }, vec![])], b"");

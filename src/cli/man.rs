@@ -1,4 +1,5 @@
-//! Man pages generated from the clap definitions: `gbc.1` and one page per subcommand.
+//! Man pages generated from the clap definitions: `gbc.1` and one page per subcommand; and
+//! machines.ron(5), written by hand, with the example file included.
 
 use std::fs;
 use std::path::Path;
@@ -10,7 +11,23 @@ use super::args::Cli;
 
 pub fn generate(dir: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-    write_pages(&Cli::command(), "", dir)
+    write_pages(&Cli::command(), "", dir)?;
+    let file = dir.join("machines.ron.5");
+    fs::write(&file, machines_ron_5()).with_context(|| format!("{}", file.display()))
+}
+
+/// machines.ron(5): the hand-written page with the example file included, so that it can't go stale.
+fn machines_ron_5() -> String {
+    // In roff, a line starting with `.` or `'` is a request, and `\` starts an escape.
+    let example: String = include_str!("../../machines.example.ron")
+        .lines()
+        .map(|l| {
+            let l = l.replace('\\', "\\e");
+            if l.starts_with('.') || l.starts_with('\'') { format!("\\&{l}") } else { l }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    include_str!("machines.ron.5.in").replace("@VERSION@", env!("CARGO_PKG_VERSION")).replace("@EXAMPLE@", &example)
 }
 
 fn write_pages(cmd: &clap::Command, prefix: &str, dir: &Path) -> anyhow::Result<()> {

@@ -457,3 +457,23 @@ fn check_outputs(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_backoff_is_60s_times_3_to_the_n_with_jitter_capped() {
+        let b = Backoff::hosts(Duration::from_secs(60));
+        for (n, base) in [(0u32, 60u64), (1, 180), (2, 540), (3, 1620), (4, 3600), (40, 3600)] {
+            let d = b.delay(n);
+            let base = Duration::from_secs(base);
+            assert!(d >= base && d <= base.mul_f64(1.1), "failure {n}: {d:?}");
+        }
+        let local = Backoff::local();
+        assert_eq!(
+            (local.delay(0), local.delay(3), local.delay(20)),
+            (Duration::from_millis(250), Duration::from_secs(2), Duration::from_secs(30))
+        );
+    }
+}

@@ -124,6 +124,22 @@ impl MachineState {
     }
 }
 
+/// Attempt ends decided but not yet committed, and the events to send once they are.
+#[derive(Default)]
+struct Batch {
+    ends: Vec<AttemptEnd>,
+    events: Vec<Pending>,
+}
+
+struct Pending {
+    build: BuildId,
+    state: BuildState,
+    at_ms: i64,
+    machine: Option<String>,
+    reason: Option<String>,
+    retry: bool,
+}
+
 /// Identity of an active build, for events.
 struct Known {
     uuid: Box<str>,
@@ -228,7 +244,16 @@ impl Core {
                     None => return Ok(()),
                 },
                 ev = drivers.recv() => match ev {
-                    Some(ev) => self.driver_event(ev).await?,
+                    Some(ev) => {
+                        // Take every event already waiting: their attempt ends share one commit.
+                        let mut batch = Batch::default();
+                        self.driver_event(ev, &mut batch);
+                        while batch.ends.len() < 256 {
+                            let Ok(ev) = drivers.try_recv() else { break };
+                            self.driver_event(ev, &mut batch);
+                        }
+                        self.commit(batch).await?;
+                    }
                     None => return Ok(()),
                 },
                 _ = sleep_until_opt(deadline) => {
@@ -367,7 +392,23 @@ impl Core {
         Ok(())
     }
 
-    async fn driver_event(&mut self, ev: DriverEvent) -> anyhow::Result<()> {
+    /// Record a batch of attempt ends in one transaction, then tell the watchers.
+    async fn commit(&mut self, batch: Batch) -> anyhow::Result<()> {
+        if batch.ends.is_empty() {
+            return Ok(());
+        }
+        self.db.end_attempts(batch.ends).await?;
+        for e in batch.events {
+            self.emit(e.build, e.state, e.at_ms, e.machine.as_deref(), e.reason, e.retry);
+            if e.state.is_terminal() {
+                self.known.remove(&e.build);
+            }
+        }
+        self.forget_drained();
+        Ok(())
+    }
+
+    fn driver_event(&mut self, ev: DriverEvent, batch: &mut Batch) {
         match ev {
             DriverEvent::Up { machine, facts } => {
                 let m = &mut self.machines[machine];
@@ -394,15 +435,13 @@ impl Core {
                 for (build, attempt) in lost {
                     let reason = format!("lost machine {}: {error}", self.machines[machine].spec.name);
                     let result = AttemptResult::Retry { status: "interrupted".into(), reason, count: true };
-                    self.attempt_done(machine, build, attempt, result).await?;
+                    self.attempt_done(machine, build, attempt, result, batch);
                 }
             }
             DriverEvent::Done { machine, build, attempt, result } => {
-                self.attempt_done(machine, build, attempt, result).await?;
+                self.attempt_done(machine, build, attempt, result, batch);
             }
         }
-        self.forget_drained();
-        Ok(())
     }
 
     /// Start a machine's driver and take it into allocation.
@@ -474,18 +513,13 @@ impl Core {
         }
     }
 
-    async fn attempt_done(
-        &mut self,
-        machine: usize,
-        build: BuildId,
-        attempt: i64,
-        result: AttemptResult,
-    ) -> anyhow::Result<()> {
+    /// Decide what an attempt's end means; it is recorded when the batch commits.
+    fn attempt_done(&mut self, machine: usize, build: BuildId, attempt: i64, result: AttemptResult, batch: &mut Batch) {
         let m = &mut self.machines[machine];
-        let Some(run) = m.running.remove(&build) else { return Ok(()) };
+        let Some(run) = m.running.remove(&build) else { return };
         if run.attempt != attempt {
             m.running.insert(build, run);
-            return Ok(());
+            return;
         }
         let machine_name = m.spec.name.clone();
         let now = now_ms();
@@ -527,16 +561,11 @@ impl Core {
                 }
             }
         };
-        let end = AttemptEnd { build, attempt, status, reason, outputs, change, now };
-        self.db.end_attempts(vec![end]).await?;
+        batch.ends.push(AttemptEnd { build, attempt, status, reason, outputs, change, now });
         for (id, state, reason, retry) in events {
-            let on = (id == build).then_some(machine_name.as_str());
-            self.emit(id, state, now, on, reason, retry);
-            if state.is_terminal() {
-                self.known.remove(&id);
-            }
+            let machine = (id == build).then(|| machine_name.clone());
+            batch.events.push(Pending { build: id, state, at_ms: now, machine, reason, retry });
         }
-        Ok(())
     }
 
     /// Take a build out of the queue as failed, with its dependents.
