@@ -69,7 +69,10 @@ fn agent_round(gbc: &Path, state: &Path, drv_path: &str, drv: &Derivation) -> (D
         write_frame(stdin, &Frame::new(m)).unwrap();
         stdin.flush().unwrap();
     };
-    send(&mut stdin, Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "bench".into(), host: None });
+    send(
+        &mut stdin,
+        Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "bench".into(), host: None, idle_secs: None },
+    );
     let aterm = String::from_utf8(drv.to_aterm()).unwrap();
     send(
         &mut stdin,

@@ -108,7 +108,11 @@ struct Pending {
 }
 
 /// Serve one session on `input`/`output` until the peer closes `input`.
-pub fn serve<R: BufRead, W: Write + Send + 'static>(config: AgentConfig, input: R, output: W) -> io::Result<()> {
+pub fn serve<R: BufRead + Send + 'static, W: Write + Send + 'static>(
+    config: AgentConfig,
+    input: R,
+    output: W,
+) -> io::Result<()> {
     let tx = Tx(Arc::new(Mutex::new(Box::new(output))), Arc::new(AtomicU64::new(0)));
     session(&Arc::new(config), input, &tx)
 }
@@ -121,7 +125,7 @@ fn reply_error(tx: &Tx, message: String, build: Option<String>, transfer: Option
     send(tx, Message::Error { message, build, transfer });
 }
 
-fn session<R: BufRead>(config: &Arc<AgentConfig>, input: R, tx: &Tx) -> io::Result<()> {
+fn session<R: BufRead + Send + 'static>(config: &Arc<AgentConfig>, input: R, tx: &Tx) -> io::Result<()> {
     let facts = host_facts(config);
     send(
         tx,
@@ -129,13 +133,16 @@ fn session<R: BufRead>(config: &Arc<AgentConfig>, input: R, tx: &Tx) -> io::Resu
             protocol: PROTOCOL_VERSION,
             gbc_version: env!("CARGO_PKG_VERSION").to_owned(),
             host: Some(facts),
+            idle_secs: None,
         },
     );
     let mut reader = FrameReader::new(input);
 
     // The peer's hello first.
-    match reader.read() {
-        Ok(Some(Frame { message: Message::Hello { protocol, .. }, .. })) if protocol == PROTOCOL_VERSION => {}
+    let idle = match reader.read() {
+        Ok(Some(Frame { message: Message::Hello { protocol, idle_secs, .. }, .. })) if protocol == PROTOCOL_VERSION => {
+            idle_secs.map(Duration::from_secs)
+        }
         Ok(Some(Frame { message: Message::Hello { protocol, .. }, .. })) => {
             let msg = format!("incompatible protocol version {protocol}: this agent speaks version {PROTOCOL_VERSION}");
             reply_error(tx, msg.clone(), None, None);
@@ -148,24 +155,45 @@ fn session<R: BufRead>(config: &Arc<AgentConfig>, input: R, tx: &Tx) -> io::Resu
         }
         Ok(None) => return Ok(()),
         Err(e) => return Err(io::Error::other(e.to_string())),
-    }
+    };
+    // Frames are read on a thread of their own, so that silence can be timed: a coordinator whose
+    // connection vanished without a reset (a cut link) never closes our input, and this session
+    // would hold the store's lock against the next one for as long as TCP takes to notice.
+    let (frames_tx, frames) = mpsc::sync_channel::<Result<Option<Frame>, ProtocolError>>(16);
+    std::thread::spawn(move || {
+        loop {
+            let r = reader.read();
+            let more = matches!(r, Ok(Some(_)) | Err(ProtocolError::BadLine { .. }));
+            if frames_tx.send(r).is_err() || !more {
+                break;
+            }
+        }
+    });
 
     let mut pending: HashMap<String, Pending> = HashMap::new();
     let mut running: HashMap<String, (Arc<AtomicBool>, JoinHandle<()>)> = HashMap::new();
     let mut transfers: HashMap<u64, Option<mpsc::SyncSender<Vec<u8>>>> = HashMap::new();
     let mut transfer_threads: Vec<JoinHandle<()>> = Vec::new();
-    let mut reader = reader;
     loop {
         running.retain(|_, (_, h)| !h.is_finished());
-        let frame = match reader.read() {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(ProtocolError::BadLine { line, reason }) => {
+        let next = match idle {
+            Some(d) => frames.recv_timeout(d),
+            None => frames.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        let frame = match next {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Ok(Err(ProtocolError::BadLine { line, reason })) => {
                 reply_error(tx, format!("line {line}: {reason}"), None, None);
                 continue;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 reply_error(tx, e.to_string(), None, None);
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let secs = idle.map_or(0, |d| d.as_secs());
+                eprintln!("gbc agent: nothing from the coordinator for {secs} s: taking it for gone");
                 break;
             }
         };
@@ -627,8 +655,10 @@ mod tests {
         // Same length, one letter of the contents changed: a valid NAR with the wrong hash.
         let at = bad.windows(5).position(|w| w == b"hello").unwrap_or_default();
         bad[at] = b'j';
-        let mut msgs =
-            vec![(Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "t".into(), host: None }, vec![])];
+        let mut msgs = vec![(
+            Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "t".into(), host: None, idle_secs: None },
+            vec![],
+        )];
         msgs.extend(upload(1, &good, &good, PATH));
         msgs.extend(upload(2, &bad, &good, &PATH.replace("-hello", "-other")));
         msgs.extend(upload(3, &good, &good, "/etc/passwd"));
@@ -675,7 +705,10 @@ mod tests {
     #[test]
     fn transcript_fetch_and_ping() {
         let tmp = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
-        let hello = (Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "t".into(), host: None }, vec![]);
+        let hello = (
+            Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "t".into(), host: None, idle_secs: None },
+            vec![],
+        );
         let good = nar_of(b"hello\n");
         // One session adds the path (its NAR is unpacked on a thread of its own)...
         let mut msgs = vec![hello.clone()];

@@ -77,12 +77,15 @@ pub enum BuildStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Message {
-    /// First message of each side. The agent adds its host facts.
+    /// First message of each side. The agent adds its host facts; the coordinator may say how
+    /// long the agent should wait for its next message before taking it for gone.
     Hello {
         protocol: u32,
         gbc_version: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         host: Option<HostFacts>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idle_secs: Option<u64>,
     },
     /// Coordinator → agent: build this derivation. `inputs` are the store paths it uses directly
     /// (input sources and the used outputs of input derivations); the agent takes their closure.
@@ -362,7 +365,12 @@ mod tests {
     #[test]
     fn frames_round_trip_with_binary_payloads() {
         let frames = vec![
-            Frame::new(Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "0.1.0".into(), host: None }),
+            Frame::new(Message::Hello {
+                protocol: PROTOCOL_VERSION,
+                gbc_version: "0.1.0".into(),
+                host: None,
+                idle_secs: None,
+            }),
             Frame { message: Message::Log { build: "b1".into(), payload: 4 }, payload: vec![0xff, b'\n', 0, 0xfe] },
             Frame::new(Message::Finished {
                 build: "b1".into(),

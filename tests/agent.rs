@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read as _, Write};
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -49,7 +49,12 @@ impl Agent {
         let Message::Hello { protocol, host: Some(host), .. } = hello.message else { panic!("{hello:?}") };
         assert_eq!(protocol, PROTOCOL_VERSION);
         let mut agent = Agent { child, stdin, frames, host };
-        agent.send(Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "test".into(), host: None });
+        agent.send(Message::Hello {
+            protocol: PROTOCOL_VERSION,
+            gbc_version: "test".into(),
+            host: None,
+            idle_secs: None,
+        });
         agent
     }
 
@@ -332,8 +337,11 @@ fn incompatible_protocol_versions_are_refused_clearly() {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    write_frame(&mut stdin, &Frame::new(Message::Hello { protocol: 999, gbc_version: "future".into(), host: None }))
-        .unwrap();
+    write_frame(
+        &mut stdin,
+        &Frame::new(Message::Hello { protocol: 999, gbc_version: "future".into(), host: None, idle_secs: None }),
+    )
+    .unwrap();
     drop(stdin);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -341,4 +349,44 @@ fn incompatible_protocol_versions_are_refused_clearly() {
     assert!(stdout.contains("incompatible protocol version 999"), "{stdout}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("incompatible protocol version 999") && stderr.lines().count() == 1, "{stderr}");
+}
+
+#[test]
+fn an_agent_that_hears_nothing_for_idle_secs_ends_its_session_and_frees_its_store() {
+    let tmp = tempdir();
+    let spawn = || {
+        gbc()
+            .arg("agent")
+            .arg("--state-dir")
+            .arg(tmp.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn();
+    // Its input stays open, as over a connection whose link was cut: only the silence tells.
+    let mut stdin = child.stdin.take().unwrap();
+    let hello = Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "t".into(), host: None, idle_secs: Some(1) };
+    write_frame(&mut stdin, &Frame::new(hello)).unwrap();
+    stdin.flush().unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "the agent is still waiting");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("nothing from the coordinator for 1 s"), "{err}");
+    // Its store is free for the next session.
+    let mut next = spawn();
+    drop(next.stdin.take());
+    let out = next.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(stdin);
 }

@@ -429,3 +429,66 @@ fn machines_file_edits_apply_while_running() {
     assert_eq!(d["attempt_list"].as_array().unwrap().len(), 1, "it finished where it ran: {d}");
     wait_until("alpha is gone", &c, 10, || machine_state(&c, "alpha").is_none());
 }
+
+#[test]
+fn a_host_whose_link_is_cut_is_found_out_by_keepalives_and_comes_back() {
+    let dir = common::tempdir();
+    let client = client_key(dir.path(), "client");
+    // gamma is in a network namespace of its own: cutting its link drops packets silently, so only
+    // keepalives can tell (a killed sshd would at least reset the connection).
+    let Some(gamma) = Host::start_in_netns(dir.path(), "gamma", &client) else {
+        eprintln!("skipped: network namespaces need root and iproute2");
+        return;
+    };
+    let beta = Host::start(dir.path(), "beta", &client);
+    let file = dir.path().join("machines.ron");
+    let x86 = "systems: [\"x86_64-linux\"]";
+    std::fs::write(
+        &file,
+        machines_file(&[
+            gamma.entry(&client, &format!("{x86}, speed: 10.0, {}", gamma.agent_args(&["x86_64-linux"], &[]))),
+            beta.entry(&client, &format!("{x86}, {}", beta.agent_args(&["x86_64-linux"], &[]))),
+        ]),
+    )
+    .unwrap();
+    let c = Coordinator::start(&[
+        "--machines",
+        file.to_str().unwrap(),
+        "--ssh-keepalive",
+        "1",
+        "--reconnect-delay",
+        "1",
+        "--ping-interval",
+        "1",
+    ]);
+    wait_until("both hosts are up", &c, 30, || {
+        machine_state(&c, "gamma").as_deref() == Some("up") && machine_state(&c, "beta").as_deref() == Some("up")
+    });
+    let salt = salt();
+    let uuid = submit(&c, &instantiate(&["slow"], &salt, &[])).remove(0);
+    wait_until("the slow build runs", &c, 30, || show(&c, &uuid)["state"] == "running");
+    assert_eq!(show(&c, &uuid)["attempt_list"][0]["machine"], "gamma", "the fastest free host gets it");
+    gamma.sshd.set_link(false);
+
+    watch_ok(&c, std::slice::from_ref(&uuid));
+    let d = show(&c, &uuid);
+    let attempts = d["attempt_list"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{d}");
+    assert_eq!((attempts[0]["machine"].as_str(), attempts[0]["status"].as_str()), (Some("gamma"), Some("interrupted")));
+    assert_eq!((attempts[1]["machine"].as_str(), attempts[1]["status"].as_str()), (Some("beta"), Some("success")));
+    assert_eq!(machine_state(&c, "gamma").as_deref(), Some("down"));
+
+    // The link comes back: the coordinator reconnects on its own and uses gamma again.
+    gamma.sshd.set_link(true);
+    wait_until("gamma is up again", &c, 60, || machine_state(&c, "gamma").as_deref() == Some("up"));
+    let uuids = submit(&c, &instantiate(&["plain"], &salt, &["--arg", "n", "1"]));
+    watch_ok(&c, &uuids);
+    assert_eq!(show(&c, &uuids[0])["attempt_list"][0]["machine"], "gamma");
+
+    // Cut while gamma is idle: only keepalives notice; it comes back all the same.
+    gamma.sshd.set_link(false);
+    wait_until("gamma is down", &c, 30, || machine_state(&c, "gamma").as_deref() == Some("down"));
+    std::thread::sleep(Duration::from_secs(5));
+    gamma.sshd.set_link(true);
+    wait_until("gamma is up once more", &c, 60, || machine_state(&c, "gamma").as_deref() == Some("up"));
+}

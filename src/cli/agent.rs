@@ -52,6 +52,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     };
     let systems = if opts.systems.is_empty() { vec![native_system()] } else { opts.systems };
     let config = AgentConfig { store, signing_key, settings, store_dirs, systems, features: opts.features };
-    serve(config, io::stdin().lock(), io::BufWriter::with_capacity(64 * 1024, super::raw_stdout()?))?;
+    // The raw descriptor, buffered once (std's stdin has a buffer of its own, behind a lock).
+    let stdin = std::fs::File::from(rustix::io::dup(io::stdin())?);
+    let input = io::BufReader::with_capacity(16 * 1024, stdin);
+    serve(config, input, io::BufWriter::with_capacity(64 * 1024, super::raw_stdout()?))?;
     Ok(())
 }

@@ -156,6 +156,9 @@ pub enum Command {
         /// (plus up to 10% at random, at most an hour).
         #[arg(long, value_name = "SECONDS", default_value_t = 60)]
         reconnect_delay: u64,
+        /// Seconds of silence on an SSH connection before a keepalive; 4 unanswered drop it.
+        #[arg(long, value_name = "SECONDS", default_value_t = 15, hide = true)]
+        ssh_keepalive: u64,
         /// Seconds between load queries to each agent.
         #[arg(long, value_name = "SECONDS", default_value_t = 30, hide = true)]
         ping_interval: u64,

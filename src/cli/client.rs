@@ -478,6 +478,9 @@ pub fn machines(client: &ClientOpts, json: bool) -> anyhow::Result<()> {
         if let Some(l) = m.load1 {
             write!(out, "  load {l:.2}")?;
         }
+        if let Some(f) = m.free_space {
+            write!(out, "  {:.1} GiB free", f as f64 / f64::from(1u32 << 30))?;
+        }
         if let Some(e) = &m.last_error {
             write!(out, "  last error: {e}")?;
         }

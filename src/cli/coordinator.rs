@@ -17,6 +17,7 @@ pub struct Options {
     pub timeout: Option<u64>,
     pub machines: Option<PathBuf>,
     pub reconnect_delay: u64,
+    pub ssh_keepalive: u64,
     pub ping_interval: u64,
 }
 
@@ -57,6 +58,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         agent_program: std::env::current_exe().context("finding the gbc binary")?,
         machines_file,
         reconnect_delay: Duration::from_secs(opts.reconnect_delay),
+        ssh_keepalive: Duration::from_secs(opts.ssh_keepalive.max(1)),
         ping_interval: Duration::from_secs(opts.ping_interval),
     };
     let mut machines = Vec::new();

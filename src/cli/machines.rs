@@ -101,6 +101,7 @@ fn probe_config() -> anyhow::Result<Config> {
         agent_program: std::env::current_exe()?,
         machines_file: None,
         reconnect_delay: Duration::from_secs(60),
+        ssh_keepalive: Duration::from_secs(15),
         ping_interval: Duration::from_secs(30),
     })
 }

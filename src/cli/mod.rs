@@ -117,6 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             machines,
             reconnect_delay,
+            ssh_keepalive,
             ping_interval,
         } => coordinator::run(coordinator::Options {
             state_dir,
@@ -127,6 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             machines,
             reconnect_delay,
+            ssh_keepalive,
             ping_interval,
         }),
         Command::CheckConfig { file, state_dir } => machines::check_config(file, state_dir),

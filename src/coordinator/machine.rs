@@ -148,7 +148,8 @@ impl Driver {
     }
 
     async fn session(&self, cmds: &mut mpsc::UnboundedReceiver<DriverCmd>) -> SessionEnd {
-        let connecting = self.transport.connect(&self.name);
+        // The agent takes the coordinator for gone after four pings' worth of silence.
+        let connecting = self.transport.connect(&self.name, Some(self.ping * 4));
         tokio::pin!(connecting);
         // Assignments can't arrive before `Up`, but the core may go away meanwhile.
         let connected = loop {

@@ -48,6 +48,8 @@ pub struct Config {
     pub machines_file: Option<PathBuf>,
     /// First wait before reconnecting to a lost SSH host (then × 3 per failure).
     pub reconnect_delay: Duration,
+    /// SSH keepalive interval; a connection is dropped after 4 unanswered in a row.
+    pub ssh_keepalive: Duration,
     /// How often agents are asked for their load.
     pub ping_interval: Duration,
 }
@@ -782,7 +784,7 @@ pub fn host_machine(
             args: m.agent_args.clone(),
             auto_deploy: m.auto_deploy,
             program: config.agent_program.clone(),
-            timing: transport::SshTiming::default(),
+            timing: transport::SshTiming { keepalive: config.ssh_keepalive, ..Default::default() },
         })),
         trusted,
         backoff: Backoff::hosts(config.reconnect_delay),

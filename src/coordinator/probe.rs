@@ -31,7 +31,7 @@ fn fail(kind: &'static str, message: impl Into<String>) -> Failure {
 pub async fn probe(spec: &MachineSpec) -> Vec<Step> {
     let mut steps = Vec::new();
     let t0 = Instant::now();
-    let mut session = match spec.transport.connect(&spec.name).await {
+    let mut session = match spec.transport.connect(&spec.name, None).await {
         Ok(s) => s,
         Err(e) => {
             let kind = e.kind();
@@ -178,7 +178,7 @@ pub struct Fetched {
 /// Fetch a valid path's NAR from a machine's agent and hash it as it arrives, the way the
 /// coordinator receives outputs (for `gbc machines fetch`, a benchmark of the transport).
 pub async fn fetch(spec: &MachineSpec, path: &str) -> Result<Fetched, String> {
-    let mut session = spec.transport.connect(&spec.name).await.map_err(|e| e.to_string())?;
+    let mut session = spec.transport.connect(&spec.name, None).await.map_err(|e| e.to_string())?;
     let t0 = Instant::now();
     session
         .tx

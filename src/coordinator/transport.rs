@@ -99,14 +99,15 @@ impl std::fmt::Display for ConnectError {
 }
 
 impl Transport {
-    /// Start a session: connect, start the agent, exchange hellos.
-    pub async fn connect(&self, name: &str) -> Result<Session, ConnectError> {
+    /// Start a session: connect, start the agent, exchange hellos. `idle` tells the agent how long
+    /// the coordinator may stay silent (it pings more often) before the agent takes it for gone.
+    pub async fn connect(&self, name: &str, idle: Option<Duration>) -> Result<Session, ConnectError> {
         match self {
             Transport::Local { program, args } => {
                 let (tx, rx) = spawn_local(name, program, args).map_err(|e| ConnectError::Other(format!("{e:#}")))?;
-                start(tx, rx, None, None).await
+                start(tx, rx, None, None, idle).await
             }
-            Transport::Ssh(agent) => connect_ssh(name, agent).await,
+            Transport::Ssh(agent) => connect_ssh(name, agent, idle).await,
         }
     }
 }
@@ -200,9 +201,14 @@ async fn start(
     mut rx: mpsc::Receiver<Result<Frame, String>>,
     connection: Option<Arc<Connection>>,
     exit: Option<Arc<Mutex<Option<ExitInfo>>>>,
+    idle: Option<Duration>,
 ) -> Result<Session, ConnectError> {
-    let hello =
-        Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: env!("CARGO_PKG_VERSION").into(), host: None };
+    let hello = Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        gbc_version: env!("CARGO_PKG_VERSION").into(),
+        host: None,
+        idle_secs: idle.map(|d| d.as_secs().max(1)),
+    };
     // A failed send shows up as the reader's end below.
     let _ = tx.send(Frame::new(hello)).await;
     let first = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await;
@@ -217,7 +223,7 @@ async fn start(
         Err(_) => return Err(ConnectError::Other("the agent did not say hello within 60 s".into())),
         Ok(None) => return Err(exited("the agent exited".into())),
         Ok(Some(Err(e))) => return Err(exited(e)),
-        Ok(Some(Ok(Frame { message: Message::Hello { protocol, host: Some(facts), gbc_version }, .. })))
+        Ok(Some(Ok(Frame { message: Message::Hello { protocol, host: Some(facts), gbc_version, .. }, .. })))
             if protocol == PROTOCOL_VERSION =>
         {
             (facts, gbc_version)
@@ -238,7 +244,12 @@ async fn start(
 }
 
 /// Start `command` on an exec channel and exchange hellos.
-async fn exec_agent(name: &str, conn: &Arc<Connection>, command: &str) -> Result<Session, ConnectError> {
+async fn exec_agent(
+    name: &str,
+    conn: &Arc<Connection>,
+    command: &str,
+    idle: Option<Duration>,
+) -> Result<Session, ConnectError> {
     let exec = conn.exec(command).await.map_err(ConnectError::Ssh)?;
     let exit: Arc<Mutex<Option<ExitInfo>>> = Arc::new(Mutex::new(None));
     let ssh::Exec { mut stdin, stdout, end, .. } = exec;
@@ -281,10 +292,10 @@ async fn exec_agent(name: &str, conn: &Arc<Connection>, command: &str) -> Result
         // EOF on the agent's input ends its session.
         let _ = stdin.shutdown().await;
     });
-    start(tx, rx, Some(conn.clone()), Some(exit)).await
+    start(tx, rx, Some(conn.clone()), Some(exit), idle).await
 }
 
-async fn connect_ssh(name: &str, agent: &SshAgent) -> Result<Session, ConnectError> {
+async fn connect_ssh(name: &str, agent: &SshAgent, idle: Option<Duration>) -> Result<Session, ConnectError> {
     let timing = Timing { connect: agent.timing.connect, keepalive: agent.timing.keepalive, ..Timing::default() };
     let conn = Arc::new(Connection::open(&agent.target, timing).await.map_err(ConnectError::Ssh)?);
     let mut command = agent.command.clone();
@@ -292,7 +303,7 @@ async fn connect_ssh(name: &str, agent: &SshAgent) -> Result<Session, ConnectErr
         command.push(' ');
         command.push_str(&shell_quote(a));
     }
-    let first = exec_agent(name, &conn, &command).await;
+    let first = exec_agent(name, &conn, &command, idle).await;
     match first {
         Err(e @ (ConnectError::AgentMissing(_) | ConnectError::Incompatible(_))) if agent.auto_deploy => {
             tracing::info!(machine = %name, "{e}; deploying this coordinator's gbc");
@@ -302,7 +313,7 @@ async fn connect_ssh(name: &str, agent: &SshAgent) -> Result<Session, ConnectErr
                 command.push(' ');
                 command.push_str(&shell_quote(a));
             }
-            let mut session = exec_agent(name, &conn, &command).await?;
+            let mut session = exec_agent(name, &conn, &command, idle).await?;
             session.notes.push(note);
             Ok(session)
         }

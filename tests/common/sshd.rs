@@ -36,7 +36,11 @@ fn free_port() -> u16 {
 
 pub struct Sshd {
     pub dir: PathBuf,
+    /// Where it listens: 127.0.0.1, or its network namespace's address.
+    pub addr: String,
     pub port: u16,
+    /// Its network namespace and the host side of its veth pair, if it has one.
+    netns: Option<(String, String)>,
     /// The host's public key line, as `ssh-keyscan` would show it.
     pub host_key: String,
     config: PathBuf,
@@ -44,8 +48,40 @@ pub struct Sshd {
 }
 
 impl Sshd {
-    /// Start an sshd in `dir` (created) that lets `authorized` in.
+    /// Start an sshd in `dir` (created) on loopback that lets `authorized` in.
     pub fn start(dir: &Path, authorized: &[&str]) -> Sshd {
+        Sshd::start_at(dir, authorized, None)
+    }
+
+    /// Start an sshd in a network namespace of its own, reached through a veth pair whose link
+    /// can be cut. None when that can't be done here (not root, no `ip`).
+    pub fn start_in_netns(dir: &Path, authorized: &[&str]) -> Option<Sshd> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        let is_root = run_ok_str(Command::new("id").arg("-u")).trim() == "0";
+        if !is_root || Command::new("ip").arg("-V").output().is_err() {
+            return None;
+        }
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id();
+        let ns = format!("gbc-{pid}-{k}");
+        let (outer, inner) = (format!("gbo{}x{k}", pid % 100_000), format!("gbi{}x{k}", pid % 100_000));
+        let net = format!("10.{}.{k}", 20 + pid % 200);
+        let ip = |args: &str| {
+            let out = Command::new("ip").args(args.split_whitespace()).output().unwrap();
+            assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&format!("netns add {ns}"));
+        ip(&format!("link add {outer} type veth peer name {inner}"));
+        ip(&format!("link set {inner} netns {ns}"));
+        ip(&format!("addr add {net}.1/24 dev {outer}"));
+        ip(&format!("link set {outer} up"));
+        ip(&format!("netns exec {ns} ip addr add {net}.2/24 dev {inner}"));
+        ip(&format!("netns exec {ns} ip link set {inner} up"));
+        ip(&format!("netns exec {ns} ip link set lo up"));
+        Some(Sshd::start_at(dir, authorized, Some((ns, outer, format!("{net}.2")))))
+    }
+
+    fn start_at(dir: &Path, authorized: &[&str], netns: Option<(String, String, String)>) -> Sshd {
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} is missing: run scripts/test, which installs Debian's openssh-server"
@@ -57,20 +93,23 @@ impl Sshd {
         run_ok(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "host", "-f"]).arg(&key));
         let host_key = std::fs::read_to_string(key.with_extension("pub")).unwrap().trim().to_owned();
         std::fs::write(dir.join("authorized_keys"), authorized.join("\n") + "\n").unwrap();
-        let port = free_port();
+        let (addr, port, netns) = match netns {
+            Some((ns, outer, addr)) => (addr, 22, Some((ns, outer))),
+            None => ("127.0.0.1".to_owned(), free_port(), None),
+        };
         let config = dir.join("sshd_config");
         let d = dir.display();
         std::fs::write(
             &config,
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
+                "Port {port}\nListenAddress {addr}\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin yes\n\
                  SetEnv XDG_CACHE_HOME={d}/cache\nLogLevel ERROR\nMaxStartups 100\n"
             ),
         )
         .unwrap();
-        let mut s = Sshd { dir: dir.to_owned(), port, host_key, config, child: None };
+        let mut s = Sshd { dir: dir.to_owned(), addr, port, netns, host_key, config, child: None };
         s.restart();
         s
     }
@@ -79,7 +118,15 @@ impl Sshd {
     pub fn restart(&mut self) {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("sshd.log")).unwrap();
-        let child = Command::new(SSHD)
+        let mut cmd = match &self.netns {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, SSHD]);
+                c
+            }
+            None => Command::new(SSHD),
+        };
+        let child = cmd
             .args(["-D", "-e", "-f"])
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -89,7 +136,7 @@ impl Sshd {
             .unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect((self.addr.as_str(), self.port)).is_err() {
             assert!(Instant::now() < deadline, "sshd did not listen: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -111,11 +158,22 @@ impl Sshd {
         }
         let _ = child.wait();
     }
+
+    /// Take the host's network link down (packets vanish; no connection sees a reset), or up again.
+    pub fn set_link(&self, up: bool) {
+        let (_, outer) = self.netns.as_ref().expect("a host in a network namespace");
+        let out = Command::new("ip").args(["link", "set", outer, if up { "up" } else { "down" }]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 impl Drop for Sshd {
     fn drop(&mut self) {
         self.kill();
+        if let Some((ns, outer)) = &self.netns {
+            let _ = Command::new("ip").args(["link", "del", outer]).output();
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
     }
 }
 
@@ -154,8 +212,18 @@ pub struct Host {
 
 impl Host {
     pub fn start(root: &Path, name: &str, client: &ClientKey) -> Host {
+        let sshd = Sshd::start(&root.join(name), &[&client.public]);
+        Host::with(root, name, sshd)
+    }
+
+    /// A host in a network namespace of its own (see [`Sshd::start_in_netns`]).
+    pub fn start_in_netns(root: &Path, name: &str, client: &ClientKey) -> Option<Host> {
+        let sshd = Sshd::start_in_netns(&root.join(name), &[&client.public])?;
+        Some(Host::with(root, name, sshd))
+    }
+
+    fn with(root: &Path, name: &str, sshd: Sshd) -> Host {
         let dir = root.join(name);
-        let sshd = Sshd::start(&dir, &[&client.public]);
         let agent_dir = dir.join("agent");
         std::fs::create_dir_all(&agent_dir).unwrap();
         let signing_secret = dir.join("signing.secret");
@@ -174,9 +242,10 @@ impl Host {
             format!("agent: {:?}, ", format!("{} agent", env!("CARGO_BIN_EXE_gbc")))
         };
         format!(
-            "(name: {:?}, host: \"127.0.0.1\", port: {}, user: {:?}, identity: {:?}, host_key: {:?},\n \
+            "(name: {:?}, host: {:?}, port: {}, user: {:?}, identity: {:?}, host_key: {:?},\n \
              {agent}signing_key: {:?}, {extra})",
             self.name,
+            self.sshd.addr,
             self.sshd.port,
             user(),
             client.private.display().to_string(),
