@@ -187,6 +187,7 @@ fn peak_per_machine(details: &[Value]) -> BTreeMap<String, usize> {
 fn builds_go_to_the_hosts_that_fit_and_their_outputs_equal_nix_s() {
     let farm = Farm::start();
     let c = farm.coordinator(&[]);
+    wait_up(&c, &["alpha", "beta"]);
     let drvs = instantiate(&["plain", "big", "i686"], &salt(), &[]);
     assert_eq!(drvs.len(), 16);
     let mut cmd = c.gbc(&["build", "--json"]);
@@ -251,6 +252,13 @@ fn machines(c: &Coordinator) -> Vec<Value> {
 
 fn machine_state(c: &Coordinator, name: &str) -> Option<String> {
     machines(c).iter().find(|m| m["name"] == name).map(|m| m["state"].as_str().unwrap().to_owned())
+}
+
+fn wait_up(c: &Coordinator, names: &[&str]) {
+    wait_until(&format!("{names:?} are up"), c, 30, || {
+        let m = machines(c);
+        names.iter().all(|n| m.iter().any(|m| m["name"] == *n && m["state"] == "up"))
+    });
 }
 
 fn submit(c: &Coordinator, drvs: &[String]) -> Vec<String> {
@@ -349,6 +357,7 @@ fn outputs_signed_by_a_key_that_is_not_the_host_s_are_rejected() {
     let alpha = farm.alpha_entry().replace(&farm.alpha.signing_public, &farm.beta.signing_public);
     farm.write(&[alpha, farm.beta_entry()]);
     let c = farm.coordinator(&[]);
+    wait_up(&c, &["alpha", "beta"]);
     let uuid = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "1"])).remove(0);
     watch_ok(&c, std::slice::from_ref(&uuid));
     let d = show(&c, &uuid);
