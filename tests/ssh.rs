@@ -81,6 +81,65 @@ fn machines_test_reports_each_host_and_diagnoses_each_failure() {
     // One machine by name.
     let one = run(gbc().args(["machines", "test", "good", "--machines"]).arg(&file));
     assert!(one.status.success() && !stdout(&one).contains("refused"), "{}", stdout(&one));
+
+    // Without an identity file, the keys of the ssh-agent at $SSH_AUTH_SOCK.
+    let sock = dir.path().join("agent.sock");
+    let mut agent = std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "ssh-agent did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let add = run(std::process::Command::new("ssh-add").arg(&client.private).env("SSH_AUTH_SOCK", &sock));
+    assert!(add.status.success(), "{}", stderr(&add));
+    let with_agent = dir.path().join("with-agent.ron");
+    let entry = good.entry(&client, &format!("systems: [\"x86_64-linux\"], {args}"));
+    let entry = entry.replace(&format!("identity: {:?}, ", client.private.display().to_string()), "");
+    assert!(!entry.contains("identity"), "{entry}");
+    std::fs::write(&with_agent, machines_file(&[entry])).unwrap();
+    let out = run(gbc().args(["machines", "test", "--machines"]).arg(&with_agent).env("SSH_AUTH_SOCK", &sock));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let out = run(gbc().args(["machines", "test", "--machines"]).arg(&with_agent).env_remove("SSH_AUTH_SOCK"));
+    assert!(stdout(&out).contains("authentication refused") && stdout(&out).contains("ssh-agent"), "{}", stdout(&out));
+}
+
+#[test]
+fn a_bad_machines_file_gets_one_line_naming_file_and_position() {
+    let dir = common::tempdir();
+    let file = dir.path().join("machines.ron");
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICt8gLdDAnGRd/jMz++Wkv8w45IPl6BGi/collfki9dG";
+    let sig = "farm-1:xhEUSJFW7Y4RUUMyYjUwjPk+fYSVH0SruBaiw7GI2t8=";
+    let machine = |extra: &str| {
+        format!(
+            "(name: \"m\", host: \"h\", host_key: \"{key}\", systems: [\"x86_64-linux\"], signing_key: \"{sig}\"{extra})"
+        )
+    };
+    for (text, line, want) in [
+        (format!("(machines: [\n{},\n])", machine(", parallel_builds: 0")), 2, "parallel_builds must be at least 1"),
+        (format!("(machines: [\n{},\n{},\n])", machine(""), machine("")), 3, "machine name \"m\" is used twice"),
+        (format!("(machines: [\n{}])", machine(", colour: 3")), 2, "colour"),
+        (format!("(machines: [\n{}])", machine(", identity: \"missing-key\"")), 2, "missing-key: cannot read"),
+    ] {
+        std::fs::write(&file, &text).unwrap();
+        let out = run(gbc().arg("check-config").arg(&file));
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        let at = format!("{}:{line}:", file.display());
+        assert!(err.starts_with("gbc: error: machines file: ") && err.contains(&at) && err.contains(want), "{err}");
+        // The coordinator refuses to start on it, with the same line.
+        let c =
+            run(gbc().args(["coordinator", "--state-dir"]).arg(dir.path().join("state")).arg("--machines").arg(&file));
+        assert_eq!(stderr(&c), err);
+    }
 }
 
 const HOSTS: &str = "tests/nix/hosts.nix";
@@ -394,6 +453,21 @@ fn auto_deploy_uploads_gbc_to_a_host_without_it() {
         std::fs::read_dir(farm.beta.sshd.dir.join("cache/gbc")).unwrap().flatten().map(|e| e.path()).collect();
     assert_eq!(deployed.len(), 1, "one binary, no temporary files left: {deployed:?}");
     assert_eq!(std::fs::read(&deployed[0]).unwrap(), std::fs::read(env!("CARGO_BIN_EXE_gbc")).unwrap());
+
+    // An agent that speaks another protocol version is replaced the same way.
+    let fake_agent = farm.dir.path().join("old-agent");
+    std::fs::write(
+        &fake_agent,
+        "#!/bin/sh\necho '{\"type\":\"hello\",\"protocol\":99,\"gbc_version\":\"0.0.1\"}'\nsleep 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake_agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let old = beta.replace("agent: \"gbc agent\"", &format!("agent: {:?}", fake_agent.display().to_string()));
+    let old_file = farm.dir.path().join("old.ron");
+    std::fs::write(&old_file, machines_file(&[old])).unwrap();
+    let out = run(gbc().args(["machines", "test", "--machines"]).arg(&old_file));
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("using the deployed"), "{}", stdout(&out));
 
     // The coordinator finds it there and builds with it.
     let c = farm.coordinator(&[]);
