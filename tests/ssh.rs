@@ -575,3 +575,90 @@ fn a_host_whose_link_is_cut_is_found_out_by_keepalives_and_comes_back() {
     gamma.sshd.set_link(true);
     wait_until("gamma is up once more", &c, 60, || machine_state(&c, "gamma").as_deref() == Some("up"));
 }
+
+/// A proxy for an agent's output that flips one bit of the first NAR chunk it sees (Perl, which
+/// every Debian has).
+const LIAR: &str = r#"
+use strict;
+$| = 1;
+binmode STDOUT;
+open(my $in, "-|", @ARGV) or die "cannot start @ARGV: $!";
+binmode $in;
+my $done = 0;
+while (my $line = <$in>) {
+    print $line;
+    next unless $line =~ /"payload":(\d+)/;
+    my ($n, $buf) = ($1, '');
+    while (length($buf) < $n) {
+        my $r = read($in, $buf, $n - length($buf), length($buf));
+        last unless $r;
+    }
+    if (!$done && $line =~ /"type":"nar_chunk"/) {
+        substr($buf, -1, 1) = chr(ord(substr($buf, -1, 1)) ^ 1);
+        $done = 1;
+    }
+    print $buf;
+}
+"#;
+
+#[test]
+fn a_nar_that_does_not_hash_to_the_agent_s_claim_is_rejected() {
+    let farm = Farm::start();
+    let liar = farm.dir.path().join("liar.pl");
+    std::fs::write(&liar, LIAR).unwrap();
+    let agent = format!("agent: {:?}, ", format!("perl {} {} agent", liar.display(), env!("CARGO_BIN_EXE_gbc")));
+    let alpha = farm.alpha_entry().replacen("signing_key", &format!("{agent}signing_key"), 1);
+    let alpha = alpha.replacen(&format!("agent: {:?}, ", format!("{} agent", env!("CARGO_BIN_EXE_gbc"))), "", 1);
+    farm.write(&[alpha, farm.beta_entry()]);
+    let c = farm.coordinator(&[]);
+    wait_up(&c, &["alpha", "beta"]);
+    let uuid = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "1"])).remove(0);
+    watch_ok(&c, std::slice::from_ref(&uuid));
+    let d = show(&c, &uuid);
+    let attempts = d["attempt_list"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{d}");
+    assert_eq!((attempts[0]["machine"].as_str(), attempts[0]["status"].as_str()), (Some("alpha"), Some("rejected")));
+    assert!(attempts[0]["reason"].as_str().unwrap().contains("does not match its claim"), "{d}");
+    assert!(attempts[0].get("outputs").is_none(), "{d}");
+    assert_eq!((attempts[1]["machine"].as_str(), attempts[1]["status"].as_str()), (Some("beta"), Some("success")));
+}
+
+#[test]
+fn full_or_disabled_hosts_get_no_builds_and_known_hosts_files_pin_keys() {
+    let farm = Farm::start();
+    // alpha wants more free disk than any machine has; a third entry is disabled; beta's key is
+    // checked against a known_hosts file instead of a pinned line.
+    let alpha = farm.alpha_entry().replacen("systems:", "min_free_disk: 1000000000000000000, systems:", 1);
+    let known = farm.dir.path().join("known_hosts");
+    std::fs::write(&known, format!("[127.0.0.1]:{} {}\n", farm.beta.sshd.port, farm.beta.sshd.host_key)).unwrap();
+    let beta = farm.beta_entry().replacen(
+        &format!("host_key: {:?}", farm.beta.sshd.host_key),
+        &format!("known_hosts: {:?}", known.display().to_string()),
+        1,
+    );
+    assert!(beta.contains("known_hosts") && !beta.contains("host_key"), "{beta}");
+    let off = farm.beta_entry().replacen("name: \"beta\"", "name: \"off\"", 1).replacen(
+        "systems:",
+        "enabled: false, systems:",
+        1,
+    );
+    farm.write(&[alpha, beta, off]);
+    let c = farm.coordinator(&[]);
+    wait_up(&c, &["alpha", "beta"]);
+    let names: Vec<String> = machines(&c).iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(names, ["alpha", "beta"], "a disabled machine is not used");
+    let uuids = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "3"]));
+    watch_ok(&c, &uuids);
+    for u in &uuids {
+        assert_eq!(show(&c, u)["attempt_list"][0]["machine"], "beta", "alpha's store is too full");
+    }
+
+    // A known_hosts file that records another key for the host refuses it.
+    std::fs::write(&known, format!("[127.0.0.1]:{} {}\n", farm.beta.sshd.port, farm.alpha.sshd.host_key)).unwrap();
+    let out = run(gbc().args(["machines", "test", "beta", "--machines"]).arg(&farm.file));
+    assert!(
+        stdout(&out).contains("host key mismatch") && stdout(&out).contains("records another key"),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -276,18 +276,13 @@ async fn exec_agent(
             if write_frame(&mut buf, &frame).is_err() {
                 break;
             }
-            if (out_rx.is_empty() || buf.len() >= 256 * 1024) && stdin.write_all(&buf).await.is_err() {
-                break;
-            }
+            // Frames queued together go out in one write.
             if out_rx.is_empty() || buf.len() >= 256 * 1024 {
-                buf.clear();
-                if stdin.flush().await.is_err() {
+                if stdin.write_all(&buf).await.is_err() || stdin.flush().await.is_err() {
                     break;
                 }
+                buf.clear();
             }
-        }
-        if !buf.is_empty() {
-            let _ = stdin.write_all(&buf).await;
         }
         // EOF on the agent's input ends its session.
         let _ = stdin.shutdown().await;
