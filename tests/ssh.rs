@@ -190,11 +190,34 @@ impl Farm {
     }
 
     fn alpha_entry(&self) -> String {
+        self.alpha_with("")
+    }
+
+    /// alpha's entry with `extra` fields in front (an `agent` there replaces the default).
+    fn alpha_with(&self, extra: &str) -> String {
         let args = self.alpha.agent_args(&["x86_64-linux"], &["big"]);
         self.alpha.entry(
             &self.client,
-            &format!("systems: [\"x86_64-linux\"], features: [\"big\"], parallel_builds: 2, speed: 2.0, {args}"),
+            &format!("{extra}systems: [\"x86_64-linux\"], features: [\"big\"], parallel_builds: 2, speed: 2.0, {args}"),
         )
+    }
+
+    /// Build one derivation with both hosts up: alpha (the faster) is expected to take it and
+    /// have its result rejected, beta to build it then. Returns why alpha's attempt was rejected.
+    fn rejected_on_alpha_then_built_on_beta(&self) -> String {
+        let c = self.coordinator(&[]);
+        wait_up(&c, &["alpha", "beta"]);
+        let uuid = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "1"])).remove(0);
+        watch_ok(&c, std::slice::from_ref(&uuid));
+        let d = show(&c, &uuid);
+        let attempts = d["attempt_list"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "rejected on alpha, then built on beta: {d}");
+        let first = (attempts[0]["machine"].as_str(), attempts[0]["status"].as_str());
+        assert_eq!(first, (Some("alpha"), Some("rejected")), "{d}");
+        assert!(attempts[0].get("outputs").is_none(), "nothing recorded from the rejected attempt: {d}");
+        let second = (attempts[1]["machine"].as_str(), attempts[1]["status"].as_str());
+        assert_eq!(second, (Some("beta"), Some("success")), "{d}");
+        attempts[0]["reason"].as_str().unwrap().to_owned()
     }
 
     fn beta_entry(&self) -> String {
@@ -415,20 +438,8 @@ fn outputs_signed_by_a_key_that_is_not_the_host_s_are_rejected() {
     // alpha's agent signs with its own key, but the machines file says its key is beta's.
     let alpha = farm.alpha_entry().replace(&farm.alpha.signing_public, &farm.beta.signing_public);
     farm.write(&[alpha, farm.beta_entry()]);
-    let c = farm.coordinator(&[]);
-    wait_up(&c, &["alpha", "beta"]);
-    let uuid = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "1"])).remove(0);
-    watch_ok(&c, std::slice::from_ref(&uuid));
-    let d = show(&c, &uuid);
-    let attempts = d["attempt_list"].as_array().unwrap();
-    assert_eq!(attempts.len(), 2, "rejected on alpha (the faster), then built on beta: {d}");
-    assert_eq!(attempts[0]["machine"], "alpha");
-    assert_eq!(attempts[0]["status"], "rejected");
-    let why = attempts[0]["reason"].as_str().unwrap();
+    let why = farm.rejected_on_alpha_then_built_on_beta();
     assert!(why.contains("not signed by a trusted key") && why.contains("alpha-1"), "{why}");
-    assert!(attempts[0].get("outputs").is_none(), "nothing recorded from the rejected attempt: {d}");
-    assert_eq!(attempts[1]["machine"], "beta");
-    assert_eq!(attempts[1]["status"], "success");
 }
 
 #[test]
@@ -607,20 +618,9 @@ fn a_nar_that_does_not_hash_to_the_agent_s_claim_is_rejected() {
     let liar = farm.dir.path().join("liar.pl");
     std::fs::write(&liar, LIAR).unwrap();
     let agent = format!("agent: {:?}, ", format!("perl {} {} agent", liar.display(), env!("CARGO_BIN_EXE_gbc")));
-    let alpha = farm.alpha_entry().replacen("signing_key", &format!("{agent}signing_key"), 1);
-    let alpha = alpha.replacen(&format!("agent: {:?}, ", format!("{} agent", env!("CARGO_BIN_EXE_gbc"))), "", 1);
-    farm.write(&[alpha, farm.beta_entry()]);
-    let c = farm.coordinator(&[]);
-    wait_up(&c, &["alpha", "beta"]);
-    let uuid = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "1"])).remove(0);
-    watch_ok(&c, std::slice::from_ref(&uuid));
-    let d = show(&c, &uuid);
-    let attempts = d["attempt_list"].as_array().unwrap();
-    assert_eq!(attempts.len(), 2, "{d}");
-    assert_eq!((attempts[0]["machine"].as_str(), attempts[0]["status"].as_str()), (Some("alpha"), Some("rejected")));
-    assert!(attempts[0]["reason"].as_str().unwrap().contains("does not match its claim"), "{d}");
-    assert!(attempts[0].get("outputs").is_none(), "{d}");
-    assert_eq!((attempts[1]["machine"].as_str(), attempts[1]["status"].as_str()), (Some("beta"), Some("success")));
+    farm.write(&[farm.alpha_with(&agent), farm.beta_entry()]);
+    let why = farm.rejected_on_alpha_then_built_on_beta();
+    assert!(why.contains("does not match its claim"), "{why}");
 }
 
 #[test]

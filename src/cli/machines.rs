@@ -7,7 +7,6 @@ use std::time::Duration;
 use super::check_failed;
 use super::realise::default_state_dir;
 use crate::coordinator::{self, Config, probe};
-use crate::formats::signing::PublicKey;
 use crate::machines::{self, MachinesFile};
 
 fn machines_path(file: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -48,44 +47,48 @@ pub fn check_config(file: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow
 }
 
 pub fn test(file: Option<PathBuf>, state_dir: Option<PathBuf>, name: Option<String>) -> anyhow::Result<()> {
-    let path = machines_path(file, state_dir)?;
-    let parsed = load(&path)?;
-    let chosen: Vec<&machines::Machine> =
-        parsed.machines.0.iter().filter(|m| name.as_deref().is_none_or(|n| m.name == n)).collect();
-    if let Some(n) = &name
-        && chosen.is_empty()
-    {
-        anyhow::bail!("{}: no machine named {n:?}", path.display());
-    }
-    let trusted = parsed
-        .trusted_keys
-        .iter()
-        .map(|k| PublicKey::parse(k))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| check_failed(path.display(), e))?;
-    let config = probe_config()?;
+    let (path, specs) = specs(file, state_dir, name.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut failed = Vec::new();
-    for m in chosen {
-        let spec = coordinator::host_machine(m, &trusted, &config).map_err(|e| check_failed(path.display(), e))?;
-        println!("{}:", m.name);
-        let steps = runtime.block_on(probe::probe(&spec));
-        for step in steps {
+    for spec in &specs {
+        println!("{}:", spec.name);
+        for step in runtime.block_on(probe::probe(spec)) {
             match step.outcome {
                 Ok(said) => println!("  ok    {}: {said}", step.what),
                 Err(f) => {
                     println!("  FAIL  {}: {}: {}", step.what, f.kind, f.message);
-                    failed.push(format!("{} ({})", m.name, f.kind));
+                    failed.push(format!("{} ({})", spec.name, f.kind));
                 }
             }
         }
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
+    if specs.is_empty() {
+        println!("{}: no machines", path.display());
+    }
     if failed.is_empty() {
         Ok(())
     } else {
         Err(anyhow::Error::new(super::CheckFailed(format!("machines failing: {}", failed.join(", ")))))
     }
+}
+
+/// The machines of the file (all, or the one named), as the coordinator would reach them.
+fn specs(
+    file: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    name: Option<&str>,
+) -> anyhow::Result<(PathBuf, Vec<coordinator::MachineSpec>)> {
+    let path = machines_path(file, state_dir)?;
+    let parsed = load(&path)?;
+    let specs = coordinator::host_machines_where(&parsed, &probe_config()?, |m| name.is_none_or(|n| m.name == n))
+        .map_err(|e| check_failed(path.display(), e))?;
+    if let Some(n) = name
+        && specs.is_empty()
+    {
+        anyhow::bail!("{}: no machine named {n:?}", path.display());
+    }
+    Ok((path, specs))
 }
 
 /// A coordinator configuration for talking to machines from the command line.
@@ -107,25 +110,16 @@ fn probe_config() -> anyhow::Result<Config> {
 }
 
 pub fn fetch(file: Option<PathBuf>, state_dir: Option<PathBuf>, name: &str, store_path: &str) -> anyhow::Result<()> {
-    let path = machines_path(file, state_dir)?;
-    let parsed = load(&path)?;
-    let m = parsed
-        .machines
-        .0
-        .iter()
-        .find(|m| m.name == name)
-        .ok_or_else(|| anyhow::anyhow!("{}: no machine named {name:?}", path.display()))?;
-    let trusted = parsed
-        .trusted_keys
-        .iter()
-        .map(|k| PublicKey::parse(k))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| check_failed(path.display(), e))?;
-    let spec = coordinator::host_machine(m, &trusted, &probe_config()?).map_err(|e| check_failed(path.display(), e))?;
+    let (_, specs) = specs(file, state_dir, Some(name))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let f = runtime.block_on(probe::fetch(&spec, store_path)).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let mut fetched = Vec::new();
+    for spec in &specs {
+        fetched.push(runtime.block_on(probe::fetch(spec, store_path)).map_err(|e| anyhow::anyhow!("{name}: {e}"))?);
+    }
     runtime.shutdown_timeout(Duration::from_secs(1));
-    let secs = f.elapsed.as_secs_f64();
-    println!("{} {} {:.3} {:.1}", f.nar_size, f.nar_hash, secs, f.nar_size as f64 / secs / 1e6);
+    for f in fetched {
+        let secs = f.elapsed.as_secs_f64();
+        println!("{} {} {:.3} {:.1}", f.nar_size, f.nar_hash, secs, f.nar_size as f64 / secs / 1e6);
+    }
     Ok(())
 }

@@ -729,20 +729,24 @@ pub fn local_machine(config: &Config) -> MachineSpec {
 
 /// The enabled machines of a machines file, as the coordinator runs them.
 pub fn host_machines(file: &crate::machines::MachinesFile, config: &Config) -> Result<Vec<MachineSpec>, String> {
+    host_machines_where(file, config, |m| m.enabled)
+}
+
+/// The machines of a machines file that `keep` chooses, enabled or not.
+pub fn host_machines_where(
+    file: &crate::machines::MachinesFile,
+    config: &Config,
+    keep: impl Fn(&crate::machines::Machine) -> bool,
+) -> Result<Vec<MachineSpec>, String> {
     let trusted_all = file
         .trusted_keys
         .iter()
         .map(|k| PublicKey::parse(k).map_err(|e| format!("trusted key {k:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut out = Vec::new();
-    for m in file.machines.0.iter().filter(|m| m.enabled) {
-        out.push(host_machine(m, &trusted_all, config)?);
-    }
-    Ok(out)
+    file.machines.0.iter().filter(|m| keep(m)).map(|m| host_machine(m, &trusted_all, config)).collect()
 }
 
-/// One machine of a machines file, enabled or not.
-pub fn host_machine(
+fn host_machine(
     m: &crate::machines::Machine,
     trusted_all: &[PublicKey],
     config: &Config,
