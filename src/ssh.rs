@@ -153,7 +153,7 @@ impl client::Handler for Checker {
 }
 
 /// Timing of a connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Timing {
     /// Longest wait for TCP connect, the handshake and authentication.
     pub connect: Duration,

@@ -788,7 +788,7 @@ fn host_machine(
             args: m.agent_args.clone(),
             auto_deploy: m.auto_deploy,
             program: config.agent_program.clone(),
-            timing: transport::SshTiming { keepalive: config.ssh_keepalive, ..Default::default() },
+            timing: crate::ssh::Timing { keepalive: config.ssh_keepalive, ..Default::default() },
         })),
         trusted,
         backoff: Backoff::hosts(config.reconnect_delay),

@@ -37,20 +37,7 @@ pub struct SshAgent {
     pub auto_deploy: bool,
     /// This coordinator's own `gbc`, the binary auto-deploy uploads.
     pub program: PathBuf,
-    pub timing: SshTiming,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SshTiming {
-    pub connect: Duration,
-    pub keepalive: Duration,
-}
-
-impl Default for SshTiming {
-    fn default() -> SshTiming {
-        let t = Timing::default();
-        SshTiming { connect: t.connect, keepalive: t.keepalive }
-    }
+    pub timing: Timing,
 }
 
 /// Frames to and from one agent session. Dropping it ends the session.
@@ -291,23 +278,20 @@ async fn exec_agent(
 }
 
 async fn connect_ssh(name: &str, agent: &SshAgent, idle: Option<Duration>) -> Result<Session, ConnectError> {
-    let timing = Timing { connect: agent.timing.connect, keepalive: agent.timing.keepalive, ..Timing::default() };
-    let conn = Arc::new(Connection::open(&agent.target, timing).await.map_err(ConnectError::Ssh)?);
-    let mut command = agent.command.clone();
-    for a in &agent.args {
-        command.push(' ');
-        command.push_str(&shell_quote(a));
-    }
-    let first = exec_agent(name, &conn, &command, idle).await;
+    let conn = Arc::new(Connection::open(&agent.target, agent.timing).await.map_err(ConnectError::Ssh)?);
+    let with_args = |command: String| {
+        agent.args.iter().fold(command, |mut c, a| {
+            c.push(' ');
+            c.push_str(&shell_quote(a));
+            c
+        })
+    };
+    let first = exec_agent(name, &conn, &with_args(agent.command.clone()), idle).await;
     match first {
         Err(e @ (ConnectError::AgentMissing(_) | ConnectError::Incompatible(_))) if agent.auto_deploy => {
             tracing::info!(machine = %name, "{e}; deploying this coordinator's gbc");
             let (remote, note) = deploy(&conn, &agent.program).await?;
-            let mut command = format!("{} agent", shell_quote_remote_path(&remote));
-            for a in &agent.args {
-                command.push(' ');
-                command.push_str(&shell_quote(a));
-            }
+            let command = with_args(format!("{} agent", shell_quote_remote_path(&remote)));
             let mut session = exec_agent(name, &conn, &command, idle).await?;
             session.notes.push(note);
             Ok(session)
