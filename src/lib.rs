@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod api;
 pub mod build;
+pub mod cache;
 pub mod cli;
 pub mod coordinator;
 pub mod db;

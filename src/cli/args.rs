@@ -129,39 +129,11 @@ pub enum Command {
     /// process. SIGINT or SIGTERM stops it: no new build starts, running builds get --grace seconds
     /// to finish, the others go back to the queue. Killed outright, it loses nothing: builds that
     /// were running are queued again at the next start.
-    Coordinator {
-        /// State directory (default: $GBC_STATE_DIR, else $XDG_STATE_HOME/gbc or ~/.local/state/gbc).
-        #[arg(long, value_name = "DIR")]
-        state_dir: Option<PathBuf>,
-        /// Parallel builds of the local machine (default: this host's cores).
-        #[arg(long, value_name = "N")]
-        local_builds: Option<u32>,
-        /// Attempts a build gets when its setup fails or its machine is lost, before it fails.
-        #[arg(long, value_name = "N", default_value_t = 3)]
-        max_attempts: u32,
-        /// Seconds running builds may go on after SIGINT/SIGTERM.
-        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
-        grace: u64,
-        /// Kill a build after this many seconds without log output.
-        #[arg(long, value_name = "SECONDS")]
-        max_silent_time: Option<u64>,
-        /// Kill a build after this many seconds.
-        #[arg(long, value_name = "SECONDS")]
-        timeout: Option<u64>,
-        /// The build hosts, a machines.ron file (default: <state dir>/machines.ron when it exists).
-        /// With one, the built-in localhost machine is used only if --local-builds is given.
-        #[arg(long, value_name = "FILE")]
-        machines: Option<PathBuf>,
-        /// Seconds to wait before reconnecting to a lost host; tripled after each failure in a row
-        /// (plus up to 10% at random, at most an hour).
-        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
-        reconnect_delay: u64,
-        /// Seconds of silence on an SSH connection before a keepalive; 4 unanswered drop it.
-        #[arg(long, value_name = "SECONDS", default_value_t = 15, hide = true)]
-        ssh_keepalive: u64,
-        /// Seconds between load queries to each agent.
-        #[arg(long, value_name = "SECONDS", default_value_t = 30, hide = true)]
-        ping_interval: u64,
+    Coordinator(CoordinatorOpts),
+    /// The coordinator's binary cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
     },
     /// Check a machines.ron file (default: <state dir>/machines.ron) as the coordinator would.
     ///
@@ -295,6 +267,54 @@ pub struct ClientOpts {
     pub coordinator: Option<PathBuf>,
 }
 
+/// How `gbc coordinator` runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CoordinatorOpts {
+    /// State directory (default: $GBC_STATE_DIR, else $XDG_STATE_HOME/gbc or ~/.local/state/gbc).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Parallel builds of the local machine (default: this host's cores).
+    #[arg(long, value_name = "N")]
+    pub local_builds: Option<u32>,
+    /// Attempts a build gets when its setup fails or its machine is lost, before it fails.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Seconds running builds may go on after SIGINT/SIGTERM.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub grace: u64,
+    /// Kill a build after this many seconds without log output.
+    #[arg(long, value_name = "SECONDS")]
+    pub max_silent_time: Option<u64>,
+    /// Kill a build after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// The build hosts, a machines.ron file (default: <state dir>/machines.ron when it exists).
+    /// With one, the built-in localhost machine is used only if --local-builds is given.
+    #[arg(long, value_name = "FILE")]
+    pub machines: Option<PathBuf>,
+    /// Seconds to wait before reconnecting to a lost host; tripled after each failure in a row
+    /// (plus up to 10% at random, at most an hour).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub reconnect_delay: u64,
+    /// Seconds of silence on an SSH connection before a keepalive; 4 unanswered drop it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15, hide = true)]
+    pub ssh_keepalive: u64,
+    /// Seconds between load queries to each agent.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, hide = true)]
+    pub ping_interval: u64,
+    /// How NARs are compressed in the binary cache: zstd or none.
+    #[arg(long, value_name = "METHOD", default_value = "zstd")]
+    pub compression: String,
+    /// The store dir of the binary cache (<state dir>/cache); outputs in other store dirs are
+    /// built and recorded but not published.
+    #[arg(long, value_name = "DIR", default_value = "/nix/store")]
+    pub cache_store_dir: String,
+    /// The secret key narinfos are signed with (default: <state dir>/keys/cache.secret, created on
+    /// first start with cache.public beside it).
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+}
+
 /// What `submit` and `build` queue, and how.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SubmitOpts {
@@ -381,5 +401,19 @@ pub enum MachinesCommand {
         machines: Option<PathBuf>,
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Print the public key clients must trust for the coordinator's binary cache
+    /// (`trusted-public-keys` in nix.conf, `guix archive --authorize`).
+    PublicKey {
+        /// State directory whose keys/cache.public is printed.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// The secret key the coordinator was given with --signing-key: its public half is printed.
+        #[arg(long, value_name = "FILE")]
+        signing_key: Option<PathBuf>,
     },
 }

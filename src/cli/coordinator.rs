@@ -1,27 +1,16 @@
 //! `gbc coordinator`: set up from the command line and run until stopped.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 
+use super::args::CoordinatorOpts;
 use super::realise::default_state_dir;
+use crate::cache::Compression;
 use crate::coordinator::{self, Config};
 
-pub struct Options {
-    pub state_dir: Option<PathBuf>,
-    pub local_builds: Option<u32>,
-    pub max_attempts: u32,
-    pub grace: u64,
-    pub max_silent: Option<u64>,
-    pub timeout: Option<u64>,
-    pub machines: Option<PathBuf>,
-    pub reconnect_delay: u64,
-    pub ssh_keepalive: u64,
-    pub ping_interval: u64,
-}
-
-pub fn run(opts: Options) -> anyhow::Result<()> {
+pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
+    let compression = Compression::parse(&opts.compression).map_err(|e| anyhow::anyhow!("--compression: {e}"))?;
     let state_dir = match opts.state_dir {
         Some(s) => s,
         None => default_state_dir()?,
@@ -54,12 +43,15 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         max_attempts: opts.max_attempts,
         grace: Duration::from_secs(opts.grace),
         timeout_secs: opts.timeout,
-        max_silent_secs: opts.max_silent,
+        max_silent_secs: opts.max_silent_time,
         agent_program: std::env::current_exe().context("finding the gbc binary")?,
         machines_file,
         reconnect_delay: Duration::from_secs(opts.reconnect_delay),
         ssh_keepalive: Duration::from_secs(opts.ssh_keepalive.max(1)),
         ping_interval: Duration::from_secs(opts.ping_interval),
+        compression,
+        cache_store_dir: opts.cache_store_dir,
+        cache_key: opts.signing_key,
     };
     let mut machines = Vec::new();
     match &file {

@@ -116,3 +116,33 @@ pub fn verify(trusted: &[impl AsRef<Path>], narinfos: &[impl AsRef<Path>]) -> an
         many => Err(check_failed(many.join(", "), "no valid signature by a trusted key")),
     }
 }
+
+/// `gbc cache public-key`.
+pub fn cache_public_key(
+    state_dir: Option<std::path::PathBuf>,
+    signing_key: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let public = match signing_key {
+        Some(path) => load_secret_key(&path)?.public().to_string(),
+        None => {
+            let state = match state_dir {
+                Some(s) => s,
+                None => super::realise::default_state_dir()?,
+            };
+            let path = state.join("keys/cache.public");
+            let text = fs::read_to_string(&path).map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    anyhow::anyhow!(
+                        "{}: no cache key yet: it is made when the coordinator first starts",
+                        path.display()
+                    )
+                } else {
+                    anyhow::Error::new(e).context(path.display().to_string())
+                }
+            })?;
+            PublicKey::parse(text.trim()).map_err(|e| check_failed(path.display(), e))?.to_string()
+        }
+    };
+    println!("{public}");
+    Ok(())
+}

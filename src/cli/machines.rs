@@ -106,6 +106,9 @@ fn probe_config() -> anyhow::Result<Config> {
         reconnect_delay: Duration::from_secs(60),
         ssh_keepalive: Duration::from_secs(15),
         ping_interval: Duration::from_secs(30),
+        compression: crate::cache::Compression::Zstd,
+        cache_store_dir: "/nix/store".into(),
+        cache_key: None,
     })
 }
 

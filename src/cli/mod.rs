@@ -22,7 +22,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use args::{Cli, Command, DrvCommand, MachinesCommand, NarCommand};
+use args::{CacheCommand, Cli, Command, DrvCommand, MachinesCommand, NarCommand};
 
 /// An error that means a check failed (exit 1) rather than a usage or I/O problem (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -108,29 +108,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cores,
             })
         }
-        Command::Coordinator {
-            state_dir,
-            local_builds,
-            max_attempts,
-            grace,
-            max_silent_time,
-            timeout,
-            machines,
-            reconnect_delay,
-            ssh_keepalive,
-            ping_interval,
-        } => coordinator::run(coordinator::Options {
-            state_dir,
-            local_builds,
-            max_attempts,
-            grace,
-            max_silent: max_silent_time,
-            timeout,
-            machines,
-            reconnect_delay,
-            ssh_keepalive,
-            ping_interval,
-        }),
+        Command::Coordinator(opts) => coordinator::run(opts),
+        Command::Cache { command: CacheCommand::PublicKey { state_dir, signing_key } } => {
+            keys::cache_public_key(state_dir, signing_key)
+        }
         Command::CheckConfig { file, state_dir } => machines::check_config(file, state_dir),
         Command::Submit { submit, client } => client::submit(&client, &submit),
         Command::Watch { json, uuids, client } => client::watch(&client, uuids, json),

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -16,8 +17,10 @@ use super::logs;
 use super::queue::BuildId;
 use super::transport::Transport;
 use crate::api::OutputInfo;
+use crate::cache::{self, Cache, StagedNar};
 use crate::db::Job;
 use crate::formats::derivation::Derivation;
+use crate::formats::hash::Hash;
 use crate::formats::hash::HashSink;
 use crate::formats::narinfo;
 use crate::formats::signing::{PublicKey, Signature};
@@ -84,13 +87,57 @@ struct Active {
     expected: BTreeMap<String, String>,
     /// Set once the agent reports success: outputs whose NAR is still to come.
     claimed: Vec<BuiltOutput>,
-    received: Vec<OutputInfo>,
+    received: Vec<(OutputInfo, Option<StagedNar>)>,
+    /// The derivation's system, for the narinfos.
+    system: String,
 }
 
+/// A NAR arriving: its chunks go to a thread that hashes them and stages them in the cache.
 struct Transfer {
     key: String,
     meta: PathMeta,
-    hash: HashSink,
+    chunks: mpsc::Sender<Vec<u8>>,
+    done: tokio::sync::oneshot::Receiver<std::io::Result<Received>>,
+}
+
+/// What the staging thread made of a NAR.
+struct Received {
+    nar_hash: String,
+    nar_size: u64,
+    staged: Option<StagedNar>,
+}
+
+/// Start a thread that hashes a NAR's chunks and, when there is a cache for its store dir,
+/// compresses them into it.
+fn receive(cache: Option<Arc<Cache>>, key: String, meta: PathMeta) -> Transfer {
+    let (chunks, mut rx) = mpsc::channel::<Vec<u8>>(16);
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let staging = cache.filter(|c| c.store_dir().parse_path(&meta.path).is_ok());
+    std::thread::spawn(move || {
+        let result = (|| {
+            let mut writer = staging.as_ref().map(|c| c.begin()).transpose()?;
+            let mut hash = HashSink::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                match &mut writer {
+                    Some(w) => w.write_all(&chunk)?,
+                    None => hash.write_all(&chunk)?,
+                }
+            }
+            let (hash, size, staged) = match writer {
+                Some(w) => {
+                    let s = w.finish()?;
+                    (s.nar_hash.clone(), s.nar_size, Some(s))
+                }
+                None => {
+                    let (h, n) = hash.finish();
+                    (h, n, None)
+                }
+            };
+            Ok(Received { nar_hash: format!("sha256:{}", hash.to_nix32()), nar_size: size, staged })
+        })();
+        let _ = done_tx.send(result);
+    });
+    Transfer { key, meta, chunks, done }
 }
 
 /// Everything a driver needs.
@@ -102,6 +149,8 @@ pub struct Driver {
     /// Keys whose signatures on outputs are accepted; empty: the key the agent announces (only for
     /// the local machine, whose agent the coordinator started itself).
     pub trusted: Vec<PublicKey>,
+    /// Where verified outputs are published.
+    pub cache: Option<Arc<Cache>>,
     pub backoff: Backoff,
     /// How often the agent is asked for its load.
     pub ping: Duration,
@@ -199,8 +248,8 @@ impl Driver {
                     None => return SessionEnd::CoreGone,
                     Some(DriverCmd::Assign(job)) => {
                         let key = format!("{}/{}", job.uuid, job.n);
-                        let expected = match Derivation::parse(job.aterm.as_bytes()) {
-                            Ok(d) => d.outputs.into_iter().map(|(n, o)| (n, o.path)).collect(),
+                        let (expected, system) = match Derivation::parse(job.aterm.as_bytes()) {
+                            Ok(d) => (d.outputs.into_iter().map(|(n, o)| (n, o.path)).collect(), d.system),
                             Err(e) => {
                                 let reason = format!("stored derivation does not parse: {e}");
                                 self.report(job.build, job.attempt, AttemptResult::Failed { status: "setup_failure".into(), reason });
@@ -219,7 +268,7 @@ impl Driver {
                             cores: None,
                         };
                         by_build.insert(job.build, key.clone());
-                        active.insert(key, Active { job: *job, log, expected, claimed: Vec::new(), received: Vec::new() });
+                        active.insert(key, Active { job: *job, log, expected, claimed: Vec::new(), received: Vec::new(), system });
                         if session.tx.send(Frame::new(msg)).await.is_err() {
                             return SessionEnd::Lost { error: "the agent closed its input".into(), was_up: true };
                         }
@@ -275,7 +324,7 @@ impl Driver {
                         Message::NarStart { transfer, build: Some(build), meta } => {
                             let Some(a) = active.get_mut(&build) else { continue };
                             if a.claimed.iter().any(|o| o.meta == meta) && !transfers.contains_key(&transfer) {
-                                transfers.insert(transfer, Transfer { key: build, meta, hash: HashSink::new() });
+                                transfers.insert(transfer, receive(self.cache.clone(), build, meta));
                             } else {
                                 let reason = format!("the agent sent a NAR for {} that it did not claim as an output", meta.path);
                                 ended.push((build, rejected(reason)));
@@ -283,33 +332,47 @@ impl Driver {
                         }
                         Message::NarChunk { transfer, .. } => {
                             if let Some(t) = transfers.get_mut(&transfer) {
-                                let _ = t.hash.write_all(&frame.payload);
+                                // A failed send: the staging thread stopped; its error comes at the end.
+                                let _ = t.chunks.send(frame.payload).await;
                             }
                         }
                         Message::NarEnd { transfer } => {
                             if let Some(t) = transfers.remove(&transfer)
-                                && let Some(a) = active.get_mut(&t.key)
+                                && active.contains_key(&t.key)
                             {
-                                let (hash, size) = t.hash.finish();
-                                let got = format!("sha256:{}", hash.to_nix32());
-                                if got != t.meta.nar_hash || size != t.meta.nar_size {
+                                let Transfer { key, meta, chunks, done } = t;
+                                drop(chunks);
+                                let received = match done.await {
+                                    Ok(Ok(r)) => r,
+                                    Ok(Err(e)) => {
+                                        let reason = format!("could not store the NAR of {}: {e}", meta.path);
+                                        ended.push((key, AttemptResult::Retry { status: "store_failure".into(), reason, count: true }));
+                                        continue;
+                                    }
+                                    Err(_) => continue,
+                                };
+                                let Some(a) = active.get_mut(&key) else { continue };
+                                let Received { nar_hash: got, nar_size: size, staged } = received;
+                                if got != meta.nar_hash || size != meta.nar_size {
                                     let reason = format!(
                                         "the NAR of {} does not match its claim: {got}, {size} bytes, claimed {}, {} bytes",
-                                        t.meta.path, t.meta.nar_hash, t.meta.nar_size
+                                        meta.path, meta.nar_hash, meta.nar_size
                                     );
-                                    ended.push((t.key, rejected(reason)));
-                                } else if let Some(o) = a.claimed.iter().find(|o| o.meta == t.meta) {
-                                    a.received.push(OutputInfo {
+                                    ended.push((key, rejected(reason)));
+                                } else if let Some(o) = a.claimed.iter().find(|o| o.meta == meta) {
+                                    let info = OutputInfo {
                                         name: o.name.clone(),
                                         path: o.meta.path.clone(),
                                         nar_hash: o.meta.nar_hash.clone(),
                                         nar_size: o.meta.nar_size,
                                         references: o.meta.references.clone(),
                                         signature: o.signature.clone(),
-                                    });
+                                    };
+                                    a.received.push((info, staged));
                                     if a.received.len() == a.claimed.len() {
-                                        let outputs = std::mem::take(&mut a.received);
-                                        ended.push((t.key, AttemptResult::Success { outputs }));
+                                        let received = std::mem::take(&mut a.received);
+                                        let result = self.publish(&a.job, &a.system, received).await;
+                                        ended.push((key, result));
                                     }
                                 }
                             }
@@ -333,6 +396,45 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// Publish a build's verified outputs in the cache (on a blocking thread); the attempt
+    /// succeeds only once they are stored.
+    async fn publish(&self, job: &Job, system: &str, received: Vec<(OutputInfo, Option<StagedNar>)>) -> AttemptResult {
+        let outputs: Vec<OutputInfo> = received.iter().map(|(o, _)| o.clone()).collect();
+        let Some(cache) = self.cache.clone() else { return AttemptResult::Success { outputs } };
+        let mut staged = Vec::new();
+        for (o, s) in received {
+            let Some(s) = s else { continue };
+            let (Ok(nar_hash), Ok(sig)) = (Hash::parse(&o.nar_hash), Signature::parse(&o.signature)) else {
+                return rejected(format!("output {}: unreadable hash or signature", o.name));
+            };
+            let out = cache::Output {
+                path: o.path,
+                nar_hash,
+                nar_size: o.nar_size,
+                references: o.references,
+                deriver: Some(job.drv_path.clone()),
+                system: Some(system.to_owned()),
+                host_signature: Some(sig),
+            };
+            staged.push((out, s));
+        }
+        if staged.is_empty() {
+            return AttemptResult::Success { outputs };
+        }
+        match tokio::task::spawn_blocking(move || cache.publish(staged)).await {
+            Ok(Ok(published)) => {
+                tracing::debug!(machine = %self.name, "published {}", published.join(" "));
+                AttemptResult::Success { outputs }
+            }
+            Ok(Err(e)) => AttemptResult::Retry {
+                status: "store_failure".into(),
+                reason: format!("could not publish the outputs: {e}"),
+                count: true,
+            },
+            Err(e) => AttemptResult::Retry { status: "store_failure".into(), reason: e.to_string(), count: true },
         }
     }
 

@@ -52,6 +52,30 @@ pub struct Config {
     pub ssh_keepalive: Duration,
     /// How often agents are asked for their load.
     pub ping_interval: Duration,
+    /// The binary cache: NAR compression, the store dir it serves, and the key narinfos are
+    /// signed with (default `<state>/keys/cache.secret`, created on first start).
+    pub compression: crate::cache::Compression,
+    pub cache_store_dir: String,
+    pub cache_key: Option<PathBuf>,
+}
+
+/// The cache's signing key: the one given, or `<state>/keys/cache.secret`, created (with
+/// `cache.public` beside it) on first start.
+pub fn cache_key(config: &Config) -> anyhow::Result<crate::formats::signing::SecretKey> {
+    if let Some(path) = &config.cache_key {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        return crate::formats::signing::SecretKey::parse(&text)
+            .with_context(|| format!("{}: not a secret key", path.display()));
+    }
+    let keys = config.state_dir.join("keys");
+    let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+    let key = crate::agent::load_or_create_key(&keys.join("cache.secret"), &format!("{host}-gbc-1"))?;
+    let public = keys.join("cache.public");
+    let line = format!("{}\n", key.public());
+    if std::fs::read_to_string(&public).ok().as_deref() != Some(line.as_str()) {
+        crate::store::write_atomically(&public, line.as_bytes())?;
+    }
+    Ok(key)
 }
 
 /// A machine the coordinator allocates to.
@@ -157,6 +181,7 @@ struct Core {
     machines: Vec<MachineState>,
     /// Cloned into each new driver.
     drivers: mpsc::UnboundedSender<DriverEvent>,
+    cache: Arc<crate::cache::Cache>,
     events: broadcast::Sender<Event>,
     stopping: Option<Instant>,
     stats: Stats,
@@ -175,6 +200,12 @@ pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<(
         tracing::info!("{} builds that were running when the coordinator stopped are queued again", interrupted.len());
     }
     let listener = server::bind(&config.socket)?;
+    let store_dir = crate::formats::store_path::StoreDir::new(&config.cache_store_dir)
+        .with_context(|| format!("cache store dir {}", config.cache_store_dir))?;
+    let cache = Arc::new(
+        crate::cache::Cache::open(&config.state_dir.join("cache"), store_dir, cache_key(&config)?, config.compression)
+            .context("opening the binary cache")?,
+    );
 
     let (events, _) = broadcast::channel(16 * 1024);
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(1024);
@@ -186,6 +217,7 @@ pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<(
         known: HashMap::new(),
         machines: Vec::new(),
         drivers: drv_tx,
+        cache,
         events: events.clone(),
         stopping: None,
         stats: Stats::default(),
@@ -456,6 +488,7 @@ impl Core {
             transport: spec.transport.clone(),
             state_dir: self.config.state_dir.clone(),
             trusted: spec.trusted.clone(),
+            cache: Some(self.cache.clone()),
             backoff: spec.backoff,
             ping: self.config.ping_interval,
             timeout_secs: self.config.timeout_secs,

@@ -1,0 +1,416 @@
+//! The binary cache: every verified output stored once, as a compressed NAR with a signed narinfo,
+//! in the standard layout Nix and Guix clients read (`nix-cache-info`, `<hashpart>.narinfo`,
+//! `nar/<filehash>.nar[.zst|.xz]`).
+//!
+//! Writes are atomic: a NAR is compressed into `.tmp/` while it arrives ([`NarWriter`]), synced,
+//! and renamed into `nar/` under the name of its compressed file's hash; a narinfo is written to a
+//! temporary file and renamed. A narinfo appears only once the narinfos of all its references
+//! exist (Nix's closure invariant): the outputs of one build are published together, and an output
+//! whose other references are missing waits in `.pending/` until they arrive.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::formats::hash::{Hash, HashSink};
+use crate::formats::narinfo::NarInfo;
+use crate::formats::signing::{SecretKey, Signature};
+use crate::formats::store_path::{StoreDir, StorePath};
+use crate::store::write_atomically;
+
+/// How NARs are compressed in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    /// zstd at level 3, as `zstd -3`.
+    Zstd,
+}
+
+impl Compression {
+    pub fn parse(s: &str) -> Result<Compression, String> {
+        match s {
+            "none" => Ok(Compression::None),
+            "zstd" => Ok(Compression::Zstd),
+            other => Err(format!("unknown compression {other:?}: use zstd or none")),
+        }
+    }
+
+    /// The narinfo's `Compression:` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            Compression::None => ".nar",
+            Compression::Zstd => ".nar.zst",
+        }
+    }
+}
+
+/// One path to publish: what the build host said about it, checked.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub path: String,
+    pub nar_hash: Hash,
+    pub nar_size: u64,
+    pub references: Vec<String>,
+    pub deriver: Option<String>,
+    pub system: Option<String>,
+    /// The building host's signature, kept beside the cache's own.
+    pub host_signature: Option<Signature>,
+}
+
+/// A cache directory and the key it signs with.
+pub struct Cache {
+    root: PathBuf,
+    store_dir: StoreDir,
+    key: SecretKey,
+    compression: Compression,
+}
+
+impl Cache {
+    /// Open (creating) the cache at `root`: its directories, a `nix-cache-info` for `store_dir`,
+    /// and an empty `.tmp/` (what a crash left there is dropped).
+    pub fn open(root: &Path, store_dir: StoreDir, key: SecretKey, compression: Compression) -> io::Result<Cache> {
+        for d in ["nar", ".tmp", ".pending"] {
+            fs::create_dir_all(root.join(d)).map_err(|e| at(e, &root.join(d)))?;
+        }
+        for entry in fs::read_dir(root.join(".tmp"))? {
+            let _ = fs::remove_file(entry?.path());
+        }
+        let info = format!("StoreDir: {}\nWantMassQuery: 1\nPriority: 40\n", store_dir.as_str());
+        let path = root.join("nix-cache-info");
+        if fs::read_to_string(&path).ok().as_deref() != Some(info.as_str()) {
+            write_atomically(&path, info.as_bytes())?;
+        }
+        Ok(Cache { root: root.to_owned(), store_dir, key, compression })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.store_dir
+    }
+
+    pub fn key(&self) -> &SecretKey {
+        &self.key
+    }
+
+    fn narinfo_path(&self, path: &StorePath) -> PathBuf {
+        self.root.join(format!("{}.narinfo", path.hash_part()))
+    }
+
+    /// Whether the cache has this store path (its narinfo is published).
+    pub fn has(&self, path: &str) -> bool {
+        self.store_dir.parse_path(path).is_ok_and(|p| self.narinfo_path(&p).exists())
+    }
+
+    /// Start receiving a NAR: compressed to a temporary file as it is written.
+    pub fn begin(&self) -> io::Result<NarWriter> {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
+        let tmp = self.root.join(".tmp").join(format!("{}.nar", hex(&r)));
+        let file = File::create(&tmp).map_err(|e| at(e, &tmp))?;
+        let sink = FileSink { file: io::BufWriter::with_capacity(256 * 1024, file), hash: HashSink::new() };
+        let inner = match self.compression {
+            Compression::None => Inner::Plain(sink),
+            Compression::Zstd => Inner::Zstd(zstd::stream::write::Encoder::new(sink, 3)?),
+        };
+        Ok(NarWriter { inner: Some(inner), nar: HashSink::new(), tmp: Some(tmp), compression: self.compression })
+    }
+
+    /// Publish the outputs of one build: each NAR renamed into `nar/`, then the narinfos, each
+    /// once all its references are in the cache or among these outputs; the others wait in
+    /// `.pending/`. Returns the paths published now (these, and any that were waiting for them).
+    pub fn publish(&self, outputs: Vec<(Output, StagedNar)>) -> io::Result<Vec<String>> {
+        let mut infos = Vec::new();
+        for (out, staged) in outputs {
+            if out.nar_hash != staged.nar_hash || out.nar_size != staged.nar_size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: the NAR received is not the one described", out.path),
+                ));
+            }
+            infos.push(self.store_nar(&out, staged)?);
+        }
+        let here: BTreeSet<String> = infos.iter().map(|i| i.store_path.as_str().to_owned()).collect();
+        let (ready, waiting): (Vec<NarInfo>, Vec<NarInfo>) =
+            infos.into_iter().partition(|i| self.references_present(i, &here));
+        for info in &waiting {
+            write_atomically(
+                &self.root.join(".pending").join(format!("{}.narinfo", info.store_path.hash_part())),
+                info.to_string().as_bytes(),
+            )?;
+        }
+        let mut published = Vec::new();
+        for info in &ready {
+            write_atomically(&self.narinfo_path(&info.store_path), info.to_string().as_bytes())?;
+            published.push(self.store_dir.display(&info.store_path));
+        }
+        if !ready.is_empty() {
+            published.extend(self.release_pending()?);
+        }
+        Ok(published)
+    }
+
+    fn references_present(&self, info: &NarInfo, alongside: &BTreeSet<String>) -> bool {
+        info.references
+            .iter()
+            .all(|r| r == &info.store_path || alongside.contains(r.as_str()) || self.narinfo_path(r).exists())
+    }
+
+    /// Publish the waiting narinfos whose references have all arrived, until none moves.
+    fn release_pending(&self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        loop {
+            let mut moved = false;
+            for entry in fs::read_dir(self.root.join(".pending"))? {
+                let entry = entry?;
+                let Ok(text) = fs::read_to_string(entry.path()) else { continue };
+                let Ok(info) = NarInfo::parse(&text) else { continue };
+                if self.references_present(&info, &BTreeSet::new()) {
+                    fs::rename(entry.path(), self.narinfo_path(&info.store_path))?;
+                    out.push(self.store_dir.display(&info.store_path));
+                    moved = true;
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        if !out.is_empty() {
+            File::open(&self.root)?.sync_all()?;
+        }
+        Ok(out)
+    }
+
+    /// Move a staged NAR into `nar/` and describe it.
+    fn store_nar(&self, out: &Output, mut staged: StagedNar) -> io::Result<NarInfo> {
+        let path = self.store_dir.parse_path(&out.path).map_err(|e| invalid(e.to_string()))?;
+        let name = format!("{}{}", staged.file_hash.to_nix32(), self.compression.extension());
+        let dest = self.root.join("nar").join(&name);
+        let tmp = staged.tmp.take().ok_or_else(|| invalid("NAR already published".into()))?;
+        if dest.exists() {
+            // The same compressed bytes (its name is their hash): keep the one there.
+            let _ = fs::remove_file(&tmp);
+        } else {
+            fs::rename(&tmp, &dest).map_err(|e| at(e, &dest))?;
+            File::open(self.root.join("nar"))?.sync_all()?;
+        }
+        let parse = |p: &str| self.store_dir.parse_path(p).map_err(|e| invalid(format!("{p}: {e}")));
+        let mut references = out.references.iter().map(|r| parse(r)).collect::<io::Result<Vec<_>>>()?;
+        references.sort();
+        let mut info = NarInfo {
+            store_dir: self.store_dir.clone(),
+            store_path: path,
+            url: format!("nar/{name}"),
+            compression: Some(self.compression.name().to_owned()),
+            file_hash: Some(staged.file_hash.clone()),
+            file_size: Some(staged.file_size),
+            nar_hash: out.nar_hash.clone(),
+            nar_size: out.nar_size,
+            references,
+            deriver: out.deriver.as_deref().map(parse).transpose()?,
+            system: out.system.clone(),
+            sigs: out.host_signature.iter().cloned().collect(),
+            ca: None,
+            extra: Vec::new(),
+        };
+        info.sign(&self.key).map_err(|e| invalid(e.to_string()))?;
+        Ok(info)
+    }
+}
+
+struct FileSink {
+    file: io::BufWriter<File>,
+    hash: HashSink,
+}
+
+impl Write for FileSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hash.write_all(&buf[..n])?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+enum Inner {
+    Plain(FileSink),
+    Zstd(zstd::stream::write::Encoder<'static, FileSink>),
+}
+
+/// A NAR being received into the cache: hashed as it is, and compressed to a temporary file.
+pub struct NarWriter {
+    inner: Option<Inner>,
+    nar: HashSink,
+    tmp: Option<PathBuf>,
+    compression: Compression,
+}
+
+impl Write for NarWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = match &mut self.inner {
+            Some(Inner::Plain(s)) => s.write(buf)?,
+            Some(Inner::Zstd(z)) => z.write(buf)?,
+            None => return Err(io::Error::other("NAR writer finished")),
+        };
+        self.nar.write_all(&buf[..n])?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl NarWriter {
+    /// End the NAR: the compressed file complete and synced, its hashes known.
+    pub fn finish(mut self) -> io::Result<StagedNar> {
+        let sink = match self.inner.take() {
+            Some(Inner::Plain(s)) => s,
+            Some(Inner::Zstd(z)) => z.finish()?,
+            None => return Err(io::Error::other("NAR writer finished")),
+        };
+        let FileSink { file, hash } = sink;
+        let file = file.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        let (file_hash, file_size) = hash.finish();
+        let (nar_hash, nar_size) = std::mem::take(&mut self.nar).finish();
+        let _ = self.compression;
+        Ok(StagedNar { tmp: self.tmp.take(), nar_hash, nar_size, file_hash, file_size })
+    }
+}
+
+impl Drop for NarWriter {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
+/// A received NAR, compressed, waiting to be published or dropped (dropping deletes it).
+#[derive(Debug)]
+pub struct StagedNar {
+    tmp: Option<PathBuf>,
+    pub nar_hash: Hash,
+    pub nar_size: u64,
+    pub file_hash: Hash,
+    pub file_size: u64,
+}
+
+impl Drop for StagedNar {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+fn at(e: io::Error, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::nar::writer;
+    use crate::formats::signing::TrustedKeys;
+
+    fn cache(dir: &Path, compression: Compression) -> Cache {
+        let key = SecretKey::generate("test-cache-1").unwrap_or_else(|e| unreachable!("{e}"));
+        let sd = StoreDir::new("/nix/store").unwrap_or_else(|e| unreachable!("{e}"));
+        Cache::open(dir, sd, key, compression).unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    /// A NAR of one file, staged in the cache, and its description.
+    fn stage(c: &Cache, path: &str, contents: &[u8], references: &[&str]) -> (Output, StagedNar) {
+        let mut nar = Vec::new();
+        writer::begin(&mut nar)
+            .and_then(|n| n.regular(false, contents.len() as u64, contents))
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let mut w = c.begin().unwrap_or_else(|e| unreachable!("{e}"));
+        w.write_all(&nar).unwrap_or_else(|e| unreachable!("{e}"));
+        let staged = w.finish().unwrap_or_else(|e| unreachable!("{e}"));
+        let out = Output {
+            path: path.to_owned(),
+            nar_hash: staged.nar_hash.clone(),
+            nar_size: staged.nar_size,
+            references: references.iter().map(|r| (*r).to_owned()).collect(),
+            deriver: None,
+            system: Some("x86_64-linux".into()),
+            host_signature: None,
+        };
+        (out, staged)
+    }
+
+    const A: &str = "/nix/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a";
+    const B: &str = "/nix/store/5g0nzi9sd5gk6n8bsmwnmmq5d4y0qqqs-b";
+    const C: &str = "/nix/store/7l1x3zy3rw8k4j0i0q6pk2p2x7avq0jj-c";
+
+    #[test]
+    fn a_narinfo_waits_for_its_references() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let c = cache(dir.path(), Compression::Zstd);
+        // b refers to a, which is not in the cache yet: b waits.
+        let b = stage(&c, B, b"b", &[A, B]);
+        assert_eq!(c.publish(vec![b]).unwrap_or_else(|e| unreachable!("{e}")), Vec::<String>::new());
+        assert!(!c.has(B));
+        // c and a arrive together (a build's outputs may refer to each other): both, then b.
+        let a = stage(&c, A, b"a", &[C]);
+        let cc = stage(&c, C, b"c", &[A]);
+        let mut published = c.publish(vec![a, cc]).unwrap_or_else(|e| unreachable!("{e}"));
+        published.sort();
+        let mut want = vec![A, B, C];
+        want.sort_unstable();
+        assert_eq!(published, want);
+        assert!(c.has(A) && c.has(B) && c.has(C));
+        assert_eq!(fs::read_dir(dir.path().join(".pending")).map(|d| d.count()).unwrap_or(1), 0);
+        assert_eq!(fs::read_dir(dir.path().join(".tmp")).map(|d| d.count()).unwrap_or(1), 0);
+
+        // Each narinfo is signed by the cache's key and names its compressed NAR by its hash.
+        let text = fs::read_to_string(dir.path().join("5g0nzi9sd5gk6n8bsmwnmmq5d4y0qqqs.narinfo")).unwrap_or_default();
+        let info = NarInfo::parse(&text).unwrap_or_else(|e| unreachable!("{e}"));
+        let trusted = TrustedKeys::new(vec![c.key().public()]);
+        assert!(info.verify(&trusted).ok().flatten().is_some());
+        let file = fs::read(dir.path().join(&info.url)).unwrap_or_default();
+        assert_eq!(Some(Hash::sha256(crate::formats::hash::sha256(&file))), info.file_hash);
+        assert_eq!(zstd::decode_all(&file[..]).map(|n| n.len() as u64).ok(), Some(info.nar_size));
+    }
+
+    #[test]
+    fn a_nar_that_is_not_the_one_described_is_not_published_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let c = cache(dir.path(), Compression::None);
+        let (mut out, staged) = stage(&c, A, b"a", &[]);
+        out.nar_size += 1;
+        assert!(c.publish(vec![(out, staged)]).is_err());
+        assert!(!c.has(A));
+        assert_eq!(fs::read_dir(dir.path().join(".tmp")).map(|d| d.count()).unwrap_or(1), 0);
+        assert_eq!(fs::read_dir(dir.path().join("nar")).map(|d| d.count()).unwrap_or(1), 0);
+        // A writer dropped half-way leaves nothing either.
+        let mut w = c.begin().unwrap_or_else(|e| unreachable!("{e}"));
+        w.write_all(b"partial").unwrap_or_else(|e| unreachable!("{e}"));
+        drop(w);
+        assert_eq!(fs::read_dir(dir.path().join(".tmp")).map(|d| d.count()).unwrap_or(1), 0);
+    }
+}
