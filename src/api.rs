@@ -228,6 +228,9 @@ pub struct Stats {
     pub running: u64,
     pub allocations: u64,
     pub retries: u64,
+    /// NAR bytes of the outputs accepted.
+    #[serde(default)]
+    pub bytes_received: u64,
     /// Allocation time per build over the last allocations (choosing it and recording the attempt),
     /// microseconds.
     pub alloc_p50_us: u64,

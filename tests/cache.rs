@@ -81,3 +81,95 @@ fn nix_copies_what_the_coordinator_built_and_only_with_its_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One HTTP/1.1 request over a fresh connection; the status line, headers and body.
+fn http(port: u16, method: &str, path: &str, extra: &str) -> (String, String, Vec<u8>) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n").unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&all[..end]).into_owned();
+    let (status, headers) = head.split_once("\r\n").unwrap_or((&head, ""));
+    (status.to_owned(), headers.to_ascii_lowercase(), all[end + 4..].to_vec())
+}
+
+#[test]
+fn the_cache_over_http_serves_nix_and_prometheus() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let c = Coordinator::start(&["--local-builds", "2", "--http", &addr]);
+    let drvs = common::instantiate("tests/nix/queue.nix", None, &["top", "broken"], &salt());
+    let out = run(&mut c.gbc(&["build", &drvs[0].1]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let top = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let _ = run(&mut c.gbc(&["build", &drvs[1].1]));
+    let key = run_ok_str(&mut c.gbc(&["cache", "public-key"])).trim().to_owned();
+
+    // Nix substitutes from it over HTTP.
+    let dir = common::tempdir();
+    let mut copy = nix("nix");
+    copy.args(["copy", "--from", &format!("http://{addr}"), "--to"]).arg(dir.path().join("fresh")).args([
+        "--option",
+        "trusted-public-keys",
+        &key,
+        &top,
+    ]);
+    let out = run(&mut copy);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let (status, headers, body) = http(port, "GET", "/nix-cache-info", "");
+    assert!(status.contains("200") && headers.contains("content-type: text/x-nix-cache-info"), "{status} {headers}");
+    assert!(String::from_utf8_lossy(&body).contains("StoreDir: /nix/store"));
+    let hash = &top["/nix/store/".len()..][..32];
+    let (status, headers, body) = http(port, "GET", &format!("/{hash}.narinfo"), "");
+    assert!(status.contains("200") && headers.contains("content-type: text/x-nix-narinfo"), "{status} {headers}");
+    let info = NarInfo::parse(&String::from_utf8_lossy(&body)).unwrap();
+    let nar_url = format!("/{}", info.url);
+    let size = info.file_size.unwrap();
+    // HEAD: the length, no body; a range: just those bytes.
+    let (status, headers, body) = http(port, "HEAD", &nar_url, "");
+    assert!(
+        status.contains("200") && headers.contains(&format!("content-length: {size}")) && body.is_empty(),
+        "{headers}"
+    );
+    assert!(headers.contains("accept-ranges: bytes"), "{headers}");
+    let whole = std::fs::read(c.state.join("cache").join(&info.url)).unwrap();
+    let (status, headers, body) = http(port, "GET", &nar_url, "Range: bytes=4-9\r\n");
+    assert!(status.contains("206") && headers.contains("content-range: bytes 4-9/"), "{status} {headers}");
+    assert_eq!(body, whole[4..10]);
+
+    // Errors say nothing of files or the OS.
+    for path in [
+        "/0000000000000000000000000000000z.narinfo",
+        "/nar/00000000000000000000000000000000000000000000000000zz.nar.zst",
+        "/../keys/cache.secret",
+        "/nar/..%2f..%2fkeys%2fcache.secret",
+        "/keys/cache.secret",
+        "/gbc.sqlite",
+    ] {
+        let (status, _, body) = http(port, "GET", path, "");
+        assert!(status.contains("404"), "{path}: {status}");
+        let body = String::from_utf8_lossy(&body);
+        assert!(!body.contains('/') && !body.contains("os error") && !body.contains("No such"), "{path}: {body}");
+    }
+
+    // Metrics in Prometheus' text format, and the status page.
+    let (status, headers, body) = http(port, "GET", "/metrics", "");
+    let text = String::from_utf8_lossy(&body);
+    // OpenMetrics, the text format Prometheus asks for first.
+    assert!(status.contains("200") && headers.contains("application/openmetrics-text"), "{headers}");
+    assert!(text.contains("gbc_builds{state=\"succeeded\"} 4"), "{text}");
+    assert!(text.contains("gbc_builds{state=\"failed\"} 1"), "{text}");
+    assert!(text.contains("gbc_machine_up{machine=\"localhost\"} 1"), "{text}");
+    assert!(text.contains("gbc_machine_running_builds{machine=\"localhost\"} 0"), "{text}");
+    assert!(text.contains("gbc_allocations_total 5"), "{text}");
+    assert!(text.contains("gbc_received_bytes_total "), "{text}");
+    assert!(text.contains("gbc_oldest_queued_age_seconds 0"), "{text}");
+    let (status, _, body) = http(port, "GET", "/", "");
+    let page = String::from_utf8_lossy(&body);
+    assert!(status.contains("200") && page.contains("<td>localhost</td><td>up</td>"), "{page}");
+    assert!(page.contains("-top.drv</td><td>succeeded</td>"), "{page}");
+    assert!(page.contains("-broken.drv</td><td>failed: builder exited with status 1</td>"), "{page}");
+}

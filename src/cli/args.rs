@@ -313,6 +313,10 @@ pub struct CoordinatorOpts {
     /// first start with cache.public beside it).
     #[arg(long, value_name = "FILE")]
     pub signing_key: Option<PathBuf>,
+    /// Serve the binary cache, Prometheus metrics (/metrics) and a status page (/) over HTTP at
+    /// this address, e.g. 0.0.0.0:8080.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// What `submit` and `build` queue, and how.

@@ -52,6 +52,7 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
         compression,
         cache_store_dir: opts.cache_store_dir,
         cache_key: opts.signing_key,
+        http: opts.http,
     };
     let mut machines = Vec::new();
     match &file {

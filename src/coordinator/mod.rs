@@ -5,6 +5,7 @@
 //! one driver (`machine`) per machine talks to its agent. They talk through channels; the
 //! database is the truth, so a crash at any point loses nothing (see ARCHITECTURE.md).
 
+mod http;
 pub mod logs;
 pub mod machine;
 pub mod probe;
@@ -57,6 +58,8 @@ pub struct Config {
     pub compression: crate::cache::Compression,
     pub cache_store_dir: String,
     pub cache_key: Option<PathBuf>,
+    /// Where to serve the cache, metrics and a status page over HTTP.
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// The cache's signing key: the one given, or `<state>/keys/cache.secret`, created (with
@@ -237,6 +240,15 @@ pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<(
         Some(path) => Some(watch_machines(path.clone(), config.clone(), cmd_tx.clone())?),
         None => None,
     };
+    let http_task = match config.http {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--http {addr}"))?;
+            tracing::info!("serving the cache and metrics on http://{}", listener.local_addr().unwrap_or(addr));
+            let h = http::Http { cache: config.state_dir.join("cache"), db: db.clone(), commands: cmd_tx.clone() };
+            Some(tokio::spawn(http::serve(Arc::new(h), listener)))
+        }
+        None => None,
+    };
     let srv = server::Server { db, commands: cmd_tx.clone(), events, state_dir: config.state_dir.clone() };
     let server_task = tokio::spawn(server::serve(Arc::new(srv), listener));
     let signals = tokio::spawn(async move {
@@ -247,6 +259,9 @@ pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<(
     let result = core.run(cmd_rx, drv_rx).await;
     server_task.abort();
     signals.abort();
+    if let Some(t) = http_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&core.config.socket);
     result
 }
@@ -565,6 +580,7 @@ impl Core {
         } else {
             match result {
                 AttemptResult::Success { outputs } => {
+                    self.stats.bytes_received += outputs.iter().map(|o| o.nar_size).sum::<u64>();
                     self.queue.succeeded(build);
                     events.push((build, BuildState::Succeeded, None, false));
                     ("success".to_owned(), None, outputs, BuildChange::Succeed)

@@ -353,6 +353,25 @@ impl Db {
         self.read(move |conn| list(conn, &filter)).await
     }
 
+    /// How many builds are in each state (for metrics), and when the oldest queued one was
+    /// created.
+    pub async fn census(&self) -> anyhow::Result<(Vec<(BuildState, u64)>, Option<i64>)> {
+        self.read(|conn| {
+            let mut counts = Vec::new();
+            for state in BuildState::ALL {
+                let n: i64 = conn
+                    .prepare_cached("SELECT count(*) FROM builds WHERE state = ?1")?
+                    .query_row([state.as_str()], |r| r.get(0))?;
+                counts.push((state, n as u64));
+            }
+            let oldest: Option<i64> = conn
+                .prepare_cached("SELECT min(created_at) FROM builds WHERE state = 'queued'")?
+                .query_row([], |r| r.get(0))?;
+            Ok((counts, oldest))
+        })
+        .await
+    }
+
     pub async fn show(&self, uuid: &str) -> anyhow::Result<Option<BuildDetail>> {
         let uuid = uuid.to_owned();
         self.read(move |conn| show(conn, &uuid)).await
