@@ -160,6 +160,66 @@ impl Cache {
         Ok(published)
     }
 
+    /// The published narinfo of a store path, if any.
+    pub fn narinfo(&self, path: &str) -> io::Result<Option<NarInfo>> {
+        let Ok(p) = self.store_dir.parse_path(path) else { return Ok(None) };
+        let file = self.narinfo_path(&p);
+        match fs::read_to_string(&file) {
+            Ok(text) => NarInfo::parse(&text).map(Some).map_err(|e| invalid(format!("{}: {e}", file.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(at(e, &file)),
+        }
+    }
+
+    /// The narinfos of `paths` and of everything they refer to, references first; and the paths
+    /// of that closure the cache lacks.
+    pub fn closure(&self, paths: &[String]) -> io::Result<(Vec<NarInfo>, Vec<String>)> {
+        let mut seen = BTreeSet::new();
+        let mut found = Vec::new();
+        let mut missing = Vec::new();
+        // Depth-first, emitting a path after its references (iteratively: closures can be deep).
+        let mut stack: Vec<(String, bool)> = paths.iter().rev().map(|p| (p.clone(), false)).collect();
+        let mut infos = std::collections::BTreeMap::new();
+        while let Some((path, expanded)) = stack.pop() {
+            if expanded {
+                if let Some(info) = infos.remove(&path) {
+                    found.push(info);
+                }
+                continue;
+            }
+            if !seen.insert(path.clone()) {
+                continue;
+            }
+            match self.narinfo(&path)? {
+                None => missing.push(path),
+                Some(info) => {
+                    stack.push((path.clone(), true));
+                    for r in info.references.iter().rev() {
+                        let r = self.store_dir.display(r);
+                        if r != path && !seen.contains(&r) {
+                            stack.push((r, false));
+                        }
+                    }
+                    infos.insert(path, info);
+                }
+            }
+        }
+        Ok((found, missing))
+    }
+
+    /// The NAR of a published path, decompressed as it is read.
+    pub fn open_nar(&self, info: &NarInfo) -> io::Result<Box<dyn io::Read + Send>> {
+        let name = info.url.strip_prefix("nar/").filter(|n| !n.contains('/') && !n.starts_with('.'));
+        let Some(name) = name else { return Err(invalid(format!("narinfo URL {:?} is not in nar/", info.url))) };
+        let file = self.root.join("nar").join(name);
+        let f = io::BufReader::with_capacity(256 * 1024, File::open(&file).map_err(|e| at(e, &file))?);
+        Ok(match info.compression.as_deref() {
+            None | Some("none") => Box::new(f),
+            Some("zstd") => Box::new(zstd::stream::read::Decoder::with_buffer(f)?),
+            Some(other) => return Err(invalid(format!("{}: compression {other} is not supported", file.display()))),
+        })
+    }
+
     fn references_present(&self, info: &NarInfo, alongside: &BTreeSet<String>) -> bool {
         info.references
             .iter()

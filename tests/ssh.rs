@@ -662,3 +662,66 @@ fn full_or_disabled_hosts_get_no_builds_and_known_hosts_files_pin_keys() {
         stdout(&out)
     );
 }
+
+#[test]
+fn a_chain_across_three_hosts_gets_its_inputs_from_the_coordinator() {
+    let dir = common::tempdir();
+    let client = client_key(dir.path(), "client");
+    let hosts: Vec<Host> = ["alpha", "beta", "gamma"].iter().map(|n| Host::start(dir.path(), n, &client)).collect();
+    let file = dir.path().join("machines.ron");
+    std::fs::write(
+        &file,
+        machines_file(&[
+            hosts[0].entry(
+                &client,
+                &format!("systems: [\"x86_64-linux\"], {}", hosts[0].agent_args(&["x86_64-linux"], &[])),
+            ),
+            hosts[1]
+                .entry(&client, &format!("systems: [\"i686-linux\"], {}", hosts[1].agent_args(&["i686-linux"], &[]))),
+            hosts[2].entry(
+                &client,
+                &format!(
+                    "systems: [\"x86_64-linux\"], features: [\"big\"], mandatory_features: [\"big\"], {}",
+                    hosts[2].agent_args(&["x86_64-linux"], &["big"])
+                ),
+            ),
+        ]),
+    )
+    .unwrap();
+    let c = Coordinator::start(&["--machines", file.to_str().unwrap()]);
+    wait_up(&c, &["alpha", "beta", "gamma"]);
+    let drvs = instantiate(&["chainA", "chainB", "chainC"], &salt(), &[]);
+    let out = run(&mut c.gbc(&["build", &drvs[2]]));
+    assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
+
+    let mut on = BTreeMap::new();
+    for b in builds(&c) {
+        let d = show(&c, b["uuid"].as_str().unwrap());
+        let attempts = d["attempt_list"].as_array().unwrap();
+        assert_eq!(attempts.len(), 1, "every step built at its first attempt: {d}");
+        on.insert(drv_name(d["drv"].as_str().unwrap()).to_owned(), d);
+    }
+    let machine = |n: &str| on[n]["attempt_list"][0]["machine"].as_str().unwrap().to_owned();
+    assert_eq!(
+        (machine("chain-a"), machine("chain-b"), machine("chain-c")),
+        ("alpha".into(), "beta".into(), "gamma".into())
+    );
+    // beta and gamma got their inputs from the coordinator: they are in their stores now.
+    let a_out = on["chain-a"]["outputs"]["out"].as_str().unwrap().to_owned();
+    let b_out = on["chain-b"]["outputs"]["out"].as_str().unwrap().to_owned();
+    let in_store = |h: &Host, p: &str| h.agent_dir.join("agent/store").join(&p["/nix/store/".len()..]).exists();
+    assert!(in_store(&hosts[1], &a_out) && in_store(&hosts[2], &b_out), "inputs were not sent");
+    assert!(!in_store(&hosts[2], &a_out), "only the closure of the inputs is sent");
+
+    // The same NarHashes as Nix's own realisation.
+    run_ok_str(
+        nix("nix-store")
+            .args(["--realise", "--option", "extra-platforms", "i686-linux", "--option", "system-features", "big"])
+            .args(&drvs),
+    );
+    for d in on.values() {
+        let o = &d["attempt_list"][0]["outputs"][0];
+        let nix_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", o["path"].as_str().unwrap()]));
+        assert_eq!(o["nar_hash"].as_str().unwrap(), nix_hash.trim(), "{d}");
+    }
+}

@@ -24,7 +24,7 @@ use crate::formats::hash::Hash;
 use crate::formats::hash::HashSink;
 use crate::formats::narinfo;
 use crate::formats::signing::{PublicKey, Signature};
-use crate::protocol::{BuildStatus, BuiltOutput, Frame, HostFacts, Message, PathMeta};
+use crate::protocol::{BuildStatus, BuiltOutput, Frame, HostFacts, Message, NAR_CHUNK, PathMeta};
 
 /// Core → driver.
 #[derive(Debug)]
@@ -90,6 +90,8 @@ struct Active {
     received: Vec<(OutputInfo, Option<StagedNar>)>,
     /// The derivation's system, for the narinfos.
     system: String,
+    /// Inputs sent to the agent that it has not yet added.
+    awaiting_inputs: usize,
 }
 
 /// A NAR arriving: its chunks go to a thread that hashes them and stages them in the cache.
@@ -105,6 +107,61 @@ struct Received {
     nar_hash: String,
     nar_size: u64,
     staged: Option<StagedNar>,
+}
+
+/// Send a path from the cache to the agent as transfer `transfer`, on a thread of its own (it reads
+/// and decompresses). Should the NAR be unreadable, what arrives does not match its hash, and the
+/// agent says so.
+fn send_input(cache: Arc<Cache>, info: crate::formats::narinfo::NarInfo, transfer: u64, tx: mpsc::Sender<Frame>) {
+    std::thread::spawn(move || {
+        let sd = cache.store_dir();
+        let meta = PathMeta {
+            path: sd.display(&info.store_path),
+            nar_hash: format!("sha256:{}", info.nar_hash.to_nix32()),
+            nar_size: info.nar_size,
+            references: info.references.iter().map(|r| sd.display(r)).collect(),
+            deriver: info.deriver.as_ref().map(|d| sd.display(d)),
+        };
+        if tx.blocking_send(Frame::new(Message::NarStart { transfer, build: None, meta })).is_err() {
+            return;
+        }
+        match cache.open_nar(&info) {
+            Ok(mut nar) => loop {
+                let mut chunk = vec![0u8; NAR_CHUNK];
+                let n = match read_full(&mut nar, &mut chunk) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::error!("reading {} from the cache: {e}", info.url);
+                        break;
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                chunk.truncate(n);
+                let frame = Frame { message: Message::NarChunk { transfer, payload: n as u64 }, payload: chunk };
+                if tx.blocking_send(frame).is_err() {
+                    return;
+                }
+            },
+            Err(e) => tracing::error!("reading {} from the cache: {e}", info.url),
+        }
+        let _ = tx.blocking_send(Frame::new(Message::NarEnd { transfer }));
+    });
+}
+
+/// Fill `buf` as far as the reader goes.
+fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Start a thread that hashes a NAR's chunks and, when there is a cache for its store dir,
@@ -234,6 +291,9 @@ impl Driver {
         let mut active: HashMap<String, Active> = HashMap::new();
         let mut by_build: HashMap<BuildId, String> = HashMap::new();
         let mut transfers: HashMap<u64, Transfer> = HashMap::new();
+        // Inputs being sent to the agent: transfer → (build key, path).
+        let mut uploads: HashMap<u64, (String, String)> = HashMap::new();
+        let mut next_upload: u64 = 0;
         let mut ping = tokio::time::interval(self.ping);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.reset();
@@ -268,7 +328,7 @@ impl Driver {
                             cores: None,
                         };
                         by_build.insert(job.build, key.clone());
-                        active.insert(key, Active { job: *job, log, expected, claimed: Vec::new(), received: Vec::new(), system });
+                        active.insert(key, Active { job: *job, log, expected, claimed: Vec::new(), received: Vec::new(), system, awaiting_inputs: 0 });
                         if session.tx.send(Frame::new(msg)).await.is_err() {
                             return SessionEnd::Lost { error: "the agent closed its input".into(), was_up: true };
                         }
@@ -291,14 +351,58 @@ impl Driver {
                             if !active.contains_key(&build) {
                                 continue;
                             }
-                            if missing.is_empty() {
+                            // What the cache can give, the agent gets (with its references); the
+                            // build starts once every one is added.
+                            let (infos, lacking) = match &self.cache {
+                                Some(c) if !missing.is_empty() => {
+                                    let (c, m) = (c.clone(), missing.clone());
+                                    match tokio::task::spawn_blocking(move || c.closure(&m)).await {
+                                        Ok(Ok(r)) => r,
+                                        Ok(Err(e)) => {
+                                            tracing::error!(machine = %self.name, "reading the cache: {e}");
+                                            (Vec::new(), missing)
+                                        }
+                                        Err(_) => (Vec::new(), missing),
+                                    }
+                                }
+                                _ => (Vec::new(), missing),
+                            };
+                            if !lacking.is_empty() {
+                                let _ = session.tx.send(Frame::new(Message::Cancel { build: build.clone() })).await;
+                                let reason = format!("missing inputs: {}", lacking.join(" "));
+                                ended.push((build, AttemptResult::Retry { status: "missing_inputs".into(), reason, count: true }));
+                            } else if infos.is_empty() {
                                 if session.tx.send(Frame::new(Message::Start { build })).await.is_err() {
                                     return SessionEnd::Lost { error: "the agent closed its input".into(), was_up: true };
                                 }
-                            } else {
-                                let _ = session.tx.send(Frame::new(Message::Cancel { build: build.clone() })).await;
-                                let reason = format!("missing inputs: {}", missing.join(" "));
-                                ended.push((build, AttemptResult::Retry { status: "missing_inputs".into(), reason, count: true }));
+                            } else if let (Some(cache), Some(a)) = (&self.cache, active.get_mut(&build)) {
+                                a.awaiting_inputs = infos.len();
+                                for info in infos {
+                                    next_upload += 1;
+                                    uploads.insert(next_upload, (build.clone(), cache.store_dir().display(&info.store_path)));
+                                    send_input(cache.clone(), info, next_upload, session.tx.clone());
+                                }
+                            }
+                        }
+                        Message::PathAdded { transfer, .. } => {
+                            if let Some((key, _)) = uploads.remove(&transfer)
+                                && let Some(a) = active.get_mut(&key)
+                            {
+                                a.awaiting_inputs -= 1;
+                                if a.awaiting_inputs == 0
+                                    && session.tx.send(Frame::new(Message::Start { build: key })).await.is_err()
+                                {
+                                    return SessionEnd::Lost { error: "the agent closed its input".into(), was_up: true };
+                                }
+                            }
+                        }
+                        Message::Error { message, transfer: Some(transfer), .. } if uploads.contains_key(&transfer) => {
+                            if let Some((key, path)) = uploads.remove(&transfer)
+                                && active.contains_key(&key)
+                            {
+                                let _ = session.tx.send(Frame::new(Message::Cancel { build: key.clone() })).await;
+                                let reason = format!("the agent refused input {path}: {message}");
+                                ended.push((key, AttemptResult::Retry { status: "setup_failure".into(), reason, count: true }));
                             }
                         }
                         Message::Started { .. } => {}
