@@ -13,7 +13,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::formats::hash::{Hash, HashSink};
+use crate::formats::hash::{Hash, HashSink, PipelinedHashSink};
 use crate::formats::narinfo::NarInfo;
 use crate::formats::signing::{SecretKey, Signature};
 use crate::formats::store_path::{StoreDir, StorePath};
@@ -123,7 +123,8 @@ impl Cache {
             Compression::None => Inner::Plain(sink),
             Compression::Zstd => Inner::Zstd(zstd::stream::write::Encoder::new(sink, 3)?),
         };
-        Ok(NarWriter { inner: Some(inner), nar: HashSink::new(), tmp: Some(tmp), compression: self.compression })
+        // The NAR is hashed on a helper thread while this one compresses.
+        Ok(NarWriter { inner: Some(inner), nar: Some(PipelinedHashSink::new()?), tmp: Some(tmp) })
     }
 
     /// Publish the outputs of one build: each NAR renamed into `nar/`, then the narinfos, each
@@ -313,9 +314,8 @@ enum Inner {
 /// A NAR being received into the cache: hashed as it is, and compressed to a temporary file.
 pub struct NarWriter {
     inner: Option<Inner>,
-    nar: HashSink,
+    nar: Option<PipelinedHashSink>,
     tmp: Option<PathBuf>,
-    compression: Compression,
 }
 
 impl Write for NarWriter {
@@ -325,7 +325,10 @@ impl Write for NarWriter {
             Some(Inner::Zstd(z)) => z.write(buf)?,
             None => return Err(io::Error::other("NAR writer finished")),
         };
-        self.nar.write_all(&buf[..n])?;
+        match &mut self.nar {
+            Some(h) => h.write_all(&buf[..n])?,
+            None => return Err(io::Error::other("NAR writer finished")),
+        }
         Ok(n)
     }
 
@@ -346,8 +349,7 @@ impl NarWriter {
         let file = file.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         let (file_hash, file_size) = hash.finish();
-        let (nar_hash, nar_size) = std::mem::take(&mut self.nar).finish();
-        let _ = self.compression;
+        let (nar_hash, nar_size) = self.nar.take().ok_or_else(|| io::Error::other("NAR writer finished"))?.finish()?;
         Ok(StagedNar { tmp: self.tmp.take(), nar_hash, nar_size, file_hash, file_size })
     }
 }

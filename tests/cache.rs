@@ -140,6 +140,14 @@ fn the_cache_over_http_serves_nix_and_prometheus() {
     assert!(status.contains("206") && headers.contains("content-range: bytes 4-9/"), "{status} {headers}");
     assert_eq!(body, whole[4..10]);
 
+    // A large NAR streams whole.
+    let big: Vec<u8> = (0..(9u32 << 20) + 3).map(|i| (i % 251) as u8).collect();
+    let big_name = "1".repeat(52) + ".nar.zst";
+    std::fs::write(c.state.join("cache/nar").join(&big_name), &big).unwrap();
+    let (status, headers, body) = http(port, "GET", &format!("/nar/{big_name}"), "");
+    assert!(status.contains("200") && headers.contains(&format!("content-length: {}", big.len())), "{headers}");
+    assert!(body == big, "{} bytes arrived", body.len());
+
     // Errors say nothing of files or the OS.
     for path in [
         "/0000000000000000000000000000000z.narinfo",
