@@ -13,7 +13,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::formats::hash::{Hash, HashSink, PipelinedHashSink};
+use crate::formats::hash::{Hash, HashSink, PipelinedHashSink, hex};
 use crate::formats::narinfo::NarInfo;
 use crate::formats::signing::{SecretKey, Signature};
 use crate::formats::store_path::{StoreDir, StorePath};
@@ -116,7 +116,7 @@ impl Cache {
     pub fn begin(&self) -> io::Result<NarWriter> {
         let mut r = [0u8; 8];
         getrandom::fill(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
-        let tmp = self.root.join(".tmp").join(format!("{}.nar", hex(&r)));
+        let tmp = self.root.join(".tmp").join(format!("{}.nar", hex::encode(&r)));
         let file = File::create(&tmp).map_err(|e| at(e, &tmp))?;
         let sink = FileSink { file: io::BufWriter::with_capacity(256 * 1024, file), hash: HashSink::new() };
         let inner = match self.compression {
@@ -380,8 +380,18 @@ impl Drop for StagedNar {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Fill `buf` as far as the reader goes; the number of bytes read (less only at the end).
+pub fn read_full(r: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 fn invalid(msg: String) -> io::Error {

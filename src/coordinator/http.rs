@@ -144,7 +144,7 @@ async fn whole_file(path: PathBuf) -> Response {
         let mut file = file;
         loop {
             let mut buf = vec![0u8; 1 << 20];
-            let n = match read_full(&mut file, &mut buf) {
+            let n = match crate::cache::read_full(&mut file, &mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
@@ -160,19 +160,6 @@ async fn whole_file(path: PathBuf) -> Response {
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) });
     (headers, axum::body::Body::from_stream(stream)).into_response()
-}
-
-fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// The core's view: machines and counters.

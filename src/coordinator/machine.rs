@@ -128,7 +128,7 @@ fn send_input(cache: Arc<Cache>, info: crate::formats::narinfo::NarInfo, transfe
         match cache.open_nar(&info) {
             Ok(mut nar) => loop {
                 let mut chunk = vec![0u8; NAR_CHUNK];
-                let n = match read_full(&mut nar, &mut chunk) {
+                let n = match crate::cache::read_full(&mut nar, &mut chunk) {
                     Ok(n) => n,
                     Err(e) => {
                         tracing::error!("reading {} from the cache: {e}", info.url);
@@ -148,20 +148,6 @@ fn send_input(cache: Arc<Cache>, info: crate::formats::narinfo::NarInfo, transfe
         }
         let _ = tx.blocking_send(Frame::new(Message::NarEnd { transfer }));
     });
-}
-
-/// Fill `buf` as far as the reader goes.
-fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// Start a thread that hashes a NAR's chunks and, when there is a cache for its store dir,
