@@ -181,3 +181,28 @@ fn the_cache_over_http_serves_nix_and_prometheus() {
     assert!(page.contains("-top.drv</td><td>succeeded</td>"), "{page}");
     assert!(page.contains("-broken.drv</td><td>failed: builder exited with status 1</td>"), "{page}");
 }
+
+#[test]
+fn xz_and_uncompressed_caches_are_read_by_nix_too() {
+    for compression in ["xz", "none"] {
+        let c = Coordinator::start(&["--local-builds", "1", "--compression", compression]);
+        let drvs = common::instantiate("tests/nix/queue.nix", None, &["right"], &salt());
+        let out = run(&mut c.gbc(&["build", &drvs[0].1]));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let right = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let hash = &right["/nix/store/".len()..][..32];
+        let info = std::fs::read_to_string(c.state.join("cache").join(format!("{hash}.narinfo"))).unwrap();
+        assert!(info.contains(&format!("Compression: {compression}\n")), "{info}");
+        let key = run_ok_str(&mut c.gbc(&["cache", "public-key"])).trim().to_owned();
+        let dir = common::tempdir();
+        let mut copy = nix("nix");
+        copy.args(["copy", "--from", &format!("file://{}", c.state.join("cache").display()), "--to"])
+            .arg(dir.path().join("fresh"))
+            .args(["--option", "trusted-public-keys", &key, &right]);
+        let out = run(&mut copy);
+        assert!(out.status.success(), "{compression}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let bad = run(common::gbc().args(["coordinator", "--compression", "lz4"]));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown compression \"lz4\": use zstd, xz or none"));
+}

@@ -302,7 +302,7 @@ pub struct CoordinatorOpts {
     /// Seconds between load queries to each agent.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, hide = true)]
     pub ping_interval: u64,
-    /// How NARs are compressed in the binary cache: zstd or none.
+    /// How NARs are compressed in the binary cache: zstd (fast), xz (smaller, slower) or none.
     #[arg(long, value_name = "METHOD", default_value = "zstd")]
     pub compression: String,
     /// The store dir of the binary cache (<state dir>/cache); outputs in other store dirs are
