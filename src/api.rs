@@ -115,6 +115,11 @@ pub enum Request {
         #[serde(default)]
         reset: bool,
     },
+    /// Remove from the binary cache what no build since `keep_since_ms` needs (their outputs,
+    /// the inputs of builds created since or still queued or running, and everything those refer to).
+    CacheGc {
+        keep_since_ms: i64,
+    },
 }
 
 /// A build as listed by `builds`.
@@ -238,6 +243,15 @@ pub struct Stats {
     pub alloc_samples: u64,
 }
 
+/// What a cache GC did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    pub kept_narinfos: u64,
+    pub removed_narinfos: u64,
+    pub removed_nars: u64,
+    pub freed_bytes: u64,
+}
+
 /// Coordinator → client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -274,6 +288,9 @@ pub enum Reply {
     },
     Stats {
         stats: Stats,
+    },
+    CacheGc {
+        gc: GcReport,
     },
     /// End of a `watch` or `log` stream.
     End,

@@ -76,6 +76,8 @@ pub struct Cache {
     store_dir: StoreDir,
     key: SecretKey,
     compression: Compression,
+    /// Held by publishing and by GC: a NAR is in `nar/` a moment before its narinfo is written.
+    lock: std::sync::Mutex<()>,
 }
 
 impl Cache {
@@ -93,7 +95,7 @@ impl Cache {
         if fs::read_to_string(&path).ok().as_deref() != Some(info.as_str()) {
             write_atomically(&path, info.as_bytes())?;
         }
-        Ok(Cache { root: root.to_owned(), store_dir, key, compression })
+        Ok(Cache { root: root.to_owned(), store_dir, key, compression, lock: std::sync::Mutex::new(()) })
     }
 
     pub fn root(&self) -> &Path {
@@ -137,6 +139,7 @@ impl Cache {
     /// once all its references are in the cache or among these outputs; the others wait in
     /// `.pending/`. Returns the paths published now (these, and any that were waiting for them).
     pub fn publish(&self, outputs: Vec<(Output, StagedNar)>) -> io::Result<Vec<String>> {
+        let _guard = self.lock.lock().map_err(|_| io::Error::other("cache lock poisoned"))?;
         let mut infos = Vec::new();
         for (out, staged) in outputs {
             if out.nar_hash != staged.nar_hash || out.nar_size != staged.nar_size {
@@ -165,6 +168,49 @@ impl Cache {
             published.extend(self.release_pending()?);
         }
         Ok(published)
+    }
+
+    /// Remove every narinfo outside the closure of `roots`, then every NAR no remaining (or
+    /// pending) narinfo names. Narinfos go first, so a client never finds one whose NAR is gone.
+    pub fn gc(&self, roots: &[String]) -> io::Result<crate::api::GcReport> {
+        let _guard = self.lock.lock().map_err(|_| io::Error::other("cache lock poisoned"))?;
+        let (live, _) = self.closure(roots)?;
+        let live: BTreeSet<String> = live.iter().map(|i| format!("{}.narinfo", i.store_path.hash_part())).collect();
+        let mut report = crate::api::GcReport::default();
+        let mut wanted = BTreeSet::new();
+        for dir in [self.root.clone(), self.root.join(".pending")] {
+            for entry in fs::read_dir(&dir)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".narinfo") {
+                    continue;
+                }
+                if dir == self.root && !live.contains(&name) {
+                    fs::remove_file(entry.path()).map_err(|e| at(e, &entry.path()))?;
+                    report.removed_narinfos += 1;
+                    continue;
+                }
+                if let Ok(info) =
+                    fs::read_to_string(entry.path()).map_err(|_| ()).and_then(|t| NarInfo::parse(&t).map_err(|_| ()))
+                {
+                    wanted.insert(info.url.trim_start_matches("nar/").to_owned());
+                }
+                if dir == self.root {
+                    report.kept_narinfos += 1;
+                }
+            }
+        }
+        File::open(&self.root)?.sync_all()?;
+        for entry in fs::read_dir(self.root.join("nar"))? {
+            let entry = entry?;
+            if !wanted.contains(entry.file_name().to_string_lossy().as_ref()) {
+                report.freed_bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(entry.path()).map_err(|e| at(e, &entry.path()))?;
+                report.removed_nars += 1;
+            }
+        }
+        File::open(self.root.join("nar"))?.sync_all()?;
+        Ok(report)
     }
 
     /// The published narinfo of a store path, if any.

@@ -206,3 +206,56 @@ fn xz_and_uncompressed_caches_are_read_by_nix_too() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown compression \"lz4\": use zstd, xz or none"));
 }
+
+#[test]
+fn cache_gc_keeps_what_recent_builds_need_and_what_it_refers_to() {
+    let c = Coordinator::start(&["--local-builds", "2"]);
+    let salt = salt();
+    let drvs = common::instantiate("tests/nix/queue.nix", None, &["top", "refsBase"], &salt);
+    let out = run(&mut c.gbc(&["build", &drvs[0].1]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cache = c.state.join("cache");
+    let narinfos = || -> BTreeSet<String> {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".narinfo"))
+            .collect()
+    };
+    let nars = || std::fs::read_dir(cache.join("nar")).unwrap().count();
+    assert_eq!((narinfos().len(), nars()), (4, 4));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Built now: refs-base, whose output refers to base's (built 3 s ago, not rebuilt).
+    let out = run(&mut c.gbc(&["build", &drvs[1].1]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let refs_base = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let base =
+        std::fs::read_to_string(c.state.join("machines/localhost/agent/store").join(&refs_base["/nix/store/".len()..]))
+            .unwrap()
+            .trim()
+            .to_owned();
+    let hash = |p: &str| format!("{}.narinfo", &p["/nix/store/".len()..][..32]);
+
+    let out = run(&mut c.gbc(&["cache", "gc", "--keep-since", "2s"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("removed 3 narinfos and 3 NARs"), "{said}");
+    assert_eq!(narinfos(), BTreeSet::from([hash(&refs_base), hash(&base)]), "refs-base, and base which it refers to");
+    assert_eq!(nars(), 2);
+    // What is left is whole: Nix copies refs-base's closure.
+    let key = run_ok_str(&mut c.gbc(&["cache", "public-key"])).trim().to_owned();
+    let dir = common::tempdir();
+    let mut copy = nix("nix");
+    copy.args(["copy", "--from", &format!("file://{}", cache.display()), "--to"]).arg(dir.path().join("fresh")).args([
+        "--option",
+        "trusted-public-keys",
+        &key,
+        &refs_base,
+    ]);
+    let out = run(&mut copy);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let bad = run(&mut c.gbc(&["cache", "gc", "--keep-since", "soon"]));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--keep-since \"soon\": not a duration"));
+}

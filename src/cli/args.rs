@@ -420,4 +420,16 @@ pub enum CacheCommand {
         #[arg(long, value_name = "FILE")]
         signing_key: Option<PathBuf>,
     },
+    /// Remove from the cache what no recent build needs.
+    ///
+    /// Kept: the outputs of builds that succeeded within DURATION, the inputs of builds created
+    /// within it or still queued or running, and everything those refer to; narinfos go first, then
+    /// the NARs no remaining narinfo names. Runs in the coordinator, which stops publishing meanwhile.
+    Gc {
+        /// How far back builds count as recent: seconds, or a number with s, m, h or d (30d).
+        #[arg(long, value_name = "DURATION")]
+        keep_since: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
 }

@@ -500,9 +500,58 @@ pub fn stats(client: &ClientOpts, reset: bool) -> anyhow::Result<()> {
     }
 }
 
+/// `30d`, `12h`, `90m`, `45s` or a number of seconds.
+fn parse_duration(s: &str) -> Option<u64> {
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+pub fn cache_gc(client: &ClientOpts, keep_since: &str) -> anyhow::Result<()> {
+    let secs = parse_duration(keep_since)
+        .ok_or_else(|| anyhow::anyhow!("--keep-since {keep_since:?}: not a duration (like 3600, 90m, 12h or 30d)"))?;
+    let keep_since_ms = api::now_ms().saturating_sub(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX));
+    let mut c = Client::connect(client)?;
+    match c.call(&Request::CacheGc { keep_since_ms })? {
+        Reply::CacheGc { gc } => {
+            println!(
+                "removed {} narinfos and {} NARs ({:.1} MB); kept {} narinfos",
+                gc.removed_narinfos,
+                gc.removed_nars,
+                gc.freed_bytes as f64 / 1e6,
+                gc.kept_narinfos
+            );
+            Ok(())
+        }
+        Reply::Error { message } => anyhow::bail!("{message}"),
+        r => Err(unexpected(&r)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("3600"), Some(3600));
+        assert_eq!(parse_duration("90m"), Some(5400));
+        assert_eq!(parse_duration("12h"), Some(43200));
+        assert_eq!(parse_duration("30d"), Some(30 * 86400));
+        assert_eq!(parse_duration("3w"), None);
+        assert_eq!(parse_duration("h"), None);
+        assert_eq!(parse_duration(""), None);
+    }
 
     #[test]
     fn dates_are_utc_civil_dates() {

@@ -112,6 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cache { command: CacheCommand::PublicKey { state_dir, signing_key } } => {
             keys::cache_public_key(state_dir, signing_key)
         }
+        Command::Cache { command: CacheCommand::Gc { keep_since, client } } => client::cache_gc(&client, &keep_since),
         Command::CheckConfig { file, state_dir } => machines::check_config(file, state_dir),
         Command::Submit { submit, client } => client::submit(&client, &submit),
         Command::Watch { json, uuids, client } => client::watch(&client, uuids, json),

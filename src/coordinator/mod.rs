@@ -249,7 +249,13 @@ pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<(
         }
         None => None,
     };
-    let srv = server::Server { db, commands: cmd_tx.clone(), events, state_dir: config.state_dir.clone() };
+    let srv = server::Server {
+        db,
+        cache: core.cache.clone(),
+        commands: cmd_tx.clone(),
+        events,
+        state_dir: config.state_dir.clone(),
+    };
     let server_task = tokio::spawn(server::serve(Arc::new(srv), listener));
     let signals = tokio::spawn(async move {
         wait_for_signal().await;

@@ -19,6 +19,7 @@ use crate::db::{BuildBrief, Db, ListFilter, Submission};
 
 pub(super) struct Server {
     pub db: Arc<Db>,
+    pub cache: Arc<crate::cache::Cache>,
     pub commands: mpsc::Sender<Command>,
     pub events: broadcast::Sender<Event>,
     pub state_dir: PathBuf,
@@ -157,6 +158,16 @@ impl Server {
             Request::Stats { reset } => {
                 let stats = self.ask(|tx| Command::Stats(tx, reset)).await?;
                 send(out, &Reply::Stats { stats }).await
+            }
+            Request::CacheGc { keep_since_ms } => {
+                let roots = self.db.recent_paths(keep_since_ms).await?;
+                let cache = self.cache.clone();
+                let reply = match tokio::task::spawn_blocking(move || cache.gc(&roots)).await {
+                    Ok(Ok(gc)) => Reply::CacheGc { gc },
+                    Ok(Err(e)) => Reply::Error { message: format!("cache gc: {e}") },
+                    Err(e) => Reply::Error { message: format!("cache gc: {e}") },
+                };
+                send(out, &reply).await
             }
         }
     }

@@ -353,6 +353,32 @@ impl Db {
         self.read(move |conn| list(conn, &filter)).await
     }
 
+    /// The store paths builds since `since_ms` need: the outputs of attempts that succeeded since,
+    /// and the inputs of builds created since or still queued or running (roots of a cache GC).
+    pub async fn recent_paths(&self, since_ms: i64) -> anyhow::Result<Vec<String>> {
+        self.read(move |conn| {
+            let mut out = Vec::new();
+            let mut q = conn.prepare(
+                "SELECT ao.path FROM attempt_outputs ao JOIN attempts a ON a.id = ao.attempt
+                 WHERE a.status = 'success' AND a.ended_at >= ?1",
+            )?;
+            for p in q.query_map([since_ms], |r| r.get::<_, String>(0))? {
+                out.push(p?);
+            }
+            let mut q = conn.prepare(
+                "SELECT d.inputs FROM builds b JOIN derivations d ON d.id = b.drv
+                 WHERE b.state IN ('queued', 'running') OR b.created_at >= ?1",
+            )?;
+            for inputs in q.query_map([since_ms], |r| r.get::<_, String>(0))? {
+                out.extend(inputs?.lines().filter(|l| !l.is_empty()).map(str::to_owned));
+            }
+            out.sort();
+            out.dedup();
+            Ok(out)
+        })
+        .await
+    }
+
     /// How many builds are in each state (for metrics), and when the oldest queued one was
     /// created.
     pub async fn census(&self) -> anyhow::Result<(Vec<(BuildState, u64)>, Option<i64>)> {

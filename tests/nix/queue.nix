@@ -12,6 +12,8 @@ in rec {
   left = sh "left" "read x < ${base}; echo \"$x left\" > $out" { };
   right = sh "right" "read x < ${base}; /bin/mkdir -p $out/share; echo \"$x right\" > $out/share/right" { };
   top = sh "top" "echo building top; /bin/cat ${left} ${right}/share/right > $out" { };
+  # Its output refers to base's.
+  refsBase = sh "refs-base" "echo ${base} > $out" { };
 
   broken = sh "broken" "echo 'breaking on purpose' ${salt}; exit 1" { };
   afterBroken = sh "after-broken" "/bin/cat ${broken} > $out" { };
