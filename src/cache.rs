@@ -17,7 +17,7 @@ use crate::formats::hash::{Hash, HashSink, PipelinedHashSink, hex};
 use crate::formats::narinfo::NarInfo;
 use crate::formats::signing::{SecretKey, Signature};
 use crate::formats::store_path::{StoreDir, StorePath};
-use crate::store::write_atomically;
+use crate::store::{with_path, write_atomically};
 
 /// How NARs are compressed in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +85,7 @@ impl Cache {
     /// and an empty `.tmp/` (what a crash left there is dropped).
     pub fn open(root: &Path, store_dir: StoreDir, key: SecretKey, compression: Compression) -> io::Result<Cache> {
         for d in ["nar", ".tmp", ".pending"] {
-            fs::create_dir_all(root.join(d)).map_err(|e| at(e, &root.join(d)))?;
+            fs::create_dir_all(root.join(d)).map_err(|e| with_path(e, &root.join(d)))?;
         }
         for entry in fs::read_dir(root.join(".tmp"))? {
             let _ = fs::remove_file(entry?.path());
@@ -124,7 +124,7 @@ impl Cache {
         let mut r = [0u8; 8];
         getrandom::fill(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
         let tmp = self.root.join(".tmp").join(format!("{}.nar", hex::encode(&r)));
-        let file = File::create(&tmp).map_err(|e| at(e, &tmp))?;
+        let file = File::create(&tmp).map_err(|e| with_path(e, &tmp))?;
         let sink = FileSink { file: io::BufWriter::with_capacity(256 * 1024, file), hash: HashSink::new() };
         let inner = match self.compression {
             Compression::None => Inner::Plain(sink),
@@ -186,7 +186,7 @@ impl Cache {
                     continue;
                 }
                 if dir == self.root && !live.contains(&name) {
-                    fs::remove_file(entry.path()).map_err(|e| at(e, &entry.path()))?;
+                    fs::remove_file(entry.path()).map_err(|e| with_path(e, &entry.path()))?;
                     report.removed_narinfos += 1;
                     continue;
                 }
@@ -205,7 +205,7 @@ impl Cache {
             let entry = entry?;
             if !wanted.contains(entry.file_name().to_string_lossy().as_ref()) {
                 report.freed_bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
-                fs::remove_file(entry.path()).map_err(|e| at(e, &entry.path()))?;
+                fs::remove_file(entry.path()).map_err(|e| with_path(e, &entry.path()))?;
                 report.removed_nars += 1;
             }
         }
@@ -220,7 +220,7 @@ impl Cache {
         match fs::read_to_string(&file) {
             Ok(text) => NarInfo::parse(&text).map(Some).map_err(|e| invalid(format!("{}: {e}", file.display()))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(at(e, &file)),
+            Err(e) => Err(with_path(e, &file)),
         }
     }
 
@@ -265,7 +265,7 @@ impl Cache {
         let name = info.url.strip_prefix("nar/").filter(|n| !n.contains('/') && !n.starts_with('.'));
         let Some(name) = name else { return Err(invalid(format!("narinfo URL {:?} is not in nar/", info.url))) };
         let file = self.root.join("nar").join(name);
-        let f = io::BufReader::with_capacity(256 * 1024, File::open(&file).map_err(|e| at(e, &file))?);
+        let f = io::BufReader::with_capacity(256 * 1024, File::open(&file).map_err(|e| with_path(e, &file))?);
         Ok(match info.compression.as_deref() {
             None | Some("none") => Box::new(f),
             Some("zstd") => Box::new(zstd::stream::read::Decoder::with_buffer(f)?),
@@ -315,7 +315,7 @@ impl Cache {
             // The same compressed bytes (its name is their hash): keep the one there.
             let _ = fs::remove_file(&tmp);
         } else {
-            fs::rename(&tmp, &dest).map_err(|e| at(e, &dest))?;
+            fs::rename(&tmp, &dest).map_err(|e| with_path(e, &dest))?;
             File::open(self.root.join("nar"))?.sync_all()?;
         }
         let parse = |p: &str| self.store_dir.parse_path(p).map_err(|e| invalid(format!("{p}: {e}")));
@@ -436,26 +436,32 @@ impl Drop for StagedNar {
     }
 }
 
-/// Fill `buf` as far as the reader goes; the number of bytes read (less only at the end).
-pub fn read_full(r: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Read `r` to its end in pieces of `size` bytes (the last may be shorter), handing each to
+/// `f`; stops early, with Ok, when `f` returns false (its receiver is gone).
+pub fn for_each_chunk(r: &mut impl io::Read, size: usize, mut f: impl FnMut(Vec<u8>) -> bool) -> io::Result<()> {
+    loop {
+        let mut chunk = vec![0u8; size];
+        let mut n = 0;
+        while n < size {
+            match r.read(&mut chunk[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        chunk.truncate(n);
+        if !f(chunk) {
+            return Ok(());
         }
     }
-    Ok(n)
 }
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
-fn at(e: io::Error, path: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]

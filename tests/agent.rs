@@ -324,18 +324,23 @@ fn a_kill_during_an_upload_leaves_nothing_valid() {
     assert_eq!(*status, BuildStatus::MissingInputs { paths: vec![a_out.clone()] });
 }
 
-#[test]
-fn incompatible_protocol_versions_are_refused_clearly() {
-    let tmp = tempdir();
-    let mut child = gbc()
+/// `gbc agent` with every stream piped, for tests that speak to it by hand.
+fn spawn_piped(state: &std::path::Path) -> Child {
+    gbc()
         .arg("agent")
         .arg("--state-dir")
-        .arg(tmp.path())
+        .arg(state)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn incompatible_protocol_versions_are_refused_clearly() {
+    let tmp = tempdir();
+    let mut child = spawn_piped(tmp.path());
     let mut stdin = child.stdin.take().unwrap();
     write_frame(
         &mut stdin,
@@ -354,18 +359,7 @@ fn incompatible_protocol_versions_are_refused_clearly() {
 #[test]
 fn an_agent_that_hears_nothing_for_idle_secs_ends_its_session_and_frees_its_store() {
     let tmp = tempdir();
-    let spawn = || {
-        gbc()
-            .arg("agent")
-            .arg("--state-dir")
-            .arg(tmp.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let mut child = spawn();
+    let mut child = spawn_piped(tmp.path());
     // Its input stays open, as over a connection whose link was cut: only the silence tells.
     let mut stdin = child.stdin.take().unwrap();
     let hello = Message::Hello { protocol: PROTOCOL_VERSION, gbc_version: "t".into(), host: None, idle_secs: Some(1) };
@@ -384,7 +378,7 @@ fn an_agent_that_hears_nothing_for_idle_secs_ends_its_session_and_frees_its_stor
     child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert!(err.contains("nothing from the coordinator for 1 s"), "{err}");
     // Its store is free for the next session.
-    let mut next = spawn();
+    let mut next = spawn_piped(tmp.path());
     drop(next.stdin.take());
     let out = next.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

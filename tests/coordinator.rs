@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Coordinator, nix, run, run_ok_str, salt};
+use common::{Coordinator, drv_name, nix, run, run_ok_str, salt};
 use serde_json::Value;
 
 const QUEUE: &str = "tests/nix/queue.nix";
@@ -26,12 +26,6 @@ fn stderr(out: &Output) -> String {
 
 fn lines(out: &Output) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
-}
-
-/// `/nix/store/<hash>-NAME.drv` → NAME
-fn drv_name(path: &str) -> &str {
-    let base = path.rsplit('/').next().unwrap();
-    base.split_once('-').unwrap().1.strip_suffix(".drv").unwrap()
 }
 
 fn submit(c: &Coordinator, drvs: &[&str], extra: &[&str]) -> Vec<String> {

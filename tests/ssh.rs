@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::sshd::{ClientKey, Host, client_key, machines_file};
-use common::{Coordinator, gbc, nix, run, run_ok_str, salt};
+use common::{Coordinator, drv_name, gbc, nix, run, run_ok_str, salt};
 use serde_json::Value;
 
 fn stdout(out: &Output) -> String {
@@ -152,11 +152,6 @@ fn instantiate(attrs: &[&str], salt: &str, extra: &[&str]) -> Vec<String> {
         cmd.args(["-A", a]);
     }
     run_ok_str(&mut cmd).lines().map(str::to_owned).collect()
-}
-
-fn drv_name(path: &str) -> &str {
-    let base = path.rsplit('/').next().unwrap();
-    base.split_once('-').unwrap().1.strip_suffix(".drv").unwrap()
 }
 
 fn builds(c: &Coordinator) -> Vec<Value> {

@@ -70,7 +70,7 @@ async fn cache_info(State(http): State<Arc<Http>>) -> Response {
 }
 
 fn is_nix32(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| crate::formats::nix32::ALPHABET.contains(&b))
+    s.len() == len && crate::formats::nix32::decode(s).is_ok()
 }
 
 async fn narinfo(State(http): State<Arc<Http>>, Path(file): Path<String>) -> Response {
@@ -142,20 +142,11 @@ async fn whole_file(path: PathBuf) -> Response {
     let (tx, rx) = mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
     tokio::task::spawn_blocking(move || {
         let mut file = file;
-        loop {
-            let mut buf = vec![0u8; 1 << 20];
-            let n = match crate::cache::read_full(&mut file, &mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    break;
-                }
-            };
-            buf.truncate(n);
-            if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
-                break;
-            }
+        let sent = crate::cache::for_each_chunk(&mut file, 1 << 20, |chunk| {
+            tx.blocking_send(Ok(bytes::Bytes::from(chunk))).is_ok()
+        });
+        if let Err(e) = sent {
+            let _ = tx.blocking_send(Err(e));
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) });

@@ -125,26 +125,14 @@ fn send_input(cache: Arc<Cache>, info: crate::formats::narinfo::NarInfo, transfe
         if tx.blocking_send(Frame::new(Message::NarStart { transfer, build: None, meta })).is_err() {
             return;
         }
-        match cache.open_nar(&info) {
-            Ok(mut nar) => loop {
-                let mut chunk = vec![0u8; NAR_CHUNK];
-                let n = match crate::cache::read_full(&mut nar, &mut chunk) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::error!("reading {} from the cache: {e}", info.url);
-                        break;
-                    }
-                };
-                if n == 0 {
-                    break;
-                }
-                chunk.truncate(n);
-                let frame = Frame { message: Message::NarChunk { transfer, payload: n as u64 }, payload: chunk };
-                if tx.blocking_send(frame).is_err() {
-                    return;
-                }
-            },
-            Err(e) => tracing::error!("reading {} from the cache: {e}", info.url),
+        let sent = cache.open_nar(&info).and_then(|mut nar| {
+            cache::for_each_chunk(&mut nar, NAR_CHUNK, |chunk| {
+                let message = Message::NarChunk { transfer, payload: chunk.len() as u64 };
+                tx.blocking_send(Frame { message, payload: chunk }).is_ok()
+            })
+        });
+        if let Err(e) = sent {
+            tracing::error!("reading {} from the cache: {e}", info.url);
         }
         let _ = tx.blocking_send(Frame::new(Message::NarEnd { transfer }));
     });

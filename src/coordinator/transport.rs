@@ -9,10 +9,10 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
+use crate::formats::hash::HashSink;
 use crate::protocol::{Frame, FrameReader, HostFacts, Message, PROTOCOL_VERSION, write_frame};
 use crate::ssh::{self, BlockingReader, Connection, ExitInfo, SshError, Target, Timing, shell_quote};
 
@@ -312,17 +312,11 @@ fn shell_quote_remote_path(file: &str) -> String {
 fn program_hash(program: &Path) -> Result<&'static str, String> {
     static HASH: OnceLock<Result<String, String>> = OnceLock::new();
     HASH.get_or_init(|| {
-        let mut f = std::fs::File::open(program).map_err(|e| format!("{}: {e}", program.display()))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => h.update(&buf[..n]),
-                Err(e) => return Err(format!("{}: {e}", program.display())),
-            }
-        }
-        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        let mut sink = HashSink::new();
+        std::fs::File::open(program)
+            .and_then(|mut f| std::io::copy(&mut f, &mut sink))
+            .map_err(|e| format!("{}: {e}", program.display()))?;
+        Ok(sink.finish().0.to_hex())
     })
     .as_ref()
     .map(String::as_str)

@@ -173,7 +173,8 @@ impl LocalStore {
     }
 }
 
-fn with_path(e: io::Error, path: &Path) -> io::Error {
+/// The error, with the path it concerns in front.
+pub(crate) fn with_path(e: io::Error, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 

@@ -71,6 +71,12 @@ pub fn instantiate(file: &str, store: Option<&str>, attrs: &[&str], salt: &str) 
     attrs.iter().map(|a| a.to_string()).zip(paths).collect()
 }
 
+/// `/nix/store/<hash>-NAME.drv` → NAME
+pub fn drv_name(path: &str) -> &str {
+    let base = path.rsplit('/').next().unwrap();
+    base.split_once('-').unwrap().1.strip_suffix(".drv").unwrap()
+}
+
 /// A salt that makes this run's derivations new to the Nix store, so comparisons are live.
 pub fn salt() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
