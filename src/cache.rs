@@ -98,10 +98,6 @@ impl Cache {
         Ok(Cache { root: root.to_owned(), store_dir, key, compression, lock: std::sync::Mutex::new(()) })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn store_dir(&self) -> &StoreDir {
         &self.store_dir
     }

@@ -286,15 +286,6 @@ impl Connection {
         Ok(Connection { handle, addr: addr.to_owned() })
     }
 
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
-    /// Whether the connection has ended.
-    pub fn is_closed(&self) -> bool {
-        self.handle.is_closed()
-    }
-
     /// Run a command on a new channel. Its output starts being drained at once.
     pub async fn exec(&self, command: &str) -> Result<Exec, SshError> {
         let proto = |e: russh::Error| SshError::Protocol { addr: self.addr.clone(), message: e.to_string() };
@@ -352,10 +343,6 @@ impl Connection {
             return Err(SshError::Protocol { addr: self.addr.clone(), message: format!("sending to {command}: {e}") });
         }
         Ok(Output { stdout, info })
-    }
-
-    pub async fn close(self) {
-        let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
     }
 }
 
