@@ -62,6 +62,7 @@ fn publish(nar_file: &Path, root: &Path, host: &SecretKey, path: &str) -> Durati
         deriver: None,
         system: Some("x86_64-linux".into()),
         host_signature: Some(sig),
+        ca: None,
     };
     let published = cache.publish(vec![(out, staged)]).unwrap();
     assert_eq!(published.len(), 1);
@@ -109,6 +110,7 @@ fn fill(nar_file: &Path, state: &Path, count: usize) {
             deriver: None,
             system: None,
             host_signature: None,
+            ca: None,
         };
         cache.publish(vec![(out, staged)]).unwrap();
         println!("{hash}");

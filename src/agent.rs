@@ -9,7 +9,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
-use std::io::{self, BufRead, BufWriter, IoSlice, Read, Write};
+use std::io::{self, BufRead, BufWriter, IoSlice, Write};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,6 +24,7 @@ use crate::formats::nar;
 use crate::formats::narinfo;
 use crate::formats::signing::SecretKey;
 use crate::formats::store_path::{StoreDir, StorePath};
+use crate::pipe::ChunkReader;
 use crate::protocol::{
     BuildStatus, BuiltOutput, ChunkWriter, Frame, FrameReader, HostFacts, MAX_PAYLOAD, Message, NAR_CHUNK,
     PROTOCOL_VERSION, PathMeta, ProtocolError,
@@ -470,31 +471,6 @@ fn send_nar(
     result
 }
 
-/// A reader over chunks arriving on a channel; EOF when the sender is dropped.
-struct ChannelReader {
-    rx: mpsc::Receiver<Vec<u8>>,
-    current: Vec<u8>,
-    at: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.at == self.current.len() {
-            match self.rx.recv() {
-                Ok(chunk) => {
-                    self.current = chunk;
-                    self.at = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len() - self.at);
-        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
-}
-
 /// Start receiving a NAR for `meta.path`: returns where to send its chunks.
 fn receive_nar(
     config: &Arc<AgentConfig>,
@@ -510,7 +486,7 @@ fn receive_nar(
     let (chunks_tx, chunks_rx) = mpsc::sync_channel::<Vec<u8>>(16);
     let (config, tx) = (Arc::clone(config), tx.clone());
     let handle = std::thread::spawn(move || {
-        let reader = ChannelReader { rx: chunks_rx, current: Vec::new(), at: 0 };
+        let reader = ChunkReader::new(chunks_rx);
         match add_path(&config, &sd, &sp, &want, &meta, reader) {
             Ok(()) => send(&tx, Message::PathAdded { transfer, path: meta.path.clone() }),
             Err(e) => reply_error(&tx, format!("{}: {e}", meta.path), None, Some(transfer)),
@@ -525,7 +501,7 @@ fn add_path(
     sp: &StorePath,
     want: &Hash,
     meta: &PathMeta,
-    mut reader: ChannelReader,
+    mut reader: ChunkReader<mpsc::Receiver<Vec<u8>>>,
 ) -> io::Result<()> {
     let store = &config.store;
     if store.is_valid(sd, &meta.path)? {

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use crate::formats::hash::{Hash, HashSink, PipelinedHashSink, hex};
 use crate::formats::narinfo::NarInfo;
 use crate::formats::signing::{SecretKey, Signature};
-use crate::formats::store_path::{StoreDir, StorePath};
+use crate::formats::nar::{Event, NarReader};
+use crate::formats::store_path::{ContentAddress, StoreDir, StorePath};
 use crate::store::{with_path, write_atomically};
 
 /// How NARs are compressed in the cache.
@@ -68,6 +69,8 @@ pub struct Output {
     pub system: Option<String>,
     /// The building host's signature, kept beside the cache's own.
     pub host_signature: Option<Signature>,
+    /// How a content-addressed path (an uploaded source) was made, for the narinfo's `CA`.
+    pub ca: Option<ContentAddress>,
 }
 
 /// A cache directory and the key it signs with.
@@ -129,6 +132,26 @@ impl Cache {
         };
         // The NAR is hashed on a helper thread while this one compresses.
         Ok(NarWriter { inner: Some(inner), nar: Some(PipelinedHashSink::new()?), tmp: Some(tmp) })
+    }
+
+    /// Receive a NAR from a party that is not trusted to send a well-formed one (a client's upload):
+    /// every byte is checked against the NAR grammar while it is staged. Also returns the SHA-256 of
+    /// the file's contents when the NAR is one non-executable regular file (what a text path is
+    /// made from).
+    pub fn stage_checked(&self, r: impl io::Read) -> io::Result<(StagedNar, Option<[u8; 32]>)> {
+        let mut nar = NarReader::new(Tee { r, w: self.begin()? });
+        let mut flat = None;
+        let mut first = true;
+        while let Some(event) = nar.next_event().map_err(|e| invalid(e.to_string()))? {
+            if let (true, Event::Regular { executable: false, mut contents, .. }) = (first, event) {
+                let mut h = HashSink::new();
+                contents.copy_to(&mut h)?;
+                flat = h.finish().0.digest().try_into().ok();
+            }
+            first = false;
+        }
+        let staged = nar.into_inner().w.finish()?;
+        Ok((staged, flat))
     }
 
     /// Publish the outputs of one build: each NAR renamed into `nar/`, then the narinfos, each
@@ -330,11 +353,25 @@ impl Cache {
             deriver: out.deriver.as_deref().map(parse).transpose()?,
             system: out.system.clone(),
             sigs: out.host_signature.iter().cloned().collect(),
-            ca: None,
+            ca: out.ca.as_ref().map(ToString::to_string),
             extra: Vec::new(),
         };
         info.sign(&self.key).map_err(|e| invalid(e.to_string()))?;
         Ok(info)
+    }
+}
+
+/// A reader that writes what it reads.
+struct Tee<R, W> {
+    r: R,
+    w: W,
+}
+
+impl<R: io::Read, W: Write> io::Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.r.read(buf)?;
+        self.w.write_all(&buf[..n])?;
+        Ok(n)
     }
 }
 
@@ -491,6 +528,7 @@ mod tests {
             deriver: None,
             system: Some("x86_64-linux".into()),
             host_signature: None,
+            ca: None,
         };
         (out, staged)
     }

@@ -15,6 +15,7 @@ pub mod db;
 pub mod examples;
 pub mod formats;
 pub mod machines;
+pub mod pipe;
 pub mod protocol;
 pub mod ssh;
 pub mod store;

@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -411,33 +411,6 @@ impl fmt::Display for ExitInfo {
 pub struct Output {
     pub stdout: Vec<u8>,
     pub info: ExitInfo,
-}
-
-/// Reads an exec's stdout from a plain thread (for the blocking frame parser).
-pub struct BlockingReader {
-    rx: mpsc::UnboundedReceiver<Bytes>,
-    current: Bytes,
-}
-
-impl BlockingReader {
-    pub fn new(rx: mpsc::UnboundedReceiver<Bytes>) -> BlockingReader {
-        BlockingReader { rx, current: Bytes::new() }
-    }
-}
-
-impl Read for BlockingReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(b) => self.current = b,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        let _ = self.current.split_to(n);
-        Ok(n)
-    }
 }
 
 /// Quote a word for a POSIX shell (the remote side of an exec runs the user's shell).

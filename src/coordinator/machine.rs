@@ -496,6 +496,7 @@ impl Driver {
                 deriver: Some(job.drv_path.clone()),
                 system: Some(system.to_owned()),
                 host_signature: Some(sig),
+                ca: None,
             };
             staged.push((out, s));
         }

@@ -14,7 +14,8 @@ use tokio::sync::mpsc;
 
 use crate::formats::hash::HashSink;
 use crate::protocol::{Frame, FrameReader, HostFacts, Message, PROTOCOL_VERSION, write_frame};
-use crate::ssh::{self, BlockingReader, Connection, ExitInfo, SshError, Target, Timing, shell_quote};
+use crate::pipe::ChunkReader;
+use crate::ssh::{self, Connection, ExitInfo, SshError, Target, Timing, shell_quote};
 
 /// How to reach a machine's agent.
 #[derive(Debug, Clone, PartialEq)]
@@ -255,7 +256,7 @@ async fn exec_agent(
             why
         }
     };
-    let rx = spawn_reader(BlockingReader::new(stdout), ended);
+    let rx = spawn_reader(ChunkReader::new(stdout), ended);
     let (tx, mut out_rx) = mpsc::channel::<Frame>(64);
     tokio::spawn(async move {
         let mut buf = Vec::with_capacity(512 * 1024);

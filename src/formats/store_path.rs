@@ -111,6 +111,62 @@ impl StoreDir {
     }
 }
 
+impl StoreDir {
+    /// The path of a source added to the store by its NAR's SHA-256 (`builtins.path`, `./file`
+    /// in Nix, `interned-file` in Guix), with its references; `self_ref` when it refers to itself.
+    pub fn make_source_path<'a>(
+        &self,
+        name: &str,
+        nar_hash: &[u8; 32],
+        references: impl IntoIterator<Item = &'a str>,
+        self_ref: bool,
+    ) -> Result<StorePath, StorePathError> {
+        self.make_store_path(&make_type("source", references, self_ref), nar_hash, name)
+    }
+
+    /// How `path` was made from its contents, if it was: a text file (`builtins.toFile`, a `.drv`,
+    /// Guix's `plain-file`) whose contents hash to `flat_hash`, or a source whose NAR hashes to
+    /// `nar_hash`, either with exactly `references` (full paths; `path` itself among them for a
+    /// self-reference). None when neither gives `path`: it is not content-addressed this way.
+    pub fn content_address(
+        &self,
+        path: &StorePath,
+        references: &[String],
+        nar_hash: &[u8; 32],
+        flat_hash: Option<&[u8; 32]>,
+    ) -> Option<ContentAddress> {
+        let me = self.display(path);
+        let others: Vec<&str> = references.iter().map(String::as_str).filter(|r| *r != me).collect();
+        let self_ref = others.len() < references.len();
+        if let Some(flat) = flat_hash
+            && !self_ref
+            && self.make_text_path(path.name(), flat, others.iter().copied()).ok().as_ref() == Some(path)
+        {
+            return Some(ContentAddress::Text(Hash::sha256(*flat)));
+        }
+        (self.make_source_path(path.name(), nar_hash, others.iter().copied(), self_ref).ok().as_ref() == Some(path))
+            .then(|| ContentAddress::Source(Hash::sha256(*nar_hash)))
+    }
+}
+
+/// How a content-addressed path was made; shown as a narinfo's `CA` field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentAddress {
+    /// `text:sha256:<nix32>`: the hash of the file's contents.
+    Text(Hash),
+    /// `fixed:r:sha256:<nix32>`: the hash of the NAR.
+    Source(Hash),
+}
+
+impl fmt::Display for ContentAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ContentAddress::Text(h) => write!(f, "text:{}", h.to_nix32_string()),
+            ContentAddress::Source(h) => write!(f, "fixed:r:{}", h.to_nix32_string()),
+        }
+    }
+}
+
 impl fmt::Display for StoreDir {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
