@@ -68,7 +68,9 @@ pub struct DrvFile {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Queue one build per entry of `derivations`. `inputs` holds every input derivation of theirs,
-    /// recursively, keyed by store path; the coordinator checks all of them.
+    /// recursively, keyed by store path; the coordinator checks all of them. With `upload`, the
+    /// coordinator first answers `wanted` and takes the client's `missing`, `add_path` and
+    /// `uploaded` requests before it stores the submission and answers `submitted`.
     Submit {
         derivations: Vec<DrvFile>,
         #[serde(default)]
@@ -79,7 +81,24 @@ pub enum Request {
         tags: Vec<(String, String)>,
         #[serde(default)]
         ignore_if_built: bool,
+        #[serde(default)]
+        upload: bool,
     },
+    /// Which of these store paths the binary cache lacks.
+    Missing {
+        paths: Vec<String>,
+    },
+    /// Only while uploading for a submission: exactly `nar_size` bytes of NAR follow this line.
+    /// A source must be the text or source path its contents and `references` give; any other
+    /// path must be an output of a derivation of the submission.
+    AddPath {
+        path: String,
+        #[serde(default)]
+        references: Vec<String>,
+        nar_size: u64,
+    },
+    /// Only while uploading for a submission: publish what was added, then store the submission.
+    Uploaded,
     /// Stream events of these builds (every build when empty) until they have all ended.
     Watch {
         #[serde(default)]
@@ -260,6 +279,17 @@ pub enum Reply {
         protocol: u32,
         gbc_version: String,
     },
+    /// Answer to a `submit` with `upload`: the paths its derivations use that the cache lacks.
+    Wanted {
+        paths: Vec<String>,
+    },
+    Missing {
+        paths: Vec<String>,
+    },
+    /// The NAR of an `add_path` arrived and is ready to publish.
+    Added {
+        path: String,
+    },
     /// `builds`: one UUID per submitted derivation, in order; `dependencies`: builds queued for
     /// input derivations that had none.
     Submitted {
@@ -319,6 +349,7 @@ mod tests {
             priority: 3,
             tags: vec![("k".into(), "v".into())],
             ignore_if_built: true,
+            upload: false,
         };
         let line = serde_json::to_string(&r).unwrap_or_default();
         assert!(line.starts_with(r#"{"type":"submit""#), "{line}");

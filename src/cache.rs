@@ -14,9 +14,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use crate::formats::hash::{Hash, HashSink, PipelinedHashSink, hex};
+use crate::formats::nar::{Event, NarReader};
 use crate::formats::narinfo::NarInfo;
 use crate::formats::signing::{SecretKey, Signature};
-use crate::formats::nar::{Event, NarReader};
 use crate::formats::store_path::{ContentAddress, StoreDir, StorePath};
 use crate::store::{with_path, write_atomically};
 

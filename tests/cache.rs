@@ -259,3 +259,50 @@ fn cache_gc_keeps_what_recent_builds_need_and_what_it_refers_to() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--keep-since \"soon\": not a duration"));
 }
+
+/// The narinfo the cache holds for `path`.
+fn narinfo(c: &Coordinator, path: &str) -> String {
+    let hash = &path.rsplit('/').next().unwrap()[..32];
+    std::fs::read_to_string(c.state.join(format!("cache/{hash}.narinfo"))).unwrap_or_default()
+}
+
+fn builds(c: &Coordinator) -> Vec<serde_json::Value> {
+    serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap()
+}
+
+#[test]
+fn an_input_source_travels_from_the_client_and_the_build_succeeds() {
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drv = common::instantiate("tests/nix/queue.nix", None, &["needsSource"], &salt()).remove(0).1;
+    let parsed = gbc::formats::derivation::Derivation::parse(&std::fs::read(&drv).unwrap()).unwrap();
+    let source = parsed.input_srcs.iter().find(|s| s.ends_with("-needs-source.sh")).unwrap().clone();
+    let out = run(&mut c.gbc(&["build", &drv]));
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), c.log());
+    let theirs = run_ok_str(nix("nix-store").args(["--realise", &drv]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), theirs);
+
+    // The source is in the cache as the text path it is, signed by the cache alone (no host built
+    // it), and Nix takes it from there as valid.
+    let info = narinfo(&c, &source);
+    let flat = run_ok_str(nix("nix-hash").args(["--type", "sha256", "--flat", "--base32", &source]));
+    assert!(info.contains(&format!("CA: text:sha256:{}\n", flat.trim())), "{info}");
+    assert_eq!(info.matches("Sig: ").count(), 1, "{info}");
+    let key = run_ok_str(&mut c.gbc(&["cache", "public-key"])).trim().to_owned();
+    let dir = common::tempdir();
+    let mut copy = nix("nix");
+    copy.args(["copy", "--from", &format!("file://{}", c.state.join("cache").display()), "--to"])
+        .arg(dir.path().join("fresh"))
+        .args(["--option", "trusted-public-keys", &key, &source]);
+    let out = run(&mut copy);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Built again: the source is not sent again (its narinfo would be rewritten), the cache has it.
+    let inode = || {
+        let hash = &source.rsplit('/').next().unwrap()[..32];
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(c.state.join(format!("cache/{hash}.narinfo"))).unwrap())
+    };
+    let before = inode();
+    let out = run(&mut c.gbc(&["build", &drv]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((inode(), builds(&c).len()), (before, 2));
+}

@@ -149,9 +149,11 @@ pub enum Command {
     /// Queue derivations for building; print one build UUID per line, in order.
     ///
     /// Each DRV is read here, with its input derivations (from beside it, else from their store
-    /// path), and sent to the coordinator, which checks them all and answers at once. Input
-    /// derivations with neither a queued, running nor successful build get builds of their own,
-    /// which the submitted ones wait for.
+    /// path), and sent to the coordinator, which checks them all and answers at once. The input
+    /// sources the coordinator's binary cache lacks, and the outputs of input derivations that are
+    /// valid in this machine's Nix store, are uploaded first. Every input derivation whose outputs
+    /// are still missing from the cache gets a build (unless one is queued or running), which the
+    /// submitted ones wait for.
     Submit {
         #[command(flatten)]
         submit: SubmitOpts,
@@ -331,6 +333,9 @@ pub struct SubmitOpts {
     /// When a successful build already produced these outputs, use it instead of a new one.
     #[arg(long)]
     pub ignore_if_built: bool,
+    /// Upload nothing: inputs the cache lacks are built, or the builds that need them fail.
+    #[arg(long)]
+    pub no_upload: bool,
     #[arg(required = true, value_name = "DRV")]
     pub drvs: Vec<PathBuf>,
 }

@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use super::args::{ClientOpts, SubmitOpts};
 use super::drv::{input_locations, read_first};
 use super::realise::default_state_dir;
+use super::upload;
 use super::{CheckFailed, check_failed};
 use crate::api::{self, BuildDetail, BuildState, BuildSummary, DrvFile, Event, Reply, Request};
 use crate::formats::derivation::Derivation;
@@ -123,30 +124,107 @@ fn read_aterm(file: &Path, bytes: &[u8]) -> anyhow::Result<String> {
     String::from_utf8(bytes.to_vec()).map_err(|_| check_failed(file.display(), "not a derivation: not UTF-8 text"))
 }
 
-fn submit_request(opts: &SubmitOpts) -> anyhow::Result<Request> {
+/// Send a submission, uploading first what the coordinator's cache lacks and this machine has;
+/// returns the connection and the `submitted` reply's builds and dependencies.
+fn submit_with_uploads(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result<(Client, Vec<String>, Vec<String>)> {
     let (derivations, inputs) = read_submission(&opts.drvs)?;
-    Ok(Request::Submit {
+    let upload = !opts.no_upload;
+    let local = if upload { Some((derivations.clone(), inputs.clone())) } else { None };
+    let mut c = Client::connect(client)?;
+    let request = Request::Submit {
         derivations,
         inputs,
         priority: opts.priority,
         tags: opts.tags.clone(),
         ignore_if_built: opts.ignore_if_built,
-    })
+        upload,
+    };
+    let mut reply = c.call(&request)?;
+    if let (Reply::Wanted { paths }, Some((files, inputs))) = (&reply, &local) {
+        c.upload(files, inputs, paths)?;
+        reply = c.call(&Request::Uploaded)?;
+    }
+    match reply {
+        Reply::Submitted { builds, dependencies } => Ok((c, builds, dependencies)),
+        r => Err(unexpected(&r)),
+    }
+}
+
+impl Client {
+    /// Upload what the cache lacks of a submission's inputs and this machine has.
+    fn upload(
+        &mut self,
+        files: &[DrvFile],
+        inputs: &BTreeMap<String, String>,
+        wanted: &[String],
+    ) -> anyhow::Result<()> {
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        // The coordinator accepted the submission, so this check passes; it gives the graph.
+        let checked =
+            crate::coordinator::submit::check(files, inputs).map_err(|e| anyhow::Error::new(CheckFailed(e)))?;
+        let (plan, left_out) =
+            upload::plan(&checked, wanted, |paths| match self.call(&Request::Missing { paths })? {
+                Reply::Missing { paths } => Ok(paths),
+                r => Err(unexpected(&r)),
+            })?;
+        for p in &left_out {
+            eprintln!(
+                "gbc: not uploading {p}: it refers to paths that are neither in the coordinator's cache nor here"
+            );
+        }
+        for local in &plan {
+            self.send(&Request::AddPath {
+                path: local.path.clone(),
+                references: local.references.clone(),
+                nar_size: local.nar_size,
+            })?;
+            let mut w = Exactly { w: io::BufWriter::with_capacity(1 << 20, &mut self.writer), left: local.nar_size };
+            crate::formats::nar::dump_path(Path::new(&local.path), &mut w)
+                .with_context(|| format!("uploading {}", local.path))?;
+            if w.left != 0 {
+                anyhow::bail!("uploading {}: it changed while it was being read", local.path);
+            }
+            w.w.flush().context("sending to the coordinator")?;
+            drop(w);
+            match self.reply()? {
+                Reply::Added { .. } => {}
+                r => return Err(unexpected(&r)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A writer that takes exactly `left` more bytes.
+struct Exactly<W: Write> {
+    w: W,
+    left: u64,
+}
+
+impl<W: Write> Write for Exactly<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            return Err(io::Error::other("it changed while it was being read"));
+        }
+        let n = self.w.write(buf)?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
 }
 
 pub fn submit(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result<()> {
-    let request = submit_request(opts)?;
-    let mut c = Client::connect(client)?;
-    match c.call(&request)? {
-        Reply::Submitted { builds, .. } => {
-            let mut out = io::stdout().lock();
-            for b in builds {
-                writeln!(out, "{b}")?;
-            }
-            Ok(())
-        }
-        r => Err(unexpected(&r)),
+    let (_, builds, _) = submit_with_uploads(client, opts)?;
+    let mut out = io::stdout().lock();
+    for b in builds {
+        writeln!(out, "{b}")?;
     }
+    Ok(())
 }
 
 /// How watch shows progress.
@@ -304,12 +382,7 @@ pub fn watch(client: &ClientOpts, uuids: Vec<String>, json: bool) -> anyhow::Res
 }
 
 pub fn build(client: &ClientOpts, opts: &SubmitOpts, json: bool) -> anyhow::Result<()> {
-    let request = submit_request(opts)?;
-    let mut c = Client::connect(client)?;
-    let (builds, deps) = match c.call(&request)? {
-        Reply::Submitted { builds, dependencies } => (builds, dependencies),
-        r => return Err(unexpected(&r)),
-    };
+    let (mut c, builds, deps) = submit_with_uploads(client, opts)?;
     let stderr = io::stderr();
     let style = style(json, stderr.is_terminal());
     let mut progress = Progress { out: stderr.lock(), style, states: HashMap::new(), status_shown: false };

@@ -16,6 +16,7 @@ mod machines;
 mod man;
 mod nar;
 mod realise;
+mod upload;
 
 use std::io::{self, Write as _};
 use std::process::ExitCode;

@@ -51,6 +51,16 @@ pub enum AttemptResult {
         reason: String,
         count: bool,
     },
+    /// The machine lacks these inputs and the cache does not have them: the core finds builds
+    /// to make them, or fails the build.
+    MissingInputs {
+        paths: Vec<String>,
+    },
+    /// (Core only.) Back to the queue until these builds, which make its missing inputs, succeed.
+    WaitFor {
+        deps: Vec<BuildId>,
+        reason: String,
+    },
     Canceled,
 }
 
@@ -343,8 +353,7 @@ impl Driver {
                             };
                             if !lacking.is_empty() {
                                 let _ = session.tx.send(Frame::new(Message::Cancel { build: build.clone() })).await;
-                                let reason = format!("missing inputs: {}", lacking.join(" "));
-                                ended.push((build, AttemptResult::Retry { status: "missing_inputs".into(), reason, count: true }));
+                                ended.push((build, AttemptResult::MissingInputs { paths: lacking }));
                             } else if infos.is_empty() {
                                 if session.tx.send(Frame::new(Message::Start { build })).await.is_err() {
                                     return SessionEnd::Lost { error: "the agent closed its input".into(), was_up: true };
@@ -611,7 +620,7 @@ fn finished(
         BuildStatus::TimedOut { seconds } => failed("timed_out", format!("timed out after {seconds} s")),
         BuildStatus::SilentTooLong { seconds } => failed("silent_too_long", format!("no output for {seconds} s")),
         BuildStatus::SetupFailure { reason } => retry("setup_failure", reason),
-        BuildStatus::MissingInputs { paths } => retry("missing_inputs", format!("missing inputs: {}", paths.join(" "))),
+        BuildStatus::MissingInputs { paths } => Some(AttemptResult::MissingInputs { paths }),
         BuildStatus::Canceled => Some(AttemptResult::Canceled),
     }
 }

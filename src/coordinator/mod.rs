@@ -13,6 +13,7 @@ pub mod queue;
 mod server;
 pub mod submit;
 pub mod transport;
+mod upload;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -158,6 +159,9 @@ impl MachineState {
 struct Batch {
     ends: Vec<AttemptEnd>,
     events: Vec<Pending>,
+    /// Attempts that ended for lack of inputs: (machine, build, attempt, paths), decided before
+    /// the batch commits.
+    missing: Vec<(usize, BuildId, i64, Vec<String>)>,
 }
 
 struct Pending {
@@ -447,8 +451,57 @@ impl Core {
         Ok(())
     }
 
+    /// Decide what the attempts that lacked inputs mean (the Guix Build Coordinator's missing
+    /// inputs behaviour): when a known derivation makes each missing path (and the cache can hold
+    /// it), the build waits for builds of those derivations (queued or running ones, else new
+    /// ones at its priority) and then runs again; otherwise it fails, naming what nobody can make.
+    async fn resolve_missing(&mut self, batch: &mut Batch) -> anyhow::Result<()> {
+        for (machine, build, attempt, paths) in std::mem::take(&mut batch.missing) {
+            let current =
+                self.machines[machine].running.get(&build).is_some_and(|r| r.attempt == attempt && !r.canceled);
+            let result = if current {
+                self.missing_inputs(build, paths).await?
+            } else {
+                AttemptResult::Retry { status: "missing_inputs".into(), reason: missing_reason(&paths), count: false }
+            };
+            self.attempt_done(machine, build, attempt, result, batch);
+        }
+        Ok(())
+    }
+
+    async fn missing_inputs(&mut self, build: BuildId, paths: Vec<String>) -> anyhow::Result<AttemptResult> {
+        let (cacheable, elsewhere): (Vec<String>, Vec<String>) =
+            paths.into_iter().partition(|p| self.cache.store_dir().parse_path(p).is_ok());
+        let mut nobody = elsewhere;
+        let mut drvs = std::collections::BTreeSet::new();
+        for (path, drv) in self.db.providers(cacheable.clone()).await? {
+            match drv {
+                Some(d) => {
+                    drvs.insert(d);
+                }
+                None => nobody.push(path),
+            }
+        }
+        if !nobody.is_empty() {
+            nobody.sort();
+            let reason = format!("missing inputs that no known derivation makes: {}", nobody.join(" "));
+            return Ok(AttemptResult::Failed { status: "missing_inputs".into(), reason });
+        }
+        let now = now_ms();
+        let (created, deps) = self.db.wait_for(build, drvs.into_iter().collect(), now).await?;
+        let waiting = self.known.get(&build).map(|k| k.uuid.to_string()).unwrap_or_default();
+        for b in &created {
+            self.queue.insert(b.id, b.priority, &b.system, &b.features, &b.deps);
+            self.known.insert(b.id, Known { uuid: b.uuid.as_str().into(), drv: b.drv.as_str().into(), retries: 0 });
+            self.emit(b.id, BuildState::Queued, now, None, Some(format!("makes inputs build {waiting} lacks")), false);
+        }
+        let reason = format!("waiting for builds of its {}", missing_reason(&cacheable));
+        Ok(AttemptResult::WaitFor { deps, reason })
+    }
+
     /// Record a batch of attempt ends in one transaction, then tell the watchers.
-    async fn commit(&mut self, batch: Batch) -> anyhow::Result<()> {
+    async fn commit(&mut self, mut batch: Batch) -> anyhow::Result<()> {
+        self.resolve_missing(&mut batch).await?;
         if batch.ends.is_empty() {
             return Ok(());
         }
@@ -492,6 +545,9 @@ impl Core {
                     let result = AttemptResult::Retry { status: "interrupted".into(), reason, count: true };
                     self.attempt_done(machine, build, attempt, result, batch);
                 }
+            }
+            DriverEvent::Done { machine, build, attempt, result: AttemptResult::MissingInputs { paths } } => {
+                batch.missing.push((machine, build, attempt, paths));
             }
             DriverEvent::Done { machine, build, attempt, result } => {
                 self.attempt_done(machine, build, attempt, result, batch);
@@ -599,6 +655,19 @@ impl Core {
                     let reason = "canceled by the agent".to_owned();
                     let change = self.fail(build, &reason, &mut events);
                     ("canceled".to_owned(), Some(reason), Vec::new(), change)
+                }
+                AttemptResult::WaitFor { deps, reason } => {
+                    self.stats.retries += 1;
+                    self.queue.requeue_after(build, &deps);
+                    events.push((build, BuildState::Queued, Some(reason.clone()), true));
+                    ("missing_inputs".to_owned(), Some(reason), Vec::new(), BuildChange::Requeue { count_retry: false })
+                }
+                AttemptResult::MissingInputs { paths } => {
+                    // Resolved before attempt_done; reaching here means a result out of turn.
+                    let reason = missing_reason(&paths);
+                    self.queue.requeue(build, Some(&machine_name));
+                    events.push((build, BuildState::Queued, Some(reason.clone()), true));
+                    ("missing_inputs".to_owned(), Some(reason), Vec::new(), BuildChange::Requeue { count_retry: false })
                 }
                 AttemptResult::Retry { status, reason, count } => {
                     let retries = self.known.get(&build).map_or(0, |k| k.retries) + u32::from(count);
@@ -741,7 +810,13 @@ fn describe(result: &AttemptResult) -> (String, Option<String>) {
             (status.clone(), Some(reason.clone()))
         }
         AttemptResult::Canceled => ("canceled".into(), Some("canceled".into())),
+        AttemptResult::MissingInputs { paths } => ("missing_inputs".into(), Some(missing_reason(paths))),
+        AttemptResult::WaitFor { reason, .. } => ("missing_inputs".into(), Some(reason.clone())),
     }
+}
+
+fn missing_reason(paths: &[String]) -> String {
+    format!("missing inputs: {}", paths.join(" "))
 }
 
 fn percentile(sorted: &[u64], p: usize) -> u64 {

@@ -183,6 +183,22 @@ impl Queue {
         }
     }
 
+    /// Put a running build back to wait for `deps` (those still active) first.
+    pub fn requeue_after(&mut self, id: BuildId, deps: &[BuildId]) {
+        if let Some(mut entry) = self.running.remove(&id) {
+            for &d in deps {
+                if d != id && self.is_active(d) {
+                    self.dependents.entry(d).or_default().push(id);
+                    entry.waiting += 1;
+                }
+            }
+            if entry.waiting == 0 {
+                self.ready[entry.class].insert((Reverse(entry.priority), id));
+            }
+            self.queued.insert(id, entry);
+        }
+    }
+
     /// A build succeeded: returns the builds that became ready.
     pub fn succeeded(&mut self, id: BuildId) -> Vec<BuildId> {
         self.running.remove(&id);
@@ -300,6 +316,23 @@ mod tests {
         assert_eq!(q.pick(&slots), Some(Pick { build: id, machine: 1 }));
         q.requeue(id, Some("fast"));
         assert_eq!(q.pick(&slots), Some(Pick { build: id, machine: 0 }));
+    }
+
+    #[test]
+    fn a_running_build_can_go_back_to_wait_for_new_dependencies() {
+        let m = caps(&["x"], &[], &[]);
+        let slots = [slot("m", &m, 0, 10, 1.0)];
+        let mut q = Queue::new();
+        q.insert(1, 5, "x", &set(&[]), &[]);
+        assert_eq!(q.pick(&slots).map(|p| p.build), Some(1));
+        // 1 lacks an input that 2 makes; 3 is a dependency that is no longer active.
+        q.insert(2, 0, "x", &set(&[]), &[]);
+        q.requeue_after(1, &[2, 3]);
+        assert_eq!(q.queued_len(), 2);
+        assert_eq!(q.pick(&slots).map(|p| p.build), Some(2), "1 waits despite its priority");
+        assert_eq!(q.pick(&slots), None);
+        assert_eq!(q.succeeded(2), [1]);
+        assert_eq!(q.pick(&slots).map(|p| p.build), Some(1));
     }
 
     #[test]

@@ -14,8 +14,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::Command;
 use super::logs;
+use super::submit::Checked;
+use super::upload::Uploads;
 use crate::api::{self, BuildState, Event, Reply, Request};
 use crate::db::{BuildBrief, Db, ListFilter, Submission};
+use crate::pipe::ChunkReader;
 
 pub(super) struct Server {
     pub db: Arc<Db>,
@@ -66,6 +69,7 @@ pub(super) async fn serve(server: Arc<Server>, listener: UnixListener) {
 }
 
 type Out = BufWriter<tokio::net::unix::OwnedWriteHalf>;
+type In = BufReader<tokio::net::unix::OwnedReadHalf>;
 
 async fn send(out: &mut Out, reply: &Reply) -> anyhow::Result<()> {
     let mut line = serde_json::to_vec(reply)?;
@@ -108,8 +112,14 @@ impl Server {
                     continue;
                 }
             };
-            if let Err(e) = self.handle(request, &mut out).await {
+            // After a failed upload the stream may be mid-NAR: the connection ends with the error.
+            let fatal =
+                matches!(request, Request::Submit { upload: true, .. } | Request::AddPath { .. } | Request::Uploaded);
+            if let Err(e) = self.handle(request, &mut input, &mut out).await {
                 send_now(&mut out, &Reply::Error { message: format!("{e:#}") }).await?;
+                if fatal {
+                    return Ok(());
+                }
             }
             out.flush().await?;
         }
@@ -121,11 +131,26 @@ impl Server {
         rx.await.map_err(|_| anyhow::anyhow!("the coordinator is stopping"))
     }
 
-    async fn handle(&self, request: Request, out: &mut Out) -> anyhow::Result<()> {
+    async fn handle(&self, request: Request, input: &mut In, out: &mut Out) -> anyhow::Result<()> {
         match request {
-            Request::Submit { derivations, inputs, priority, tags, ignore_if_built } => {
+            Request::Submit { derivations, inputs, priority, tags, ignore_if_built, upload } => {
                 let checked = tokio::task::spawn_blocking(move || super::submit::check(&derivations, &inputs)).await?;
                 let checked = checked.map_err(anyhow::Error::msg)?;
+                if upload {
+                    self.uploads(&checked, input, out).await?;
+                }
+                let cache = self.cache.clone();
+                let (checked, needed, unpublished) = tokio::task::spawn_blocking(move || {
+                    let needed = checked.needed(|p| cache.has(p));
+                    let unpublished = checked
+                        .derivations
+                        .iter()
+                        .filter(|d| d.outputs.values().any(|o| cache.store_dir().parse_path(o).is_err()))
+                        .map(|d| d.path.clone())
+                        .collect();
+                    (checked, needed, unpublished)
+                })
+                .await?;
                 let sub = Submission {
                     derivations: checked.derivations,
                     requested: checked.requested,
@@ -133,9 +158,19 @@ impl Server {
                     tags,
                     ignore_if_built,
                     now: api::now_ms(),
+                    needed,
+                    unpublished,
                 };
                 let outcome = self.ask(|tx| Command::Submit(Box::new(sub), tx)).await??;
                 send(out, &Reply::Submitted { builds: outcome.requested, dependencies: outcome.dependencies }).await
+            }
+            Request::Missing { paths } => {
+                let cache = self.cache.clone();
+                let paths = tokio::task::spawn_blocking(move || lacking(&cache, paths, |_| false)).await?;
+                send(out, &Reply::Missing { paths }).await
+            }
+            Request::AddPath { .. } | Request::Uploaded => {
+                anyhow::bail!("add_path and uploaded come only after a submit with upload")
             }
             Request::Watch { builds } => self.watch(builds, out).await,
             Request::Builds { state, tags, limit } => {
@@ -170,6 +205,52 @@ impl Server {
                 send(out, &reply).await
             }
         }
+    }
+
+    /// A submission's uploads: say what the cache lacks, take what the client sends until it
+    /// says `uploaded`, and publish it all.
+    async fn uploads(&self, checked: &Checked, input: &mut In, out: &mut Out) -> anyhow::Result<()> {
+        let wanted = {
+            let cache = self.cache.clone();
+            tokio::task::block_in_place(|| super::upload::wanted(&cache, checked))
+        };
+        send_now(out, &Reply::Wanted { paths: wanted }).await?;
+        let mut uploads = Uploads::new(self.cache.clone(), checked);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = (&mut *input).take(api::MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line).await?;
+            if n == 0 {
+                anyhow::bail!("the client left before it finished uploading");
+            }
+            let request: Request =
+                serde_json::from_slice(&line).map_err(|e| anyhow::anyhow!("malformed request: {e}"))?;
+            match request {
+                Request::Missing { paths } => {
+                    let (cache, up) = (self.cache.clone(), &uploads);
+                    let paths = tokio::task::block_in_place(|| lacking(&cache, paths, |p| up.has(p)));
+                    send_now(out, &Reply::Missing { paths }).await?;
+                }
+                Request::AddPath { path, references, nar_size } => {
+                    let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+                    let p = path.clone();
+                    let adding = tokio::task::spawn_blocking(move || {
+                        let r = uploads.add(&p, references, ChunkReader::new(rx));
+                        (uploads, r)
+                    });
+                    let read = forward(input, nar_size, tx).await;
+                    let (u, added) = adding.await?;
+                    uploads = u;
+                    read.with_context(|| format!("reading the NAR of {path}"))?;
+                    added.map_err(anyhow::Error::msg)?;
+                    send_now(out, &Reply::Added { path }).await?;
+                }
+                Request::Uploaded => break,
+                _ => anyhow::bail!("expected add_path, missing or uploaded while uploading for a submission"),
+            }
+        }
+        tokio::task::spawn_blocking(move || uploads.publish()).await?.map_err(anyhow::Error::msg)?;
+        Ok(())
     }
 
     /// Stream the events of `uuids` (of every build, when empty) until they have all ended: first
@@ -277,6 +358,29 @@ impl Server {
         }
         send(out, &Reply::End).await
     }
+}
+
+/// Of `paths`, those the cache lacks and `have` does not cover, in the order given.
+fn lacking(cache: &crate::cache::Cache, paths: Vec<String>, have: impl Fn(&str) -> bool) -> Vec<String> {
+    paths.into_iter().filter(|p| !cache.has(p) && !have(p)).collect()
+}
+
+/// Read exactly `n` bytes from `input` into `tx` in chunks; once the receiver is gone (it found
+/// the NAR bad), the rest is read and dropped, so the stream stays in step.
+async fn forward(input: &mut In, n: u64, tx: mpsc::Sender<Vec<u8>>) -> std::io::Result<()> {
+    let mut tx = Some(tx);
+    let mut left = n;
+    while left > 0 {
+        let mut chunk = vec![0u8; left.min(1 << 20) as usize];
+        input.read_exact(&mut chunk).await?;
+        left -= chunk.len() as u64;
+        if let Some(t) = &tx
+            && t.send(chunk).await.is_err()
+        {
+            tx = None;
+        }
+    }
+    Ok(())
 }
 
 fn snapshot(b: &BuildBrief) -> Reply {

@@ -18,6 +18,27 @@ struct NotSent(String);
 pub struct Checked {
     pub derivations: Vec<NewDerivation>,
     pub requested: Vec<String>,
+    /// For each derivation: its input derivations and the output paths it takes of each.
+    pub uses: HashMap<String, Vec<(String, Vec<String>)>>,
+}
+
+impl Checked {
+    /// The derivations that must be built, given which paths are `available` (in the cache, or
+    /// about to be): the submitted ones, and, walking down from them, each input derivation some
+    /// needed derivation takes an output of that is not available. An input whose outputs are all
+    /// there is not built, and neither is what only it needed.
+    pub fn needed(&self, mut available: impl FnMut(&str) -> bool) -> BTreeSet<String> {
+        let mut needed: BTreeSet<String> = self.requested.iter().cloned().collect();
+        let mut stack: Vec<&str> = self.requested.iter().map(String::as_str).collect();
+        while let Some(d) = stack.pop() {
+            for (input, outputs) in self.uses.get(d).into_iter().flatten() {
+                if !outputs.iter().all(|o| available(o)) && needed.insert(input.clone()) {
+                    stack.push(input);
+                }
+            }
+        }
+        needed
+    }
 }
 
 /// Check a submission. `inputs` maps each input derivation's path to its ATerm.
@@ -70,17 +91,23 @@ pub fn check(files: &[DrvFile], inputs: &BTreeMap<String, String>) -> Result<Che
     let out_paths: HashMap<&str, &BTreeMap<String, String>> =
         derivations.iter().map(|(p, _, o)| (p.as_str(), o)).collect();
     let mut result = Vec::with_capacity(derivations.len());
+    let mut uses = HashMap::with_capacity(derivations.len());
     for (path, drv, outputs) in &derivations {
         let mut used: BTreeSet<String> = drv.input_srcs.iter().cloned().collect();
+        let mut edges = Vec::with_capacity(drv.input_drvs.len());
         for (input, outs) in &drv.input_drvs {
             let Some(paths) = out_paths.get(input.as_str()) else {
                 return Err(format!("{path}: input derivation {input} was not sent"));
             };
+            let mut taken = Vec::with_capacity(outs.len());
             for o in outs {
                 let p = paths.get(o).ok_or_else(|| format!("{path}: input derivation {input} has no output {o:?}"))?;
                 used.insert(p.clone());
+                taken.push(p.clone());
             }
+            edges.push((input.clone(), taken));
         }
+        uses.insert(path.clone(), edges);
         let features = drv.env.get("requiredSystemFeatures").map(|f| f.split_whitespace().map(str::to_owned).collect());
         result.push(NewDerivation {
             path: path.clone(),
@@ -92,7 +119,7 @@ pub fn check(files: &[DrvFile], inputs: &BTreeMap<String, String>) -> Result<Che
             inputs: used.into_iter().collect(),
         });
     }
-    Ok(Checked { derivations: result, requested })
+    Ok(Checked { derivations: result, requested, uses })
 }
 
 /// Post-order walk (inputs first), parsing input derivations as they are reached. Iterative.

@@ -13,8 +13,8 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
 use crate::formats::hash::HashSink;
-use crate::protocol::{Frame, FrameReader, HostFacts, Message, PROTOCOL_VERSION, write_frame};
 use crate::pipe::ChunkReader;
+use crate::protocol::{Frame, FrameReader, HostFacts, Message, PROTOCOL_VERSION, write_frame};
 use crate::ssh::{self, Connection, ExitInfo, SshError, Target, Timing, shell_quote};
 
 /// How to reach a machine's agent.

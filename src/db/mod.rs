@@ -38,6 +38,11 @@ pub struct Submission {
     pub tags: Vec<(String, String)>,
     pub ignore_if_built: bool,
     pub now: i64,
+    /// The input derivations that must be built (the others' outputs are in the binary cache).
+    pub needed: BTreeSet<String>,
+    /// Derivations whose outputs the cache cannot hold (another store dir): for these, a build
+    /// that succeeded counts as their outputs being available.
+    pub unpublished: BTreeSet<String>,
 }
 
 /// A build the queue must learn about.
@@ -305,6 +310,66 @@ impl Db {
         .await
     }
 
+    /// For each path, a derivation known to produce it, if any.
+    pub async fn providers(&self, paths: Vec<String>) -> anyhow::Result<Vec<(String, Option<i64>)>> {
+        self.read(move |conn| {
+            let mut find = conn.prepare_cached(
+                "SELECT o.drv FROM derivation_outputs o WHERE o.path = ?1 ORDER BY o.drv DESC LIMIT 1",
+            )?;
+            let mut out = Vec::with_capacity(paths.len());
+            for p in paths {
+                let drv = find.query_row([&p], |r| r.get::<_, i64>(0)).optional()?;
+                out.push((p, drv));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Make `build` wait for a build of each of `drvs`: a queued or running one, else a new one at
+    /// its priority. Returns the builds created and every build it now waits for.
+    pub async fn wait_for(
+        &self,
+        build: BuildId,
+        drvs: Vec<i64>,
+        now: i64,
+    ) -> anyhow::Result<(Vec<QueuedBuild>, Vec<BuildId>)> {
+        self.write(move |tx| {
+            let priority: i64 = tx.query_row("SELECT priority FROM builds WHERE id = ?1", [build], |r| r.get(0))?;
+            let mut active = tx.prepare_cached(
+                "SELECT id FROM builds WHERE drv = ?1 AND state IN ('queued', 'running') ORDER BY id DESC LIMIT 1",
+            )?;
+            let mut describe = tx.prepare_cached("SELECT path, system, features FROM derivations WHERE id = ?1")?;
+            let mut dep = tx.prepare_cached("INSERT OR IGNORE INTO build_deps (build, dep) VALUES (?1, ?2)")?;
+            let (mut created, mut deps) = (Vec::new(), Vec::new());
+            for drv in drvs {
+                let id = match active.query_row([drv], |r| r.get::<_, BuildId>(0)).optional()? {
+                    Some(id) => id,
+                    None => {
+                        let (path, system, features): (String, String, String) =
+                            describe.query_row([drv], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                        let (id, uuid) = insert_build(tx, drv, priority, now)?;
+                        created.push(QueuedBuild {
+                            id,
+                            uuid,
+                            drv: path,
+                            priority,
+                            system,
+                            features: features.split_whitespace().map(str::to_owned).collect(),
+                            deps: Vec::new(),
+                            retries: 0,
+                        });
+                        id
+                    }
+                };
+                dep.execute(params![build, id])?;
+                deps.push(id);
+            }
+            Ok((created, deps))
+        })
+        .await
+    }
+
     /// Cancel a queued or running build, failing its dependents (`cascade`). False when it had
     /// already ended.
     pub async fn cancel(&self, build: BuildId, cascade: Vec<(BuildId, String)>, now: i64) -> anyhow::Result<bool> {
@@ -448,7 +513,7 @@ fn submit(tx: &Transaction<'_>, sub: &Submission) -> DbResult<SubmitOutcome> {
     let requested: BTreeSet<&str> = sub.requested.iter().map(String::as_str).collect();
     let mut requested_ids: HashMap<&str, String> = HashMap::new();
     let mut existing = tx.prepare_cached(
-        "SELECT id, state FROM builds WHERE drv = ?1 AND state IN ('queued', 'running', 'succeeded')
+        "SELECT id, state FROM builds WHERE drv = ?1 AND (state IN ('queued', 'running') OR (?2 AND state = 'succeeded'))
          ORDER BY state = 'succeeded', id DESC LIMIT 1",
     )?;
     let mut succeeded_same_outputs = tx.prepare_cached(
@@ -468,9 +533,15 @@ fn submit(tx: &Transaction<'_>, sub: &Submission) -> DbResult<SubmitOutcome> {
                 continue;
             }
         }
+        if !is_requested && !sub.needed.contains(&d.path) {
+            resolved.insert(&d.path, None);
+            continue;
+        }
+        let succeeded_counts = sub.unpublished.contains(&d.path);
         if !is_requested
-            && let Some((id, state)) =
-                existing.query_row([drv_id], |r| Ok((r.get::<_, BuildId>(0)?, r.get::<_, String>(1)?))).optional()?
+            && let Some((id, state)) = existing
+                .query_row(params![drv_id, succeeded_counts], |r| Ok((r.get::<_, BuildId>(0)?, r.get::<_, String>(1)?)))
+                .optional()?
         {
             resolved.insert(&d.path, (state != "succeeded").then_some(id));
             continue;
@@ -498,10 +569,7 @@ fn new_build(
     sub: &Submission,
     tagged: bool,
 ) -> DbResult<QueuedBuild> {
-    let uuid = Uuid::new_v4().to_string();
-    tx.prepare_cached("INSERT INTO builds (uuid, drv, priority, state, created_at) VALUES (?1, ?2, ?3, 'queued', ?4)")?
-        .execute(params![uuid, drv_id, sub.priority, sub.now])?;
-    let id = tx.last_insert_rowid();
+    let (id, uuid) = insert_build(tx, drv_id, sub.priority, sub.now)?;
     if tagged {
         let mut ins = tx.prepare_cached("INSERT OR IGNORE INTO build_tags (build, key, value) VALUES (?1, ?2, ?3)")?;
         for (k, v) in &sub.tags {
@@ -522,6 +590,14 @@ fn new_build(
         deps: deps.to_vec(),
         retries: 0,
     })
+}
+
+/// A new queued build of a stored derivation: its id and UUID.
+fn insert_build(tx: &Transaction<'_>, drv_id: i64, priority: i64, now: i64) -> DbResult<(BuildId, String)> {
+    let uuid = Uuid::new_v4().to_string();
+    tx.prepare_cached("INSERT INTO builds (uuid, drv, priority, state, created_at) VALUES (?1, ?2, ?3, 'queued', ?4)")?
+        .execute(params![uuid, drv_id, priority, now])?;
+    Ok((tx.last_insert_rowid(), uuid))
 }
 
 fn fail_all(tx: &Transaction<'_>, builds: &[(BuildId, String)], now: i64) -> DbResult<()> {
