@@ -287,6 +287,18 @@ fn an_input_source_travels_from_the_client_and_the_build_succeeds() {
     let flat = run_ok_str(nix("nix-hash").args(["--type", "sha256", "--flat", "--base32", &source]));
     assert!(info.contains(&format!("CA: text:sha256:{}\n", flat.trim())), "{info}");
     assert_eq!(info.matches("Sig: ").count(), 1, "{info}");
+    // What it refers to travelled too: the data file (text) and the directory (a source, by NAR
+    // hash), with the NAR hashes Nix has for them.
+    let parsed = NarInfo::parse(&info).unwrap();
+    let refs: Vec<String> = parsed.references.iter().map(|r| parsed.store_dir.display(r)).collect();
+    assert_eq!(refs.len(), 2, "{info}");
+    for r in &refs {
+        let theirs = run_ok_str(nix("nix-store").args(["-q", "--hash", r]));
+        let ours = NarInfo::parse(&narinfo(&c, r)).unwrap();
+        assert_eq!(ours.nar_hash.to_nix32_string(), theirs.trim(), "{r}");
+        let want = if r.ends_with("-needs-source-dir") { format!("fixed:r:{}", theirs.trim()) } else { "text:".into() };
+        assert!(ours.ca.as_deref().unwrap_or_default().starts_with(&want), "{r}: {:?}", ours.ca);
+    }
     let key = run_ok_str(&mut c.gbc(&["cache", "public-key"])).trim().to_owned();
     let dir = common::tempdir();
     let mut copy = nix("nix");

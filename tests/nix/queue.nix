@@ -31,8 +31,13 @@ in rec {
   p2 = sh "prio-2" "echo 2 ${salt} > $out" { };
   p3 = sh "prio-3" "echo 3 ${salt} > $out" { };
 
-  # Its builder script is an input source, which no build host has yet: nobody can provide it.
-  needsSource = sh "needs-source" ". ${builtins.toFile "needs-source.sh" "echo ${salt} > $out"}" { };
+  # Its builder script is an input source, which no build host has: a text file that refers to
+  # another text file and to a directory added to the store.
+  sourceData = builtins.toFile "needs-source-data" "data ${salt}";
+  sourceDir = builtins.path { path = ./source-dir; name = "needs-source-dir"; };
+  needsSource = sh "needs-source" ". ${builtins.toFile "needs-source.sh" ''
+    read x < ${sourceData}; echo "$x" > $out; /bin/cat ${sourceDir}/file >> $out
+  ''}" { };
 
   many = builtins.genList (i: sh "trivial-${toString i}" "echo ${toString i} ${salt} > $out" { }) n;
 }
