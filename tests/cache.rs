@@ -318,3 +318,107 @@ fn an_input_source_travels_from_the_client_and_the_build_succeeds() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!((inode(), builds(&c).len()), (before, 2));
 }
+
+/// A client connection that has submitted `drv` with `upload` and read the `wanted` reply.
+fn upload_session(c: &Coordinator, drv: &str) -> (std::io::BufReader<std::os::unix::net::UnixStream>, Vec<String>) {
+    use std::io::{BufRead as _, Write as _};
+    let stream = std::os::unix::net::UnixStream::connect(c.state.join("gbc.sock")).unwrap();
+    let mut r = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let aterm = std::fs::read_to_string(drv).unwrap();
+    let submit = serde_json::json!({"type": "submit", "derivations": [{"file": drv, "aterm": aterm}], "upload": true});
+    writeln!(r.get_mut(), "{submit}").unwrap();
+    let reply = reply(&mut r);
+    assert_eq!(reply["type"], "wanted", "{reply}");
+    let wanted = reply["paths"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect();
+    (r, wanted)
+}
+
+fn reply(r: &mut std::io::BufReader<std::os::unix::net::UnixStream>) -> serde_json::Value {
+    use std::io::BufRead as _;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+/// Send `add_path` for `path` with this NAR; the reply.
+fn add_path(
+    r: &mut std::io::BufReader<std::os::unix::net::UnixStream>,
+    path: &str,
+    refs: &[String],
+    nar: &[u8],
+) -> serde_json::Value {
+    use std::io::Write as _;
+    let req = serde_json::json!({"type": "add_path", "path": path, "references": refs, "nar_size": nar.len()});
+    writeln!(r.get_mut(), "{req}").unwrap();
+    r.get_mut().write_all(nar).unwrap();
+    reply(r)
+}
+
+fn nar_of(path: &std::path::Path) -> Vec<u8> {
+    let mut nar = Vec::new();
+    gbc::formats::nar::dump_path(path, &mut nar).unwrap();
+    nar
+}
+
+#[test]
+fn uploads_that_are_not_what_they_claim_are_refused_and_leave_nothing() {
+    use std::io::{Read as _, Write as _};
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drv = common::instantiate("tests/nix/queue.nix", None, &["needsSource"], &salt()).remove(0).1;
+    let script = {
+        let parsed = gbc::formats::derivation::Derivation::parse(&std::fs::read(&drv).unwrap()).unwrap();
+        parsed.input_srcs.iter().next().unwrap().clone()
+    };
+    let script_refs: Vec<String> =
+        run_ok_str(nix("nix-store").args(["-q", "--references", &script])).lines().map(str::to_owned).collect();
+    let dir = common::tempdir();
+    let other = dir.path().join("other");
+    std::fs::write(&other, "not the script").unwrap();
+    let (_, wanted) = upload_session(&c, &drv);
+    assert_eq!(wanted, [script.clone()]);
+
+    let cases: Vec<(&str, Vec<u8>, Vec<String>, &str)> = vec![
+        // Other contents under the script's path.
+        (&script, nar_of(&other), script_refs.clone(), "do not give this path"),
+        // The right contents, references left out.
+        (&script, nar_of(std::path::Path::new(&script)), Vec::new(), "do not give this path"),
+        // Not a NAR at all.
+        (&script, b"garbage that is not a NAR".to_vec(), script_refs.clone(), "not a NAR"),
+        // A path that has nothing to do with the submission.
+        (
+            "/nix/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-other",
+            nar_of(&other),
+            Vec::new(),
+            "no derivation of the submission",
+        ),
+    ];
+    for (path, nar, refs, why) in cases {
+        let (mut r, _) = upload_session(&c, &drv);
+        let reply = add_path(&mut r, path, &refs, &nar);
+        assert_eq!(reply["type"], "error", "{path}: {reply}");
+        assert!(reply["message"].as_str().unwrap().contains(why), "{reply}");
+        // The connection ends with the error: the stream may be out of step.
+        let mut rest = Vec::new();
+        assert_eq!(r.read_to_end(&mut rest).unwrap_or(0), 0);
+    }
+    // The right script, but its references were never uploaded: refused when the upload ends.
+    let (mut r, _) = upload_session(&c, &drv);
+    let reply = add_path(&mut r, &script, &script_refs, &nar_of(std::path::Path::new(&script)));
+    assert_eq!(reply["type"], "added", "{reply}");
+    writeln!(r.get_mut(), r#"{{"type":"uploaded"}}"#).unwrap();
+    let reply = self::reply(&mut r);
+    assert!(reply["message"].as_str().unwrap_or_default().contains("neither in the cache nor uploaded"), "{reply}");
+
+    // Nothing was published, nothing was queued, no temporary file is left.
+    let cache = c.state.join("cache");
+    let narinfos = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "narinfo"))
+        .count();
+    assert_eq!(narinfos, 0);
+    assert_eq!(std::fs::read_dir(cache.join("nar")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(cache.join(".tmp")).unwrap().count(), 0);
+    assert!(builds(&c).is_empty());
+}

@@ -324,6 +324,43 @@ fn an_input_nobody_can_provide_fails_the_build_at_once_naming_it() {
 }
 
 #[test]
+fn outputs_the_client_has_are_uploaded_and_an_input_the_cache_lost_is_built_again() {
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drvs = instantiate(&["base", "left", "blocker"], &salt());
+    // This machine's Nix has base's output; the coordinator's cache and its build host do not.
+    let base_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["base"]])).trim().to_owned();
+    let blocker = submit(&c, &[&drvs["blocker"]], &[]);
+    wait_for_state(&c, &blocker[0], "running");
+    let left = submit(&c, &[&drvs["left"]], &[]);
+    // base's output was uploaded, so base gets no build of its own.
+    let listed: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let hash = &base_out.rsplit('/').next().unwrap()[..32];
+    let narinfo = c.state.join(format!("cache/{hash}.narinfo"));
+    let text = std::fs::read_to_string(&narinfo).unwrap();
+    assert!(text.contains(&format!("Deriver: {}\n", drvs["base"].rsplit('/').next().unwrap())), "{text}");
+    let theirs = run_ok_str(nix("nix-store").args(["-q", "--hash", &base_out]));
+    assert!(text.contains(&format!("NarHash: {theirs}")), "{text}");
+
+    // The cache loses it before left starts: left waits for a new build of base, then succeeds.
+    std::fs::remove_file(&narinfo).unwrap();
+    wait_for_state(&c, &left[0], "succeeded");
+    let d = show(&c, &left[0]);
+    let attempts = d["attempt_list"].as_array().unwrap();
+    let statuses: Vec<&str> = attempts.iter().map(|a| a["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["missing_inputs", "success"], "{d}");
+    assert!(attempts[0]["reason"].as_str().unwrap().contains(&base_out), "{d}");
+    let listed: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let base_build = listed.iter().find(|b| b["drv"] == drvs["base"].as_str()).expect("a build of base");
+    assert_eq!(base_build["state"], "succeeded");
+    assert!(narinfo.exists());
+    let theirs = run_ok_str(nix("nix-store").args(["--realise", &drvs["left"]]));
+    assert_eq!(recorded_hashes(&d).keys().cloned().collect::<Vec<_>>(), [theirs.trim().to_owned()]);
+    let ours = recorded_hashes(&d).into_values().next().unwrap();
+    assert_eq!(ours, run_ok_str(nix("nix-store").args(["-q", "--hash", theirs.trim()])).trim());
+}
+
+#[test]
 fn without_a_coordinator_the_client_says_how_to_start_one() {
     let tmp = common::tempdir();
     let out = run(common::gbc().args(["builds", "--state-dir"]).arg(tmp.path()));
