@@ -377,7 +377,7 @@ fn uploads_that_are_not_what_they_claim_are_refused_and_leave_nothing() {
     let other = dir.path().join("other");
     std::fs::write(&other, "not the script").unwrap();
     let (_, wanted) = upload_session(&c, &drv);
-    assert_eq!(wanted, [script.clone()]);
+    assert_eq!(wanted, std::slice::from_ref(&script));
 
     let cases: Vec<(&str, Vec<u8>, Vec<String>, &str)> = vec![
         // Other contents under the script's path.

@@ -472,7 +472,15 @@ impl Core {
     async fn missing_inputs(&mut self, build: BuildId, paths: Vec<String>) -> anyhow::Result<AttemptResult> {
         let (cacheable, elsewhere): (Vec<String>, Vec<String>) =
             paths.into_iter().partition(|p| self.cache.store_dir().parse_path(p).is_ok());
-        let mut nobody = elsewhere;
+        if !elsewhere.is_empty() {
+            let reason = format!(
+                "missing inputs outside the cache's store dir {}: {}",
+                self.cache.store_dir(),
+                elsewhere.join(" ")
+            );
+            return Ok(AttemptResult::Failed { status: "missing_inputs".into(), reason });
+        }
+        let mut nobody = Vec::new();
         let mut drvs = std::collections::BTreeSet::new();
         for (path, drv) in self.db.providers(cacheable.clone()).await? {
             match drv {
