@@ -169,3 +169,39 @@ fn a_missing_input_derivation_is_reported() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chain-a.drv") && err.contains("not found"), "{err}");
 }
+
+/// Text paths (with references) and source paths, as Nix makes them, are recognised from their
+/// contents; the wrong references are not.
+#[test]
+fn content_addresses_match_nix_s_text_and_source_paths() {
+    use gbc::formats::store_path::{ContentAddress, StoreDir};
+    let s = salt();
+    let expr = format!(
+        r#"let a = builtins.toFile "a" "x {s}"; in builtins.toString [ a (builtins.toFile "b" "see ${{a}}") ]"#
+    );
+    let printed = run_ok_str(nix("nix-instantiate").args(["--eval", "--strict", "--read-write-mode", "-E", &expr]));
+    let paths: Vec<String> = printed.trim().trim_matches('"').split(' ').map(str::to_owned).collect();
+    let (a, b) = (&paths[0], &paths[1]);
+    let dir = tempdir();
+    let tree = dir.path().join(format!("tree-{}", s.replace('-', "")));
+    fs::create_dir(&tree).unwrap();
+    fs::write(tree.join("f"), &s).unwrap();
+    let added = run_ok_str(nix("nix-store").arg("--add").arg(&tree)).trim().to_owned();
+
+    let sd = StoreDir::new("/nix/store").unwrap();
+    let address = |p: &str, refs: &[String]| {
+        let (hash, _) = gbc::formats::nar::nar_hash(Path::new(p)).unwrap();
+        let nar: [u8; 32] = hash.digest().try_into().unwrap();
+        let flat = Path::new(p).is_file().then(|| gbc::formats::hash::sha256(&fs::read(p).unwrap()));
+        sd.content_address(&sd.parse_path(p).unwrap(), refs, &nar, flat.as_ref())
+    };
+    assert!(matches!(address(a, &[]), Some(ContentAddress::Text(_))));
+    assert!(matches!(address(b, std::slice::from_ref(a)), Some(ContentAddress::Text(_))));
+    assert_eq!(address(b, &[]), None, "b refers to a");
+    let theirs = run_ok_str(nix("nix-store").args(["-q", "--hash", &added]));
+    match address(&added, &[]) {
+        Some(ContentAddress::Source(h)) => assert_eq!(h.to_nix32_string(), theirs.trim()),
+        other => panic!("{added}: {other:?}"),
+    }
+    assert_eq!(address(&added, std::slice::from_ref(a)), None);
+}
