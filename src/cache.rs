@@ -169,9 +169,27 @@ impl Cache {
             }
             infos.push(self.store_nar(&out, staged)?);
         }
-        let here: BTreeSet<String> = infos.iter().map(|i| i.store_path.as_str().to_owned()).collect();
+        // Ready: every reference in the cache or among the ready ones (to a fixpoint: what refers
+        // to a waiting path waits too).
+        let mut here: BTreeSet<String> = infos.iter().map(|i| i.store_path.as_str().to_owned()).collect();
+        loop {
+            let held: Vec<String> = infos
+                .iter()
+                .filter(|i| here.contains(i.store_path.as_str()) && !self.references_present(i, &here))
+                .map(|i| i.store_path.as_str().to_owned())
+                .collect();
+            if held.is_empty() {
+                break;
+            }
+            for h in held {
+                here.remove(&h);
+            }
+        }
         let (ready, waiting): (Vec<NarInfo>, Vec<NarInfo>) =
-            infos.into_iter().partition(|i| self.references_present(i, &here));
+            infos.into_iter().partition(|i| here.contains(i.store_path.as_str()));
+        // References first, so that a crash between two renames leaves no narinfo without its
+        // references' (except within a cycle of mutual references).
+        let ready = references_first(ready);
         for info in &waiting {
             write_atomically(
                 &self.root.join(".pending").join(format!("{}.narinfo", info.store_path.hash_part())),
@@ -359,6 +377,33 @@ impl Cache {
         info.sign(&self.key).map_err(|e| invalid(e.to_string()))?;
         Ok(info)
     }
+}
+
+/// Order narinfos so that each comes after those of the batch it refers to (cycles broken
+/// anywhere).
+fn references_first(infos: Vec<NarInfo>) -> Vec<NarInfo> {
+    let mut by_path: std::collections::BTreeMap<StorePath, NarInfo> =
+        infos.into_iter().map(|i| (i.store_path.clone(), i)).collect();
+    let roots: Vec<StorePath> = by_path.keys().cloned().collect();
+    let mut out = Vec::with_capacity(roots.len());
+    let mut entered = BTreeSet::new();
+    for root in roots {
+        let mut stack = vec![(root, false)];
+        while let Some((p, done)) = stack.pop() {
+            if done {
+                out.extend(by_path.remove(&p));
+                continue;
+            }
+            if !entered.insert(p.clone()) {
+                continue;
+            }
+            stack.push((p.clone(), true));
+            if let Some(info) = by_path.get(&p) {
+                stack.extend(info.references.iter().filter(|r| by_path.contains_key(*r)).map(|r| (r.clone(), false)));
+            }
+        }
+    }
+    out
 }
 
 /// A reader that writes what it reads.
@@ -565,6 +610,36 @@ mod tests {
         let file = fs::read(dir.path().join(&info.url)).unwrap_or_default();
         assert_eq!(Some(Hash::sha256(crate::formats::hash::sha256(&file))), info.file_hash);
         assert_eq!(zstd::decode_all(&file[..]).map(|n| n.len() as u64).ok(), Some(info.nar_size));
+    }
+
+    #[test]
+    fn what_refers_to_a_waiting_path_waits_too() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let c = cache(dir.path(), Compression::None);
+        // a refers to c (absent); b refers to a: neither may appear before c does.
+        let a = stage(&c, A, b"a", &[C]);
+        let b = stage(&c, B, b"b", &[A]);
+        assert_eq!(c.publish(vec![b, a]).unwrap_or_else(|e| unreachable!("{e}")), Vec::<String>::new());
+        assert!(!c.has(A) && !c.has(B));
+        let cc = stage(&c, C, b"c", &[]);
+        let mut published = c.publish(vec![cc]).unwrap_or_else(|e| unreachable!("{e}"));
+        published.sort();
+        assert_eq!(published, [A, B, C]);
+    }
+
+    #[test]
+    fn references_come_first() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let c = cache(dir.path(), Compression::None);
+        let sd = c.store_dir().clone();
+        let info = |p: &str, refs: &[&str]| {
+            let (o, s) = stage(&c, p, p.as_bytes(), refs);
+            c.store_nar(&o, s).unwrap_or_else(|e| unreachable!("{e}"))
+        };
+        // b → a → c, given in the worst order.
+        let ordered = references_first(vec![info(B, &[A]), info(A, &[C, A]), info(C, &[])]);
+        let names: Vec<String> = ordered.iter().map(|i| sd.display(&i.store_path)).collect();
+        assert_eq!(names, [C, A, B]);
     }
 
     #[test]

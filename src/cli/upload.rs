@@ -9,12 +9,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::build::refs::RefScanner;
 use crate::coordinator::submit::Checked;
-use crate::formats::hash::{Hash, HashSink};
+use crate::formats::hash::{Hash, HashSink, sha256};
 use crate::formats::nar;
 use crate::formats::store_path::StoreDir;
 
@@ -54,9 +55,9 @@ impl Prober {
         let Both(hash, scanner) = sink;
         let (nar_hash, nar_size) = hash.finish();
         let nar_hash: [u8; 32] = nar_hash.digest().try_into().ok()?;
-        let flat = (md.is_file() && !std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o100 != 0)
-            .then(|| fs::read(path).ok().map(|b| crate::formats::hash::sha256(&b)))
-            .flatten();
+        // A text path is one non-executable file, hashed flat.
+        let executable = md.permissions().mode() & 0o100 != 0;
+        let flat = (md.is_file() && !executable).then(|| fs::read(path).ok().map(|b| sha256(&b))).flatten();
         let scanned: Vec<String> = scanner.finish().into_iter().collect();
         // A hash that merely occurs in the contents is not a reference: try without them too.
         [scanned, Vec::new()].into_iter().find_map(|references| {
