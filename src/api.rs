@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; a client refuses a coordinator that speaks another version.
-pub const CLIENT_PROTOCOL_VERSION: u32 = 1;
+pub const CLIENT_PROTOCOL_VERSION: u32 = 2;
 /// Longest request line the coordinator reads (a submission of 10,000 derivations is ~10 MB).
 pub const MAX_REQUEST: usize = 256 << 20;
 

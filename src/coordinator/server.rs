@@ -96,18 +96,14 @@ impl Server {
         let mut input = BufReader::new(r);
         let mut line = Vec::new();
         loop {
-            line.clear();
-            let n = (&mut input).take(api::MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            if line.len() > api::MAX_REQUEST {
-                send_now(&mut out, &Reply::Error { message: "request too long".into() }).await?;
-                return Ok(());
-            }
-            let request: Request = match serde_json::from_slice(&line) {
-                Ok(r) => r,
-                Err(e) => {
+            let request = match read_request(&mut input, &mut line).await? {
+                Incoming::End => return Ok(()),
+                Incoming::Request(r) => r,
+                Incoming::TooLong => {
+                    send_now(&mut out, &Reply::Error { message: "request too long".into() }).await?;
+                    return Ok(());
+                }
+                Incoming::Malformed(e) => {
                     send_now(&mut out, &Reply::Error { message: format!("malformed request: {e}") }).await?;
                     continue;
                 }
@@ -218,13 +214,12 @@ impl Server {
         let mut uploads = Uploads::new(self.cache.clone(), checked);
         let mut line = Vec::new();
         loop {
-            line.clear();
-            let n = (&mut *input).take(api::MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line).await?;
-            if n == 0 {
-                anyhow::bail!("the client left before it finished uploading");
-            }
-            let request: Request =
-                serde_json::from_slice(&line).map_err(|e| anyhow::anyhow!("malformed request: {e}"))?;
+            let request = match read_request(input, &mut line).await? {
+                Incoming::Request(r) => r,
+                Incoming::End => anyhow::bail!("the client left before it finished uploading"),
+                Incoming::TooLong => anyhow::bail!("request too long"),
+                Incoming::Malformed(e) => anyhow::bail!("malformed request: {e}"),
+            };
             match request {
                 Request::Missing { paths } => {
                     let (cache, up) = (self.cache.clone(), &uploads);
@@ -358,6 +353,26 @@ impl Server {
         }
         send(out, &Reply::End).await
     }
+}
+
+/// What the next line from a client holds.
+enum Incoming {
+    Request(Request),
+    /// The client closed the connection.
+    End,
+    TooLong,
+    Malformed(serde_json::Error),
+}
+
+async fn read_request(input: &mut In, line: &mut Vec<u8>) -> std::io::Result<Incoming> {
+    line.clear();
+    if input.take(api::MAX_REQUEST as u64 + 1).read_until(b'\n', line).await? == 0 {
+        return Ok(Incoming::End);
+    }
+    if line.len() > api::MAX_REQUEST {
+        return Ok(Incoming::TooLong);
+    }
+    Ok(serde_json::from_slice(line).map_or_else(Incoming::Malformed, Incoming::Request))
 }
 
 /// Of `paths`, those the cache lacks and `have` does not cover, in the order given.

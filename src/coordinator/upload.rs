@@ -23,7 +23,8 @@ pub struct Uploads {
     cache: Arc<Cache>,
     /// Output path → (the derivation that has it, its system).
     outputs: HashMap<String, (String, String)>,
-    staged: Vec<(Output, StagedNar)>,
+    /// Path → what arrived for it.
+    staged: HashMap<String, (Output, StagedNar)>,
 }
 
 impl Uploads {
@@ -33,7 +34,7 @@ impl Uploads {
             .iter()
             .flat_map(|d| d.outputs.values().map(|o| (o.clone(), (d.path.clone(), d.system.clone()))))
             .collect();
-        Uploads { cache, outputs, staged: Vec::new() }
+        Uploads { cache, outputs, staged: HashMap::new() }
     }
 
     /// Receive the NAR of `path` from `nar` and check that it may be published as that path.
@@ -43,7 +44,7 @@ impl Uploads {
         for r in &references {
             store_dir.parse_path(r).map_err(|e| format!("{path}: reference {e}"))?;
         }
-        if self.staged.iter().any(|(o, _)| o.path == path) {
+        if self.staged.contains_key(path) {
             return Err(format!("{path} was uploaded twice"));
         }
         let (staged, flat) = self.cache.stage_checked(nar).map_err(|e| format!("{path}: {e}"))?;
@@ -65,26 +66,27 @@ impl Uploads {
             host_signature: None,
             ca,
         };
-        self.staged.push((out, staged));
+        self.staged.insert(path.to_owned(), (out, staged));
         Ok(())
     }
 
     /// Whether `path` was uploaded in this submission.
     pub fn has(&self, path: &str) -> bool {
-        self.staged.iter().any(|(o, _)| o.path == path)
+        self.staged.contains_key(path)
     }
 
     /// Publish everything uploaded, once every reference is accounted for. Returns how many paths.
     pub fn publish(self) -> Result<usize, String> {
-        let here: BTreeSet<&str> = self.staged.iter().map(|(o, _)| o.path.as_str()).collect();
-        for (o, _) in &self.staged {
-            if let Some(r) = o.references.iter().find(|r| !here.contains(r.as_str()) && !self.cache.has(r)) {
+        for (o, _) in self.staged.values() {
+            if let Some(r) = o.references.iter().find(|r| !self.staged.contains_key(*r) && !self.cache.has(r)) {
                 return Err(format!("{}: its reference {r} is neither in the cache nor uploaded", o.path));
             }
         }
         let n = self.staged.len();
         if n > 0 {
-            self.cache.publish(self.staged).map_err(|e| format!("publishing the uploads: {e}"))?;
+            self.cache
+                .publish(self.staged.into_values().collect())
+                .map_err(|e| format!("publishing the uploads: {e}"))?;
         }
         Ok(n)
     }
