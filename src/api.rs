@@ -255,6 +255,9 @@ pub struct Stats {
     /// NAR bytes of the outputs accepted.
     #[serde(default)]
     pub bytes_received: u64,
+    /// NAR bytes of inputs sent from the cache to build hosts.
+    #[serde(default)]
+    pub bytes_sent: u64,
     /// Allocation time per build over the last allocations (choosing it and recording the attempt),
     /// microseconds.
     pub alloc_p50_us: u64,

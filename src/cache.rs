@@ -297,6 +297,14 @@ impl Cache {
         Ok((found, missing))
     }
 
+    /// `paths` and every path of the cache they refer to, directly or not.
+    pub fn with_closure(&self, paths: &[String]) -> io::Result<BTreeSet<String>> {
+        let (infos, _) = self.closure(paths)?;
+        let mut all: BTreeSet<String> = paths.iter().cloned().collect();
+        all.extend(infos.iter().map(|i| self.store_dir.display(&i.store_path)));
+        Ok(all)
+    }
+
     /// The NAR of a published path, decompressed as it is read.
     pub fn open_nar(&self, info: &NarInfo) -> io::Result<Box<dyn io::Read + Send>> {
         let name = info.url.strip_prefix("nar/").filter(|n| !n.contains('/') && !n.starts_with('.'));

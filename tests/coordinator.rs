@@ -361,6 +361,26 @@ fn outputs_the_client_has_are_uploaded_and_an_input_the_cache_lost_is_built_agai
 }
 
 #[test]
+fn a_host_gets_only_the_inputs_it_lacks_not_their_whole_closure() {
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drvs = instantiate(&["base", "refsBase", "usesRefsBase"], &salt());
+    // The client's Nix has refs-base's output (which refers to base's); the host builds base.
+    let refs_base = run_ok_str(nix("nix-store").args(["--realise", &drvs["refsBase"]])).trim().to_owned();
+    let out = run(&mut c.gbc(&["build", &drvs["base"]]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sent = |c: &Coordinator| -> u64 {
+        let stats: Value = serde_json::from_str(&run_ok_str(&mut c.gbc(&["stats"]))).unwrap();
+        stats["bytes_sent"].as_u64().unwrap()
+    };
+    assert_eq!(sent(&c), 0);
+    // refs-base's output travels (uploaded, then sent to the host); base's, which the host has, not.
+    let out = run(&mut c.gbc(&["build", &drvs["usesRefsBase"]]));
+    assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
+    let size = run_ok_str(nix("nix-store").args(["-q", "--size", &refs_base]));
+    assert_eq!(sent(&c), size.trim().parse::<u64>().unwrap());
+}
+
+#[test]
 fn without_a_coordinator_the_client_says_how_to_start_one() {
     let tmp = common::tempdir();
     let out = run(common::gbc().args(["builds", "--state-dir"]).arg(tmp.path()));

@@ -195,6 +195,11 @@ async fn metrics(State(http): State<Arc<Http>>) -> Response {
         "NAR bytes of outputs accepted since the coordinator started",
         counter(stats.bytes_received),
     );
+    registry.register(
+        "sent_bytes",
+        "NAR bytes of inputs sent from the cache to build hosts since the coordinator started",
+        counter(stats.bytes_sent),
+    );
     let age = Gauge::<i64>::default();
     age.set(oldest.map_or(0, |t| (now_ms() - t).max(0) / 1000));
     registry.register("oldest_queued_age_seconds", "Age of the oldest queued build", age);

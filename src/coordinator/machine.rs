@@ -4,7 +4,7 @@
 //! the built-in local machine runs the agent as a child process; SSH machines will run it over an
 //! exec channel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
 use std::path::PathBuf;
@@ -77,6 +77,10 @@ pub enum DriverEvent {
         load1: f64,
         free_space: u64,
     },
+    /// Inputs of this many NAR bytes are on their way to a host.
+    Sending {
+        bytes: u64,
+    },
     Down {
         machine: usize,
         error: String,
@@ -102,6 +106,9 @@ struct Active {
     system: String,
     /// Inputs sent to the agent that it has not yet added.
     awaiting_inputs: usize,
+    /// The input closure as far as the cache knows it, all named in `build`: of these, the agent
+    /// gets only the ones it says it lacks.
+    announced: BTreeSet<String>,
 }
 
 /// A NAR arriving: its chunks go to a thread that hashes them and stages them in the cache.
@@ -302,17 +309,33 @@ impl Driver {
                         };
                         let log_path = logs::plain_path(&self.state_dir, &job.uuid, job.n);
                         let log = logs::create(&log_path).map_err(|e| tracing::error!(machine = %self.name, "{}: {e}", log_path.display())).ok();
+                        // Name the inputs' whole closure (what the cache knows of it), so that
+                        // the agent's answer lists every path it lacks and no other is sent.
+                        let announced: BTreeSet<String> = match &self.cache {
+                            Some(c) => {
+                                let (c, i) = (c.clone(), job.inputs.clone());
+                                match tokio::task::spawn_blocking(move || c.with_closure(&i)).await {
+                                    Ok(Ok(all)) => all,
+                                    Ok(Err(e)) => {
+                                        tracing::error!(machine = %self.name, "reading the cache: {e}");
+                                        job.inputs.iter().cloned().collect()
+                                    }
+                                    Err(_) => job.inputs.iter().cloned().collect(),
+                                }
+                            }
+                            None => job.inputs.iter().cloned().collect(),
+                        };
                         let msg = Message::Build {
                             build: key.clone(),
                             drv_path: job.drv_path.clone(),
                             drv: job.aterm.clone(),
-                            inputs: job.inputs.clone(),
+                            inputs: announced.iter().cloned().collect(),
                             max_silent_secs: self.max_silent_secs,
                             timeout_secs: self.timeout_secs,
                             cores: None,
                         };
                         by_build.insert(job.build, key.clone());
-                        active.insert(key, Active { job: *job, log, expected, claimed: Vec::new(), received: Vec::new(), system, awaiting_inputs: 0 });
+                        active.insert(key, Active { job: *job, log, expected, claimed: Vec::new(), received: Vec::new(), system, awaiting_inputs: 0, announced });
                         if session.tx.send(Frame::new(msg)).await.is_err() {
                             return SessionEnd::Lost { error: "the agent closed its input".into(), was_up: true };
                         }
@@ -335,8 +358,8 @@ impl Driver {
                             if !active.contains_key(&build) {
                                 continue;
                             }
-                            // What the cache can give, the agent gets (with its references); the
-                            // build starts once every one is added.
+                            // What the cache can give, the agent gets (with the references it
+                            // lacks); the build starts once every one is added.
                             let (infos, lacking) = match &self.cache {
                                 Some(c) if !missing.is_empty() => {
                                     let (c, m) = (c.clone(), missing.clone());
@@ -344,13 +367,22 @@ impl Driver {
                                         Ok(Ok(r)) => r,
                                         Ok(Err(e)) => {
                                             tracing::error!(machine = %self.name, "reading the cache: {e}");
-                                            (Vec::new(), missing)
+                                            (Vec::new(), missing.clone())
                                         }
-                                        Err(_) => (Vec::new(), missing),
+                                        Err(_) => (Vec::new(), missing.clone()),
                                     }
                                 }
-                                _ => (Vec::new(), missing),
+                                _ => (Vec::new(), missing.clone()),
                             };
+                            // What the agent was asked about and did not list, it has.
+                            let asked = active.get(&build).map(|a| &a.announced);
+                            let unneeded = |p: &str| asked.is_some_and(|a| a.contains(p)) && !missing.iter().any(|m| m == p);
+                            let sd = self.cache.as_ref().map(|c| c.store_dir().clone());
+                            let infos: Vec<_> = infos
+                                .into_iter()
+                                .filter(|i| sd.as_ref().is_none_or(|sd| !unneeded(&sd.display(&i.store_path))))
+                                .collect();
+                            let lacking: Vec<String> = lacking.into_iter().filter(|p| !unneeded(p)).collect();
                             if !lacking.is_empty() {
                                 let _ = session.tx.send(Frame::new(Message::Cancel { build: build.clone() })).await;
                                 ended.push((build, AttemptResult::MissingInputs { paths: lacking }));
@@ -360,6 +392,7 @@ impl Driver {
                                 }
                             } else if let (Some(cache), Some(a)) = (&self.cache, active.get_mut(&build)) {
                                 a.awaiting_inputs = infos.len();
+                                let _ = self.events.send(DriverEvent::Sending { bytes: infos.iter().map(|i| i.nar_size).sum() });
                                 for info in infos {
                                     next_upload += 1;
                                     uploads.insert(next_upload, (build.clone(), cache.store_dir().display(&info.store_path)));

@@ -540,6 +540,7 @@ impl Core {
                     f.free_space = free_space;
                 }
             }
+            DriverEvent::Sending { bytes } => self.stats.bytes_sent += bytes,
             DriverEvent::Down { machine, error } => {
                 let m = &mut self.machines[machine];
                 if m.link != Link::Down {

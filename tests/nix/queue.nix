@@ -14,6 +14,7 @@ in rec {
   top = sh "top" "echo building top; /bin/cat ${left} ${right}/share/right > $out" { };
   # Its output refers to base's.
   refsBase = sh "refs-base" "echo ${base} > $out" { };
+  usesRefsBase = sh "uses-refs-base" "/bin/cat ${refsBase} > $out" { };
 
   broken = sh "broken" "echo 'breaking on purpose' ${salt}; exit 1" { };
   afterBroken = sh "after-broken" "/bin/cat ${broken} > $out" { };
