@@ -381,6 +381,27 @@ fn a_host_gets_only_the_inputs_it_lacks_not_their_whole_closure() {
 }
 
 #[test]
+fn a_build_whose_log_passes_the_limit_is_stopped_and_its_log_cut() {
+    let c = Coordinator::start(&["--local-builds", "1", "--max-log-size", "64K"]);
+    let drvs = instantiate(&["chatty"], &salt());
+    let out = run(&mut c.gbc(&["build", &drvs["chatty"]]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let list: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let uuid = list[0]["uuid"].as_str().unwrap();
+    let d = show(&c, uuid);
+    assert_eq!(d["state"], "failed", "{d}");
+    let attempts = d["attempt_list"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{d}");
+    assert_eq!(attempts[0]["status"], "build_failure", "{d}");
+    assert!(d["reason"].as_str().unwrap().contains("its log passed 65536 bytes"), "{d}");
+    let log = run(&mut c.gbc(&["log", uuid])).stdout;
+    let marker = b"\ngbc: the log passed 65536 bytes (--max-log-size): the build was stopped\n";
+    assert_eq!(log.len(), 65536 + marker.len(), "{}", String::from_utf8_lossy(&log[log.len().saturating_sub(300)..]));
+    assert!(log.ends_with(marker));
+    assert!(String::from_utf8_lossy(&log).contains("line 0 of a chatty build"));
+}
+
+#[test]
 fn without_a_coordinator_the_client_says_how_to_start_one() {
     let tmp = common::tempdir();
     let out = run(common::gbc().args(["builds", "--state-dir"]).arg(tmp.path()));

@@ -290,6 +290,10 @@ pub struct CoordinatorOpts {
     /// Kill a build after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<u64>,
+    /// Stop a build whose log passes this size (bytes, or with a K, M or G suffix; 0: no limit);
+    /// the log keeps its first SIZE bytes and the build fails.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    pub max_log_size: u64,
     /// The build hosts, a machines.ron file (default: <state dir>/machines.ron when it exists).
     /// With one, the built-in localhost machine is used only if --local-builds is given.
     #[arg(long, value_name = "FILE")]
@@ -338,6 +342,20 @@ pub struct SubmitOpts {
     pub no_upload: bool,
     #[arg(required = true, value_name = "DRV")]
     pub drvs: Vec<PathBuf>,
+}
+
+/// `1048576`, `512K`, `64M`, `2G` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{s:?} is not a size (bytes, or a number with K, M or G)"))
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -437,4 +455,20 @@ pub enum CacheCommand {
         #[command(flatten)]
         client: ClientOpts,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        for bad in ["", "M", "1.5M", "-1", "64T", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -44,6 +44,7 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
         grace: Duration::from_secs(opts.grace),
         timeout_secs: opts.timeout,
         max_silent_secs: opts.max_silent_time,
+        max_log_size: (opts.max_log_size > 0).then_some(opts.max_log_size),
         agent_program: std::env::current_exe().context("finding the gbc binary")?,
         machines_file,
         reconnect_delay: Duration::from_secs(opts.reconnect_delay),

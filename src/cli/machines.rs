@@ -101,6 +101,7 @@ fn probe_config() -> anyhow::Result<Config> {
         grace: Duration::ZERO,
         timeout_secs: None,
         max_silent_secs: None,
+        max_log_size: None,
         agent_program: std::env::current_exe()?,
         machines_file: None,
         reconnect_delay: Duration::from_secs(60),

@@ -109,6 +109,10 @@ struct Active {
     /// The input closure as far as the cache knows it, all named in `build`: of these, the agent
     /// gets only the ones it says it lacks.
     announced: BTreeSet<String>,
+    /// Log bytes written so far.
+    log_bytes: u64,
+    /// Set when the log passed the limit and the build was stopped for it.
+    log_exceeded: Option<u64>,
 }
 
 /// A NAR arriving: its chunks go to a thread that hashes them and stages them in the cache.
@@ -204,6 +208,8 @@ pub struct Driver {
     pub ping: Duration,
     pub timeout_secs: Option<u64>,
     pub max_silent_secs: Option<u64>,
+    /// Stop a build whose log passes this many bytes.
+    pub max_log_size: Option<u64>,
     pub events: mpsc::UnboundedSender<DriverEvent>,
 }
 
@@ -335,7 +341,7 @@ impl Driver {
                             cores: None,
                         };
                         by_build.insert(job.build, key.clone());
-                        active.insert(key, Active { job: *job, log, expected, claimed: Vec::new(), received: Vec::new(), system, awaiting_inputs: 0, announced });
+                        active.insert(key, Active { job: *job, log, expected, claimed: Vec::new(), received: Vec::new(), system, awaiting_inputs: 0, announced, log_bytes: 0, log_exceeded: None });
                         if session.tx.send(Frame::new(msg)).await.is_err() {
                             return SessionEnd::Lost { error: "the agent closed its input".into(), was_up: true };
                         }
@@ -426,12 +432,31 @@ impl Driver {
                             let _ = self.events.send(DriverEvent::Load { machine: self.index, load1, free_space });
                         }
                         Message::Log { build, .. } => {
-                            if let Some(a) = active.get_mut(&build)
-                                && let Some(log) = &mut a.log
-                                && let Err(e) = log.write_all(&frame.payload).and_then(|()| log.flush())
-                            {
-                                tracing::error!(machine = %self.name, "log of {build}: {e}");
-                                a.log = None;
+                            let Some(a) = active.get_mut(&build) else { continue };
+                            if a.log_exceeded.is_some() {
+                                continue;
+                            }
+                            // Past the limit the log is cut and the build stopped, as Nix's
+                            // max-build-log-size does: a runaway build must not fill the disk.
+                            let mut bytes = &frame.payload[..];
+                            let over = self.max_log_size.filter(|&max| a.log_bytes + bytes.len() as u64 > max);
+                            if let Some(max) = over {
+                                bytes = &bytes[..(max - a.log_bytes) as usize];
+                                a.log_exceeded = Some(max);
+                                if session.tx.send(Frame::new(Message::Cancel { build: build.clone() })).await.is_err() {
+                                    return SessionEnd::Lost { error: "the agent closed its input".into(), was_up: true };
+                                }
+                            }
+                            a.log_bytes += bytes.len() as u64;
+                            if let Some(log) = &mut a.log {
+                                let mut written = log.write_all(bytes);
+                                if let Some(max) = over {
+                                    written = written.and_then(|()| write!(log, "\ngbc: the log passed {max} bytes (--max-log-size): the build was stopped\n"));
+                                }
+                                if let Err(e) = written.and_then(|()| log.flush()) {
+                                    tracing::error!(machine = %self.name, "log of {build}: {e}");
+                                    a.log = None;
+                                }
                             }
                         }
                         Message::Finished { build, status, outputs } => {
@@ -633,6 +658,9 @@ fn finished(
     trusted: &[PublicKey],
 ) -> Option<AttemptResult> {
     let failed = |status: &str, reason: String| Some(AttemptResult::Failed { status: status.into(), reason });
+    if let Some(max) = a.log_exceeded {
+        return failed("build_failure", format!("its log passed {max} bytes (--max-log-size)"));
+    }
     let retry =
         |status: &str, reason: String| Some(AttemptResult::Retry { status: status.into(), reason, count: true });
     match status {

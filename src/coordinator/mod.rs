@@ -44,6 +44,8 @@ pub struct Config {
     pub grace: Duration,
     pub timeout_secs: Option<u64>,
     pub max_silent_secs: Option<u64>,
+    /// Stop a build whose log passes this many bytes (None: no limit).
+    pub max_log_size: Option<u64>,
     /// The `gbc` binary the local machine runs as its agent (and auto-deploy uploads).
     pub agent_program: PathBuf,
     /// The machines file, re-read when it changes.
@@ -579,6 +581,7 @@ impl Core {
             ping: self.config.ping_interval,
             timeout_secs: self.config.timeout_secs,
             max_silent_secs: self.config.max_silent_secs,
+            max_log_size: self.config.max_log_size,
             events: self.drivers.clone(),
         };
         tokio::spawn(driver.run(rx));

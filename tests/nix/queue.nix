@@ -28,6 +28,12 @@ in rec {
     echo done > $out
   '' { };
 
+  # About 40 MB of log unless it is stopped.
+  chatty = sh "chatty" ''
+    i=0; while [ $i -lt 1000000 ]; do echo "line $i of a chatty build ${salt}"; i=$((i+1)); done
+    echo done > $out
+  '' { };
+
   p1 = sh "prio-1" "echo 1 ${salt} > $out" { };
   p2 = sh "prio-2" "echo 2 ${salt} > $out" { };
   p3 = sh "prio-3" "echo 3 ${salt} > $out" { };
