@@ -222,6 +222,9 @@ pub struct MachineInfo {
     pub free_space: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Why an up machine takes no new builds now (its load, its free disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_back: Option<String>,
 }
 
 /// What happened to a build, as `watch` streams it.

@@ -647,6 +647,13 @@ fn full_or_disabled_hosts_get_no_builds_and_known_hosts_files_pin_keys() {
     for u in &uuids {
         assert_eq!(show(&c, u)["attempt_list"][0]["machine"], "beta", "alpha's store is too full");
     }
+    // `gbc machines` says why alpha takes nothing.
+    let listed = machines(&c);
+    let held = listed[0]["held_back"].as_str().unwrap_or_default();
+    assert!(held.contains("below min_free_disk"), "{listed:?}");
+    assert!(listed[1].get("held_back").is_none(), "{listed:?}");
+    let text = run_ok_str(&mut c.gbc(&["machines"]));
+    assert!(text.contains("no new builds:"), "{text}");
 
     // A known_hosts file that records another key for the host refuses it.
     std::fs::write(&known, format!("[127.0.0.1]:{} {}\n", farm.beta.sshd.port, farm.alpha.sshd.host_key)).unwrap();

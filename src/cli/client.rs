@@ -554,6 +554,9 @@ pub fn machines(client: &ClientOpts, json: bool) -> anyhow::Result<()> {
         if let Some(f) = m.free_space {
             write!(out, "  {:.1} GiB free", f as f64 / f64::from(1u32 << 30))?;
         }
+        if let Some(h) = &m.held_back {
+            write!(out, "  no new builds: {h}")?;
+        }
         if let Some(e) = &m.last_error {
             write!(out, "  last error: {e}")?;
         }

@@ -149,10 +149,21 @@ impl MachineState {
         if self.link != Link::Up || self.retired || self.tx.is_none() {
             return false;
         }
-        let Some(f) = &self.facts else { return true };
-        let overloaded = self.spec.max_load.is_some_and(|max| f.load1 / f64::from(f.cores.max(1)) > max);
-        let full = self.spec.min_free_disk.is_some_and(|min| f.free_space < min);
-        !overloaded && !full
+        self.held_back().is_none()
+    }
+
+    /// Why a connected machine takes no new builds now, if it does not: its load or its disk.
+    fn held_back(&self) -> Option<String> {
+        let f = self.facts.as_ref()?;
+        let per_core = f.load1 / f64::from(f.cores.max(1));
+        if let Some(max) = self.spec.max_load.filter(|&max| per_core > max) {
+            return Some(format!("load {per_core:.2} per core is above max_load {max}"));
+        }
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        self.spec
+            .min_free_disk
+            .filter(|&min| f.free_space < min)
+            .map(|min| format!("{:.1} GiB free is below min_free_disk ({:.1} GiB)", gib(f.free_space), gib(min)))
     }
 }
 
@@ -809,6 +820,7 @@ impl Core {
                 load1: m.facts.as_ref().map(|f| f.load1),
                 free_space: m.facts.as_ref().map(|f| f.free_space),
                 last_error: m.last_error.clone(),
+                held_back: if m.link == Link::Up && !m.retired { m.held_back() } else { None },
             })
             .collect()
     }
