@@ -25,6 +25,8 @@ const ATTRS: &[&str] = &[
     "withSource",
     "unicode",
     "refersToChainA",
+    "placeholders",
+    "structured",
 ];
 
 /// Instantiate every attribute; returns (attribute, .drv path as Nix printed it).

@@ -42,6 +42,8 @@ fn outputs_equal_nix_realisation_in_hash_and_references() {
         "passAsFile",
         "unicode",
         "refersToChainA",
+        "placeholders",
+        "structured",
     ];
     let drvs = instantiate("tests/nix/derivations.nix", &attrs, &salt());
     let tmp = tempdir();

@@ -2,7 +2,8 @@
 //! [`LocalStore`], and registering its outputs.
 //!
 //! Steps: check the inputs are valid and take their closure; prepare the environment (Nix's
-//! variables, `passAsFile`) and a fresh build directory; run the builder in the sandbox
+//! variables, `passAsFile`, output placeholders, `__structuredAttrs` files) and a fresh build
+//! directory; run the builder in the sandbox
 //! ([`sandbox`]) with log, silence and total timeouts; check every declared output exists;
 //! canonicalise it ([`canon`]); check fixed-output hashes; hash its NAR while scanning for references
 //! ([`refs`]); move it into the store and record it valid.
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use crate::formats::derivation::structured::{Rewrites, structured_attrs};
 use crate::formats::derivation::{Derivation, DrvKind};
 use crate::formats::hash::{AnyHashSink, Hash, HashSink, sha256};
 use crate::formats::nar;
@@ -158,7 +160,11 @@ fn run_and_collect(
     fs::create_dir(&top)?;
     fs::create_dir(&chroot)?;
 
-    let env = environment(req, settings, &top)?;
+    let rewrites = Rewrites::for_outputs(out_paths.iter().map(|(o, p)| (*o, p.as_str())));
+    let env = match environment(req, settings, &top, out_paths, &rewrites)? {
+        Ok(env) => env,
+        Err(why) => return Ok(Outcome::SetupFailure(why)),
+    };
     let inputs = closure.iter().map(|p| sd.parse_path(p).map(|sp| sp.to_string())).collect::<Result<Vec<_>, _>>();
     let inputs = inputs.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let spec = sandbox::SandboxSpec {
@@ -169,8 +175,8 @@ fn run_and_collect(
         inputs,
         host_paths: settings.host_paths.clone(),
         network: matches!(req.drv.kind(), Ok(DrvKind::FixedOutput { .. })),
-        builder: req.drv.builder.clone(),
-        args: req.drv.args.clone(),
+        builder: rewrites.apply(&req.drv.builder),
+        args: req.drv.args.iter().map(|a| rewrites.apply(a)).collect(),
         env: env.into_iter().collect(),
         error_file: error_file.clone(),
     };
@@ -247,23 +253,45 @@ fn run_and_collect(
     Ok(Outcome::Success { outputs, built: true })
 }
 
-/// The builder's environment, as Nix's `initEnv` makes it.
-fn environment(req: &BuildRequest<'_>, settings: &BuildSettings, top: &Path) -> io::Result<BTreeMap<String, String>> {
+/// The builder's environment, as Nix's `initEnv` makes it, with output placeholders replaced;
+/// for a `__structuredAttrs` derivation, `.attrs.json` and `.attrs.sh` in the build directory
+/// instead of its variables. The inner error is a derivation gbc cannot build.
+fn environment(
+    req: &BuildRequest<'_>,
+    settings: &BuildSettings,
+    top: &Path,
+    out_paths: &BTreeMap<&str, String>,
+    rewrites: &Rewrites,
+) -> io::Result<Result<BTreeMap<String, String>, String>> {
     let b = sandbox::BUILD_DIR;
     let mut env = BTreeMap::new();
     env.insert("PATH".to_owned(), "/path-not-set".to_owned());
     env.insert("HOME".to_owned(), "/homeless-shelter".to_owned());
     env.insert("NIX_STORE".to_owned(), req.store_dir.as_str().to_owned());
     env.insert("NIX_BUILD_CORES".to_owned(), settings.cores.to_string());
-    let pass_as_file: BTreeSet<&str> =
-        req.drv.env.get("passAsFile").map(|v| v.split_whitespace().collect()).unwrap_or_default();
-    for (k, v) in &req.drv.env {
-        if pass_as_file.contains(k.as_str()) {
-            let file = format!(".attr-{}", nix32::encode(&sha256(k.as_bytes())));
-            fs::write(top.join(&file), v)?;
-            env.insert(format!("{k}Path"), format!("{b}/{file}"));
-        } else {
-            env.insert(k.clone(), v.clone());
+    let outputs: BTreeMap<String, String> = out_paths.iter().map(|(o, p)| ((*o).to_owned(), p.clone())).collect();
+    match structured_attrs(req.drv, &outputs, rewrites) {
+        Some(Ok((json, sh))) => {
+            for (file, contents, var) in
+                [(".attrs.json", json, "NIX_ATTRS_JSON_FILE"), (".attrs.sh", sh, "NIX_ATTRS_SH_FILE")]
+            {
+                fs::write(top.join(file), contents)?;
+                env.insert(var.to_owned(), format!("{b}/{file}"));
+            }
+        }
+        Some(Err(why)) => return Ok(Err(why)),
+        None => {
+            let pass_as_file: BTreeSet<&str> =
+                req.drv.env.get("passAsFile").map(|v| v.split_whitespace().collect()).unwrap_or_default();
+            for (k, v) in &req.drv.env {
+                if pass_as_file.contains(k.as_str()) {
+                    let file = format!(".attr-{}", nix32::encode(&sha256(k.as_bytes())));
+                    fs::write(top.join(&file), rewrites.apply(v))?;
+                    env.insert(format!("{k}Path"), format!("{b}/{file}"));
+                } else {
+                    env.insert(k.clone(), rewrites.apply(v));
+                }
+            }
         }
     }
     for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
@@ -271,7 +299,7 @@ fn environment(req: &BuildRequest<'_>, settings: &BuildSettings, top: &Path) -> 
     }
     env.insert("NIX_LOG_FD".to_owned(), "2".to_owned());
     env.insert("TERM".to_owned(), "xterm-256color".to_owned());
-    Ok(env)
+    Ok(Ok(env))
 }
 
 enum Ended {

@@ -55,4 +55,46 @@ in rec {
   withSource = sh ". ${./builder.sh}" { name = "with-source"; };
 
   unicode = sh "echo $greeting > $out" { name = "unicode"; greeting = "grüße, 世界 ✓"; };
+
+  # Output placeholders in a variable, in a passAsFile file and in the arguments.
+  placeholders = sh ''
+    echo "$flag" > $out
+    /bin/cat $textPath >> $out
+    echo ${builtins.placeholder "dev"} > $dev
+  '' {
+    name = "placeholders";
+    outputs = [ "out" "dev" ];
+    flag = "--prefix=${builtins.placeholder "out"}";
+    passAsFile = [ "text" ];
+    text = "dev is ${builtins.placeholder "dev"}";
+  };
+
+  # Structured attributes: the builder gets .attrs.json and .attrs.sh, not variables; its output
+  # keeps both, so their bytes are compared with what Nix wrote.
+  structured = derivation {
+    inherit system;
+    name = "structured";
+    builder = "/bin/bash";
+    args = [ "-c" ''
+      source "$NIX_ATTRS_SH_FILE"
+      /bin/mkdir ''${outputs[out]}
+      /bin/cp "$NIX_ATTRS_JSON_FILE" "$NIX_ATTRS_SH_FILE" ''${outputs[out]}/
+      echo ''${outputs[dev]} "$str" "''${list[@]}" "''${obj[k]}" > ''${outputs[dev]}
+    '' ];
+    __structuredAttrs = true;
+    outputs = [ "out" "dev" ];
+    str = "a 'quoted' \"string\"\n with\ttab, ünïcode and ${salt}";
+    int = 42;
+    float = 1.5;
+    whole = 2.0;
+    yes = true;
+    no = false;
+    nothing = null;
+    list = [ "a" "b c" 3 ];
+    nested = [ [ 1 ] ];
+    obj = { k = "v"; n = 1; "key with 'quote'" = "x"; };
+    deep = { a = { b = 1; }; };
+    "not-a-name" = "x";
+    self = builtins.placeholder "out";
+  };
 }

@@ -5,6 +5,7 @@
 //! contents produce could otherwise overwrite another package's output in the binary cache.
 
 mod aterm;
+pub mod structured;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
