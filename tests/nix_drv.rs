@@ -27,6 +27,8 @@ const ATTRS: &[&str] = &[
     "refersToChainA",
     "placeholders",
     "structured",
+    // Its inputs include chain-a both directly and through refers-to-chain-a.
+    "checksDisallowed",
 ];
 
 /// Instantiate every attribute; returns (attribute, .drv path as Nix printed it).

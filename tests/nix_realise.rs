@@ -44,6 +44,7 @@ fn outputs_equal_nix_realisation_in_hash_and_references() {
         "refersToChainA",
         "placeholders",
         "structured",
+        "checksPass",
     ];
     let drvs = instantiate("tests/nix/derivations.nix", &attrs, &salt());
     let tmp = tempdir();
@@ -72,6 +73,32 @@ fn outputs_equal_nix_realisation_in_hash_and_references() {
     // Realising again builds nothing and prints the same paths.
     let again = realise(&root, &drvs["chainC"], &[]);
     assert!(again.status.success() && again.stderr.is_empty(), "{}", stderr(&again));
+}
+
+#[test]
+fn output_checks_fail_where_nix_s_fail() {
+    let attrs = ["checksSelf", "checksDisallowed", "checksIllegal", "checksTooLarge"];
+    let drvs = instantiate("tests/nix/derivations.nix", &attrs, &salt());
+    let tmp = tempdir();
+    let root = tmp.path().join("store");
+    for (attr, why) in [
+        ("checksSelf", "is not allowed to refer to"),
+        ("checksDisallowed", "is not allowed to refer to"),
+        ("checksIllegal", "illegal reference specifier 'nonsense'"),
+        ("checksTooLarge", "is too large at"),
+    ] {
+        let theirs = run(nix("nix-store").args(["--realise", &drvs[attr]]));
+        assert!(!theirs.status.success(), "{attr}: Nix built it");
+        assert!(stderr(&theirs).contains(why), "{attr}: Nix says {}", stderr(&theirs));
+        let ours = realise(&root, &drvs[attr], &[]);
+        assert_eq!(ours.status.code(), Some(1), "{attr}: {}", stderr(&ours));
+        assert!(stderr(&ours).contains(why), "{attr}: {}", stderr(&ours));
+        // Nothing of it became valid.
+        let record_dir = root.join(".gbc-db");
+        let names: Vec<String> =
+            fs::read_dir(&record_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(!names.iter().any(|n| n.contains(&attr.replace("checks", "checks-").to_lowercase())), "{names:?}");
+    }
 }
 
 fn builds() -> BTreeMap<String, String> {

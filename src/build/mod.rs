@@ -6,9 +6,11 @@
 //! directory; run the builder in the sandbox
 //! ([`sandbox`]) with log, silence and total timeouts; check every declared output exists;
 //! canonicalise it ([`canon`]); check fixed-output hashes; hash its NAR while scanning for references
-//! ([`refs`]); move it into the store and record it valid.
+//! ([`refs`]); apply the derivation's reference checks ([`checks`]); move it into the store and
+//! record it valid.
 
 pub mod canon;
+mod checks;
 pub mod refs;
 pub mod sandbox;
 mod sys;
@@ -230,21 +232,32 @@ fn run_and_collect(
         found.insert(o.to_string(), at);
     }
 
-    // Hash, scan references, move into the store, register.
+    // Hash and scan references; check them (allowedReferences...); move into the store, register.
     let candidates: Vec<&str> =
         closure.iter().map(String::as_str).chain(out_paths.values().map(String::as_str)).collect();
-    let mut outputs = BTreeMap::new();
+    let mut scanned = BTreeMap::new();
+    let mut built = BTreeMap::new();
     for (o, at) in found {
         let (nar_hash, nar_size, references) = hash_and_scan(&at, candidates.iter().copied())?;
+        let path = sd.display(&req.outputs[&o]);
+        built.insert(o.clone(), checks::Built { path, nar_size, references });
+        scanned.insert(o, (at, nar_hash));
+    }
+    let lookup = |p: &str| Ok(store.query(sd, p)?.map(|i| (i.nar_size, i.references)));
+    if let Err(reason) = checks::check(req.drv, &built, &lookup)? {
+        return Ok(Outcome::Failed { exit_code: Some(0), reason });
+    }
+    let mut outputs = BTreeMap::new();
+    for (o, (at, nar_hash)) in scanned {
+        let Some(b) = built.remove(&o) else { continue };
         let sp = &req.outputs[&o];
-        let path = sd.display(sp);
-        store.clear_stale(sd, &path)?;
+        store.clear_stale(sd, &b.path)?;
         fs::rename(&at, store.physical(sp))?;
         let info = PathInfo {
-            path,
+            path: b.path,
             nar_hash: nar_hash.to_nix32_string(),
-            nar_size,
-            references: references.into_iter().collect(),
+            nar_size: b.nar_size,
+            references: b.references.into_iter().collect(),
             deriver: Some(req.drv_path.to_owned()),
         };
         store.register(sd, &info)?;

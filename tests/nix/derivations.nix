@@ -69,6 +69,28 @@ in rec {
     text = "dev is ${builtins.placeholder "dev"}";
   };
 
+  # Output checks that pass: refers to chain-a only, which is allowed (by path), and its closure
+  # holds nothing disallowed.
+  checksPass = sh "echo ${chainA} > $out" {
+    name = "checks-pass";
+    allowedReferences = [ chainA ];
+    allowedRequisites = [ chainA ];
+    disallowedRequisites = [ single ];
+  };
+  # Output checks that fail, in Nix and in gbc.
+  checksSelf = sh "echo ${salt} $out > $out" { name = "checks-self"; allowedReferences = [ ]; };
+  checksDisallowed = sh "echo ${refersToChainA} > $out" { name = "checks-disallowed"; disallowedRequisites = [ chainA ]; };
+  checksIllegal = sh "echo ${salt} > $out" { name = "checks-illegal"; allowedReferences = [ "nonsense" ]; };
+  checksTooLarge = derivation {
+    inherit system;
+    name = "checks-too-large";
+    builder = "/bin/bash";
+    args = [ "-c" "source \"$NIX_ATTRS_SH_FILE\"; echo ${salt} ${chainA} > \${outputs[out]}; echo dev > \${outputs[dev]}" ];
+    __structuredAttrs = true;
+    outputs = [ "out" "dev" ];
+    outputChecks.out = { allowedReferences = [ "dev" chainA ]; maxSize = 64; };
+  };
+
   # Structured attributes: the builder gets .attrs.json and .attrs.sh, not variables; its output
   # keeps both, so their bytes are compared with what Nix wrote.
   structured = derivation {

@@ -361,9 +361,26 @@ impl DrvGraph {
         drv: &Derivation,
         load: &mut dyn FnMut(&str) -> Result<Vec<u8>, E>,
     ) -> Result<(), GraphError<E>> {
-        let mut stack: Vec<(String, Option<(Derivation, String)>)> =
-            drv.input_drvs.keys().filter(|p| !self.hashes.contains_key(*p)).map(|p| (p.clone(), None)).collect();
-        let mut on_stack: HashSet<String> = stack.iter().map(|(p, _)| p.clone()).collect();
+        for root in drv.input_drvs.keys() {
+            self.resolve_from(store_dir, root, load)?;
+        }
+        Ok(())
+    }
+
+    /// Depth-first from one input derivation; the stack is always the path from `root` to the
+    /// derivation at its top, so a derivation met again on it is a cycle (one met again elsewhere
+    /// is a shared input, hashed already).
+    fn resolve_from<E: std::error::Error + 'static>(
+        &mut self,
+        store_dir: &StoreDir,
+        root: &str,
+        load: &mut dyn FnMut(&str) -> Result<Vec<u8>, E>,
+    ) -> Result<(), GraphError<E>> {
+        if self.hashes.contains_key(root) {
+            return Ok(());
+        }
+        let mut stack: Vec<(String, Option<(Derivation, String)>)> = vec![(root.to_owned(), None)];
+        let mut on_stack: HashSet<String> = HashSet::from([root.to_owned()]);
         while let Some((path, loaded)) = stack.last_mut() {
             if self.hashes.contains_key(path.as_str()) {
                 on_stack.remove(path.as_str());
