@@ -413,7 +413,9 @@ fn fixed_output_hash(path: &Path, recursive: bool, want: &Hash) -> io::Result<Ha
 }
 
 /// NAR hash, NAR size, and the references found in the NAR.
-fn hash_and_scan<'a>(
+/// The NAR hash and size of the tree at `path`, and which of `candidates` (full store paths) it
+/// refers to.
+pub(crate) fn hash_and_scan<'a>(
     path: &Path,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> io::Result<(Hash, u64, BTreeSet<String>)> {

@@ -8,14 +8,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
-use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::build::refs::RefScanner;
+use crate::build::hash_and_scan;
 use crate::coordinator::submit::Checked;
-use crate::formats::hash::{Hash, HashSink, sha256};
+use crate::formats::hash::{Hash, sha256};
 use crate::formats::nar;
 use crate::formats::store_path::StoreDir;
 
@@ -50,15 +49,13 @@ impl Prober {
         let (store_dir, sp) = StoreDir::split_path(path).ok()?;
         let md = fs::symlink_metadata(path).ok()?;
         let listing = self.listings.entry(store_dir.as_str().to_owned()).or_insert_with(|| list(&store_dir));
-        let mut sink = Both(HashSink::new(), RefScanner::new(listing.values().map(String::as_str)));
-        nar::dump_path(Path::new(path), &mut io::BufWriter::new(&mut sink)).ok()?;
-        let Both(hash, scanner) = sink;
-        let (nar_hash, nar_size) = hash.finish();
+        let (nar_hash, nar_size, scanned) =
+            hash_and_scan(Path::new(path), listing.values().map(String::as_str)).ok()?;
         let nar_hash: [u8; 32] = nar_hash.digest().try_into().ok()?;
         // A text path is one non-executable file, hashed flat.
         let executable = md.permissions().mode() & 0o100 != 0;
         let flat = (md.is_file() && !executable).then(|| fs::read(path).ok().map(|b| sha256(&b))).flatten();
-        let scanned: Vec<String> = scanner.finish().into_iter().collect();
+        let scanned: Vec<String> = scanned.into_iter().collect();
         // A hash that merely occurs in the contents is not a reference: try without them too.
         [scanned, Vec::new()].into_iter().find_map(|references| {
             store_dir.content_address(&sp, &references, &nar_hash, flat.as_ref()).map(|_| Local {
@@ -67,21 +64,6 @@ impl Prober {
                 nar_size,
             })
         })
-    }
-}
-
-/// Two writers as one.
-struct Both<A, B>(A, B);
-
-impl<A: Write, B: Write> Write for Both<A, B> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write_all(buf)?;
-        self.1.write_all(buf)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
