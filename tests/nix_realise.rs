@@ -45,6 +45,7 @@ fn outputs_equal_nix_realisation_in_hash_and_references() {
         "placeholders",
         "structured",
         "checksPass",
+        "exportGraph",
     ];
     let drvs = instantiate("tests/nix/derivations.nix", &attrs, &salt());
     let tmp = tempdir();

@@ -167,6 +167,9 @@ fn run_and_collect(
         Ok(env) => env,
         Err(why) => return Ok(Outcome::SetupFailure(why)),
     };
+    if let Err(why) = export_references_graph(store, req, closure, &top)? {
+        return Ok(Outcome::SetupFailure(why));
+    }
     let inputs = closure.iter().map(|p| sd.parse_path(p).map(|sp| sp.to_string())).collect::<Result<Vec<_>, _>>();
     let inputs = inputs.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let spec = sandbox::SandboxSpec {
@@ -313,6 +316,64 @@ fn environment(
     env.insert("NIX_LOG_FD".to_owned(), "2".to_owned());
     env.insert("TERM".to_owned(), "xterm-256color".to_owned());
     Ok(Ok(env))
+}
+
+/// Nix's `exportReferencesGraph` (without structured attributes): pairs `NAME PATH`, each giving a
+/// file NAME in the build directory with the closure of PATH (which must be in the input closure)
+/// in `nix-store --register-validity` form, derivers left empty.
+fn export_references_graph(
+    store: &LocalStore,
+    req: &BuildRequest<'_>,
+    inputs: &BTreeSet<String>,
+    top: &Path,
+) -> io::Result<Result<(), String>> {
+    let Some(spec) = req.drv.env.get("exportReferencesGraph").filter(|_| !req.drv.env.contains_key("__json")) else {
+        return Ok(Ok(()));
+    };
+    let words: Vec<&str> = spec.split_whitespace().collect();
+    if words.len() % 2 != 0 {
+        return Ok(Err(format!("odd number of tokens in 'exportReferencesGraph': '{spec}'")));
+    }
+    let sd = req.store_dir;
+    for pair in words.chunks(2) {
+        let (name, path) = (pair[0], pair[1]);
+        let mut chars = name.bytes();
+        let good_name = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c));
+        if !good_name {
+            return Ok(Err(format!("invalid file name '{name}' in 'exportReferencesGraph'")));
+        }
+        // A path inside a store path stands for that store path.
+        let base =
+            path.strip_prefix(sd.as_str()).and_then(|r| r.strip_prefix('/')).map(|r| r.split('/').next().unwrap_or(r));
+        let Some(root) =
+            base.and_then(|b| sd.parse_path(&format!("{}/{b}", sd.as_str())).ok()).map(|sp| sd.display(&sp))
+        else {
+            return Ok(Err(format!("'exportReferencesGraph' contains a non-store path '{path}'")));
+        };
+        if !inputs.contains(&root) {
+            return Ok(Err(format!(
+                "cannot export references of path '{root}' because it is not in the input closure of the derivation"
+            )));
+        }
+        let (graph, _) = store.closure(sd, [root.as_str()])?;
+        let mut text = String::new();
+        for p in &graph {
+            if p.ends_with(".drv") {
+                return Ok(Err(format!(
+                    "'exportReferencesGraph' of a closure with a derivation ({p}) is not supported"
+                )));
+            }
+            let refs = store.query(sd, p)?.map(|i| i.references).unwrap_or_default();
+            text.push_str(&format!("{p}\n\n{}\n", refs.len()));
+            for r in refs {
+                text.push_str(&r);
+                text.push('\n');
+            }
+        }
+        fs::write(top.join(name), text)?;
+    }
+    Ok(Ok(()))
 }
 
 enum Ended {

@@ -69,6 +69,12 @@ in rec {
     text = "dev is ${builtins.placeholder "dev"}";
   };
 
+  # The closure of refers-to-chain-a (it and chain-a), written by Nix into the build directory.
+  exportGraph = sh "/bin/cp graph $out; echo ${salt} >> $out" {
+    name = "export-graph";
+    exportReferencesGraph = [ "graph" refersToChainA ];
+  };
+
   # Output checks that pass: refers to chain-a only, which is allowed (by path), and its closure
   # holds nothing disallowed.
   checksPass = sh "echo ${chainA} > $out" {
