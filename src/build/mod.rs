@@ -331,7 +331,7 @@ fn export_references_graph(
         return Ok(Ok(()));
     };
     let words: Vec<&str> = spec.split_whitespace().collect();
-    if words.len() % 2 != 0 {
+    if !words.len().is_multiple_of(2) {
         return Ok(Err(format!("odd number of tokens in 'exportReferencesGraph': '{spec}'")));
     }
     let sd = req.store_dir;
