@@ -269,13 +269,18 @@ fn session<R: BufRead + Send + 'static>(config: &Arc<AgentConfig>, input: R, tx:
                 }
             }
             Message::Fetch { transfer, path } => {
-                let sent = store_dir_of(config, &path).and_then(|(sd, _)| match config.store.query(&sd, &path)? {
-                    Some(info) => send_nar(config, tx, None, transfer, &sd, &meta_of(&info)),
-                    None => Err(invalid(format!("{path} is not valid in this agent's store"))),
-                });
-                if let Err(e) = sent {
-                    reply_error(tx, format!("fetch {path}: {e}"), None, Some(transfer));
-                }
+                // On its own thread, like a build's outputs: the session goes on meanwhile.
+                let (config, tx) = (Arc::clone(config), tx.clone());
+                transfer_threads.push(std::thread::spawn(move || {
+                    let sent =
+                        store_dir_of(&config, &path).and_then(|(sd, _)| match config.store.query(&sd, &path)? {
+                            Some(info) => send_nar(&config, &tx, None, transfer, &sd, &meta_of(&info)),
+                            None => Err(invalid(format!("{path} is not valid in this agent's store"))),
+                        });
+                    if let Err(e) = sent {
+                        reply_error(&tx, format!("fetch {path}: {e}"), None, Some(transfer));
+                    }
+                }));
             }
             Message::Ping {} => {
                 let facts = host_facts(config);
