@@ -46,6 +46,7 @@ fn outputs_equal_nix_realisation_in_hash_and_references() {
         "structured",
         "checksPass",
         "exportGraph",
+        "exportGraphStructured",
     ];
     let drvs = instantiate("tests/nix/derivations.nix", &attrs, &salt());
     let tmp = tempdir();

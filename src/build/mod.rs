@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use crate::formats::derivation::structured::{Rewrites, structured_attrs};
+use crate::formats::derivation::structured::{Export, ExportedPath, Rewrites, structured_attrs};
 use crate::formats::derivation::{Derivation, DrvKind};
 use crate::formats::hash::{AnyHashSink, Hash, HashSink, sha256};
 use crate::formats::nar;
@@ -163,7 +163,8 @@ fn run_and_collect(
     fs::create_dir(&chroot)?;
 
     let rewrites = Rewrites::for_outputs(out_paths.iter().map(|(o, p)| (*o, p.as_str())));
-    let env = match environment(req, settings, &top, out_paths, &rewrites)? {
+    let mut export = |roots: &[String]| exported(store, sd, closure, roots);
+    let env = match environment(req, settings, &top, out_paths, &rewrites, &mut export)? {
         Ok(env) => env,
         Err(why) => return Ok(Outcome::SetupFailure(why)),
     };
@@ -278,6 +279,7 @@ fn environment(
     top: &Path,
     out_paths: &BTreeMap<&str, String>,
     rewrites: &Rewrites,
+    export: Export<'_>,
 ) -> io::Result<Result<BTreeMap<String, String>, String>> {
     let b = sandbox::BUILD_DIR;
     let mut env = BTreeMap::new();
@@ -286,7 +288,7 @@ fn environment(
     env.insert("NIX_STORE".to_owned(), req.store_dir.as_str().to_owned());
     env.insert("NIX_BUILD_CORES".to_owned(), settings.cores.to_string());
     let outputs: BTreeMap<String, String> = out_paths.iter().map(|(o, p)| ((*o).to_owned(), p.clone())).collect();
-    match structured_attrs(req.drv, &outputs, rewrites) {
+    match structured_attrs(req.drv, &outputs, rewrites, export) {
         Some(Ok((json, sh))) => {
             for (file, contents, var) in
                 [(".attrs.json", json, "NIX_ATTRS_JSON_FILE"), (".attrs.sh", sh, "NIX_ATTRS_SH_FILE")]
@@ -351,29 +353,79 @@ fn export_references_graph(
         else {
             return Ok(Err(format!("'exportReferencesGraph' contains a non-store path '{path}'")));
         };
-        if !inputs.contains(&root) {
-            return Ok(Err(format!(
-                "cannot export references of path '{root}' because it is not in the input closure of the derivation"
-            )));
-        }
-        let (graph, _) = store.closure(sd, [root.as_str()])?;
+        let graph = match graph_of(store, sd, inputs, std::slice::from_ref(&root))? {
+            Ok(g) => g,
+            Err(why) => return Ok(Err(why)),
+        };
         let mut text = String::new();
-        for p in &graph {
-            if p.ends_with(".drv") {
-                return Ok(Err(format!(
-                    "'exportReferencesGraph' of a closure with a derivation ({p}) is not supported"
-                )));
-            }
-            let refs = store.query(sd, p)?.map(|i| i.references).unwrap_or_default();
-            text.push_str(&format!("{p}\n\n{}\n", refs.len()));
-            for r in refs {
-                text.push_str(&r);
+        for (p, info) in &graph {
+            text.push_str(&format!("{p}\n\n{}\n", info.references.len()));
+            for r in &info.references {
+                text.push_str(r);
                 text.push('\n');
             }
         }
         fs::write(top.join(name), text)?;
     }
     Ok(Ok(()))
+}
+
+/// The closure of `roots` (which must be in the build's input closure), each path with its record.
+fn graph_of(
+    store: &LocalStore,
+    sd: &StoreDir,
+    inputs: &BTreeSet<String>,
+    roots: &[String],
+) -> io::Result<Result<BTreeMap<String, PathInfo>, String>> {
+    if let Some(r) = roots.iter().find(|r| !inputs.contains(*r)) {
+        return Ok(Err(format!(
+            "cannot export references of path '{r}' because it is not in the input closure of the derivation"
+        )));
+    }
+    let (paths, _) = store.closure(sd, roots.iter().map(String::as_str))?;
+    let mut graph = BTreeMap::new();
+    for p in paths {
+        if p.ends_with(".drv") {
+            return Ok(Err(format!("'exportReferencesGraph' of a closure with a derivation ({p}) is not supported")));
+        }
+        if let Some(info) = store.query(sd, &p)? {
+            graph.insert(p, info);
+        }
+    }
+    Ok(Ok(graph))
+}
+
+/// `exportReferencesGraph` with structured attributes: every path of the closure with its NAR hash,
+/// size, references and closure size.
+fn exported(
+    store: &LocalStore,
+    sd: &StoreDir,
+    inputs: &BTreeSet<String>,
+    roots: &[String],
+) -> Result<Vec<ExportedPath>, String> {
+    let graph = graph_of(store, sd, inputs, roots).map_err(|e| e.to_string())??;
+    let closure_size = |start: &str| -> u64 {
+        let mut seen = BTreeSet::from([start]);
+        let mut todo = vec![start];
+        while let Some(p) = todo.pop() {
+            for r in graph.get(p).map(|i| i.references.as_slice()).unwrap_or_default() {
+                if seen.insert(r.as_str()) {
+                    todo.push(r.as_str());
+                }
+            }
+        }
+        seen.iter().filter_map(|p| graph.get(*p)).map(|i| i.nar_size).sum()
+    };
+    Ok(graph
+        .iter()
+        .map(|(p, i)| ExportedPath {
+            path: p.clone(),
+            nar_hash: i.nar_hash.clone(),
+            nar_size: i.nar_size,
+            references: i.references.clone(),
+            closure_size: closure_size(p),
+        })
+        .collect())
 }
 
 enum Ended {

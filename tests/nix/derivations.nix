@@ -75,6 +75,17 @@ in rec {
     exportReferencesGraph = [ "graph" refersToChainA ];
   };
 
+  # The same with structured attributes (as nixpkgs' closureInfo does): path infos in .attrs.json.
+  exportGraphStructured = derivation {
+    inherit system;
+    name = "export-graph-structured";
+    builder = "/bin/bash";
+    args = [ "-c" "source \"$NIX_ATTRS_SH_FILE\"; /bin/cp \"$NIX_ATTRS_JSON_FILE\" \${outputs[out]}" ];
+    __structuredAttrs = true;
+    exportReferencesGraph.closure = [ refersToChainA ];
+    inherit salt;
+  };
+
   # Output checks that pass: refers to chain-a only, which is allowed (by path), and its closure
   # holds nothing disallowed.
   checksPass = sh "echo ${chainA} > $out" {

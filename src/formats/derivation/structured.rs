@@ -41,28 +41,64 @@ impl Rewrites {
     }
 }
 
+/// One path of an exported references graph, as Nix's `pathInfoToJSON` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedPath {
+    pub path: String,
+    /// `sha256:<nix32>`.
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub references: Vec<String>,
+    /// The NAR sizes of its closure, summed.
+    pub closure_size: u64,
+}
+
+/// The closure of some store paths, for `exportReferencesGraph`; the error says why it cannot be
+/// given (a path outside the build's input closure, say).
+pub type Export<'a> = &'a mut dyn FnMut(&[String]) -> Result<Vec<ExportedPath>, String>;
+
 /// The contents of `.attrs.json` and `.attrs.sh` for a derivation with `__json` in its
 /// environment; None for one without. `outputs`: output name → full path.
 pub fn structured_attrs(
     drv: &Derivation,
     outputs: &BTreeMap<String, String>,
     rewrites: &Rewrites,
+    export: Export<'_>,
 ) -> Option<Result<(String, String), String>> {
     let json = drv.env.get("__json")?;
-    Some(attrs_files(json, outputs, rewrites))
+    Some(attrs_files(json, outputs, rewrites, export))
 }
 
 fn attrs_files(
     json: &str,
     outputs: &BTreeMap<String, String>,
     rewrites: &Rewrites,
+    export: Export<'_>,
 ) -> Result<(String, String), String> {
-    let attrs: BTreeMap<String, Value> =
+    let mut attrs: BTreeMap<String, Value> =
         serde_json::from_str(json).map_err(|e| format!("__json is not a JSON object: {e}"))?;
-    if attrs.contains_key("exportReferencesGraph") {
-        return Err("exportReferencesGraph with __structuredAttrs is not supported".into());
+    // exportReferencesGraph: each key gets the closure of its paths.
+    if let Some(Value::Object(graphs)) = attrs.get("exportReferencesGraph").cloned() {
+        for (key, paths) in graphs {
+            let paths: Vec<String> = match &paths {
+                Value::Array(items) => items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect(),
+                _ => return Err(format!("exportReferencesGraph.{key} is not a list of store paths")),
+            };
+            let graph = export(&paths)?
+                .into_iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "closureSize": p.closure_size,
+                        "narHash": p.nar_hash,
+                        "narSize": p.nar_size,
+                        "path": p.path,
+                        "references": p.references,
+                    })
+                })
+                .collect();
+            attrs.insert(key, Value::Array(graph));
+        }
     }
-    let mut attrs = attrs;
     let outs = outputs.iter().map(|(o, p)| (o.clone(), Value::String(p.clone()))).collect();
     attrs.insert("outputs".into(), Value::Object(outs));
     let json = serde_json::to_string(&attrs).map_err(|e| e.to_string())?;
