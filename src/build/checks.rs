@@ -129,7 +129,7 @@ fn checks_of(drv: &Derivation) -> Result<BTreeMap<String, Checks>, String> {
             );
         }
     } else {
-        let var = |k: &str| drv.env.get(k).map(|v| v.split_whitespace().map(str::to_owned).collect());
+        let var = |k: &str| drv.strings_attr(k);
         all.insert(
             String::new(),
             Checks {

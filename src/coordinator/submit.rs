@@ -108,7 +108,7 @@ pub fn check(files: &[DrvFile], inputs: &BTreeMap<String, String>) -> Result<Che
             edges.push((input.clone(), taken));
         }
         uses.insert(path.clone(), edges);
-        let features = drv.env.get("requiredSystemFeatures").map(|f| f.split_whitespace().map(str::to_owned).collect());
+        let features = drv.strings_attr("requiredSystemFeatures").map(|f| f.into_iter().collect());
         result.push(NewDerivation {
             path: path.clone(),
             system: drv.system.clone(),

@@ -96,6 +96,19 @@ impl Derivation {
     }
 
     /// Classify the derivation, refusing the kinds gbc does not build yet.
+    /// A list-of-strings attribute such as `requiredSystemFeatures`: from `__json` for a derivation
+    /// with structured attributes (where lists stay lists), else its variable split on whitespace.
+    pub fn strings_attr(&self, name: &str) -> Option<Vec<String>> {
+        match self.env.get("__json") {
+            Some(json) => {
+                let attrs: serde_json::Value = serde_json::from_str(json).ok()?;
+                let items = attrs.get(name)?.as_array()?;
+                Some(items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect())
+            }
+            None => self.env.get(name).map(|v| v.split_whitespace().map(str::to_owned).collect()),
+        }
+    }
+
     pub fn kind(&self) -> Result<DrvKind, DrvError> {
         let fixed: Vec<(&String, &Output)> = self.outputs.iter().filter(|(_, o)| !o.hash_algo.is_empty()).collect();
         for (name, o) in &self.outputs {

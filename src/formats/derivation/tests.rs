@@ -216,6 +216,26 @@ fn arb_path() -> impl Strategy<Value = String> {
     "[0-9a-df-np-sv-z]{32}-[a-z]{1,8}".prop_map(|b| format!("/gnu/store/{b}"))
 }
 
+#[test]
+fn list_attributes_come_from_the_variable_or_from_structured_attributes() {
+    let mut drv = Derivation {
+        outputs: BTreeMap::new(),
+        input_drvs: BTreeMap::new(),
+        input_srcs: Default::default(),
+        system: "x86_64-linux".into(),
+        builder: "/bin/sh".into(),
+        args: vec![],
+        env: BTreeMap::from([("requiredSystemFeatures".to_owned(), " kvm  big-parallel ".to_owned())]),
+    };
+    assert_eq!(drv.strings_attr("requiredSystemFeatures"), Some(vec!["kvm".into(), "big-parallel".into()]));
+    assert_eq!(drv.strings_attr("allowedReferences"), None);
+    // With __json, the variable is not what counts.
+    drv.env.insert("__json".into(), r#"{"requiredSystemFeatures":["kvm"],"allowedReferences":[]}"#.into());
+    assert_eq!(drv.strings_attr("requiredSystemFeatures"), Some(vec!["kvm".into()]));
+    assert_eq!(drv.strings_attr("allowedReferences"), Some(vec![]));
+    assert_eq!(drv.strings_attr("disallowedReferences"), None);
+}
+
 prop_compose! {
     fn arb_drv()(
         outputs in proptest::collection::btree_map("[a-z]{1,6}", arb_path(), 1..4),
