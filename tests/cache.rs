@@ -422,3 +422,34 @@ fn uploads_that_are_not_what_they_claim_are_refused_and_leave_nothing() {
     assert_eq!(std::fs::read_dir(cache.join(".tmp")).unwrap().count(), 0);
     assert!(builds(&c).is_empty());
 }
+
+#[test]
+fn a_coordinator_killed_mid_upload_keeps_nothing_of_it() {
+    use std::io::Write as _;
+    let mut c = Coordinator::start(&["--local-builds", "1"]);
+    let drv = common::instantiate("tests/nix/queue.nix", None, &["needsSource"], &salt()).remove(0).1;
+    let (mut r, wanted) = upload_session(&c, &drv);
+    let script = wanted[0].clone();
+    let nar = nar_of(std::path::Path::new(&script));
+    let refs = run_ok_str(nix("nix-store").args(["-q", "--references", &script]));
+    let req = serde_json::json!({"type": "add_path", "path": script, "references": refs.lines().collect::<Vec<_>>(), "nar_size": nar.len()});
+    writeln!(r.get_mut(), "{req}").unwrap();
+    r.get_mut().write_all(&nar[..nar.len() / 2]).unwrap();
+    let tmp = c.state.join("cache/.tmp");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_dir(&tmp).unwrap().count() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the upload never started staging");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Killed with half a NAR staged: after the restart nothing of it is left, nothing was queued.
+    c.kill9();
+    drop(r);
+    c.restart();
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    assert!(narinfo(&c, &script).is_empty());
+    assert!(builds(&c).is_empty());
+    // The same submission, made again, uploads and builds.
+    let out = run(&mut c.gbc(&["build", &drv]));
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), c.log());
+    assert!(!narinfo(&c, &script).is_empty());
+}
