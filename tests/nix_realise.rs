@@ -12,6 +12,14 @@ use std::process::Output;
 use common::{gbc, nix, run, run_ok_str, salt, tempdir};
 
 /// Instantiate attributes of a test expression; returns attribute → .drv path.
+/// These tests run one at a time. Run side by side, Nix 2.8's build of export-graph-structured
+/// (a bash builder) was sometimes killed with SIGKILL, though no other Nix build ran meanwhile;
+/// one at a time it never was (not found why: see the session 4 note).
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn instantiate(file: &str, attrs: &[&str], salt: &str) -> BTreeMap<String, String> {
     common::instantiate(file, None, attrs, salt).into_iter().collect()
 }
@@ -31,6 +39,7 @@ fn stderr(out: &Output) -> String {
 
 #[test]
 fn outputs_equal_nix_realisation_in_hash_and_references() {
+    let _serial = one_at_a_time();
     let attrs = [
         "single",
         "multi",
@@ -79,6 +88,7 @@ fn outputs_equal_nix_realisation_in_hash_and_references() {
 
 #[test]
 fn output_checks_fail_where_nix_s_fail() {
+    let _serial = one_at_a_time();
     let attrs = ["checksSelf", "checksDisallowed", "checksIllegal", "checksTooLarge"];
     let drvs = instantiate("tests/nix/derivations.nix", &attrs, &salt());
     let tmp = tempdir();
@@ -113,6 +123,7 @@ fn builds() -> BTreeMap<String, String> {
 
 #[test]
 fn failures_are_reported_with_their_cause() {
+    let _serial = one_at_a_time();
     let drvs = builds();
     let tmp = tempdir();
     let root = tmp.path().join("store");
@@ -150,6 +161,7 @@ fn sha256_hex(data: &[u8]) -> String {
 
 #[test]
 fn timeouts_kill_the_build() {
+    let _serial = one_at_a_time();
     let drvs = builds();
     let tmp = tempdir();
     let root = tmp.path().join("store");
@@ -164,6 +176,7 @@ fn timeouts_kill_the_build() {
 
 #[test]
 fn ten_megabytes_of_log_arrive_intact() {
+    let _serial = one_at_a_time();
     let drvs = builds();
     let tmp = tempdir();
     let out = realise(&tmp.path().join("store"), &drvs["chatty"], &[]);
@@ -175,6 +188,7 @@ fn ten_megabytes_of_log_arrive_intact() {
 
 #[test]
 fn the_sandbox_holds() {
+    let _serial = one_at_a_time();
     let drvs = builds();
     let tmp = tempdir();
     let root = tmp.path().join("store");
@@ -214,6 +228,7 @@ fn the_sandbox_holds() {
 
 #[test]
 fn the_environment_is_nix_s() {
+    let _serial = one_at_a_time();
     let drvs = builds();
     let tmp = tempdir();
     let root = tmp.path().join("store");
@@ -244,6 +259,7 @@ fn the_environment_is_nix_s() {
 
 #[test]
 fn an_unprivileged_user_can_build_too() {
+    let _serial = one_at_a_time();
     // CI runs as root; drop to nobody for this one (user namespaces need no privilege).
     if !rustix::process::getuid().is_root() {
         // Already unprivileged: every other test here covers it.
@@ -286,6 +302,7 @@ fn an_unprivileged_user_can_build_too() {
 
 #[test]
 fn fixed_output_builds_keep_the_network() {
+    let _serial = one_at_a_time();
     let host_interfaces = fs::read_to_string("/proc/net/dev").unwrap().lines().count() - 2;
     assert!(host_interfaces > 1, "this test needs a host with a network interface besides lo");
     let drvs = instantiate("tests/nix/builds.nix", &["fixedNetwork"], &salt());
@@ -296,6 +313,7 @@ fn fixed_output_builds_keep_the_network() {
 
 #[test]
 fn without_user_namespaces_the_setup_failure_says_why() {
+    let _serial = one_at_a_time();
     // Inside a user namespace of our own, allow no further ones (the limit is per namespace).
     let drvs = instantiate("tests/nix/derivations.nix", &["single"], &salt());
     let tmp = tempdir();

@@ -525,7 +525,6 @@ fn fixed_output_hash(path: &Path, recursive: bool, want: &Hash) -> io::Result<Ha
     Ok(sink.finish())
 }
 
-/// NAR hash, NAR size, and the references found in the NAR.
 /// The NAR hash and size of the tree at `path`, and which of `candidates` (full store paths) it
 /// refers to.
 pub(crate) fn hash_and_scan<'a>(
