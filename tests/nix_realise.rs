@@ -12,9 +12,9 @@ use std::process::Output;
 use common::{gbc, nix, run, run_ok_str, salt, tempdir};
 
 /// Instantiate attributes of a test expression; returns attribute → .drv path.
-/// These tests run one at a time. Run side by side, Nix 2.8's build of export-graph-structured
-/// (a bash builder) was sometimes killed with SIGKILL, though no other Nix build ran meanwhile;
-/// one at a time it never was (not found why: see the session 4 note).
+/// These tests run one at a time: under CPU load, Nix 2.8 sometimes kills its own build of
+/// export-graph-structured (a bash builder) with SIGKILL. Reproduced without gbc: 5 of 12 Nix builds
+/// of it died while a plain shell loop printed 160,000 lines in the background; none without load.
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
