@@ -113,6 +113,33 @@ fn output_checks_fail_where_nix_s_fail() {
     }
 }
 
+#[test]
+fn fixed_outputs_see_the_impure_variables_they_name() {
+    let _serial = one_at_a_time();
+    let drvs = instantiate("tests/nix/derivations.nix", &["fixedImpure"], &salt());
+    let tmp = tempdir();
+    let root = tmp.path().join("store");
+    let ours = run(gbc()
+        .args(["realise", "--store-root"])
+        .arg(&root)
+        .arg(&drvs["fixedImpure"])
+        .env("GBC_TEST_PROXY", "proxy.example:3128"));
+    assert!(ours.status.success(), "{}", stderr(&ours));
+    let theirs = run_ok_str(
+        nix("nix-store").args(["--realise", &drvs["fixedImpure"]]).env("GBC_TEST_PROXY", "proxy.example:3128"),
+    );
+    assert_eq!(String::from_utf8_lossy(&ours.stdout), theirs);
+    // Without the variable the output is not the declared one: both refuse it.
+    let tmp2 = tempdir();
+    let bare = run(gbc()
+        .args(["realise", "--store-root"])
+        .arg(tmp2.path().join("store"))
+        .arg(&drvs["fixedImpure"])
+        .env_remove("GBC_TEST_PROXY"));
+    assert_eq!(bare.status.code(), Some(1), "{}", stderr(&bare));
+    assert!(stderr(&bare).contains("hash mismatch"), "{}", stderr(&bare));
+}
+
 fn builds() -> BTreeMap<String, String> {
     instantiate(
         "tests/nix/builds.nix",

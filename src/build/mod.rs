@@ -315,6 +315,14 @@ fn environment(
     for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
         env.insert(k.to_owned(), b.to_owned());
     }
+    // A fixed output is checked by its hash, so its builder may see what `impureEnvVars` names
+    // of this process's environment (proxy settings, say), as with Nix.
+    if matches!(req.drv.kind(), Ok(DrvKind::FixedOutput { .. })) {
+        env.insert("NIX_OUTPUT_CHECKED".to_owned(), "1".to_owned());
+        for var in req.drv.strings_attr("impureEnvVars").unwrap_or_default() {
+            env.insert(var.clone(), std::env::var(&var).unwrap_or_default());
+        }
+    }
     env.insert("NIX_LOG_FD".to_owned(), "2".to_owned());
     env.insert("TERM".to_owned(), "xterm-256color".to_owned());
     Ok(Ok(env))

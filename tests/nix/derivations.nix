@@ -41,6 +41,17 @@ in rec {
     outputHash = builtins.hashString "sha1" "hello";
   };
 
+  # A fixed output whose builder sees an impure variable of the caller's environment (set to
+  # "proxy.example:3128" by the test).
+  fixedImpure = sh "echo \"$GBC_TEST_PROXY $NIX_OUTPUT_CHECKED\" > $out" {
+    name = "fixed-impure";
+    impureEnvVars = [ "GBC_TEST_PROXY" ];
+    outputHashMode = "flat";
+    outputHashAlgo = "sha256";
+    outputHash = builtins.hashString "sha256" "proxy.example:3128 1\n";
+    inherit salt;
+  };
+
   # An output whose contents name another store path, so it has a reference.
   refersToChainA = sh "echo ${chainA} > $out" { name = "refers-to-chain-a"; };
 
