@@ -382,7 +382,8 @@ impl Driver {
                             };
                             // What the agent was asked about and did not list, it has.
                             let asked = active.get(&build).map(|a| &a.announced);
-                            let unneeded = |p: &str| asked.is_some_and(|a| a.contains(p)) && !missing.iter().any(|m| m == p);
+                            let listed: std::collections::HashSet<&str> = missing.iter().map(String::as_str).collect();
+                            let unneeded = |p: &str| asked.is_some_and(|a| a.contains(p)) && !listed.contains(p);
                             let sd = self.cache.as_ref().map(|c| c.store_dir().clone());
                             let infos: Vec<_> = infos
                                 .into_iter()
