@@ -190,16 +190,9 @@ fn xz_and_uncompressed_caches_are_read_by_nix_too() {
         let out = run(&mut c.gbc(&["build", &drvs[0].1]));
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let right = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        let hash = &right["/nix/store/".len()..][..32];
-        let info = std::fs::read_to_string(c.state.join("cache").join(format!("{hash}.narinfo"))).unwrap();
+        let info = narinfo(&c, &right);
         assert!(info.contains(&format!("Compression: {compression}\n")), "{info}");
-        let key = run_ok_str(&mut c.gbc(&["cache", "public-key"])).trim().to_owned();
-        let dir = common::tempdir();
-        let mut copy = nix("nix");
-        copy.args(["copy", "--from", &format!("file://{}", c.state.join("cache").display()), "--to"])
-            .arg(dir.path().join("fresh"))
-            .args(["--option", "trusted-public-keys", &key, &right]);
-        let out = run(&mut copy);
+        let out = nix_copy_from_cache(&c, &right);
         assert!(out.status.success(), "{compression}: {}", String::from_utf8_lossy(&out.stderr));
     }
     let bad = run(common::gbc().args(["coordinator", "--compression", "lz4"]));
@@ -266,6 +259,18 @@ fn narinfo(c: &Coordinator, path: &str) -> String {
     std::fs::read_to_string(c.state.join(format!("cache/{hash}.narinfo"))).unwrap_or_default()
 }
 
+/// Nix copies `path` from the coordinator's cache (a file:// store) into a fresh store, trusting
+/// only the coordinator's key.
+fn nix_copy_from_cache(c: &Coordinator, path: &str) -> std::process::Output {
+    let key = run_ok_str(&mut c.gbc(&["cache", "public-key"])).trim().to_owned();
+    let dir = common::tempdir();
+    let mut copy = nix("nix");
+    copy.args(["copy", "--from", &format!("file://{}", c.state.join("cache").display()), "--to"])
+        .arg(dir.path().join("fresh"))
+        .args(["--option", "trusted-public-keys", &key, path]);
+    run(&mut copy)
+}
+
 fn builds(c: &Coordinator) -> Vec<serde_json::Value> {
     serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap()
 }
@@ -299,13 +304,7 @@ fn an_input_source_travels_from_the_client_and_the_build_succeeds() {
         let want = if r.ends_with("-needs-source-dir") { format!("fixed:r:{}", theirs.trim()) } else { "text:".into() };
         assert!(ours.ca.as_deref().unwrap_or_default().starts_with(&want), "{r}: {:?}", ours.ca);
     }
-    let key = run_ok_str(&mut c.gbc(&["cache", "public-key"])).trim().to_owned();
-    let dir = common::tempdir();
-    let mut copy = nix("nix");
-    copy.args(["copy", "--from", &format!("file://{}", c.state.join("cache").display()), "--to"])
-        .arg(dir.path().join("fresh"))
-        .args(["--option", "trusted-public-keys", &key, &source]);
-    let out = run(&mut copy);
+    let out = nix_copy_from_cache(&c, &source);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Built again: the source is not sent again (its narinfo would be rewritten), the cache has it.
