@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use crate::formats::hash::{Hash, HashSink, PipelinedHashSink, hex};
-use crate::formats::nar::{Event, NarReader};
+use crate::formats::nar::{Event, NarError, NarReader};
 use crate::formats::narinfo::NarInfo;
 use crate::formats::signing::{SecretKey, Signature};
 use crate::formats::store_path::{ContentAddress, StoreDir, StorePath};
@@ -139,19 +139,8 @@ impl Cache {
     /// the file's contents when the NAR is one non-executable regular file (what a text path is
     /// made from).
     pub fn stage_checked(&self, r: impl io::Read) -> io::Result<(StagedNar, Option<[u8; 32]>)> {
-        let mut nar = NarReader::new(Tee { r, w: self.begin()? });
-        let mut flat = None;
-        let mut first = true;
-        while let Some(event) = nar.next_event().map_err(|e| invalid(e.to_string()))? {
-            if let (true, Event::Regular { executable: false, mut contents, .. }) = (first, event) {
-                let mut h = HashSink::new();
-                contents.copy_to(&mut h)?;
-                flat = h.finish().0.digest().try_into().ok();
-            }
-            first = false;
-        }
-        let staged = nar.into_inner().w.finish()?;
-        Ok((staged, flat))
+        let (writer, flat) = check_nar(r, self.begin()?)?;
+        Ok((writer.finish()?, flat))
     }
 
     /// Publish the outputs of one build: each NAR renamed into `nar/`, then the narinfos, each
@@ -412,6 +401,35 @@ fn references_first(infos: Vec<NarInfo>) -> Vec<NarInfo> {
         }
     }
     out
+}
+
+/// Pass a NAR from a party not trusted to send a well-formed one (a client's upload, a build
+/// host's output) through `sink`, checking every byte against the NAR grammar on the way. Returns
+/// the sink, and the SHA-256 of the file's contents when the NAR is one non-executable regular file
+/// (what a text path is made from). A NAR that breaks the grammar is an `InvalidData` error; an
+/// error of the sink (a full disk) keeps its own kind.
+pub fn check_nar<W: Write>(r: impl io::Read, sink: W) -> io::Result<(W, Option<[u8; 32]>)> {
+    let mut nar = NarReader::new(Tee { r, w: sink });
+    let mut flat = None;
+    let mut first = true;
+    loop {
+        let event = match nar.next_event() {
+            Ok(Some(event)) => event,
+            Ok(None) => break,
+            Err(NarError::Io { source, .. }) => return Err(source),
+            Err(e) => return Err(invalid(e.to_string())),
+        };
+        if let (true, Event::Regular { executable: false, mut contents, .. }) = (first, event) {
+            let mut h = HashSink::new();
+            contents.copy_to(&mut h).map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => invalid(e.to_string()),
+                _ => e,
+            })?;
+            flat = h.finish().0.digest().try_into().ok();
+        }
+        first = false;
+    }
+    Ok((nar.into_inner().w, flat))
 }
 
 /// A reader that writes what it reads.

@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Coordinator, drv_name, nix, run, run_ok_str, salt};
+use common::{Coordinator, Tmpfs, drv_name, nix, run, run_ok_str, salt};
 use serde_json::Value;
 
 const QUEUE: &str = "tests/nix/queue.nix";
@@ -399,6 +399,39 @@ fn a_build_whose_log_passes_the_limit_is_stopped_and_its_log_cut() {
     assert_eq!(log.len(), 65536 + marker.len(), "{}", String::from_utf8_lossy(&log[log.len().saturating_sub(300)..]));
     assert!(log.ends_with(marker));
     assert!(String::from_utf8_lossy(&log).contains("line 0 of a chatty build"));
+}
+
+/// Issue 12: a full disk while publishing left builds "running" forever. Every attempt must end,
+/// with the reason recorded, and nothing half-written stays in the cache.
+#[test]
+fn a_full_disk_while_publishing_ends_every_attempt_with_a_reason() {
+    let mut cache = None;
+    let c = Coordinator::start_prepared(&["--local-builds", "2", "--compression", "none"], |state| {
+        cache = Tmpfs::mount(&state.join("cache"), "20m");
+    });
+    let Some(cache) = cache else { return };
+    let drvs = instantiate(&["large.0", "large.1", "large.2", "large.3"], &salt());
+    let drvs: Vec<&str> = drvs.values().map(String::as_str).collect();
+    let uuids = submit(&c, &drvs, &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ended = loop {
+        let builds: Vec<Value> = uuids.iter().map(|u| show(&c, u)).collect();
+        if builds.iter().all(|b| b["state"] == "succeeded" || b["state"] == "failed") {
+            break builds;
+        }
+        assert!(Instant::now() < deadline, "builds still not ended: {builds:?}\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let failed: Vec<&Value> = ended.iter().filter(|b| b["state"] == "failed").collect();
+    assert!(!failed.is_empty() && failed.len() < 4, "20 MB hold two of the four 7 MB outputs: {ended:?}");
+    for b in failed {
+        for a in b["attempt_list"].as_array().unwrap() {
+            assert_eq!(a["status"], "store_failure", "{b}");
+            assert!(a["reason"].as_str().unwrap().starts_with("the cache's disk is full: "), "{b}");
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(cache.path.join(".tmp")).unwrap().collect();
+    assert!(left.is_empty(), "staged files left behind: {left:?}");
 }
 
 #[test]

@@ -582,8 +582,8 @@ fn a_host_whose_link_is_cut_is_found_out_by_keepalives_and_comes_back() {
     wait_until("gamma is up once more", &c, 60, || machine_state(&c, "gamma").as_deref() == Some("up"));
 }
 
-/// A proxy for an agent's output that flips one bit of the first NAR chunk it sees (Perl, which
-/// every Debian has).
+/// A proxy for an agent's output that flips one bit of the contents in the first NAR chunk it sees
+/// (Perl, which every Debian has).
 const LIAR: &str = r#"
 use strict;
 $| = 1;
@@ -600,7 +600,9 @@ while (my $line = <$in>) {
         last unless $r;
     }
     if (!$done && $line =~ /"type":"nar_chunk"/) {
-        substr($buf, -1, 1) = chr(ord(substr($buf, -1, 1)) ^ 1);
+        # Byte 96 of a NAR of one regular file is the first byte of its contents: the archive
+        # stays well-formed, only its hash changes.
+        substr($buf, 96, 1) = chr(ord(substr($buf, 96, 1)) ^ 1);
         $done = 1;
     }
     print $buf;
@@ -616,6 +618,85 @@ fn a_nar_that_does_not_hash_to_the_agent_s_claim_is_rejected() {
     farm.write(&[farm.alpha_with(&agent), farm.beta_entry()]);
     let why = farm.rejected_on_alpha_then_built_on_beta();
     assert!(why.contains("does not match its claim"), "{why}");
+}
+
+/// A proxy for an agent's output that replaces every output's NAR with bytes that are not a NAR,
+/// and makes the claim match them: their hash and size, signed with the host's own key (by
+/// `gbc sign` over a narinfo of the forged claim). `FORGER KEY NIX32-CMD AGENT...`
+const FORGER: &str = r#"
+use strict;
+use JSON::PP;
+use Digest::SHA qw(sha256_hex);
+use File::Temp qw(tempfile);
+$| = 1;
+binmode STDOUT;
+my ($gbc, $key, @agent) = @ARGV;
+my $bogus = "this is not a NAR at all";
+my $hex = sha256_hex($bogus);
+my $nix32 = `nix-hash --type sha256 --to-base32 $hex`;
+chomp $nix32;
+my $hash = "sha256:$nix32";
+open(my $in, "-|", @agent) or die "cannot start @agent: $!";
+binmode $in;
+my $json = JSON::PP->new->canonical;
+my (%forged_meta, %forged_transfer);
+sub sign {
+    my ($meta) = @_;
+    my ($fh, $file) = tempfile(SUFFIX => '.narinfo');
+    my $refs = join(' ', map { (split m{/}, $_)[-1] } @{$meta->{references}});
+    print $fh "StorePath: $meta->{path}\nURL: nar/x.nar\nCompression: none\nNarHash: $hash\nNarSize: " . length($bogus) . "\nReferences: $refs\n";
+    close $fh;
+    system($gbc, 'sign', '--key', $key, $file) == 0 or die "gbc sign failed";
+    open(my $r, '<', $file) or die;
+    my ($sig) = map { /^Sig: (.*)$/ ? $1 : () } <$r>;
+    unlink $file;
+    return $sig;
+}
+while (my $line = <$in>) {
+    my $m = $json->decode($line);
+    my $buf = '';
+    if (defined $m->{payload}) {
+        while (length($buf) < $m->{payload}) {
+            my $r = read($in, $buf, $m->{payload} - length($buf), length($buf));
+            last unless $r;
+        }
+    }
+    if ($m->{type} eq 'finished' && $m->{status}{kind} eq 'success') {
+        for my $o (@{$m->{outputs}}) {
+            $o->{meta}{nar_hash} = $hash;
+            $o->{meta}{nar_size} = length($bogus);
+            $o->{signature} = sign($o->{meta});
+            $forged_meta{$o->{meta}{path}} = $o->{meta};
+        }
+        print $json->encode($m), "\n";
+    } elsif ($m->{type} eq 'nar_start' && defined $m->{build} && $forged_meta{$m->{meta}{path}}) {
+        $m->{meta} = $forged_meta{$m->{meta}{path}};
+        $forged_transfer{$m->{transfer}} = 1;
+        print $json->encode($m), "\n";
+    } elsif ($m->{type} eq 'nar_chunk' && $forged_transfer{$m->{transfer}}) {
+        # swallowed: the forged bytes go out whole before the end
+    } elsif ($m->{type} eq 'nar_end' && $forged_transfer{$m->{transfer}}) {
+        print $json->encode({ type => 'nar_chunk', transfer => $m->{transfer}, payload => length($bogus) }), "\n", $bogus;
+        print $line;
+    } else {
+        print $line, $buf;
+    }
+}
+"#;
+
+#[test]
+fn a_host_cannot_publish_bytes_that_are_not_a_nar() {
+    let farm = Farm::start();
+    let forger = farm.dir.path().join("forger.pl");
+    std::fs::write(&forger, FORGER).unwrap();
+    let gbc = env!("CARGO_BIN_EXE_gbc");
+    let agent = format!(
+        "agent: {:?}, ",
+        format!("perl {} {gbc} {} {gbc} agent", forger.display(), farm.alpha.signing_secret.display())
+    );
+    farm.write(&[farm.alpha_with(&agent), farm.beta_entry()]);
+    let why = farm.rejected_on_alpha_then_built_on_beta();
+    assert!(why.contains("not a NAR"), "{why}");
 }
 
 #[test]

@@ -63,13 +63,20 @@ impl Write for RefScanner {
         // Scan the seam between the previous write and this one, then this write.
         let head = &buf[..buf.len().min(HASH_LEN - 1)];
         if !self.tail.is_empty() {
-            let mut seam = std::mem::take(&mut self.tail);
+            let mut seam = self.tail.clone();
             seam.extend_from_slice(head);
             self.scan(&seam);
         }
         self.scan(buf);
-        let keep = buf.len().min(HASH_LEN - 1);
-        self.tail = buf[buf.len() - keep..].to_vec();
+        // Keep the last `HASH_LEN - 1` bytes seen, which a short write takes partly from the
+        // previous tail.
+        if buf.len() >= HASH_LEN - 1 {
+            self.tail = buf[buf.len() - (HASH_LEN - 1)..].to_vec();
+        } else {
+            self.tail.extend_from_slice(buf);
+            let excess = self.tail.len().saturating_sub(HASH_LEN - 1);
+            self.tail.drain(..excess);
+        }
         Ok(buf.len())
     }
 
@@ -93,6 +100,18 @@ mod tests {
             s.write_all(&text.as_bytes()[..split]).ok();
             s.write_all(&text.as_bytes()[split..]).ok();
             assert_eq!(s.finish(), BTreeSet::from([A.to_owned(), B.to_owned()]), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn finds_hashes_written_a_few_bytes_at_a_time() {
+        let text = format!("[{}]", &B[11..]);
+        for step in 1..8 {
+            let mut s = RefScanner::new([A, B]);
+            for piece in text.as_bytes().chunks(step) {
+                s.write_all(piece).ok();
+            }
+            assert_eq!(s.finish(), BTreeSet::from([B.to_owned()]), "{step} bytes at a time");
         }
     }
 

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::{BufWriter, Write as _};
+use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use super::logs;
 use super::queue::BuildId;
 use super::transport::Transport;
 use crate::api::OutputInfo;
+use crate::build::refs::RefScanner;
 use crate::cache::{self, Cache, StagedNar};
 use crate::db::Job;
 use crate::formats::derivation::Derivation;
@@ -24,6 +25,7 @@ use crate::formats::hash::Hash;
 use crate::formats::hash::HashSink;
 use crate::formats::narinfo;
 use crate::formats::signing::{PublicKey, Signature};
+use crate::pipe::ChunkReader;
 use crate::protocol::{BuildStatus, BuiltOutput, Frame, HostFacts, Message, NAR_CHUNK, PathMeta};
 
 /// Core → driver.
@@ -127,6 +129,8 @@ struct Transfer {
 struct Received {
     nar_hash: String,
     nar_size: u64,
+    /// The candidate paths whose hash parts occur in it.
+    references: BTreeSet<String>,
     staged: Option<StagedNar>,
 }
 
@@ -159,37 +163,52 @@ fn send_input(cache: Arc<Cache>, info: crate::formats::narinfo::NarInfo, transfe
     });
 }
 
-/// Start a thread that hashes a NAR's chunks and, when there is a cache for its store dir,
-/// compresses them into it.
-fn receive(cache: Option<Arc<Cache>>, key: String, meta: PathMeta) -> Transfer {
-    let (chunks, mut rx) = mpsc::channel::<Vec<u8>>(16);
+/// Start a thread that checks a NAR's chunks against the NAR grammar as they arrive, hashes them,
+/// scans them for the hash parts of `candidates` (the references it may have) and, when there is a
+/// cache for its store dir, compresses them into it. A build host is not trusted to send a NAR:
+/// bytes that are not one end the transfer with an `InvalidData` error.
+fn receive(cache: Option<Arc<Cache>>, key: String, meta: PathMeta, candidates: BTreeSet<String>) -> Transfer {
+    let (chunks, rx) = mpsc::channel::<Vec<u8>>(16);
     let (done_tx, done) = tokio::sync::oneshot::channel();
     let staging = cache.filter(|c| c.store_dir().parse_path(&meta.path).is_ok());
     std::thread::spawn(move || {
         let result = (|| {
-            let mut writer = staging.as_ref().map(|c| c.begin()).transpose()?;
-            let mut hash = HashSink::new();
-            while let Some(chunk) = rx.blocking_recv() {
-                match &mut writer {
-                    Some(w) => w.write_all(&chunk)?,
-                    None => hash.write_all(&chunk)?,
-                }
-            }
-            let (hash, size, staged) = match writer {
-                Some(w) => {
-                    let s = w.finish()?;
-                    (s.nar_hash.clone(), s.nar_size, Some(s))
+            let nar = ChunkReader::new(rx);
+            let scanner = RefScanner::new(candidates.iter().map(String::as_str));
+            let (nar_hash, nar_size, staged, scanner) = match staging {
+                Some(c) => {
+                    let (Both(writer, scanner), _) = cache::check_nar(nar, Both(c.begin()?, scanner))?;
+                    let s = writer.finish()?;
+                    (s.nar_hash.clone(), s.nar_size, Some(s), scanner)
                 }
                 None => {
+                    let (Both(hash, scanner), _) = cache::check_nar(nar, Both(HashSink::new(), scanner))?;
                     let (h, n) = hash.finish();
-                    (h, n, None)
+                    (h, n, None, scanner)
                 }
             };
-            Ok(Received { nar_hash: format!("sha256:{}", hash.to_nix32()), nar_size: size, staged })
+            let references = scanner.finish();
+            Ok(Received { nar_hash: format!("sha256:{}", nar_hash.to_nix32()), nar_size, references, staged })
         })();
         let _ = done_tx.send(result);
     });
     Transfer { key, meta, chunks, done }
+}
+
+/// Two writers fed the same bytes.
+struct Both<A, B>(A, B);
+
+impl<A: Write, B: Write> Write for Both<A, B> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(buf)?;
+        self.1.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
 }
 
 /// Everything a driver needs.
@@ -470,7 +489,12 @@ impl Driver {
                         Message::NarStart { transfer, build: Some(build), meta } => {
                             let Some(a) = active.get_mut(&build) else { continue };
                             if a.claimed.iter().any(|o| o.meta == meta) && !transfers.contains_key(&transfer) {
-                                transfers.insert(transfer, receive(self.cache.clone(), build, meta));
+                                match possible_references(a, &meta, self.cache.as_deref()) {
+                                    Ok(candidates) => {
+                                        transfers.insert(transfer, receive(self.cache.clone(), build, meta, candidates));
+                                    }
+                                    Err(reason) => ended.push((build, rejected(reason))),
+                                }
                             } else {
                                 let reason = format!("the agent sent a NAR for {} that it did not claim as an output", meta.path);
                                 ended.push((build, rejected(reason)));
@@ -489,36 +513,36 @@ impl Driver {
                                 let Transfer { key, meta, chunks, done } = t;
                                 drop(chunks);
                                 let received = match done.await {
-                                    Ok(Ok(r)) => r,
-                                    Ok(Err(e)) => {
-                                        let reason = format!("could not store the NAR of {}: {e}", meta.path);
-                                        ended.push((key, AttemptResult::Retry { status: "store_failure".into(), reason, count: true }));
-                                        continue;
-                                    }
-                                    Err(_) => continue,
+                                    Ok(r) => r,
+                                    Err(_) => Err(std::io::Error::other("the thread storing it stopped")),
                                 };
-                                let Some(a) = active.get_mut(&key) else { continue };
-                                let Received { nar_hash: got, nar_size: size, staged } = received;
-                                if got != meta.nar_hash || size != meta.nar_size {
-                                    let reason = format!(
-                                        "the NAR of {} does not match its claim: {got}, {size} bytes, claimed {}, {} bytes",
-                                        meta.path, meta.nar_hash, meta.nar_size
-                                    );
-                                    ended.push((key, rejected(reason)));
-                                } else if let Some(o) = a.claimed.iter().find(|o| o.meta == meta) {
-                                    let info = OutputInfo {
-                                        name: o.name.clone(),
-                                        path: o.meta.path.clone(),
-                                        nar_hash: o.meta.nar_hash.clone(),
-                                        nar_size: o.meta.nar_size,
-                                        references: o.meta.references.clone(),
-                                        signature: o.signature.clone(),
-                                    };
-                                    a.received.push((info, staged));
-                                    if a.received.len() == a.claimed.len() {
-                                        let received = std::mem::take(&mut a.received);
-                                        let result = self.publish(&a.job, &a.system, received).await;
-                                        ended.push((key, result));
+                                let output = match received {
+                                    Ok(r) => check_received(&meta, r),
+                                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                                        Err(rejected(format!("the host sent {} as bytes that are not a NAR: {e}", meta.path)))
+                                    }
+                                    Err(e) => Err(store_failure(&format!("could not store the NAR of {}", meta.path), &e)),
+                                };
+                                match output {
+                                    Err(result) => ended.push((key, result)),
+                                    Ok(staged) => {
+                                        let Some(a) = active.get_mut(&key) else { continue };
+                                        if let Some(o) = a.claimed.iter().find(|o| o.meta == meta) {
+                                            let info = OutputInfo {
+                                                name: o.name.clone(),
+                                                path: o.meta.path.clone(),
+                                                nar_hash: o.meta.nar_hash.clone(),
+                                                nar_size: o.meta.nar_size,
+                                                references: o.meta.references.clone(),
+                                                signature: o.signature.clone(),
+                                            };
+                                            a.received.push((info, staged));
+                                            if a.received.len() == a.claimed.len() {
+                                                let received = std::mem::take(&mut a.received);
+                                                let result = self.publish(&a.job, &a.system, received).await;
+                                                ended.push((key, result));
+                                            }
+                                        }
                                     }
                                 }
                             }
@@ -571,16 +595,28 @@ impl Driver {
         if staged.is_empty() {
             return AttemptResult::Success { outputs };
         }
-        match tokio::task::spawn_blocking(move || cache.publish(staged)).await {
-            Ok(Ok(published)) => {
+        // Every reference must be in the cache or among these outputs; otherwise the narinfo
+        // would wait in `.pending/` for a path nobody is going to send.
+        let publishing = tokio::task::spawn_blocking(move || {
+            let here: BTreeSet<&str> = staged.iter().map(|(o, _)| o.path.as_str()).collect();
+            for (o, _) in &staged {
+                if let Some(r) = o.references.iter().find(|r| !here.contains(r.as_str()) && !cache.has(r)) {
+                    return Ok(Err(format!(
+                        "its output {} refers to {r}, which the cache does not have (the build host had it): \
+                         submit the path with the derivation (gbc submit uploads the sources it lacks) or a derivation that makes it",
+                        o.path
+                    )));
+                }
+            }
+            cache.publish(staged).map(Ok)
+        });
+        match publishing.await {
+            Ok(Ok(Ok(published))) => {
                 tracing::debug!(machine = %self.name, "published {}", published.join(" "));
                 AttemptResult::Success { outputs }
             }
-            Ok(Err(e)) => AttemptResult::Retry {
-                status: "store_failure".into(),
-                reason: format!("could not publish the outputs: {e}"),
-                count: true,
-            },
+            Ok(Ok(Err(reason))) => AttemptResult::Failed { status: "missing_reference".into(), reason },
+            Ok(Err(e)) => store_failure("could not publish the outputs", &e),
             Err(e) => AttemptResult::Retry { status: "store_failure".into(), reason: e.to_string(), count: true },
         }
     }
@@ -651,6 +687,57 @@ fn rejected(reason: String) -> AttemptResult {
     AttemptResult::Retry { status: "rejected".into(), reason, count: true }
 }
 
+/// The coordinator could not store what a host sent: worth another try, and when the disk is full
+/// the reason says so first.
+fn store_failure(what: &str, e: &std::io::Error) -> AttemptResult {
+    let reason = match e.kind() {
+        std::io::ErrorKind::StorageFull => format!("the cache's disk is full: {what}: {e}"),
+        _ => format!("{what}: {e}"),
+    };
+    AttemptResult::Retry { status: "store_failure".into(), reason, count: true }
+}
+
+/// The paths an output of this attempt may refer to, which its NAR is scanned for: the input
+/// closure named in `build`, the inputs, the derivation's outputs, and what the host claims. When
+/// the output goes into the cache, whose closure of the inputs is complete, a claimed reference
+/// outside that set is refused at once: no build could have found it.
+fn possible_references(a: &Active, meta: &PathMeta, cache: Option<&Cache>) -> Result<BTreeSet<String>, String> {
+    let mut candidates: BTreeSet<String> = a.announced.clone();
+    candidates.extend(a.job.inputs.iter().cloned());
+    candidates.extend(a.expected.values().cloned());
+    if cache.is_some_and(|c| c.store_dir().parse_path(&meta.path).is_ok())
+        && let Some(r) = meta.references.iter().find(|r| !candidates.contains(*r))
+    {
+        return Err(format!(
+            "the host says {} refers to {r}, which is not among the build's inputs or outputs",
+            meta.path
+        ));
+    }
+    candidates.extend(meta.references.iter().cloned());
+    Ok(candidates)
+}
+
+/// Compare what arrived with what the host claimed: the NAR's hash and size, and its references
+/// (every claimed one occurs in it, and no possible one that is not claimed).
+fn check_received(meta: &PathMeta, r: Received) -> Result<Option<StagedNar>, AttemptResult> {
+    if r.nar_hash != meta.nar_hash || r.nar_size != meta.nar_size {
+        return Err(rejected(format!(
+            "the NAR of {} does not match its claim: {}, {} bytes, claimed {}, {} bytes",
+            meta.path, r.nar_hash, r.nar_size, meta.nar_hash, meta.nar_size
+        )));
+    }
+    let claimed: BTreeSet<String> = meta.references.iter().cloned().collect();
+    if r.references != claimed {
+        let unclaimed: Vec<&String> = r.references.difference(&claimed).collect();
+        let absent: Vec<&String> = claimed.difference(&r.references).collect();
+        return Err(rejected(format!(
+            "the references of {} are not the ones claimed: found but not claimed {unclaimed:?}, claimed but not found {absent:?}",
+            meta.path
+        )));
+    }
+    Ok(r.staged)
+}
+
 /// What a `finished` message means for an attempt; None when the outputs' NARs are still to come.
 fn finished(
     a: &mut Active,
@@ -714,6 +801,50 @@ fn check_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const A: &str = "/nix/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a";
+    const B: &str = "/nix/store/4ych3c9g82xl7b2la3qz4f3k0fnrn0a0-b";
+
+    fn meta(references: &[&str]) -> PathMeta {
+        PathMeta {
+            path: "/nix/store/2fddh7wrp08zszglvp7wdvxjs8hwjmah-out".into(),
+            nar_hash: "sha256:1np9qahxc6apzpgil734ihi7r55ax34iiifyhlj20jvf3a0yyr10".into(),
+            nar_size: 120,
+            references: references.iter().map(|r| r.to_string()).collect(),
+            deriver: None,
+        }
+    }
+
+    fn received(m: &PathMeta, references: &[&str]) -> Received {
+        let references = references.iter().map(|r| r.to_string()).collect();
+        Received { nar_hash: m.nar_hash.clone(), nar_size: m.nar_size, references, staged: None }
+    }
+
+    fn rejection(r: Result<Option<StagedNar>, AttemptResult>) -> String {
+        match r {
+            Err(AttemptResult::Retry { status, reason, .. }) if status == "rejected" => reason,
+            other => unreachable!("not rejected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_output_s_references_must_be_exactly_the_ones_its_nar_holds() {
+        let m = meta(&[A]);
+        assert!(check_received(&m, received(&m, &[A])).is_ok());
+        let hidden = rejection(check_received(&m, received(&m, &[A, B])));
+        assert!(
+            hidden.contains("found but not claimed [\"/nix/store/4ych3c9g82xl7b2la3qz4f3k0fnrn0a0-b\"]"),
+            "{hidden}"
+        );
+        let invented = rejection(check_received(&m, received(&m, &[])));
+        assert!(
+            invented.contains("claimed but not found [\"/nix/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a\"]"),
+            "{invented}"
+        );
+        let mut other = received(&m, &[A]);
+        other.nar_size += 1;
+        assert!(rejection(check_received(&m, other)).contains("does not match its claim"));
+    }
 
     #[test]
     fn host_backoff_is_60s_times_3_to_the_n_with_jitter_capped() {

@@ -101,6 +101,16 @@ impl Coordinator {
         c
     }
 
+    /// Like [`Coordinator::start`], with `prepare` run on the state dir (not yet created) first.
+    pub fn start_prepared(args: &[&str], prepare: impl FnOnce(&Path)) -> Coordinator {
+        let dir = tempdir();
+        let state = dir.path().join("state");
+        prepare(&state);
+        let mut c = Coordinator { dir, state, args: args.iter().map(|s| s.to_string()).collect(), child: None };
+        c.restart();
+        c
+    }
+
     /// Start it again (after [`Coordinator::kill9`] or a stop) on the same state dir.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
@@ -171,5 +181,39 @@ impl Coordinator {
 impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// A small tmpfs mounted for a test (to fill a disk), unmounted when dropped.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mount a tmpfs of `size` (as mount's `size=` option) at `path` (created). None, with a line
+    /// saying why the test is skipped, when mounting is not allowed here.
+    pub fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(path)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { path: path.to_owned() }),
+            Ok(o) => {
+                eprintln!("SKIPPED: cannot mount a tmpfs here: {}", String::from_utf8_lossy(&o.stderr).trim());
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }

@@ -34,6 +34,9 @@ in rec {
     echo done > $out
   '' { };
 
+  # 7 MB that do not compress, each.
+  large = map (i: sh "large-${toString i}" "/bin/head -c 7000000 /dev/urandom > $out; echo ${salt} > /dev/null" { }) [ 1 2 3 4 ];
+
   p1 = sh "prio-1" "echo 1 ${salt} > $out" { };
   p2 = sh "prio-2" "echo 2 ${salt} > $out" { };
   p3 = sh "prio-3" "echo 3 ${salt} > $out" { };
