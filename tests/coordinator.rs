@@ -360,6 +360,35 @@ fn outputs_the_client_has_are_uploaded_and_an_input_the_cache_lost_is_built_agai
     assert_eq!(ours, run_ok_str(nix("nix-store").args(["-q", "--hash", theirs.trim()])).trim());
 }
 
+/// Issue 12: an output referring to a path the cache lacks was recorded as succeeded while its
+/// narinfo waited in `.pending/` forever. Here the build host still has an input source the cache
+/// lost, and the build's output refers to it: the build fails, naming the reference.
+#[test]
+fn an_output_referring_to_a_path_the_cache_lacks_fails_naming_it() {
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let first = instantiate(&["refsSharedSource"], &salt())["refsSharedSource"].clone();
+    let out = run(&mut c.gbc(&["build", &first]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let refs = run_ok_str(nix("nix-store").args(["--query", "--references", &first]));
+    let source = refs.lines().find(|l| l.ends_with("-shared-source")).unwrap().to_owned();
+    let hash = &source.rsplit('/').next().unwrap()[..32];
+    std::fs::remove_file(c.state.join(format!("cache/{hash}.narinfo"))).unwrap();
+
+    let second = instantiate(&["refsSharedSource"], &salt())["refsSharedSource"].clone();
+    let out = run(&mut c.gbc(&["build", "--no-upload", &second]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let listed: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let d = show(&c, listed[0]["uuid"].as_str().unwrap());
+    assert_eq!((&d["state"], &d["drv"]), (&Value::from("failed"), &Value::from(second.as_str())), "{d}");
+    let attempts = d["attempt_list"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{d}");
+    assert_eq!(attempts[0]["status"], "missing_reference", "{d}");
+    let reason = d["reason"].as_str().unwrap();
+    assert!(reason.contains(&format!("refers to {source}, which the cache does not have")), "{d}");
+    let pending: Vec<_> = std::fs::read_dir(c.state.join("cache/.pending")).unwrap().collect();
+    assert!(pending.is_empty(), "{pending:?}");
+}
+
 #[test]
 fn a_host_gets_only_the_inputs_it_lacks_not_their_whole_closure() {
     let c = Coordinator::start(&["--local-builds", "1"]);

@@ -49,5 +49,9 @@ in rec {
     read x < ${sourceData}; echo "$x" > $out; /bin/cat ${sourceDir}/file >> $out
   ''}" { };
 
+  # Its output refers to an input source that is the same in every run (no salt).
+  sharedSource = builtins.toFile "shared-source" "the same in every run";
+  refsSharedSource = sh "refs-shared-source" "echo ${salt} ${sharedSource} > $out" { };
+
   many = builtins.genList (i: sh "trivial-${toString i}" "echo ${toString i} ${salt} > $out" { }) n;
 }
