@@ -429,6 +429,7 @@ fn run_build(config: &AgentConfig, tx: &Tx, id: &str, p: Pending, cancel: Arc<At
         Outcome::SilentTooLong(d) => BuildStatus::SilentTooLong { seconds: d.as_secs() },
         Outcome::Canceled => BuildStatus::Canceled,
         Outcome::SetupFailure(reason) => BuildStatus::SetupFailure { reason },
+        Outcome::TransientFailure(reason) => BuildStatus::TransientFailure { reason },
         Outcome::MissingInputs(paths) => BuildStatus::MissingInputs { paths },
     };
     send(tx, Message::Finished { build: id.to_owned(), status, outputs: vec![] });

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Bumped on any incompatible change. Peers with different versions refuse each other in `hello`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Longest JSON line accepted, newline included.
 pub const MAX_LINE: usize = 4 << 20;
 /// Largest binary payload of one frame.
@@ -65,12 +65,28 @@ pub struct BuiltOutput {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BuildStatus {
     Success,
-    BuildFailure { exit_code: Option<i32>, reason: String },
-    TimedOut { seconds: u64 },
-    SilentTooLong { seconds: u64 },
-    SetupFailure { reason: String },
+    BuildFailure {
+        exit_code: Option<i32>,
+        reason: String,
+    },
+    TimedOut {
+        seconds: u64,
+    },
+    SilentTooLong {
+        seconds: u64,
+    },
+    SetupFailure {
+        reason: String,
+    },
+    /// A failure that was not the derivation's doing as far as the host can tell (the builder
+    /// killed by a signal, the store's disk full): worth another try, elsewhere if possible.
+    TransientFailure {
+        reason: String,
+    },
     Canceled,
-    MissingInputs { paths: Vec<String> },
+    MissingInputs {
+        paths: Vec<String>,
+    },
 }
 
 /// Every message, in both directions.

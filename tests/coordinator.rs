@@ -463,6 +463,59 @@ fn a_full_disk_while_publishing_ends_every_attempt_with_a_reason() {
     assert!(left.is_empty(), "staged files left behind: {left:?}");
 }
 
+/// Issue 12: failures that can never succeed were tried three times. A builder that cannot be
+/// started, a bad `exportReferencesGraph`, an output that is a fifo: each fails at its first try.
+#[test]
+fn permanent_failures_are_attempted_once() {
+    let c = Coordinator::start(&["--local-builds", "2"]);
+    let drvs = instantiate(&["noBuilder", "badExport", "fifoOutput"], &salt());
+    let uuids = submit(&c, &drvs.values().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let out = run(&mut c.gbc(&["watch"]).args(&uuids));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let mut reasons = Vec::new();
+    for u in &uuids {
+        let d = show(&c, u);
+        assert_eq!(d["state"], "failed", "{d}");
+        let attempts = d["attempt_list"].as_array().unwrap();
+        assert_eq!(attempts.len(), 1, "{d}");
+        assert_eq!(attempts[0]["status"], "build_failure", "{d}");
+        reasons.push(d["reason"].as_str().unwrap().to_owned());
+    }
+    let all = reasons.join("\n");
+    assert!(all.contains("starting the builder /nonexistent/builder-"), "{all}");
+    assert!(all.contains("invalid file name '../escape' in 'exportReferencesGraph'"), "{all}");
+    assert!(all.contains("-fifo-output: outputs may hold only files, directories and symlinks"), "{all}");
+    assert!(!all.contains(".gbc-tmp"), "no host paths: {all}");
+}
+
+/// Issue 12: a full disk in a build host's store showed only "builder exited with status 1". The
+/// cause reaches the reason and the log, and the build is tried again (as Nix's
+/// `TransientFailure`).
+#[test]
+fn a_full_disk_in_the_agent_s_store_is_named_in_the_reason_and_the_log() {
+    let mut store = None;
+    let c = Coordinator::start_prepared(&["--local-builds", "1"], |state| {
+        store = Tmpfs::mount(&state.join("machines/localhost/agent"), "5m");
+    });
+    let Some(_store) = store else { return };
+    let drvs = instantiate(&["large.0"], &salt());
+    let out = run(&mut c.gbc(&["build", &drvs["large.0"]]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let listed: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let uuid = listed[0]["uuid"].as_str().unwrap();
+    let d = show(&c, uuid);
+    let attempts = d["attempt_list"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3, "tried again up to --max-attempts: {d}");
+    for a in attempts {
+        assert_eq!(a["status"], "transient_failure", "{d}");
+        let reason = a["reason"].as_str().unwrap();
+        assert!(reason.contains("may have been caused by lack of free disk space"), "{reason}");
+    }
+    let log = String::from_utf8_lossy(&run(&mut c.gbc(&["log", uuid])).stdout).into_owned();
+    assert!(log.contains("No space left on device"), "{log}");
+    assert!(log.contains("gbc: the build host's store has only"), "{log}");
+}
+
 #[test]
 fn without_a_coordinator_the_client_says_how_to_start_one() {
     let tmp = common::tempdir();

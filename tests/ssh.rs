@@ -407,6 +407,41 @@ fn a_host_lost_mid_build_hands_the_build_to_the_other_and_comes_back() {
     }
 }
 
+/// Issue 12: a builder killed by a signal failed its build for good. As in Nix (a
+/// `TransientFailure`), it is tried again, elsewhere when possible.
+#[test]
+fn a_builder_killed_by_a_signal_is_tried_again_elsewhere() {
+    let mut farm = Farm::start();
+    let c = farm.coordinator(&["--max-attempts", "5"]);
+    wait_up(&c, &["alpha", "beta"]);
+    let uuids = submit(&c, &instantiate(&["fourSeconds"], &salt(), &[]));
+    wait_until("alpha's two builders have started", &c, 30, || {
+        let alpha = machines(&c).into_iter().find(|m| m["name"] == "alpha").unwrap();
+        let running: Vec<String> =
+            alpha["running"].as_array().unwrap().iter().map(|u| u.as_str().unwrap().to_owned()).collect();
+        running.len() == 2
+            && running.iter().all(|u| {
+                String::from_utf8_lossy(&run(&mut c.gbc(&["log", "--no-follow", u])).stdout).contains("starting")
+            })
+    });
+    farm.alpha.sshd.kill_builds_then_all(Duration::from_secs(1));
+    watch_ok(&c, &uuids);
+    let details: Vec<Value> = uuids.iter().map(|u| show(&c, u)).collect();
+    let on_alpha: Vec<&Value> = details
+        .iter()
+        .flat_map(|d| d["attempt_list"].as_array().unwrap())
+        .filter(|a| a["machine"] == "alpha")
+        .collect();
+    let transient: Vec<&&Value> = on_alpha.iter().filter(|a| a["status"] == "transient_failure").collect();
+    assert!(!transient.is_empty(), "the builds killed on alpha were reported: {details:?}");
+    for a in transient {
+        assert!(a["reason"].as_str().unwrap().contains("killed by"), "{a}");
+    }
+    for d in &details {
+        assert_eq!(d["attempt_list"].as_array().unwrap().last().unwrap()["machine"], "beta", "{d}");
+    }
+}
+
 #[test]
 fn a_host_with_the_wrong_key_gets_nothing() {
     let farm = Farm::start();

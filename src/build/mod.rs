@@ -91,7 +91,20 @@ pub enum Outcome {
     Canceled,
     /// The build could not be started (sandbox, file system, partially valid outputs...).
     SetupFailure(String),
+    /// The build failed for a reason outside the derivation, which another try may not meet: the
+    /// builder was killed by a signal, or the store's disk was full (Nix's `TransientFailure`).
+    TransientFailure(String),
     MissingInputs(Vec<String>),
+}
+
+/// Free bytes below which a failed build is put down to a full disk (Nix's threshold).
+const LOW_DISK: u64 = 8 << 20;
+
+/// The free bytes on the file system of `dir`, when below [`LOW_DISK`].
+fn low_disk(dir: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    (free < LOW_DISK).then_some(free)
 }
 
 /// Build `req` in `store`, passing log output to `log` as it comes.
@@ -103,6 +116,9 @@ pub fn build(
 ) -> Outcome {
     match try_build(store, req, settings, log) {
         Ok(outcome) => outcome,
+        Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+            Outcome::TransientFailure(format!("the build host's disk is full: {e}"))
+        }
         Err(e) => Outcome::SetupFailure(e.to_string()),
     }
 }
@@ -164,12 +180,15 @@ fn run_and_collect(
 
     let rewrites = Rewrites::for_outputs(out_paths.iter().map(|(o, p)| (*o, p.as_str())));
     let mut export = |roots: &[String]| exported(store, sd, closure, roots);
+    // What the derivation asks for that cannot be done fails the build, as in Nix: no other try
+    // or host would do better.
+    let unbuildable = |reason| Ok(Outcome::Failed { exit_code: None, reason });
     let env = match environment(req, settings, &top, out_paths, &rewrites, &mut export)? {
         Ok(env) => env,
-        Err(why) => return Ok(Outcome::SetupFailure(why)),
+        Err(why) => return unbuildable(why),
     };
     if let Err(why) = export_references_graph(store, req, closure, &top)? {
-        return Ok(Outcome::SetupFailure(why));
+        return unbuildable(why);
     }
     let inputs = closure.iter().map(|p| sd.parse_path(p).map(|sp| sp.to_string())).collect::<Result<Vec<_>, _>>();
     let inputs = inputs.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -194,17 +213,32 @@ fn run_and_collect(
         Ended::Silent(d) => return Ok(Outcome::SilentTooLong(d)),
         Ended::Canceled => return Ok(Outcome::Canceled),
     };
-    let setup_error = fs::read_to_string(&error_file).unwrap_or_default();
-    if !setup_error.is_empty() {
-        return Ok(Outcome::SetupFailure(setup_error));
+    let report = fs::read_to_string(&error_file).unwrap_or_default();
+    let code = status.code();
+    if !report.is_empty() {
+        return Ok(match code.and_then(|c| u8::try_from(c).ok()) {
+            Some(sandbox::NO_BUILDER) => Outcome::Failed { exit_code: None, reason: report },
+            Some(sandbox::KILLED) => Outcome::TransientFailure(report),
+            _ => Outcome::SetupFailure(report),
+        });
     }
     if !status.success() {
-        let code = status.code();
         let reason = match code {
             Some(c) => format!("builder exited with status {c}"),
-            None => "builder was killed by a signal".to_owned(),
+            None => format!("the sandbox was killed by a signal ({status})"),
         };
-        return Ok(Outcome::Failed { exit_code: code, reason });
+        // As Nix does: a failure with the store's disk (nearly) full is put down to that.
+        if let Some(free) = low_disk(store.root()) {
+            let note = format!(
+                "the build host's store has only {free} bytes free: the failure may have been caused by lack of free disk space"
+            );
+            log(format!("\ngbc: {note}\n").as_bytes());
+            return Ok(Outcome::TransientFailure(format!("{reason}; {note}")));
+        }
+        return Ok(match code {
+            Some(_) => Outcome::Failed { exit_code: code, reason },
+            None => Outcome::TransientFailure(reason),
+        });
     }
 
     // Every output must exist; canonicalise it and check fixed-output hashes.
@@ -219,7 +253,14 @@ fn run_and_collect(
                 reason: format!("builder did not create output {o:?} ({p})"),
             });
         }
-        canon::canonicalise(&at)?;
+        if let Err(e) = canon::canonicalise(&at) {
+            if e.kind() != io::ErrorKind::InvalidData {
+                return Err(e);
+            }
+            // What the builder left is not storable: its fault, named by the logical path.
+            let reason = e.to_string().replace(&built_root.display().to_string(), sd.as_str());
+            return Ok(Outcome::Failed { exit_code: Some(0), reason });
+        }
         if let Ok(DrvKind::FixedOutput { recursive, hash }) = req.drv.kind() {
             let actual = fixed_output_hash(&at, recursive, &hash)?;
             if actual != hash {

@@ -71,6 +71,12 @@ pub fn command(spec: &SandboxSpec) -> io::Result<Command> {
 
 /// Exit code of the helper when the sandbox could not be set up (the reason is in the error file).
 pub const SETUP_FAILED: u8 = 125;
+/// Exit code of the helper when the builder could not be started (not there, not executable): a
+/// fault of the derivation, which no other try will mend (the reason is in the error file).
+pub const NO_BUILDER: u8 = 124;
+/// Exit code of the helper when the builder, or the sandbox's init, was killed by a signal: not
+/// the builder's own doing as far as anyone can tell (the reason is in the error file).
+pub const KILLED: u8 = 123;
 
 fn fail(spec_error_file: &Path, stage: &str, e: &io::Error) -> ExitCode {
     let _ = fs::write(spec_error_file, format!("{stage}: {e}"));
@@ -97,16 +103,29 @@ pub fn stage1(spec_json: &str) -> ExitCode {
     }
     let status = Command::new("/proc/self/exe").arg("__sandbox-init").arg(spec_json).env_clear().status();
     match status {
-        Ok(s) => ExitCode::from(exit_byte(s)),
+        Ok(s) => exit_code(s, "the sandbox's init", |why| fs::write(&spec.error_file, why)),
         Err(e) => fail(&spec.error_file, "starting the sandbox's init", &e),
     }
 }
 
-fn exit_byte(s: std::process::ExitStatus) -> u8 {
+/// Pass on how a child ended: its exit code, or, when a signal killed it, [`KILLED`] with the
+/// reason written by `report`.
+fn exit_code(s: std::process::ExitStatus, who: &str, report: impl FnOnce(String) -> io::Result<()>) -> ExitCode {
     match (s.code(), s.signal()) {
-        (Some(c), _) => u8::try_from(c).unwrap_or(1),
-        (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(255),
-        _ => 1,
+        (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        (None, Some(sig)) => {
+            let _ = report(format!("{who} was killed by signal {sig} ({})", signal_name(sig)));
+            ExitCode::from(KILLED)
+        }
+        _ => ExitCode::from(1),
+    }
+}
+
+/// `SIGKILL` for 9: the name `kill -l` gives, with the prefix.
+fn signal_name(sig: i32) -> String {
+    match rustix::process::Signal::from_named_raw(sig) {
+        Some(s) => format!("{s:?}").replace("Signal::", "SIG"),
+        None => format!("signal {sig}"),
     }
 }
 
@@ -169,8 +188,11 @@ pub fn stage2(spec_json: &str) -> ExitCode {
     cmd.args(&spec.args).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(BUILD_DIR);
     cmd.stdin(Stdio::null());
     match cmd.status() {
-        Ok(s) => ExitCode::from(exit_byte(s)),
-        Err(e) => setup_failed(&format!("starting the builder {}", spec.builder), e),
+        Ok(s) => exit_code(s, "the builder", |why| errors.write_all(why.as_bytes())),
+        Err(e) => {
+            let _ = write!(errors, "starting the builder {}: {e}", spec.builder);
+            ExitCode::from(NO_BUILDER)
+        }
     }
 }
 

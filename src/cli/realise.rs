@@ -105,6 +105,9 @@ fn realise(
         }
         Outcome::Canceled => anyhow::bail!("{drv_path}: build canceled"),
         Outcome::SetupFailure(why) => anyhow::bail!("{drv_path}: build setup failed: {why}"),
+        Outcome::TransientFailure(why) => {
+            return Err(check_failed(&drv_path, format!("build failed (perhaps not for good): {why}")));
+        }
     };
     done.insert(file.to_owned(), result.clone());
     Ok(result)

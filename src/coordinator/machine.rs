@@ -769,6 +769,7 @@ fn finished(
         BuildStatus::TimedOut { seconds } => failed("timed_out", format!("timed out after {seconds} s")),
         BuildStatus::SilentTooLong { seconds } => failed("silent_too_long", format!("no output for {seconds} s")),
         BuildStatus::SetupFailure { reason } => retry("setup_failure", reason),
+        BuildStatus::TransientFailure { reason } => retry("transient_failure", reason),
         BuildStatus::MissingInputs { paths } => Some(AttemptResult::MissingInputs { paths }),
         BuildStatus::Canceled => Some(AttemptResult::Canceled),
     }

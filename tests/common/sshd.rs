@@ -159,6 +159,23 @@ impl Sshd {
         let _ = child.wait();
     }
 
+    /// Kill this host as a host going down or the OOM killer would, leaves first: every process
+    /// below its `gbc agent`s (the builds), deepest first, then, after `pause`, the agents, the
+    /// sessions and the server.
+    pub fn kill_builds_then_all(&mut self, pause: Duration) {
+        let Some(child) = &self.child else { return };
+        let agents: Vec<u32> = descendants(child.id()).into_iter().filter(|&p| is_agent(p)).collect();
+        let mut below: Vec<(usize, u32)> = agents.iter().flat_map(|&a| with_depth(a)).collect();
+        below.sort_by(|a, b| b.0.cmp(&a.0));
+        for (_, pid) in below {
+            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+        std::thread::sleep(pause);
+        self.kill();
+    }
+
     /// Take the host's network link down (packets vanish; no connection sees a reset), or up again.
     pub fn set_link(&self, up: bool) {
         let (_, outer) = self.netns.as_ref().expect("a host in a network namespace");
@@ -175,6 +192,34 @@ impl Drop for Sshd {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
+}
+
+/// Whether `pid` runs `gbc agent`.
+fn is_agent(pid: u32) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut args = cmdline.split(|&b| b == 0);
+    args.next().is_some_and(|exe| exe.ends_with(b"gbc")) && args.next() == Some(b"agent")
+}
+
+/// The processes below `pid`, each with its depth (1 for children).
+fn with_depth(pid: u32) -> Vec<(usize, u32)> {
+    let all = descendants(pid);
+    let mut out = Vec::new();
+    let mut level = vec![pid];
+    let mut depth = 0;
+    while !level.is_empty() {
+        depth += 1;
+        let next: Vec<u32> = all.iter().copied().filter(|&p| level.contains(&parent(p))).collect();
+        out.extend(next.iter().map(|&p| (depth, p)));
+        level = next;
+    }
+    out
+}
+
+fn parent(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 /// All processes below `pid`.

@@ -14,6 +14,7 @@ in rec {
     requiredSystemFeatures = [ "big" ];
   }) 2;
   i686 = builtins.genList (i: sh "i686-linux" "i686-${toString i}" "/bin/mkdir -p $out/bin; echo ${toString i} ${salt} > $out/bin/x" { }) 2;
+  fourSeconds = builtins.genList (i: sh "x86_64-linux" "four-seconds-${toString i}" "echo starting ${salt}; /bin/sleep 4; echo ${toString i} > $out" { }) 4;
   slow = sh "x86_64-linux" "slow" "echo starting ${salt}; /bin/sleep 4; echo done > $out" { };
 
   # A chain whose steps only fit different hosts: x86_64-linux, i686-linux, then the `big` feature.

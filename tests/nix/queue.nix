@@ -35,7 +35,12 @@ in rec {
   '' { };
 
   # 7 MB that do not compress, each.
-  large = map (i: sh "large-${toString i}" "/bin/head -c 7000000 /dev/urandom > $out; echo ${salt} > /dev/null" { }) [ 1 2 3 4 ];
+  large = map (i: sh "large-${toString i}" "echo ${salt} > /dev/null; /bin/head -c 7000000 /dev/urandom > $out" { }) [ 1 2 3 4 ];
+
+  # Derivations that can never build: no other try would do better.
+  noBuilder = derivation { inherit system; name = "no-builder"; builder = "/nonexistent/builder-${salt}"; };
+  badExport = sh "bad-export" "echo ${salt} > $out" { exportReferencesGraph = [ "../escape" base ]; };
+  fifoOutput = sh "fifo-output" "echo ${salt}; /bin/mkfifo $out" { };
 
   p1 = sh "prio-1" "echo 1 ${salt} > $out" { };
   p2 = sh "prio-2" "echo 2 ${salt} > $out" { };
