@@ -470,7 +470,7 @@ fn permanent_failures_are_attempted_once() {
     let c = Coordinator::start(&["--local-builds", "2"]);
     let drvs = instantiate(&["noBuilder", "badExport", "fifoOutput"], &salt());
     let uuids = submit(&c, &drvs.values().map(String::as_str).collect::<Vec<_>>(), &[]);
-    let out = run(&mut c.gbc(&["watch"]).args(&uuids));
+    let out = run(c.gbc(&["watch"]).args(&uuids));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let mut reasons = Vec::new();
     for u in &uuids {
@@ -514,6 +514,83 @@ fn a_full_disk_in_the_agent_s_store_is_named_in_the_reason_and_the_log() {
     let log = String::from_utf8_lossy(&run(&mut c.gbc(&["log", uuid])).stdout).into_owned();
     assert!(log.contains("No space left on device"), "{log}");
     assert!(log.contains("gbc: the build host's store has only"), "{log}");
+}
+
+/// Issue 12: with the agent running as root, a builder left a setuid-root binary that any local
+/// user could run from the build directory while the build lasted. The build directory is the
+/// agent's alone (0700), and the builder cannot set setuid or setgid bits (seccomp).
+#[test]
+fn a_build_cannot_leave_a_setuid_binary_another_user_can_run() {
+    if !rustix::process::getuid().is_root() {
+        eprintln!("SKIPPED: the setuid probe needs the agent to run as root");
+        return;
+    }
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drvs = instantiate(&["setuidProbe"], &salt());
+    let uuid = submit(&c, &[&drvs["setuidProbe"]], &[]).remove(0);
+    let tmp = c.state.join("machines/localhost/agent/store/.gbc-tmp");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (build_dir, probe) = loop {
+        let log = String::from_utf8_lossy(&run(&mut c.gbc(&["log", "--no-follow", &uuid])).stdout).into_owned();
+        if log.contains("chmod exited") {
+            let dir = std::fs::read_dir(&tmp)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("build-"));
+            let dir = dir.expect("the build directory");
+            let store = dir.join("root/nix/store");
+            let probe = std::fs::read_dir(&store)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().ends_with("-setuid-probe"));
+            assert!(log.contains("chmod exited 1"), "chmod of setuid bits must fail: {log}");
+            break (dir, probe.expect("the probe's output"));
+        }
+        assert!(Instant::now() < deadline, "the probe did not run: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+    assert_eq!(mode(&build_dir) & 0o777, 0o700, "{}", build_dir.display());
+    assert_eq!(mode(&probe) & 0o6000, 0, "{} is setuid or setgid", probe.display());
+    // Another user (nobody) can neither reach nor run it. (Through a shell: setpriv resolves the
+    // program it is given before it drops root's rights.)
+    let out = run(std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/bin/sh", "-c", "\"$0\" -u"])
+        .arg(&probe));
+    assert!(!out.status.success(), "another user ran it: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr(&out).contains("Permission denied"), "{}", stderr(&out));
+    wait_for_state(&c, &uuid, "succeeded");
+}
+
+/// Issue 12: `gbc.sqlite` was 0644 and `logs/` 0755/0644, so another local user read the database
+/// and a build log holding a secret. The state dir is the coordinator's alone.
+#[test]
+fn the_state_dir_s_files_are_the_coordinator_s_alone() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drvs = instantiate(&["base"], &salt());
+    let out = run(&mut c.gbc(&["build", &drvs["base"]]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&c.state), 0o700);
+    for db in ["gbc.sqlite", "gbc.sqlite-wal", "gbc.sqlite-shm"] {
+        let p = c.state.join(db);
+        if p.exists() || db == "gbc.sqlite" {
+            assert_eq!(mode(&p), 0o600, "{db}");
+        }
+    }
+    let logs = walk(&c.state.join("logs"));
+    assert!(!logs.is_empty(), "a log was written");
+    for file in &logs {
+        let file = std::path::Path::new(file);
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+        for dir in file.ancestors().skip(1).take_while(|d| d.starts_with(c.state.join("logs"))) {
+            assert_eq!(mode(dir), 0o700, "{}", dir.display());
+        }
+    }
 }
 
 #[test]

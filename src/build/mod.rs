@@ -13,6 +13,7 @@ pub mod canon;
 mod checks;
 pub mod refs;
 pub mod sandbox;
+mod seccomp;
 mod sys;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -184,6 +184,12 @@ pub fn stage2(spec_json: &str) -> ExitCode {
     if let Err(e) = become_build_user() {
         return setup_failed("becoming the build user", e);
     }
+    // The builder may not make setuid or setgid files (nor set extended attributes); it starts
+    // with Nix's umask.
+    if let Err(e) = super::seccomp::apply() {
+        return setup_failed("restricting the builder's system calls", e);
+    }
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     let mut cmd = Command::new(&spec.builder);
     cmd.args(&spec.args).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(BUILD_DIR);
     cmd.stdin(Stdio::null());

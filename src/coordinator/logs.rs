@@ -5,6 +5,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 fn dir(state_dir: &Path, uuid: &str) -> PathBuf {
@@ -20,12 +21,17 @@ pub fn compressed_path(state_dir: &Path, uuid: &str, attempt: u32) -> PathBuf {
     dir(state_dir, uuid).join(format!("{attempt}.log.zst"))
 }
 
+/// Create (truncating) a file only its owner may read: a build log can hold a secret.
+fn private_file(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
+}
+
 /// Start an attempt's log (empty).
 pub fn create(path: &Path) -> io::Result<BufWriter<File>> {
     if let Some(d) = path.parent() {
-        fs::create_dir_all(d)?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(d)?;
     }
-    Ok(BufWriter::new(File::create(path)?))
+    Ok(BufWriter::new(private_file(path)?))
 }
 
 /// Compress a finished attempt's plain log in place. Nothing to do when it is already done.
@@ -38,7 +44,7 @@ pub fn compress(plain: &Path) -> io::Result<()> {
     let target = plain.with_extension("log.zst");
     let tmp = plain.with_extension("log.zst.tmp");
     {
-        let out = File::create(&tmp)?;
+        let out = private_file(&tmp)?;
         let mut enc = zstd::Encoder::new(out, 3)?;
         io::copy(&mut src, &mut enc)?;
         let out = enc.finish()?;

@@ -210,8 +210,28 @@ struct Core {
 
 /// Run a coordinator until SIGINT or SIGTERM.
 pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<()> {
+    // The state is the coordinator's alone: its database, build logs (which may hold secrets),
+    // keys. Older state dirs are tightened too.
+    let private = |path: &std::path::Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("{}", path.display()))
+    };
     std::fs::create_dir_all(&config.state_dir).with_context(|| format!("{}", config.state_dir.display()))?;
-    let db = Arc::new(Db::open(&config.state_dir.join("gbc.sqlite")).await?);
+    private(&config.state_dir, 0o700)?;
+    let db_path = config.state_dir.join("gbc.sqlite");
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // SQLite gives its -wal and -shm files the database file's mode.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&db_path)
+            .with_context(|| format!("{}", db_path.display()))?;
+    }
+    private(&db_path, 0o600)?;
+    let db = Arc::new(Db::open(&db_path).await?);
     let interrupted = db.recover(now_ms()).await?;
     for (uuid, n) in &interrupted {
         let _ = logs::compress(&logs::plain_path(&config.state_dir, uuid, *n));

@@ -13,6 +13,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File};
 use std::io::{self, Write as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -141,7 +142,8 @@ impl LocalStore {
         let mut r = [0u8; 8];
         getrandom::fill(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
         let dir = self.tmp.join(format!("{prefix}-{}", hex::encode(&r)));
-        fs::create_dir(&dir).map_err(|e| with_path(e, &dir))?;
+        // Only this user may enter: what a build leaves there while it runs is nobody else's.
+        fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| with_path(e, &dir))?;
         Ok(dir)
     }
 

@@ -166,7 +166,7 @@ impl Sshd {
         let Some(child) = &self.child else { return };
         let agents: Vec<u32> = descendants(child.id()).into_iter().filter(|&p| is_agent(p)).collect();
         let mut below: Vec<(usize, u32)> = agents.iter().flat_map(|&a| with_depth(a)).collect();
-        below.sort_by(|a, b| b.0.cmp(&a.0));
+        below.sort_by_key(|&(depth, _)| std::cmp::Reverse(depth));
         for (_, pid) in below {
             if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
                 let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);

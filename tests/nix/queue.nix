@@ -42,6 +42,11 @@ in rec {
   badExport = sh "bad-export" "echo ${salt} > $out" { exportReferencesGraph = [ "../escape" base ]; };
   fifoOutput = sh "fifo-output" "echo ${salt}; /bin/mkfifo $out" { };
 
+  # Tries to leave a setuid copy of id(1) where others could run it while the build lasts.
+  setuidProbe = sh "setuid-probe" ''
+    /bin/cp /bin/id $out; /bin/chmod 6755 $out; echo "chmod exited $? ${salt}"; /bin/sleep 4; /bin/chmod 0755 $out
+  '' { };
+
   p1 = sh "prio-1" "echo 1 ${salt} > $out" { };
   p2 = sh "prio-2" "echo 2 ${salt} > $out" { };
   p3 = sh "prio-3" "echo 3 ${salt} > $out" { };
