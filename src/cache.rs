@@ -124,7 +124,8 @@ impl Cache {
         getrandom::fill(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
         let tmp = self.root.join(".tmp").join(format!("{}.nar", hex::encode(&r)));
         let file = File::create(&tmp).map_err(|e| with_path(e, &tmp))?;
-        let sink = FileSink { file: io::BufWriter::with_capacity(256 * 1024, file), hash: HashSink::new() };
+        let sink =
+            FileSink { file: io::BufWriter::with_capacity(256 * 1024, file), hash: HashSink::new(), path: tmp.clone() };
         let inner = match self.compression {
             Compression::None => Inner::Plain(sink),
             Compression::Zstd => Inner::Zstd(zstd::stream::write::Encoder::new(sink, 3)?),
@@ -449,17 +450,19 @@ impl<R: io::Read, W: Write> io::Read for Tee<R, W> {
 struct FileSink {
     file: io::BufWriter<File>,
     hash: HashSink,
+    /// For errors: a full disk names the file it could not write.
+    path: PathBuf,
 }
 
 impl Write for FileSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
+        let n = self.file.write(buf).map_err(|e| with_path(e, &self.path))?;
         self.hash.write_all(&buf[..n])?;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        self.file.flush().map_err(|e| with_path(e, &self.path))
     }
 }
 
@@ -505,9 +508,9 @@ impl NarWriter {
             Some(Inner::Xz(x)) => x.finish()?,
             None => return Err(io::Error::other("NAR writer finished")),
         };
-        let FileSink { file, hash } = sink;
-        let file = file.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        let FileSink { file, hash, path } = sink;
+        let file = file.into_inner().map_err(|e| with_path(e.into_error(), &path))?;
+        file.sync_all().map_err(|e| with_path(e, &path))?;
         let (file_hash, file_size) = hash.finish();
         let (nar_hash, nar_size) = self.nar.take().ok_or_else(|| io::Error::other("NAR writer finished"))?.finish()?;
         Ok(StagedNar { tmp: self.tmp.take(), nar_hash, nar_size, file_hash, file_size })

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{Coordinator, nix, run, run_ok_str, salt};
+use common::{Coordinator, http, nix, run, run_ok_str, salt};
 use gbc::formats::narinfo::NarInfo;
 
 #[test]
@@ -80,19 +80,6 @@ fn nix_copies_what_the_coordinator_built_and_only_with_its_key() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// One HTTP/1.1 request over a fresh connection; the status line, headers and body.
-fn http(port: u16, method: &str, path: &str, extra: &str) -> (String, String, Vec<u8>) {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n").unwrap();
-    let mut all = Vec::new();
-    s.read_to_end(&mut all).unwrap();
-    let end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&all[..end]).into_owned();
-    let (status, headers) = head.split_once("\r\n").unwrap_or((&head, ""));
-    (status.to_owned(), headers.to_ascii_lowercase(), all[end + 4..].to_vec())
 }
 
 #[test]

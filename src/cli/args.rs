@@ -323,6 +323,19 @@ pub struct CoordinatorOpts {
     /// this address, e.g. 0.0.0.0:8080.
     #[arg(long, value_name = "ADDR:PORT")]
     pub http: Option<std::net::SocketAddr>,
+    /// Seconds an HTTP client has to send a request's header; also the longest a kept-alive
+    /// connection waits for its next request.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub http_header_timeout: u64,
+    /// Close an HTTP connection on which nothing has moved for this many seconds (a client that
+    /// stopped reading a NAR, or sending a request).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub http_idle_timeout: u64,
+    /// HTTP connections served at once; more wait in the kernel's queue until one closes. It is
+    /// lowered if the file descriptor limit would not leave room for the rest of the coordinator
+    /// (its client socket, database, machines and builds).
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub http_max_connections: usize,
 }
 
 /// What `submit` and `build` queue, and how.

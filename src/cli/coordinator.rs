@@ -54,6 +54,12 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
         cache_store_dir: opts.cache_store_dir,
         cache_key: opts.signing_key,
         http: opts.http,
+        http_limits: coordinator::HttpLimits {
+            header_timeout: Duration::from_secs(opts.http_header_timeout.max(1)),
+            idle_timeout: Duration::from_secs(opts.http_idle_timeout.max(1)),
+            max_connections: opts.http_max_connections.max(1),
+            read_ahead: coordinator::HttpLimits::DEFAULT_READ_AHEAD,
+        },
     };
     let mut machines = Vec::new();
     match &file {

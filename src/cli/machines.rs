@@ -111,6 +111,7 @@ fn probe_config() -> anyhow::Result<Config> {
         cache_store_dir: "/nix/store".into(),
         cache_key: None,
         http: None,
+        http_limits: Default::default(),
     })
 }
 

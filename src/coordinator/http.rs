@@ -9,6 +9,8 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, Request, State};
@@ -20,20 +22,82 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tower::ServiceExt as _;
 
 use super::Command;
 use crate::api::{BuildState, MachineInfo, Stats, now_ms};
 use crate::db::{Db, ListFilter};
 
-pub(super) struct Http {
-    pub cache: PathBuf,
-    pub db: Arc<Db>,
-    pub commands: mpsc::Sender<Command>,
+/// Bounds on what HTTP clients can take, however many there are and however they behave: a
+/// request's header must arrive in time, a connection on which nothing moves is closed, no more
+/// than so many connections are served at once (the rest wait in the kernel's backlog, holding no
+/// file descriptor of ours), and NAR bytes read ahead for all clients together are bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    /// Bytes.
+    pub read_ahead: usize,
 }
 
+impl HttpLimits {
+    pub const DEFAULT_READ_AHEAD: usize = 64 << 20;
+}
+
+impl Default for HttpLimits {
+    fn default() -> HttpLimits {
+        HttpLimits {
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 512,
+            read_ahead: HttpLimits::DEFAULT_READ_AHEAD,
+        }
+    }
+}
+
+/// File descriptors kept for everything but HTTP connections: the client socket and its
+/// connections, the database, machines, logs, builds.
+const FD_RESERVE: u64 = 256;
+
+/// The unit of read-ahead accounting.
+const KIB: usize = 1024;
+
+pub(super) struct Http {
+    cache: PathBuf,
+    /// The cache's store dir: its paths may appear in what the status page shows.
+    store_dir: String,
+    db: Arc<Db>,
+    commands: mpsc::Sender<Command>,
+    limits: HttpLimits,
+    /// Read-ahead in KiB, shared by all connections.
+    read_ahead: Arc<Semaphore>,
+}
+
+impl Http {
+    pub(super) fn new(
+        cache: PathBuf,
+        store_dir: String,
+        db: Arc<Db>,
+        commands: mpsc::Sender<Command>,
+        limits: HttpLimits,
+    ) -> Http {
+        let read_ahead = Arc::new(Semaphore::new(limits.read_ahead.div_ceil(KIB).max(1)));
+        Http { cache, store_dir, db, commands, limits, read_ahead }
+    }
+}
+
+/// Serve HTTP on `listener` until the task is dropped.
 pub(super) async fn serve(http: Arc<Http>, listener: tokio::net::TcpListener) {
+    let limits = http.limits;
+    let max_connections = limits.max_connections.min(connection_room());
+    if max_connections < limits.max_connections {
+        tracing::warn!(
+            "serving at most {max_connections} HTTP connections at once (not {}): the file descriptor limit leaves no more room",
+            limits.max_connections
+        );
+    }
     let app = Router::new()
         .route("/", get(status))
         .route("/nix-cache-info", get(cache_info))
@@ -42,8 +106,143 @@ pub(super) async fn serve(http: Arc<Http>, listener: tokio::net::TcpListener) {
         .route("/{file}", get(narinfo))
         .fallback(|| async { not_found() })
         .with_state(http);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!("HTTP server: {e}");
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        // A slot first: past the cap, connections wait in the backlog, not in our descriptors.
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("HTTP: accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let progress = Arc::new(Progress::new());
+            let io = hyper_util::rt::TokioIo::new(Watched { inner: stream, progress: progress.clone() });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_timeout);
+            let connection = builder.serve_connection(io, service);
+            tokio::select! {
+                r = connection => if let Err(e) = r {
+                    tracing::debug!("HTTP connection: {e}");
+                },
+                () = progress.stalled(limits.idle_timeout) => tracing::debug!("HTTP connection idle: closed"),
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// How many HTTP connections the file descriptor limit has room for, after raising the soft
+/// limit to the hard one and keeping [`FD_RESERVE`] for the rest.
+fn connection_room() -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            limit = raised;
+        }
+    }
+    // Each connection takes one descriptor, and a NAR being read one more.
+    let fds = limit.current.unwrap_or(u64::MAX);
+    usize::try_from(fds.saturating_sub(FD_RESERVE) / 2).unwrap_or(usize::MAX).max(1)
+}
+
+/// When bytes last moved on a connection.
+struct Progress {
+    start: std::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress { start: std::time::Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Returns once nothing has moved for `idle`.
+    async fn stalled(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if std::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// A connection's stream, noting every read and write that moves bytes.
+struct Watched {
+    inner: tokio::net::TcpStream,
+    progress: Arc<Progress>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.progress.touch();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.progress.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.progress.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -90,7 +289,7 @@ async fn nar(State(http): State<Arc<Http>>, Path(file): Path<String>, request: R
         && !request.headers().contains_key(header::RANGE)
         && !request.headers().contains_key(header::IF_RANGE);
     if plain {
-        return whole_file(path).await;
+        return whole_file(path, http.read_ahead.clone()).await;
     }
     let mime: mime::Mime = match "application/x-nix-nar".parse() {
         Ok(m) => m,
@@ -107,8 +306,10 @@ async fn nar(State(http): State<Arc<Http>>, Path(file): Path<String>, request: R
 
 /// A whole NAR, the common case (what Nix asks for): a small one read at once, a large one read
 /// ahead on a blocking thread in 1 MiB pieces; either way the bytes go to the socket without
-/// another copy.
-async fn whole_file(path: PathBuf) -> Response {
+/// another copy. Every piece read holds its share of the read-ahead shared by all connections until
+/// the connection asks for the piece after it (so what waits in a slow client's connection counts
+/// too): however many clients stop reading, the NAR bytes in memory stay bounded.
+async fn whole_file(path: PathBuf, read_ahead: Arc<Semaphore>) -> Response {
     let file = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return not_found(),
@@ -124,32 +325,48 @@ async fn whole_file(path: PathBuf) -> Response {
         (header::CONTENT_LENGTH, HeaderValue::from(len)),
         (header::ACCEPT_RANGES, HeaderValue::from_static("bytes")),
     ];
+    type Piece = (bytes::Bytes, tokio::sync::OwnedSemaphorePermit);
+    let (tx, rx) = mpsc::channel::<std::io::Result<Piece>>(4);
     // Most NARs are small: one read, one piece.
-    if len <= 8 << 20 {
-        let read = tokio::task::spawn_blocking(move || {
-            let mut file = file;
-            let mut buf = Vec::with_capacity(len as usize);
-            std::io::Read::read_to_end(&mut file, &mut buf).map(|_| buf)
-        })
-        .await;
-        return match read {
-            Ok(Ok(buf)) if buf.len() as u64 == len => (headers, buf).into_response(),
-            Ok(Ok(_)) => internal(&path.display().to_string(), "the file changed size"),
-            Ok(Err(e)) => internal(&path.display().to_string(), e),
-            Err(e) => internal(&path.display().to_string(), e),
-        };
-    }
-    let (tx, rx) = mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    let piece = if len <= 8 << 20 { len as usize } else { 1 << 20 };
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let mut file = file;
-        let sent = crate::cache::for_each_chunk(&mut file, 1 << 20, |chunk| {
-            tx.blocking_send(Ok(bytes::Bytes::from(chunk))).is_ok()
-        });
-        if let Err(e) = sent {
-            let _ = tx.blocking_send(Err(e));
+        let permits = |n: usize| {
+            let n = u32::try_from(n.div_ceil(KIB)).unwrap_or(u32::MAX);
+            runtime.block_on(read_ahead.clone().acquire_many_owned(n)).ok()
+        };
+        // Each piece's share is taken before it is read.
+        let mut left = len;
+        while left > 0
+            && let Some(permit) = permits(piece)
+        {
+            let mut chunk = Vec::with_capacity(piece);
+            match std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, piece as u64), &mut chunk) {
+                Ok(0) => {
+                    let _ = tx.blocking_send(Err(std::io::Error::other("the file changed size")));
+                    break;
+                }
+                Ok(n) => {
+                    left = left.saturating_sub(n as u64);
+                    if tx.blocking_send(Ok((bytes::Bytes::from(chunk), permit))).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) });
+    // The piece before is released only when the next is asked for.
+    let stream = futures_util::stream::unfold((rx, None), |(mut rx, _previous)| async move {
+        match rx.recv().await? {
+            Ok((bytes, permit)) => Some((Ok(bytes), (rx, Some(permit)))),
+            Err(e) => Some((Err(e), (rx, None))),
+        }
+    });
     (headers, axum::body::Body::from_stream(stream)).into_response()
 }
 
@@ -215,12 +432,47 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// A failure reason fit for the world: paths on the coordinator's or a build host's file system
+/// (its state dir, a temporary file) become `[path]`; store paths (in `store_dirs`) stay, they
+/// are what the reason is about. Only local clients of the socket see reasons whole.
+fn public_reason(reason: &str, store_dirs: &[&str]) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut rest = reason;
+    while let Some(start) = rest.find('/') {
+        // A path starts at a '/' that begins a word.
+        let starts_word = rest[..start].chars().next_back().is_none_or(|c| c.is_whitespace() || "\"'(=[,".contains(c));
+        if !starts_word {
+            out.push_str(&rest[..=start]);
+            rest = &rest[start + 1..];
+            continue;
+        }
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        let mut end = tail.find(|c: char| c.is_whitespace() || "\"'),;]".contains(c)).unwrap_or(tail.len());
+        // A path followed by ':' (as errors print them) ends there.
+        if let Some(colon) = tail[..end].find(':') {
+            end = colon;
+        }
+        let path = &tail[..end];
+        let in_store = store_dirs.iter().any(|d| {
+            path.strip_prefix(d)
+                .and_then(|p| p.strip_prefix('/'))
+                .is_some_and(|base| base.len() > 33 && base.as_bytes()[32] == b'-' && is_nix32(&base[..32], 32))
+        });
+        out.push_str(if in_store { path } else { "[path]" });
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 async fn status(State(http): State<Arc<Http>>) -> Response {
     let Some((machines, stats)) = snapshot(&http).await else { return internal("status", "the core stopped") };
     let recent = match http.db.list(ListFilter { state: None, tags: Vec::new(), limit: 50 }).await {
         Ok(r) => r,
         Err(e) => return internal("status", e),
     };
+    let store_dirs = [http.store_dir.as_str(), "/nix/store", "/gnu/store"];
     let mut page = String::from(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>gbc</title></head><body>\n<h1>gbc coordinator</h1>\n",
     );
@@ -248,7 +500,7 @@ async fn status(State(http): State<Arc<Http>>) -> Response {
             escape(&b.uuid),
             escape(&b.drv),
             if b.state == BuildState::Failed {
-                format!("failed: {}", escape(b.reason.as_deref().unwrap_or("")))
+                format!("failed: {}", escape(&public_reason(b.reason.as_deref().unwrap_or(""), &store_dirs)))
             } else {
                 b.state.as_str().to_owned()
             },
@@ -256,4 +508,44 @@ async fn status(State(http): State<Arc<Http>>) -> Response {
     }
     page.push_str("</table>\n</body></html>\n");
     Html(page).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::public_reason;
+
+    #[test]
+    fn public_reasons_keep_store_paths_and_hide_host_paths() {
+        let dirs = ["/gnu/store", "/nix/store"];
+        let out = "/nix/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a";
+        let cases = [
+            (
+                format!(
+                    "the cache's disk is full: could not store the NAR of {out}: /var/lib/gbc/cache/.tmp/ab.nar: No space left on device (os error 28)"
+                ),
+                format!(
+                    "the cache's disk is full: could not store the NAR of {out}: [path]: No space left on device (os error 28)"
+                ),
+            ),
+            (
+                format!("{out}/fifo: outputs may hold only files, directories and symlinks"),
+                format!("{out}/fifo: outputs may hold only files, directories and symlinks"),
+            ),
+            (
+                "/srv/gbc/machines/localhost/agent/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a/x: EIO".to_owned(),
+                "[path]: EIO".to_owned(),
+            ),
+            (
+                "builder exited with status 1 (a/b and 1/2 are no paths)".to_owned(),
+                "builder exited with status 1 (a/b and 1/2 are no paths)".to_owned(),
+            ),
+            (
+                "starting the builder '/opt/x/y': missing".to_owned(),
+                "starting the builder '[path]': missing".to_owned(),
+            ),
+        ];
+        for (reason, public) in cases {
+            assert_eq!(public_reason(&reason, &dirs), public);
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! database is the truth, so a crash at any point loses nothing (see ARCHITECTURE.md).
 
 mod http;
+pub use http::HttpLimits;
 pub mod logs;
 pub mod machine;
 pub mod probe;
@@ -63,6 +64,7 @@ pub struct Config {
     pub cache_key: Option<PathBuf>,
     /// Where to serve the cache, metrics and a status page over HTTP.
     pub http: Option<std::net::SocketAddr>,
+    pub http_limits: HttpLimits,
 }
 
 /// The cache's signing key: the one given, or `<state>/keys/cache.secret`, created (with
@@ -281,12 +283,19 @@ pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<(
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--http {addr}"))?;
             tracing::info!("serving the cache and metrics on http://{}", listener.local_addr().unwrap_or(addr));
-            let h = http::Http { cache: config.state_dir.join("cache"), db: db.clone(), commands: cmd_tx.clone() };
+            let h = http::Http::new(
+                config.state_dir.join("cache"),
+                config.cache_store_dir.clone(),
+                db.clone(),
+                cmd_tx.clone(),
+                config.http_limits,
+            );
             Some(tokio::spawn(http::serve(Arc::new(h), listener)))
         }
         None => None,
     };
     let srv = server::Server {
+        requests: tokio::sync::Semaphore::new(server::REQUEST_MEMORY / (1 << 20)),
         db,
         cache: core.cache.clone(),
         commands: cmd_tx.clone(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 
 use super::Command;
 use super::logs;
@@ -20,7 +20,16 @@ use crate::api::{self, BuildState, Event, Reply, Request};
 use crate::db::{BuildBrief, Db, ListFilter, Submission};
 use crate::pipe::ChunkReader;
 
+fn busy() -> String {
+    format!(
+        "the coordinator is reading {} MiB of other requests, all it reads at once: try again",
+        REQUEST_MEMORY >> 20
+    )
+}
+
 pub(super) struct Server {
+    /// Shares of [`REQUEST_MEMORY`], one per [`REQUEST_PIECE`].
+    pub requests: Semaphore,
     pub db: Arc<Db>,
     pub cache: Arc<crate::cache::Cache>,
     pub commands: mpsc::Sender<Command>,
@@ -96,11 +105,15 @@ impl Server {
         let mut input = BufReader::new(r);
         let mut line = Vec::new();
         loop {
-            let request = match read_request(&mut input, &mut line).await? {
+            let request = match read_request(&mut input, &mut line, &self.requests).await? {
                 Incoming::End => return Ok(()),
                 Incoming::Request(r) => r,
                 Incoming::TooLong => {
                     send_now(&mut out, &Reply::Error { message: "request too long".into() }).await?;
+                    return Ok(());
+                }
+                Incoming::Busy => {
+                    send_now(&mut out, &Reply::Error { message: busy() }).await?;
                     return Ok(());
                 }
                 Incoming::Malformed(e) => {
@@ -214,10 +227,11 @@ impl Server {
         let mut uploads = Uploads::new(self.cache.clone(), checked);
         let mut line = Vec::new();
         loop {
-            let request = match read_request(input, &mut line).await? {
+            let request = match read_request(input, &mut line, &self.requests).await? {
                 Incoming::Request(r) => r,
                 Incoming::End => anyhow::bail!("the client left before it finished uploading"),
                 Incoming::TooLong => anyhow::bail!("request too long"),
+                Incoming::Busy => anyhow::bail!(busy()),
                 Incoming::Malformed(e) => anyhow::bail!("malformed request: {e}"),
             };
             match request {
@@ -361,16 +375,41 @@ enum Incoming {
     /// The client closed the connection.
     End,
     TooLong,
+    /// Other connections' requests take all the memory requests may have.
+    Busy,
     Malformed(serde_json::Error),
 }
 
-async fn read_request(input: &mut In, line: &mut Vec<u8>) -> std::io::Result<Incoming> {
+/// Request lines are read this much at a time; past the first piece, each takes a share of the
+/// memory all connections' requests may use together ([`REQUEST_MEMORY`]).
+const REQUEST_PIECE: usize = 1 << 20;
+/// What the request lines being read may take together: one request of the largest size and then
+/// some. A connection whose line finds none left gets an error rather than waiting, so that lines
+/// growing side by side can never wait for each other.
+pub(super) const REQUEST_MEMORY: usize = api::MAX_REQUEST + (64 << 20);
+
+async fn read_request(input: &mut In, line: &mut Vec<u8>, budget: &Semaphore) -> std::io::Result<Incoming> {
     line.clear();
-    if input.take(api::MAX_REQUEST as u64 + 1).read_until(b'\n', line).await? == 0 {
-        return Ok(Incoming::End);
-    }
-    if line.len() > api::MAX_REQUEST {
-        return Ok(Incoming::TooLong);
+    // What a large request took goes back once it is handled.
+    line.shrink_to(REQUEST_PIECE);
+    let mut shares = Vec::new();
+    loop {
+        if !line.is_empty() {
+            match budget.try_acquire() {
+                Ok(share) => shares.push(share),
+                Err(_) => return Ok(Incoming::Busy),
+            }
+        }
+        let n = (&mut *input).take(REQUEST_PIECE as u64).read_until(b'\n', line).await?;
+        if n == 0 && line.is_empty() {
+            return Ok(Incoming::End);
+        }
+        if line.len() > api::MAX_REQUEST {
+            return Ok(Incoming::TooLong);
+        }
+        if n < REQUEST_PIECE || line.ends_with(b"\n") {
+            break;
+        }
     }
     Ok(serde_json::from_slice(line).map_or_else(Incoming::Malformed, Incoming::Request))
 }

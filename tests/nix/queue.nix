@@ -37,6 +37,9 @@ in rec {
   # 7 MB that do not compress, each.
   large = map (i: sh "large-${toString i}" "echo ${salt} > /dev/null; /bin/head -c 7000000 /dev/urandom > $out" { }) [ 1 2 3 4 ];
 
+  # About 40 MB that do not compress.
+  huge = sh "huge" "echo ${salt} > /dev/null; /bin/head -c 40000000 /dev/urandom > $out" { };
+
   # Derivations that can never build: no other try would do better.
   noBuilder = derivation { inherit system; name = "no-builder"; builder = "/nonexistent/builder-${salt}"; };
   badExport = sh "bad-export" "echo ${salt} > $out" { exportReferencesGraph = [ "../escape" base ]; };
