@@ -196,11 +196,25 @@ pub struct BuildDetail {
     #[serde(flatten)]
     pub summary: BuildSummary,
     pub system: String,
+    /// requiredSystemFeatures.
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// For a queued build no machine can take: why (the machines as they are now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for_machine: Option<String>,
     /// Output name → store path, as the derivation declares them.
     pub outputs: BTreeMap<String, String>,
     /// Builds this one waits for or waited for.
     pub dependencies: Vec<String>,
     pub attempt_list: Vec<AttemptInfo>,
+}
+
+/// A build that no machine can take, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NoMachine {
+    pub build: String,
+    pub drv: String,
+    pub reason: String,
 }
 
 /// A machine as `machines` shows it.
@@ -301,6 +315,9 @@ pub enum Reply {
     Submitted {
         builds: Vec<String>,
         dependencies: Vec<String>,
+        /// New builds no machine can take now: they wait until the machines change.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        no_machine: Vec<NoMachine>,
     },
     Event {
         #[serde(flatten)]

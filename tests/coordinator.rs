@@ -593,6 +593,44 @@ fn the_state_dir_s_files_are_the_coordinator_s_alone() {
     }
 }
 
+/// Issue 12: a derivation for a system no machine has waited forever without a word, and
+/// `gbc build` just waited. Submission warns (and says so in `--json`), `gbc show` says why it
+/// waits, and `gbc build` fails at once unless asked to wait.
+#[test]
+fn a_derivation_no_machine_can_build_is_named_at_once() {
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drv = instantiate(&["otherSystem"], &salt())["otherSystem"].clone();
+    let out = run(&mut c.gbc(&["submit", &drv]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let uuid = lines(&out).remove(0);
+    let warning = stderr(&out);
+    assert_eq!(warning.lines().count(), 1, "{warning}");
+    assert!(warning.starts_with(&format!("gbc: warning: build {uuid} (")), "{warning}");
+    assert!(warning.contains("waits: no machine builds riscv64-linux (the machines build: "), "{warning}");
+
+    let out = run(&mut c.gbc(&["submit", "--json", &drv]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = v["no_machine"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{v}");
+    assert_eq!(listed[0]["build"], v["builds"][0], "{v}");
+    assert_eq!(listed[0]["drv"], drv.as_str(), "{v}");
+
+    let d = show(&c, &uuid);
+    assert_eq!(d["state"], "queued", "{d}");
+    assert!(d["waiting_for_machine"].as_str().unwrap().starts_with("no machine builds riscv64-linux"), "{d}");
+    let text = run_ok_str(&mut c.gbc(&["show", &uuid]));
+    assert!(text.contains("waiting    no machine builds riscv64-linux"), "{text}");
+
+    let out = common::run_within(&mut c.gbc(&["build", &drv]), 60).expect("gbc build returns at once");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no machine builds riscv64-linux") && err.contains("stays queued"), "{err}");
+    // Asked to wait, it waits.
+    assert!(common::run_within(&mut c.gbc(&["build", "--wait-for-machine", &drv]), 3).is_none());
+}
+
 #[test]
 fn without_a_coordinator_the_client_says_how_to_start_one() {
     let tmp = common::tempdir();

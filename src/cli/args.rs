@@ -157,6 +157,10 @@ pub enum Command {
     Submit {
         #[command(flatten)]
         submit: SubmitOpts,
+        /// One JSON object on standard output: `builds`, `dependencies`, and `no_machine` (the
+        /// new builds no machine can take, each with `build`, `drv` and `reason`).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -182,6 +186,10 @@ pub enum Command {
         /// Progress as one JSON event per line on standard error.
         #[arg(long)]
         json: bool,
+        /// Wait for builds no machine can take (until the machines file gives them one); without
+        /// it, such a build ends the command at once with an error, and stays queued.
+        #[arg(long)]
+        wait_for_machine: bool,
         #[command(flatten)]
         client: ClientOpts,
     },

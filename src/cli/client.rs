@@ -14,7 +14,7 @@ use super::drv::{input_locations, read_first};
 use super::realise::default_state_dir;
 use super::upload;
 use super::{CheckFailed, check_failed};
-use crate::api::{self, BuildDetail, BuildState, BuildSummary, DrvFile, Event, Reply, Request};
+use crate::api::{self, BuildDetail, BuildState, BuildSummary, DrvFile, Event, NoMachine, Reply, Request};
 use crate::formats::derivation::Derivation;
 
 /// A connection to the coordinator.
@@ -126,7 +126,15 @@ fn read_aterm(file: &Path, bytes: &[u8]) -> anyhow::Result<String> {
 
 /// Send a submission, uploading first what the coordinator's cache lacks and this machine has;
 /// returns the connection and the `submitted` reply's builds and dependencies.
-fn submit_with_uploads(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result<(Client, Vec<String>, Vec<String>)> {
+/// What a submission gave: the client still connected, and the coordinator's answer.
+struct Submitted {
+    client: Client,
+    builds: Vec<String>,
+    dependencies: Vec<String>,
+    no_machine: Vec<NoMachine>,
+}
+
+fn submit_with_uploads(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result<Submitted> {
     let (derivations, inputs) = read_submission(&opts.drvs)?;
     let upload = !opts.no_upload;
     let local = if upload { Some((derivations.clone(), inputs.clone())) } else { None };
@@ -145,7 +153,9 @@ fn submit_with_uploads(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result
         reply = c.call(&Request::Uploaded)?;
     }
     match reply {
-        Reply::Submitted { builds, dependencies } => Ok((c, builds, dependencies)),
+        Reply::Submitted { builds, dependencies, no_machine } => {
+            Ok(Submitted { client: c, builds, dependencies, no_machine })
+        }
         r => Err(unexpected(&r)),
     }
 }
@@ -218,13 +228,26 @@ impl<W: Write> Write for Exactly<W> {
     }
 }
 
-pub fn submit(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result<()> {
-    let (_, builds, _) = submit_with_uploads(client, opts)?;
+pub fn submit(client: &ClientOpts, opts: &SubmitOpts, json: bool) -> anyhow::Result<()> {
+    let Submitted { builds, dependencies, no_machine, .. } = submit_with_uploads(client, opts)?;
     let mut out = io::stdout().lock();
+    if json {
+        let all = serde_json::json!({ "builds": builds, "dependencies": dependencies, "no_machine": no_machine });
+        writeln!(out, "{all}")?;
+        return Ok(());
+    }
     for b in builds {
         writeln!(out, "{b}")?;
     }
+    let mut err = io::stderr().lock();
+    for n in &no_machine {
+        writeln!(err, "gbc: warning: {}", no_machine_line(n))?;
+    }
     Ok(())
+}
+
+fn no_machine_line(n: &NoMachine) -> String {
+    format!("build {} ({}) waits: {}", n.build, short_drv(&n.drv), n.reason)
 }
 
 /// How watch shows progress.
@@ -381,8 +404,24 @@ pub fn watch(client: &ClientOpts, uuids: Vec<String>, json: bool) -> anyhow::Res
     Ok(())
 }
 
-pub fn build(client: &ClientOpts, opts: &SubmitOpts, json: bool) -> anyhow::Result<()> {
-    let (mut c, builds, deps) = submit_with_uploads(client, opts)?;
+pub fn build(client: &ClientOpts, opts: &SubmitOpts, json: bool, wait_for_machine: bool) -> anyhow::Result<()> {
+    let Submitted { client: mut c, builds, dependencies: deps, no_machine } = submit_with_uploads(client, opts)?;
+    if let Some(first) = no_machine.first() {
+        if !wait_for_machine {
+            let more = match no_machine.len() {
+                1 => String::new(),
+                n => format!(" (and {} more)", n - 1),
+            };
+            return Err(anyhow::Error::new(CheckFailed(format!(
+                "{}{more}; it stays queued until a machine can take it (gbc cancel drops it, --wait-for-machine waits)",
+                no_machine_line(first)
+            ))));
+        }
+        let mut err = io::stderr().lock();
+        for n in &no_machine {
+            writeln!(err, "gbc: warning: {}", no_machine_line(n))?;
+        }
+    }
     let stderr = io::stderr();
     let style = style(json, stderr.is_terminal());
     let mut progress = Progress { out: stderr.lock(), style, states: HashMap::new(), status_shown: false };
@@ -465,6 +504,9 @@ pub fn show(client: &ClientOpts, uuid: &str, json: bool) -> anyhow::Result<()> {
     writeln!(out, "state      {}", s.state)?;
     if let Some(r) = &s.reason {
         writeln!(out, "reason     {r}")?;
+    }
+    if let Some(w) = &d.waiting_for_machine {
+        writeln!(out, "waiting    {w}")?;
     }
     writeln!(out, "derivation {}", s.drv)?;
     writeln!(out, "system     {}", d.system)?;

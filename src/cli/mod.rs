@@ -115,9 +115,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Cache { command: CacheCommand::Gc { keep_since, client } } => client::cache_gc(&client, &keep_since),
         Command::CheckConfig { file, state_dir } => machines::check_config(file, state_dir),
-        Command::Submit { submit, client } => client::submit(&client, &submit),
+        Command::Submit { submit, json, client } => client::submit(&client, &submit, json),
         Command::Watch { json, uuids, client } => client::watch(&client, uuids, json),
-        Command::Build { submit, json, client } => client::build(&client, &submit, json),
+        Command::Build { submit, json, wait_for_machine, client } => {
+            client::build(&client, &submit, json, wait_for_machine)
+        }
         Command::Builds { state, tags, limit, json, client } => client::builds(&client, state, tags, limit, json),
         Command::Show { uuid, json, client } => client::show(&client, &uuid, json),
         Command::Log { uuid, attempt, no_follow, client } => client::log(&client, &uuid, attempt, no_follow),

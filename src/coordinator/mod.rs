@@ -16,7 +16,7 @@ pub mod submit;
 pub mod transport;
 mod upload;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::api::{BuildState, Event, MachineInfo, Stats, now_ms};
+use crate::api::{BuildState, Event, MachineInfo, NoMachine, Stats, now_ms};
 use crate::db::{AttemptEnd, BuildChange, Db, Submission, SubmitOutcome};
 use crate::formats::signing::PublicKey;
 use crate::protocol::HostFacts;
@@ -112,7 +112,10 @@ impl MachineSpec {
 
 /// Requests to the core.
 pub(crate) enum Command {
-    Submit(Box<Submission>, oneshot::Sender<anyhow::Result<SubmitOutcome>>),
+    /// The outcome, and the new builds no machine can take.
+    Submit(Box<Submission>, oneshot::Sender<anyhow::Result<(SubmitOutcome, Vec<NoMachine>)>>),
+    /// Why no machine can build this system with these features (None: one can).
+    NoMachine(String, BTreeSet<String>, oneshot::Sender<Option<String>>),
     Cancel(String, oneshot::Sender<Result<(), String>>),
     Machines(oneshot::Sender<Vec<MachineInfo>>),
     Stats(oneshot::Sender<Stats>, bool),
@@ -376,9 +379,13 @@ impl Core {
         match cmd {
             Command::Submit(sub, reply) => {
                 let outcome = self.db.submit(*sub).await;
+                let mut no_machine = Vec::new();
                 if let Ok(o) = &outcome {
                     let now = now_ms();
                     for b in &o.created {
+                        if let Some(reason) = self.why_no_machine(&b.system, &b.features) {
+                            no_machine.push(NoMachine { build: b.uuid.clone(), drv: b.drv.clone(), reason });
+                        }
                         self.queue.insert(b.id, b.priority, &b.system, &b.features, &b.deps);
                         self.known.insert(
                             b.id,
@@ -387,7 +394,10 @@ impl Core {
                         self.emit(b.id, BuildState::Queued, now, None, None, false);
                     }
                 }
-                let _ = reply.send(outcome);
+                let _ = reply.send(outcome.map(|o| (o, no_machine)));
+            }
+            Command::NoMachine(system, features, reply) => {
+                let _ = reply.send(self.why_no_machine(&system, &features));
             }
             Command::Cancel(uuid, reply) => {
                 let r = self.cancel(&uuid).await?;
@@ -825,6 +835,12 @@ impl Core {
             tracing::info!("{} running builds go back to the queue", ends.len());
         }
         self.db.end_attempts(ends).await
+    }
+
+    /// Why no machine in service (retired ones are leaving) can build this, if none can.
+    fn why_no_machine(&self, system: &str, features: &BTreeSet<String>) -> Option<String> {
+        let caps = self.machines.iter().filter(|m| !m.retired).map(|m| &m.spec.caps);
+        queue::why_no_machine(system, features, caps)
     }
 
     fn machine_infos(&self) -> Vec<MachineInfo> {

@@ -32,6 +32,31 @@ impl Capabilities {
     }
 }
 
+/// Why none of `machines` can ever build a derivation for `system` with the `required` features
+/// (None when one can): what `gbc submit` warns about and `gbc show` says of a waiting build.
+pub fn why_no_machine<'a>(
+    system: &str,
+    required: &BTreeSet<String>,
+    machines: impl IntoIterator<Item = &'a Capabilities> + Clone,
+) -> Option<String> {
+    if machines.clone().into_iter().any(|m| m.can_build(system, required)) {
+        return None;
+    }
+    let systems: BTreeSet<&str> =
+        machines.clone().into_iter().flat_map(|m| m.systems.iter().map(String::as_str)).collect();
+    let listed = |set: &BTreeSet<&str>| {
+        if set.is_empty() { "none".to_owned() } else { set.iter().copied().collect::<Vec<_>>().join(" ") }
+    };
+    if !systems.contains(system) && system != "builtin" {
+        return Some(format!("no machine builds {system} (the machines build: {})", listed(&systems)));
+    }
+    let wanted: Vec<&str> = required.iter().map(String::as_str).collect();
+    Some(format!(
+        "no machine that builds {system} has the features {{{}}} (or it has mandatory features the derivation does not ask for)",
+        wanted.join(", ")
+    ))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Class {
     system: String,
@@ -246,6 +271,25 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn why_no_machine_names_the_missing_system_or_features() {
+        let x86 = caps(&["x86_64-linux"], &["kvm"], &[]);
+        let big = caps(&["x86_64-linux", "i686-linux"], &[], &["big"]);
+        let machines = [&x86, &big];
+        assert_eq!(why_no_machine("x86_64-linux", &set(&["kvm"]), machines), None);
+        assert_eq!(why_no_machine("builtin", &set(&[]), machines), None);
+        assert_eq!(
+            why_no_machine("riscv64-linux", &set(&[]), machines).as_deref(),
+            Some("no machine builds riscv64-linux (the machines build: i686-linux x86_64-linux)")
+        );
+        let why = why_no_machine("i686-linux", &set(&["kvm"]), machines).unwrap_or_default();
+        assert!(why.starts_with("no machine that builds i686-linux has the features {kvm}"), "{why}");
+        assert_eq!(
+            why_no_machine("x86_64-linux", &set(&[]), []).as_deref(),
+            Some("no machine builds x86_64-linux (the machines build: none)")
+        );
+    }
 
     fn caps(systems: &[&str], features: &[&str], mandatory: &[&str]) -> Capabilities {
         Capabilities {

@@ -170,8 +170,10 @@ impl Server {
                     needed,
                     unpublished,
                 };
-                let outcome = self.ask(|tx| Command::Submit(Box::new(sub), tx)).await??;
-                send(out, &Reply::Submitted { builds: outcome.requested, dependencies: outcome.dependencies }).await
+                let (outcome, no_machine) = self.ask(|tx| Command::Submit(Box::new(sub), tx)).await??;
+                let reply =
+                    Reply::Submitted { builds: outcome.requested, dependencies: outcome.dependencies, no_machine };
+                send(out, &reply).await
             }
             Request::Missing { paths } => {
                 let cache = self.cache.clone();
@@ -187,7 +189,13 @@ impl Server {
                 send(out, &Reply::Builds { builds: self.db.list(filter).await? }).await
             }
             Request::Show { build } => match self.db.show(&build).await? {
-                Some(detail) => send(out, &Reply::Build { build: Box::new(detail) }).await,
+                Some(mut detail) => {
+                    if detail.summary.state == BuildState::Queued {
+                        let (system, features) = (detail.system.clone(), detail.features.iter().cloned().collect());
+                        detail.waiting_for_machine = self.ask(|tx| Command::NoMachine(system, features, tx)).await?;
+                    }
+                    send(out, &Reply::Build { build: Box::new(detail) }).await
+                }
                 None => anyhow::bail!("no build {build}"),
             },
             Request::Log { build, attempt, follow } => self.log(&build, attempt, follow, out).await,

@@ -737,12 +737,20 @@ fn brief(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<BuildBrief>
 
 fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<BuildDetail>> {
     let sql = format!(
-        "SELECT {SUMMARY_COLUMNS}, d.id, d.system FROM builds b JOIN derivations d ON d.id = b.drv WHERE b.uuid = ?1"
+        "SELECT {SUMMARY_COLUMNS}, d.id, d.system, d.features FROM builds b JOIN derivations d ON d.id = b.drv WHERE b.uuid = ?1"
     );
-    let Some((id, drv_id, system, summary)) = conn
+    let Some((id, drv_id, system, features, summary)) = conn
         .prepare(&sql)?
         .query_row([uuid], |r| {
-            Ok((r.get::<_, BuildId>(0)?, r.get::<_, i64>(10)?, r.get::<_, String>(11)?, summary_row(conn, r)?))
+            let features: String = r.get(12)?;
+            let features = features.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+            Ok((
+                r.get::<_, BuildId>(0)?,
+                r.get::<_, i64>(10)?,
+                r.get::<_, String>(11)?,
+                features,
+                summary_row(conn, r)?,
+            ))
         })
         .optional()?
     else {
@@ -796,6 +804,8 @@ fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<BuildDetail>
     Ok(Some(BuildDetail {
         summary,
         system,
+        features,
+        waiting_for_machine: None,
         outputs,
         dependencies,
         attempt_list: attempt_list.into_iter().map(|(_, a)| a).collect(),

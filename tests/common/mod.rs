@@ -41,6 +41,21 @@ pub fn run_ok_str(cmd: &mut Command) -> String {
     String::from_utf8(run_ok(cmd)).expect("UTF-8 output")
 }
 
+/// Run a command, killing it if it has not ended after `secs` seconds (then None).
+pub fn run_within(cmd: &mut Command, secs: u64) -> Option<Output> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
 /// Run a command and return everything about how it ended.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))

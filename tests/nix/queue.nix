@@ -40,6 +40,9 @@ in rec {
   # About 40 MB that do not compress.
   huge = sh "huge" "echo ${salt} > /dev/null; /bin/head -c 40000000 /dev/urandom > $out" { };
 
+  # For a system no machine here has.
+  otherSystem = derivation { system = "riscv64-linux"; name = "other-system"; builder = "/bin/sh"; args = [ "-c" "echo ${salt} > $out" ]; };
+
   # Derivations that can never build: no other try would do better.
   noBuilder = derivation { inherit system; name = "no-builder"; builder = "/nonexistent/builder-${salt}"; };
   badExport = sh "bad-export" "echo ${salt} > $out" { exportReferencesGraph = [ "../escape" base ]; };
