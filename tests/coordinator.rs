@@ -488,6 +488,30 @@ fn permanent_failures_are_attempted_once() {
     assert!(!all.contains(".gbc-tmp"), "no host paths: {all}");
 }
 
+/// Issue 12: a derivation of a store dir no agent accepts was tried three times. With no machine
+/// accepting it, it fails at its first try, naming the store dirs they do accept.
+#[test]
+fn a_store_dir_no_agent_accepts_fails_at_once() {
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let tmp = common::tempdir();
+    let real = tmp.path().join("real");
+    let store = format!(
+        "local?store=/gbc-test/store&real={}&state={}&log={}",
+        real.display(),
+        tmp.path().join("state").display(),
+        tmp.path().join("log").display()
+    );
+    let drvs = common::instantiate(QUEUE, Some(&store), &["base"], &salt());
+    let file = real.join(drvs[0].1.rsplit('/').next().unwrap());
+    let out = run(&mut c.gbc(&["build"]).arg(&file));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let listed: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let d = show(&c, listed[0]["uuid"].as_str().unwrap());
+    assert_eq!(d["attempt_list"].as_array().unwrap().len(), 1, "{d}");
+    let reason = d["reason"].as_str().unwrap();
+    assert!(reason.starts_with("no machine accepts the store dir /gbc-test/store (they accept: "), "{reason}");
+}
+
 /// Issue 12: a full disk in a build host's store showed only "builder exited with status 1". The
 /// cause reaches the reason and the log, and the build is tried again (as Nix's
 /// `TransientFailure`).

@@ -124,8 +124,6 @@ fn read_aterm(file: &Path, bytes: &[u8]) -> anyhow::Result<String> {
     String::from_utf8(bytes.to_vec()).map_err(|_| check_failed(file.display(), "not a derivation: not UTF-8 text"))
 }
 
-/// Send a submission, uploading first what the coordinator's cache lacks and this machine has;
-/// returns the connection and the `submitted` reply's builds and dependencies.
 /// What a submission gave: the client still connected, and the coordinator's answer.
 struct Submitted {
     client: Client,
@@ -134,6 +132,7 @@ struct Submitted {
     no_machine: Vec<NoMachine>,
 }
 
+/// Send a submission, uploading first what the coordinator's cache lacks and this machine has.
 fn submit_with_uploads(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result<Submitted> {
     let (derivations, inputs) = read_submission(&opts.drvs)?;
     let upload = !opts.no_upload;

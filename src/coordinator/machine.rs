@@ -58,6 +58,11 @@ pub enum AttemptResult {
     MissingInputs {
         paths: Vec<String>,
     },
+    /// The machine does not take derivations of this store dir: the core tries another machine,
+    /// or fails the build when none takes it.
+    StoreDirRefused {
+        store_dir: String,
+    },
     /// (Core only.) Back to the queue until these builds, which make its missing inputs, succeed.
     WaitFor {
         deps: Vec<BuildId>,
@@ -292,6 +297,7 @@ impl Driver {
             tracing::info!(machine = %self.name, "{note}");
         }
         let facts = session.facts.clone();
+        let facts_store_dirs = facts.store_dirs.clone();
         let trusted = if self.trusted.is_empty() {
             match PublicKey::parse(&facts.signing_key) {
                 Ok(k) => vec![k],
@@ -332,6 +338,11 @@ impl Driver {
                                 continue;
                             }
                         };
+                        let store_dir = job.drv_path.rsplit_once('/').map_or("", |(d, _)| d).to_owned();
+                        if !facts_store_dirs.contains(&store_dir) {
+                            self.report(job.build, job.attempt, AttemptResult::StoreDirRefused { store_dir });
+                            continue;
+                        }
                         let log_path = logs::plain_path(&self.state_dir, &job.uuid, job.n);
                         let log = logs::create(&log_path).map_err(|e| tracing::error!(machine = %self.name, "{}: {e}", log_path.display())).ok();
                         // Name the inputs' whole closure (what the cache knows of it), so that

@@ -610,9 +610,39 @@ impl Core {
             DriverEvent::Done { machine, build, attempt, result: AttemptResult::MissingInputs { paths } } => {
                 batch.missing.push((machine, build, attempt, paths));
             }
+            DriverEvent::Done { machine, build, attempt, result: AttemptResult::StoreDirRefused { store_dir } } => {
+                let result = self.store_dir_refused(machine, &store_dir);
+                self.attempt_done(machine, build, attempt, result, batch);
+            }
             DriverEvent::Done { machine, build, attempt, result } => {
                 self.attempt_done(machine, build, attempt, result, batch);
             }
+        }
+    }
+
+    /// A machine refused a derivation's store dir: another machine may take it (one that accepts
+    /// it, or has not said yet), else no try will ever succeed.
+    fn store_dir_refused(&self, machine: usize, store_dir: &str) -> AttemptResult {
+        let others = self.machines.iter().enumerate().filter(|(i, m)| *i != machine && !m.retired);
+        let mut accepted = BTreeSet::new();
+        let mut may = false;
+        for (_, m) in others.chain(std::iter::once((machine, &self.machines[machine]))) {
+            match &m.facts {
+                Some(f) => {
+                    may |= f.store_dirs.iter().any(|d| d == store_dir);
+                    accepted.extend(f.store_dirs.iter().cloned());
+                }
+                None => may = true,
+            }
+        }
+        let name = &self.machines[machine].spec.name;
+        if may {
+            let reason = format!("machine {name} does not accept the store dir {store_dir}");
+            AttemptResult::Retry { status: "setup_failure".into(), reason, count: true }
+        } else {
+            let accepted: Vec<String> = accepted.into_iter().collect();
+            let reason = format!("no machine accepts the store dir {store_dir} (they accept: {})", accepted.join(" "));
+            AttemptResult::Failed { status: "setup_failure".into(), reason }
         }
     }
 
@@ -723,6 +753,13 @@ impl Core {
                     self.queue.requeue_after(build, &deps);
                     events.push((build, BuildState::Queued, Some(reason.clone()), true));
                     ("missing_inputs".to_owned(), Some(reason), Vec::new(), BuildChange::Requeue { count_retry: false })
+                }
+                AttemptResult::StoreDirRefused { store_dir } => {
+                    // Resolved before attempt_done; reaching here means a result out of turn.
+                    let reason = format!("machine {machine_name} does not accept the store dir {store_dir}");
+                    self.queue.requeue(build, Some(&machine_name));
+                    events.push((build, BuildState::Queued, Some(reason.clone()), true));
+                    ("setup_failure".to_owned(), Some(reason), Vec::new(), BuildChange::Requeue { count_retry: false })
                 }
                 AttemptResult::MissingInputs { paths } => {
                     // Resolved before attempt_done; reaching here means a result out of turn.
@@ -881,6 +918,9 @@ fn describe(result: &AttemptResult) -> (String, Option<String>) {
         AttemptResult::Canceled => ("canceled".into(), Some("canceled".into())),
         AttemptResult::MissingInputs { paths } => ("missing_inputs".into(), Some(missing_reason(paths))),
         AttemptResult::WaitFor { reason, .. } => ("missing_inputs".into(), Some(reason.clone())),
+        AttemptResult::StoreDirRefused { store_dir } => {
+            ("setup_failure".into(), Some(format!("the machine does not accept the store dir {store_dir}")))
+        }
     }
 }
 
