@@ -503,7 +503,7 @@ fn a_store_dir_no_agent_accepts_fails_at_once() {
     );
     let drvs = common::instantiate(QUEUE, Some(&store), &["base"], &salt());
     let file = real.join(drvs[0].1.rsplit('/').next().unwrap());
-    let out = run(&mut c.gbc(&["build"]).arg(&file));
+    let out = run(c.gbc(&["build"]).arg(&file));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let listed: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
     let d = show(&c, listed[0]["uuid"].as_str().unwrap());
