@@ -579,6 +579,9 @@ fn a_build_cannot_leave_a_setuid_binary_another_user_can_run() {
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
     assert_eq!(mode(&build_dir) & 0o777, 0o700, "{}", build_dir.display());
     assert_eq!(mode(&probe) & 0o6000, 0, "{} is setuid or setgid", probe.display());
+    // The builder ran as a build user of its own, not as the agent's root.
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&probe).unwrap());
+    assert_ne!(owner, 0, "{} belongs to root", probe.display());
     // Another user (nobody) can neither reach nor run it. (Through a shell: setpriv resolves the
     // program it is given before it drops root's rights.)
     let out = run(std::process::Command::new("setpriv")

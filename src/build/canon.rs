@@ -1,6 +1,6 @@
 //! Canonicalising outputs as Nix does before they are hashed: modification time 1 (the epoch plus
 //! one second), permissions 0444 for files, 0555 for executables and directories, no setuid/setgid,
-//! owned by whoever runs the agent.
+//! owned by whoever runs the agent (an agent running as root takes back what its build user made).
 
 use std::fs;
 use std::io;
@@ -19,6 +19,11 @@ pub fn canonicalise(path: &Path) -> io::Result<()> {
     let at = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     let md = fs::symlink_metadata(path).map_err(at)?;
     let ft = md.file_type();
+    let (uid, gid) = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
+    if std::os::unix::fs::MetadataExt::uid(&md) != uid || std::os::unix::fs::MetadataExt::gid(&md) != gid {
+        // Changing the owner also clears setuid and setgid bits.
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(at)?;
+    }
     if ft.is_dir() {
         // Make sure we can enter and change it, whatever the builder left.
         fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(at)?;

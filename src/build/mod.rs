@@ -98,6 +98,43 @@ pub enum Outcome {
     MissingInputs(Vec<String>),
 }
 
+/// The host uids builds run as when the agent is root: Nix's `auto-allocate-uids` range, which
+/// no account uses; one per build running at once.
+const BUILD_UID_BASE: u32 = 872_415_232;
+const BUILD_UIDS: u32 = 1 << 16;
+
+/// A build user in use, given back when dropped.
+struct BuildUserSlot(u32);
+
+static BUILD_UIDS_IN_USE: std::sync::Mutex<BTreeSet<u32>> = std::sync::Mutex::new(BTreeSet::new());
+
+impl BuildUserSlot {
+    /// A free build user when this process is root; None otherwise (the sandbox then maps the
+    /// agent's own user, the only one an unprivileged user namespace can).
+    fn take() -> io::Result<Option<BuildUserSlot>> {
+        if !rustix::process::geteuid().is_root() {
+            return Ok(None);
+        }
+        let mut in_use = BUILD_UIDS_IN_USE.lock().map_err(|_| io::Error::other("build users lock poisoned"))?;
+        let free =
+            (0..BUILD_UIDS).find(|n| !in_use.contains(n)).ok_or_else(|| io::Error::other("no free build user"))?;
+        in_use.insert(free);
+        Ok(Some(BuildUserSlot(free)))
+    }
+
+    fn user(&self) -> sandbox::BuildUser {
+        sandbox::BuildUser { uid: BUILD_UID_BASE + self.0, gid: BUILD_UID_BASE + self.0 }
+    }
+}
+
+impl Drop for BuildUserSlot {
+    fn drop(&mut self) {
+        if let Ok(mut in_use) = BUILD_UIDS_IN_USE.lock() {
+            in_use.remove(&self.0);
+        }
+    }
+}
+
 /// Free bytes below which a failed build is put down to a full disk (Nix's threshold).
 const LOW_DISK: u64 = 8 << 20;
 
@@ -193,7 +230,13 @@ fn run_and_collect(
     }
     let inputs = closure.iter().map(|p| sd.parse_path(p).map(|sp| sp.to_string())).collect::<Result<Vec<_>, _>>();
     let inputs = inputs.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // As root, the builder runs as a host user of its own, which owns the build directory.
+    let build_user = BuildUserSlot::take()?;
+    if let Some(u) = build_user.as_ref().map(BuildUserSlot::user) {
+        std::os::unix::fs::chown(&top, Some(u.uid), Some(u.gid))?;
+    }
     let spec = sandbox::SandboxSpec {
+        build_user: build_user.as_ref().map(BuildUserSlot::user),
         chroot: chroot.clone(),
         build_dir: top,
         store_dir: sd.as_str().to_owned(),
@@ -207,7 +250,9 @@ fn run_and_collect(
         error_file: error_file.clone(),
     };
 
-    let ended = run_logged(sandbox::command(&spec)?, settings, log)?;
+    let map = |pid: u32| spec.build_user.map_or(Ok(()), |u| sandbox::map_build_user(pid, u));
+    let ended = run_logged(sandbox::command(&spec)?, settings, log, &map)?;
+    drop(build_user);
     let status = match ended {
         Ended::Exited(status) => status,
         Ended::TimedOut(d) => return Ok(Outcome::TimedOut(d)),
@@ -490,11 +535,17 @@ fn run_logged(
     mut cmd: std::process::Command,
     settings: &BuildSettings,
     log: &mut dyn FnMut(&[u8]),
+    started: &dyn Fn(u32) -> io::Result<()>,
 ) -> io::Result<Ended> {
     let (mut reader, writer) = io::pipe()?;
     cmd.stdout(writer.try_clone()?).stderr(writer);
     let mut child = cmd.spawn()?;
     drop(cmd);
+    if let Err(e) = started(child.id()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
     let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(16);
     let pump = std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];

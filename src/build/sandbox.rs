@@ -58,6 +58,40 @@ pub struct SandboxSpec {
     pub env: Vec<(String, String)>,
     /// Where to write the reason when the sandbox cannot be set up.
     pub error_file: PathBuf,
+    /// When the agent runs as root: the unprivileged host user and group the builder runs as
+    /// (mapped by the agent into the sandbox's user namespace, see [`map_build_user`]).
+    #[serde(default)]
+    pub build_user: Option<BuildUser>,
+}
+
+/// A host uid and gid of no account, for one build at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// For a build user, the agent's half of entering the sandbox: stage 1 stops itself once it is in
+/// its new user namespace; map the sandbox's root to the host's (to set the sandbox up) and
+/// [`SANDBOX_UID`]/[`SANDBOX_GID`] to the build user (to run the builder), then let it go on. Only a
+/// process privileged in the parent namespace may write such maps, hence the agent.
+pub fn map_build_user(pid: u32, user: BuildUser) -> io::Result<()> {
+    use rustix::process::{Pid, Signal, WaitOptions, kill_process, waitpid};
+    let p = Pid::from_raw(pid as i32).ok_or_else(|| io::Error::other("no sandbox process"))?;
+    match waitpid(Some(p), WaitOptions::UNTRACED)? {
+        Some((_, status)) if status.stopped() => {}
+        other => {
+            return Err(io::Error::other(format!(
+                "the sandbox ended before its user namespace was mapped ({:?})",
+                other.map(|(_, s)| s)
+            )));
+        }
+    }
+    let mapped = fs::write(format!("/proc/{pid}/uid_map"), format!("0 0 1\n{SANDBOX_UID} {} 1\n", user.uid))
+        .and_then(|()| fs::write(format!("/proc/{pid}/gid_map"), format!("0 0 1\n{SANDBOX_GID} {} 1\n", user.gid)));
+    // Let it go on in any case: unmapped, it fails and says so.
+    kill_process(p, Signal::CONT)?;
+    mapped.map_err(|e| io::Error::new(e.kind(), format!("mapping the build user into the sandbox: {e}")))
 }
 
 /// The command that runs `spec`'s builder in a sandbox; the caller sets stdout/stderr.
@@ -142,6 +176,14 @@ fn enter_namespaces(spec: &SandboxSpec) -> io::Result<()> {
     }
     super::sys::unshare_namespaces(flags)
         .map_err(|e| io::Error::new(e.kind(), format!("unshare: {e} (are user namespaces allowed on this host?)")))?;
+    if spec.build_user.is_some() {
+        // The agent maps root and the build user, then wakes this process.
+        rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP)?;
+        return match fs::read_to_string("/proc/self/uid_map") {
+            Ok(map) if !map.trim().is_empty() => Ok(()),
+            _ => Err(io::Error::other("the agent did not map the build user")),
+        };
+    }
     map_self(0, uid, 0, gid)
 }
 
@@ -154,8 +196,18 @@ fn map_self(uid: u32, outer_uid: u32, gid: u32, outer_gid: u32) -> io::Result<()
     Ok(())
 }
 
-/// Leave root behind: a nested user namespace where this process (and the builder) is the build user.
-fn become_build_user() -> io::Result<()> {
+/// Leave root behind and become the build user: when the agent mapped one (it runs as root),
+/// simply switch to it, dropping every capability; otherwise (only root is mapped) enter a nested
+/// user namespace where this process is the build user.
+fn become_build_user(spec: &SandboxSpec) -> io::Result<()> {
+    if spec.build_user.is_some() {
+        use rustix::process::{Gid, Uid};
+        rustix::thread::set_thread_groups(&[])?;
+        let gid = Gid::from_raw(SANDBOX_GID);
+        rustix::thread::set_thread_res_gid(gid, gid, gid)?;
+        let uid = Uid::from_raw(SANDBOX_UID);
+        return Ok(rustix::thread::set_thread_res_uid(uid, uid, uid)?);
+    }
     super::sys::unshare_namespaces(UnshareFlags::NEWUSER)?;
     map_self(SANDBOX_UID, 0, SANDBOX_GID, 0)
 }
@@ -181,8 +233,13 @@ pub fn stage2(spec_json: &str) -> ExitCode {
     if let Err(e) = build_root(&spec) {
         return setup_failed("setting up the sandbox", e);
     }
-    if let Err(e) = become_build_user() {
+    if let Err(e) = become_build_user(&spec) {
         return setup_failed("becoming the build user", e);
+    }
+    // Changing credentials clears the parent-death signal: set it again, or killing stage 1 would
+    // no longer end the build.
+    if let Err(e) = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)) {
+        return setup_failed("setting the parent-death signal", e.into());
     }
     // The builder may not make setuid or setgid files (nor set extended attributes); it starts
     // with Nix's umask.
@@ -278,6 +335,11 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     // file here belongs to the builder's uid (one uid is all an unprivileged user namespace maps),
     // so permissions alone could not keep the builder from writing outside its outputs.
     ctx(rustix::mount::mount_bind(&store, &store), || format!("bind-mounting {}", store.display()))?;
+    if spec.build_user.is_some() {
+        // As in Nix: the build user's group may add outputs; the sticky bit keeps it from the rest.
+        std::os::unix::fs::chown(&store, Some(0), Some(SANDBOX_GID))?;
+        fs::set_permissions(&store, std::os::unix::fs::PermissionsExt::from_mode(0o1775))?;
+    }
     for base in &spec.inputs {
         let source = spec.store_root.join(base);
         let target = store.join(base);
