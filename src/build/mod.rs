@@ -112,7 +112,7 @@ impl BuildUserSlot {
     /// A free build user when this process is root; None otherwise (the sandbox then maps the
     /// agent's own user, the only one an unprivileged user namespace can).
     fn take() -> io::Result<Option<BuildUserSlot>> {
-        if !rustix::process::geteuid().is_root() {
+        if !rustix::process::geteuid().is_root() || !build_uids_exist() {
             return Ok(None);
         }
         let mut in_use = BUILD_UIDS_IN_USE.lock().map_err(|_| io::Error::other("build users lock poisoned"))?;
@@ -125,6 +125,20 @@ impl BuildUserSlot {
     fn user(&self) -> sandbox::BuildUser {
         sandbox::BuildUser { uid: BUILD_UID_BASE + self.0, gid: BUILD_UID_BASE + self.0 }
     }
+}
+
+/// Whether the build uids exist in this process's user namespace: true for root on the host,
+/// false for "root" in a user namespace that maps only a few ids.
+fn build_uids_exist() -> bool {
+    static EXIST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *EXIST.get_or_init(|| {
+        let map = fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+        map.lines().any(|line| {
+            let f: Vec<u64> = line.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+            matches!(f[..], [inside, _, len] if inside <= u64::from(BUILD_UID_BASE)
+                && inside + len >= u64::from(BUILD_UID_BASE) + u64::from(BUILD_UIDS))
+        })
+    })
 }
 
 impl Drop for BuildUserSlot {
