@@ -40,6 +40,11 @@ fn show(c: &Coordinator, uuid: &str) -> Value {
     serde_json::from_str(&run_ok_str(&mut c.gbc(&["show", "--json", uuid]))).unwrap()
 }
 
+/// `gbc builds --json`: the newest builds, newest first.
+fn builds(c: &Coordinator) -> Vec<Value> {
+    serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap()
+}
+
 fn state(c: &Coordinator, uuid: &str) -> String {
     show(c, uuid)["state"].as_str().unwrap().to_owned()
 }
@@ -91,7 +96,7 @@ fn a_diamond_builds_in_order_and_its_outputs_equal_nix_s() {
     assert!(when("right", "succeeded") < when("top", "running"));
 
     // Every output's NarHash is the one Nix computes for its own realisation.
-    let list: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let list = builds(&c);
     assert_eq!(list.len(), 4, "{list:?}");
     for b in &list {
         assert_eq!(b["state"], "succeeded");
@@ -112,7 +117,7 @@ fn a_diamond_builds_in_order_and_its_outputs_equal_nix_s() {
     assert_ne!(fresh, [top_uuid]);
     let w = run(c.gbc(&["watch"]).args(&fresh));
     assert!(w.status.success(), "{}", stderr(&w));
-    let list: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let list = builds(&c);
     assert_eq!(list.len(), 5);
 }
 
@@ -127,7 +132,7 @@ fn a_failure_fails_its_dependents_with_the_cause() {
     // The one that could be built was, and its path printed.
     assert_eq!(lines(&out).len(), 1);
 
-    let list: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let list = builds(&c);
     let by_name = |n: &str| list.iter().find(|b| drv_name(b["drv"].as_str().unwrap()) == n).unwrap();
     let broken = by_name("broken");
     assert_eq!(broken["state"], "failed");
@@ -314,7 +319,7 @@ fn an_input_nobody_can_provide_fails_the_build_at_once_naming_it() {
     let drvs = instantiate(&["needsSource"], &salt());
     let out = run(&mut c.gbc(&["build", "--no-upload", &drvs["needsSource"]]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let list: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let list = builds(&c);
     let d = show(&c, list[0]["uuid"].as_str().unwrap());
     let attempts = d["attempt_list"].as_array().unwrap();
     assert_eq!(attempts.len(), 1, "{d}");
@@ -333,7 +338,7 @@ fn outputs_the_client_has_are_uploaded_and_an_input_the_cache_lost_is_built_agai
     wait_for_state(&c, &blocker[0], "running");
     let left = submit(&c, &[&drvs["left"]], &[]);
     // base's output was uploaded, so base gets no build of its own.
-    let listed: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let listed = builds(&c);
     assert_eq!(listed.len(), 2, "{listed:?}");
     let hash = &base_out.rsplit('/').next().unwrap()[..32];
     let narinfo = c.state.join(format!("cache/{hash}.narinfo"));
@@ -350,7 +355,7 @@ fn outputs_the_client_has_are_uploaded_and_an_input_the_cache_lost_is_built_agai
     let statuses: Vec<&str> = attempts.iter().map(|a| a["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["missing_inputs", "success"], "{d}");
     assert!(attempts[0]["reason"].as_str().unwrap().contains(&base_out), "{d}");
-    let listed: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let listed = builds(&c);
     let base_build = listed.iter().find(|b| b["drv"] == drvs["base"].as_str()).expect("a build of base");
     assert_eq!(base_build["state"], "succeeded");
     assert!(narinfo.exists());
@@ -377,7 +382,7 @@ fn an_output_referring_to_a_path_the_cache_lacks_fails_naming_it() {
     let second = instantiate(&["refsSharedSource"], &salt())["refsSharedSource"].clone();
     let out = run(&mut c.gbc(&["build", "--no-upload", &second]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let listed: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let listed = builds(&c);
     let d = show(&c, listed[0]["uuid"].as_str().unwrap());
     assert_eq!((&d["state"], &d["drv"]), (&Value::from("failed"), &Value::from(second.as_str())), "{d}");
     let attempts = d["attempt_list"].as_array().unwrap();
@@ -415,7 +420,7 @@ fn a_build_whose_log_passes_the_limit_is_stopped_and_its_log_cut() {
     let drvs = instantiate(&["chatty"], &salt());
     let out = run(&mut c.gbc(&["build", &drvs["chatty"]]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let list: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let list = builds(&c);
     let uuid = list[0]["uuid"].as_str().unwrap();
     let d = show(&c, uuid);
     assert_eq!(d["state"], "failed", "{d}");
@@ -505,7 +510,7 @@ fn a_store_dir_no_agent_accepts_fails_at_once() {
     let file = real.join(drvs[0].1.rsplit('/').next().unwrap());
     let out = run(c.gbc(&["build"]).arg(&file));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let listed: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let listed = builds(&c);
     let d = show(&c, listed[0]["uuid"].as_str().unwrap());
     assert_eq!(d["attempt_list"].as_array().unwrap().len(), 1, "{d}");
     let reason = d["reason"].as_str().unwrap();
@@ -525,7 +530,7 @@ fn a_full_disk_in_the_agent_s_store_is_named_in_the_reason_and_the_log() {
     let drvs = instantiate(&["large.0"], &salt());
     let out = run(&mut c.gbc(&["build", &drvs["large.0"]]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let listed: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap();
+    let listed = builds(&c);
     let uuid = listed[0]["uuid"].as_str().unwrap();
     let d = show(&c, uuid);
     let attempts = d["attempt_list"].as_array().unwrap();
@@ -590,6 +595,31 @@ fn a_build_cannot_leave_a_setuid_binary_another_user_can_run() {
     assert!(!out.status.success(), "another user ran it: {}", String::from_utf8_lossy(&out.stdout));
     assert!(stderr(&out).contains("Permission denied"), "{}", stderr(&out));
     wait_for_state(&c, &uuid, "succeeded");
+}
+
+/// Issue 12: a fixed-output build (which keeps the host's network) showed up as uid 0 to a host
+/// abstract Unix socket. Its builder is a build user of its own.
+#[test]
+fn a_fixed_output_build_is_no_root_to_the_host_s_sockets() {
+    use std::os::linux::net::SocketAddrExt as _;
+    if !rustix::process::getuid().is_root() {
+        eprintln!("SKIPPED: build users need the agent to run as root");
+        return;
+    }
+    let salt = salt();
+    let name = format!("gbc-fod-probe-{salt}");
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let peer = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        rustix::net::sockopt::socket_peercred(&stream).unwrap().uid.as_raw()
+    });
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drvs = instantiate(&["fodProbe"], &salt);
+    let out = run(&mut c.gbc(&["build", &drvs["fodProbe"]]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let uid = peer.join().unwrap();
+    assert_ne!(uid, 0, "the builder reached the host as root");
 }
 
 /// Issue 12: `gbc.sqlite` was 0644 and `logs/` 0755/0644, so another local user read the database

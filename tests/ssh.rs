@@ -215,6 +215,15 @@ impl Farm {
         attempts[0]["reason"].as_str().unwrap().to_owned()
     }
 
+    /// Run alpha's agent behind a Perl proxy (`SCRIPT ARGS... GBC agent`) that tampers with what
+    /// it sends.
+    fn alpha_behind_proxy(&self, script: &str, args: &[&str]) {
+        let file = self.dir.path().join("proxy.pl");
+        std::fs::write(&file, script).unwrap();
+        let command = format!("perl {} {} {} agent", file.display(), args.join(" "), env!("CARGO_BIN_EXE_gbc"));
+        self.write(&[self.alpha_with(&format!("agent: {command:?}, ")), self.beta_entry()]);
+    }
+
     fn beta_entry(&self) -> String {
         let args = self.beta.agent_args(&["x86_64-linux", "i686-linux"], &[]);
         self.beta.entry(&self.client, &format!("systems: [\"x86_64-linux\", \"i686-linux\"], {args}"))
@@ -647,17 +656,14 @@ while (my $line = <$in>) {
 #[test]
 fn a_nar_that_does_not_hash_to_the_agent_s_claim_is_rejected() {
     let farm = Farm::start();
-    let liar = farm.dir.path().join("liar.pl");
-    std::fs::write(&liar, LIAR).unwrap();
-    let agent = format!("agent: {:?}, ", format!("perl {} {} agent", liar.display(), env!("CARGO_BIN_EXE_gbc")));
-    farm.write(&[farm.alpha_with(&agent), farm.beta_entry()]);
+    farm.alpha_behind_proxy(LIAR, &[]);
     let why = farm.rejected_on_alpha_then_built_on_beta();
     assert!(why.contains("does not match its claim"), "{why}");
 }
 
 /// A proxy for an agent's output that replaces every output's NAR with bytes that are not a NAR,
 /// and makes the claim match them: their hash and size, signed with the host's own key (by
-/// `gbc sign` over a narinfo of the forged claim). `FORGER KEY NIX32-CMD AGENT...`
+/// `gbc sign` over a narinfo of the forged claim). Arguments: GBC SECRET-KEY AGENT-COMMAND...
 const FORGER: &str = r#"
 use strict;
 use JSON::PP;
@@ -722,14 +728,8 @@ while (my $line = <$in>) {
 #[test]
 fn a_host_cannot_publish_bytes_that_are_not_a_nar() {
     let farm = Farm::start();
-    let forger = farm.dir.path().join("forger.pl");
-    std::fs::write(&forger, FORGER).unwrap();
-    let gbc = env!("CARGO_BIN_EXE_gbc");
-    let agent = format!(
-        "agent: {:?}, ",
-        format!("perl {} {gbc} {} {gbc} agent", forger.display(), farm.alpha.signing_secret.display())
-    );
-    farm.write(&[farm.alpha_with(&agent), farm.beta_entry()]);
+    let key = farm.alpha.signing_secret.display().to_string();
+    farm.alpha_behind_proxy(FORGER, &[env!("CARGO_BIN_EXE_gbc"), &key]);
     let why = farm.rejected_on_alpha_then_built_on_beta();
     assert!(why.contains("not a NAR"), "{why}");
 }

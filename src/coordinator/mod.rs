@@ -244,6 +244,12 @@ pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<(
     if !interrupted.is_empty() {
         tracing::info!("{} builds that were running when the coordinator stopped are queued again", interrupted.len());
     }
+    // The HTTP port is bound before the client socket, so that a coordinator whose socket answers
+    // takes HTTP connections too (they wait in the backlog until it serves them).
+    let http_listener = match config.http {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--http {addr}"))?),
+        None => None,
+    };
     let listener = server::bind(&config.socket)?;
     let store_dir = crate::formats::store_path::StoreDir::new(&config.cache_store_dir)
         .with_context(|| format!("cache store dir {}", config.cache_store_dir))?;
@@ -282,10 +288,11 @@ pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<(
         Some(path) => Some(watch_machines(path.clone(), config.clone(), cmd_tx.clone())?),
         None => None,
     };
-    let http_task = match config.http {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--http {addr}"))?;
-            tracing::info!("serving the cache and metrics on http://{}", listener.local_addr().unwrap_or(addr));
+    let http_task = match http_listener {
+        Some(listener) => {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!("serving the cache and metrics on http://{addr}");
+            }
             let h = http::Http::new(
                 config.state_dir.join("cache"),
                 config.cache_store_dir.clone(),

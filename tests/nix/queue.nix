@@ -43,6 +43,13 @@ in rec {
   # For a system no machine here has.
   otherSystem = derivation { system = "riscv64-linux"; name = "other-system"; builder = "/bin/sh"; args = [ "-c" "echo ${salt} > $out" ]; };
 
+  # A fixed-output build (it keeps the host's network) that connects to an abstract Unix socket
+  # of the host, whose owner sees the builder's host uid.
+  fodProbe = sh "fod-probe" ''
+    /usr/bin/perl -e 'use Socket; socket(my $s, PF_UNIX, SOCK_STREAM, 0) or die; connect($s, pack_sockaddr_un("\0gbc-fod-probe-${salt}")) or die "connect: $!"; syswrite($s, "hello\n");'
+    echo fixed > $out
+  '' { outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = builtins.hashString "sha256" "fixed\n"; };
+
   # Derivations that can never build: no other try would do better.
   noBuilder = derivation { inherit system; name = "no-builder"; builder = "/nonexistent/builder-${salt}"; };
   badExport = sh "bad-export" "echo ${salt} > $out" { exportReferencesGraph = [ "../escape" base ]; };
