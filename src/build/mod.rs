@@ -265,8 +265,8 @@ fn run_and_collect(
     };
 
     let map = |pid: u32| spec.build_user.map_or(Ok(()), |u| sandbox::map_build_user(pid, u));
+    // The build user stays taken until this function returns, after the outputs are the agent's.
     let ended = run_logged(sandbox::command(&spec)?, settings, log, &map)?;
-    drop(build_user);
     let status = match ended {
         Ended::Exited(status) => status,
         Ended::TimedOut(d) => return Ok(Outcome::TimedOut(d)),
