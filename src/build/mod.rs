@@ -266,7 +266,14 @@ fn run_and_collect(
 
     let map = |pid: u32| spec.build_user.map_or(Ok(()), |u| sandbox::map_build_user(pid, u));
     // The build user stays taken until this function returns, after the outputs are the agent's.
-    let ended = run_logged(sandbox::command(&spec)?, settings, log, &map)?;
+    let ended = match run_logged(sandbox::command(&spec)?, settings, log, &map) {
+        Ok(ended) => ended,
+        // A sandbox that ended before the agent could map its build user said why in the file.
+        Err(e) => match fs::read_to_string(&error_file) {
+            Ok(report) if !report.is_empty() => return Ok(Outcome::SetupFailure(report)),
+            _ => return Err(e),
+        },
+    };
     let status = match ended {
         Ended::Exited(status) => status,
         Ended::TimedOut(d) => return Ok(Outcome::TimedOut(d)),
