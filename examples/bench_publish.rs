@@ -23,6 +23,7 @@ use gbc::formats::hash::HashSink;
 use gbc::formats::narinfo::fingerprint;
 use gbc::formats::signing::SecretKey;
 use gbc::formats::store_path::StoreDir;
+use gbc::pipe::Both;
 use gbc::protocol::NAR_CHUNK;
 
 fn publish(nar_file: &Path, root: &Path, host: &SecretKey, path: &str) -> Duration {
@@ -83,22 +84,6 @@ impl Read for Chunks {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = buf.len().min(self.chunk.len());
         self.file.read(&mut buf[..n])
-    }
-}
-
-/// Two writers fed the same bytes (the coordinator's receiving thread does the same).
-struct Both<A, B>(A, B);
-
-impl<A: Write, B: Write> Write for Both<A, B> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write_all(buf)?;
-        self.1.write_all(buf)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()?;
-        self.1.flush()
     }
 }
 

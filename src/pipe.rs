@@ -68,6 +68,23 @@ impl<S: ChunkSource> Read for ChunkReader<S> {
     }
 }
 
+/// A writer that feeds the same bytes to two others (a NAR to its hash or cache file and to a
+/// reference scanner at once).
+pub struct Both<A, B>(pub A, pub B);
+
+impl<A: io::Write, B: io::Write> io::Write for Both<A, B> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(buf)?;
+        self.1.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,7 @@ use crate::formats::hash::Hash;
 use crate::formats::hash::HashSink;
 use crate::formats::narinfo;
 use crate::formats::signing::{PublicKey, Signature};
-use crate::pipe::ChunkReader;
+use crate::pipe::{Both, ChunkReader};
 use crate::protocol::{BuildStatus, BuiltOutput, Frame, HostFacts, Message, NAR_CHUNK, PathMeta};
 
 /// Core → driver.
@@ -198,22 +198,6 @@ fn receive(cache: Option<Arc<Cache>>, key: String, meta: PathMeta, candidates: B
         let _ = done_tx.send(result);
     });
     Transfer { key, meta, chunks, done }
-}
-
-/// Two writers fed the same bytes.
-struct Both<A, B>(A, B);
-
-impl<A: Write, B: Write> Write for Both<A, B> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write_all(buf)?;
-        self.1.write_all(buf)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()?;
-        self.1.flush()
-    }
 }
 
 /// Everything a driver needs.
