@@ -238,15 +238,20 @@ pub fn submit(client: &ClientOpts, opts: &SubmitOpts, json: bool) -> anyhow::Res
     for b in builds {
         writeln!(out, "{b}")?;
     }
-    let mut err = io::stderr().lock();
-    for n in &no_machine {
-        writeln!(err, "gbc: warning: {}", no_machine_line(n))?;
-    }
-    Ok(())
+    warn_no_machine(&no_machine)
 }
 
 fn no_machine_line(n: &NoMachine) -> String {
     format!("build {} ({}) waits: {}", n.build, short_drv(&n.drv), n.reason)
+}
+
+/// One warning line on standard error for each build no machine can take.
+fn warn_no_machine(no_machine: &[NoMachine]) -> anyhow::Result<()> {
+    let mut err = io::stderr().lock();
+    for n in no_machine {
+        writeln!(err, "gbc: warning: {}", no_machine_line(n))?;
+    }
+    Ok(())
 }
 
 /// How watch shows progress.
@@ -416,10 +421,7 @@ pub fn build(client: &ClientOpts, opts: &SubmitOpts, json: bool, wait_for_machin
                 no_machine_line(first)
             ))));
         }
-        let mut err = io::stderr().lock();
-        for n in &no_machine {
-            writeln!(err, "gbc: warning: {}", no_machine_line(n))?;
-        }
+        warn_no_machine(&no_machine)?;
     }
     let stderr = io::stderr();
     let style = style(json, stderr.is_terminal());

@@ -305,7 +305,7 @@ pub async fn run(config: Config, machines: Vec<MachineSpec>) -> anyhow::Result<(
         None => None,
     };
     let srv = server::Server {
-        requests: tokio::sync::Semaphore::new(server::REQUEST_MEMORY / (1 << 20)),
+        requests: tokio::sync::Semaphore::new(server::REQUEST_MEMORY / server::REQUEST_PIECE),
         db,
         cache: core.cache.clone(),
         commands: cmd_tx.clone(),
@@ -630,10 +630,9 @@ impl Core {
     /// A machine refused a derivation's store dir: another machine may take it (one that accepts
     /// it, or has not said yet), else no try will ever succeed.
     fn store_dir_refused(&self, machine: usize, store_dir: &str) -> AttemptResult {
-        let others = self.machines.iter().enumerate().filter(|(i, m)| *i != machine && !m.retired);
         let mut accepted = BTreeSet::new();
         let mut may = false;
-        for (_, m) in others.chain(std::iter::once((machine, &self.machines[machine]))) {
+        for (_, m) in self.machines.iter().enumerate().filter(|(i, m)| *i == machine || !m.retired) {
             match &m.facts {
                 Some(f) => {
                     may |= f.store_dirs.iter().any(|d| d == store_dir);

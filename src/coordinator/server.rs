@@ -390,7 +390,7 @@ enum Incoming {
 
 /// Request lines are read this much at a time; past the first piece, each takes a share of the
 /// memory all connections' requests may use together ([`REQUEST_MEMORY`]).
-const REQUEST_PIECE: usize = 1 << 20;
+pub(super) const REQUEST_PIECE: usize = 1 << 20;
 /// What the request lines being read may take together: one request of the largest size and then
 /// some. A connection whose line finds none left gets an error rather than waiting, so that lines
 /// growing side by side can never wait for each other.
