@@ -10,7 +10,7 @@ use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{gbc, nix, run_ok, run_ok_str, salt, tempdir};
+use common::{gbc, nix, nix_realise, run_ok, run_ok_str, salt, tempdir};
 use gbc::formats::hash::Hash;
 use gbc::formats::narinfo::fingerprint;
 use gbc::formats::signing::{PublicKey, Signature};
@@ -137,8 +137,8 @@ fn nix_path(path: &str) -> (PathMeta, Vec<u8>) {
 fn builds_with_inputs_sent_to_the_agent_and_signs_outputs_nix_agrees_with() {
     let drvs = instantiate(&["chainA", "chainB"], &salt());
     // Nix builds both, so we have chain-a's output to send and chain-b's hash to compare with.
-    let b_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainB"]])).trim().to_owned();
-    let a_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainA"]])).trim().to_owned();
+    let b_out = nix_realise(&[&drvs["chainB"]], &[]).trim().to_owned();
+    let a_out = nix_realise(&[&drvs["chainA"]], &[]).trim().to_owned();
     let tmp = tempdir();
     let mut agent = Agent::start(tmp.path());
     let key = PublicKey::parse(&agent.host.signing_key).unwrap();
@@ -184,7 +184,7 @@ fn builds_with_inputs_sent_to_the_agent_and_signs_outputs_nix_agrees_with() {
 #[test]
 fn a_hostile_peer_gets_errors_and_nothing_half_written_becomes_valid() {
     let drvs = instantiate(&["chainA", "chainB"], &salt());
-    let a_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainA"]])).trim().to_owned();
+    let a_out = nix_realise(&[&drvs["chainA"]], &[]).trim().to_owned();
     let tmp = tempdir();
     let mut agent = Agent::start(tmp.path());
 
@@ -297,7 +297,7 @@ fn builds_run_at_once_and_their_messages_interleave() {
 #[test]
 fn a_kill_during_an_upload_leaves_nothing_valid() {
     let drvs = instantiate(&["chainA", "chainB"], &salt());
-    let a_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainA"]])).trim().to_owned();
+    let a_out = nix_realise(&[&drvs["chainA"]], &[]).trim().to_owned();
     let tmp = tempdir();
     let (meta, nar) = nix_path(&a_out);
     {

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{Coordinator, http, nix, run, run_ok_str, salt};
+use common::{Coordinator, http, nix, nix_realise, run, run_ok_str, salt};
 use gbc::formats::narinfo::NarInfo;
 
 #[test]
@@ -57,7 +57,7 @@ fn nix_copies_what_the_coordinator_built_and_only_with_its_key() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for p in &paths {
         let ours = run_ok_str(nix("nix-store").args(["--store"]).arg(&fresh).args(["-q", "--hash", p]));
-        run_ok_str(nix("nix-store").args(["--realise", &drvs[0].1]));
+        nix_realise(&[&drvs[0].1], &[]);
         let theirs = run_ok_str(nix("nix-store").args(["-q", "--hash", p]));
         assert_eq!(ours, theirs, "{p}");
     }
@@ -270,7 +270,7 @@ fn an_input_source_travels_from_the_client_and_the_build_succeeds() {
     let source = parsed.input_srcs.iter().find(|s| s.ends_with("-needs-source.sh")).unwrap().clone();
     let out = run(&mut c.gbc(&["build", &drv]));
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), c.log());
-    let theirs = run_ok_str(nix("nix-store").args(["--realise", &drv]));
+    let theirs = nix_realise(&[&drv], &[]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), theirs);
 
     // The source is in the cache as the text path it is, signed by the cache alone (no host built

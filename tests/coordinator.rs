@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Coordinator, Tmpfs, drv_name, nix, run, run_ok_str, salt};
+use common::{Coordinator, Tmpfs, drv_name, nix, nix_realise, run, run_ok_str, salt};
 use serde_json::Value;
 
 const QUEUE: &str = "tests/nix/queue.nix";
@@ -78,8 +78,7 @@ fn a_diamond_builds_in_order_and_its_outputs_equal_nix_s() {
     let out = run(&mut c.gbc(&["build", "--json", &drvs["top"]]));
     assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
     let printed = lines(&out);
-    let theirs: Vec<String> =
-        run_ok_str(nix("nix-store").args(["--realise", &drvs["top"]])).lines().map(str::to_owned).collect();
+    let theirs: Vec<String> = nix_realise(&[&drvs["top"]], &[]).lines().map(str::to_owned).collect();
     assert_eq!(printed, theirs, "gbc build prints the output paths");
 
     // Progress went to stderr as JSON events: every build ran after its dependencies succeeded.
@@ -102,7 +101,7 @@ fn a_diamond_builds_in_order_and_its_outputs_equal_nix_s() {
         assert_eq!(b["state"], "succeeded");
         let detail = show(&c, b["uuid"].as_str().unwrap());
         for (path, hash) in recorded_hashes(&detail) {
-            run_ok_str(nix("nix-store").args(["--realise", detail["drv"].as_str().unwrap()]));
+            nix_realise(&[detail["drv"].as_str().unwrap()], &[]);
             let nix_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", &path]));
             assert_eq!(hash, nix_hash.trim(), "{path}");
         }
@@ -333,7 +332,7 @@ fn outputs_the_client_has_are_uploaded_and_an_input_the_cache_lost_is_built_agai
     let c = Coordinator::start(&["--local-builds", "1"]);
     let drvs = instantiate(&["base", "left", "blocker"], &salt());
     // This machine's Nix has base's output; the coordinator's cache and its build host do not.
-    let base_out = run_ok_str(nix("nix-store").args(["--realise", &drvs["base"]])).trim().to_owned();
+    let base_out = nix_realise(&[&drvs["base"]], &[]).trim().to_owned();
     let blocker = submit(&c, &[&drvs["blocker"]], &[]);
     wait_for_state(&c, &blocker[0], "running");
     let left = submit(&c, &[&drvs["left"]], &[]);
@@ -359,7 +358,7 @@ fn outputs_the_client_has_are_uploaded_and_an_input_the_cache_lost_is_built_agai
     let base_build = listed.iter().find(|b| b["drv"] == drvs["base"].as_str()).expect("a build of base");
     assert_eq!(base_build["state"], "succeeded");
     assert!(narinfo.exists());
-    let theirs = run_ok_str(nix("nix-store").args(["--realise", &drvs["left"]]));
+    let theirs = nix_realise(&[&drvs["left"]], &[]);
     assert_eq!(recorded_hashes(&d).keys().cloned().collect::<Vec<_>>(), [theirs.trim().to_owned()]);
     let ours = recorded_hashes(&d).into_values().next().unwrap();
     assert_eq!(ours, run_ok_str(nix("nix-store").args(["-q", "--hash", theirs.trim()])).trim());
@@ -399,7 +398,7 @@ fn a_host_gets_only_the_inputs_it_lacks_not_their_whole_closure() {
     let c = Coordinator::start(&["--local-builds", "1"]);
     let drvs = instantiate(&["base", "refsBase", "usesRefsBase"], &salt());
     // The client's Nix has refs-base's output (which refers to base's); the host builds base.
-    let refs_base = run_ok_str(nix("nix-store").args(["--realise", &drvs["refsBase"]])).trim().to_owned();
+    let refs_base = nix_realise(&[&drvs["refsBase"]], &[]).trim().to_owned();
     let out = run(&mut c.gbc(&["build", &drvs["base"]]));
     assert!(out.status.success(), "{}", stderr(&out));
     let sent = |c: &Coordinator| -> u64 {
@@ -550,9 +549,8 @@ fn a_full_disk_in_the_agent_s_store_is_named_in_the_reason_and_the_log() {
 /// agent's alone (0700), and the builder cannot set setuid or setgid bits (seccomp).
 #[test]
 fn a_build_cannot_leave_a_setuid_binary_another_user_can_run() {
-    if !rustix::process::getuid().is_root() {
-        eprintln!("SKIPPED: the setuid probe needs the agent to run as root");
-        return;
+    if !common::is_root() {
+        return common::skip("the setuid probe needs the agent to run as root");
     }
     let c = Coordinator::start(&["--local-builds", "1"]);
     let drvs = instantiate(&["setuidProbe"], &salt());
@@ -602,9 +600,8 @@ fn a_build_cannot_leave_a_setuid_binary_another_user_can_run() {
 #[test]
 fn a_fixed_output_build_is_no_root_to_the_host_s_sockets() {
     use std::os::linux::net::SocketAddrExt as _;
-    if !rustix::process::getuid().is_root() {
-        eprintln!("SKIPPED: build users need the agent to run as root");
-        return;
+    if !common::is_root() {
+        return common::skip("build users need the agent to run as root");
     }
     let salt = salt();
     let name = format!("gbc-fod-probe-{salt}");

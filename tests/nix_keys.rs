@@ -7,7 +7,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{gbc, nix, run, run_ok, run_ok_str, salt, tempdir};
+use common::{gbc, nix, nix_realise, run, run_ok, run_ok_str, salt, tempdir};
 
 /// An input-addressed store path (a built output) that references another, so that Nix insists on
 /// signatures (it accepts content-addressed paths without any) and fingerprints carry references.
@@ -20,7 +20,7 @@ fn store_paths_with_reference() -> (String, String) {
         "-A",
         "refersToChainA",
     ]));
-    let x = run_ok_str(nix("nix-store").args(["--realise", drv.trim()]));
+    let x = nix_realise(&[drv.trim()], &[]);
     let x = x.trim().to_owned();
     let refs = run_ok_str(nix("nix-store").args(["-q", "--references", &x]));
     let y = refs.lines().next().expect("x refers to y").to_owned();

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Output;
 
-use common::{gbc, nix, run, run_ok_str, salt, tempdir};
+use common::{gbc, nix, nix_realise, run, run_ok_str, salt, tempdir};
 
 /// Instantiate attributes of a test expression; returns attribute → .drv path.
 /// These tests run one at a time: under CPU load, Nix 2.8 sometimes kills its own build of
@@ -64,8 +64,7 @@ fn outputs_equal_nix_realisation_in_hash_and_references() {
         let out = realise(&root, drv, &[]);
         assert!(out.status.success(), "{attr}: {}", stderr(&out));
         let ours: BTreeSet<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect();
-        let theirs: BTreeSet<String> =
-            run_ok_str(nix("nix-store").args(["--realise", drv])).lines().map(str::to_owned).collect();
+        let theirs: BTreeSet<String> = nix_realise(&[drv], &[]).lines().map(str::to_owned).collect();
         assert_eq!(ours, theirs, "{attr}: output paths");
         for path in &theirs {
             let rec = record(&root, path);
@@ -99,7 +98,11 @@ fn output_checks_fail_where_nix_s_fail() {
         ("checksIllegal", "illegal reference specifier 'nonsense'"),
         ("checksTooLarge", "is too large at"),
     ] {
-        let theirs = run(nix("nix-store").args(["--realise", &drvs[attr]]));
+        let theirs = common::reference(|| {
+            let mut c = nix("nix-store");
+            c.args(["--realise", &drvs[attr]]);
+            c
+        });
         assert!(!theirs.status.success(), "{attr}: Nix built it");
         assert!(stderr(&theirs).contains(why), "{attr}: Nix says {}", stderr(&theirs));
         let ours = realise(&root, &drvs[attr], &[]);
@@ -125,9 +128,11 @@ fn fixed_outputs_see_the_impure_variables_they_name() {
         .arg(&drvs["fixedImpure"])
         .env("GBC_TEST_PROXY", "proxy.example:3128"));
     assert!(ours.status.success(), "{}", stderr(&ours));
-    let theirs = run_ok_str(
-        nix("nix-store").args(["--realise", &drvs["fixedImpure"]]).env("GBC_TEST_PROXY", "proxy.example:3128"),
-    );
+    let theirs = common::reference_ok(|| {
+        let mut c = nix("nix-store");
+        c.args(["--realise", &drvs["fixedImpure"]]).env("GBC_TEST_PROXY", "proxy.example:3128");
+        c
+    });
     assert_eq!(String::from_utf8_lossy(&ours.stdout), theirs);
     // Without the variable the output is not the declared one: both refuse it.
     let tmp2 = tempdir();
@@ -288,9 +293,8 @@ fn the_environment_is_nix_s() {
 fn an_unprivileged_user_can_build_too() {
     let _serial = one_at_a_time();
     // CI runs as root; drop to nobody for this one (user namespaces need no privilege).
-    if !rustix::process::getuid().is_root() {
-        // Already unprivileged: every other test here covers it.
-        return;
+    if !common::is_root() {
+        return common::skip("dropping to nobody needs root (unprivileged builds are what every other test here runs)");
     }
     let drvs = instantiate("tests/nix/derivations.nix", &["chainB", "chainA"], &salt());
     let tmp = tempdir();
@@ -317,7 +321,7 @@ fn an_unprivileged_user_can_build_too() {
         .env("HOME", tmp.path()));
     assert!(out.status.success(), "{}", stderr(&out));
     let path = String::from_utf8(out.stdout).unwrap();
-    let theirs = run_ok_str(nix("nix-store").args(["--realise", &drvs["chainB"]]));
+    let theirs = nix_realise(&[&drvs["chainB"]], &[]);
     assert_eq!(path.trim(), theirs.trim());
     let hash = run_ok_str(nix("nix-store").args(["-q", "--hash", theirs.trim()]));
     assert_eq!(record(&root, path.trim())["nar_hash"].as_str(), Some(hash.trim()));

@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::sshd::{ClientKey, Host, client_key, machines_file};
-use common::{Coordinator, drv_name, gbc, nix, run, run_ok_str, salt};
+use common::{Coordinator, drv_name, gbc, nix, nix_realise, run, run_ok_str, salt};
 use serde_json::Value;
 
 fn stdout(out: &Output) -> String {
@@ -306,10 +306,9 @@ fn builds_go_to_the_hosts_that_fit_and_their_outputs_equal_nix_s() {
     assert_eq!(peaks["alpha"], 2, "alpha's two slots were both used");
 
     // The same derivations realised by Nix itself give the same NarHashes.
-    let theirs = run_ok_str(
-        nix("nix-store")
-            .args(["--realise", "--option", "extra-platforms", "i686-linux", "--option", "system-features", "big"])
-            .args(&drvs),
+    let theirs = nix_realise(
+        &drvs.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["--option", "extra-platforms", "i686-linux", "--option", "system-features", "big"],
     );
     assert_eq!(theirs.lines().count(), 16);
     for d in &details {
@@ -577,8 +576,7 @@ fn a_host_whose_link_is_cut_is_found_out_by_keepalives_and_comes_back() {
     // gamma is in a network namespace of its own: cutting its link drops packets silently, so only
     // keepalives can tell (a killed sshd would at least reset the connection).
     let Some(gamma) = Host::start_in_netns(dir.path(), "gamma", &client) else {
-        eprintln!("skipped: network namespaces need root and iproute2");
-        return;
+        return common::skip("network namespaces need root and iproute2");
     };
     let beta = Host::start(dir.path(), "beta", &client);
     let file = dir.path().join("machines.ron");
@@ -839,10 +837,9 @@ fn a_chain_across_three_hosts_gets_its_inputs_from_the_coordinator() {
     assert!(!in_store(&hosts[2], &a_out), "only the closure of the inputs is sent");
 
     // The same NarHashes as Nix's own realisation.
-    run_ok_str(
-        nix("nix-store")
-            .args(["--realise", "--option", "extra-platforms", "i686-linux", "--option", "system-features", "big"])
-            .args(&drvs),
+    nix_realise(
+        &drvs.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["--option", "extra-platforms", "i686-linux", "--option", "system-features", "big"],
     );
     for d in on.values() {
         let o = &d["attempt_list"][0]["outputs"][0];

@@ -56,6 +56,59 @@ pub fn run_within(cmd: &mut Command, secs: u64) -> Option<Output> {
     Some(child.wait_with_output().unwrap())
 }
 
+/// How many times a reference command runs when Nix's *own* builder dies by a signal (Nix 2.8
+/// sometimes kills its builder under load). gbc's side is never retried.
+pub const REFERENCE_TRIES: u32 = 3;
+
+/// Run a command of the reference Nix that `make` builds afresh for each try; a run that fails
+/// because Nix's builder died by a signal ("failed due to signal") is tried again, up to
+/// [`REFERENCE_TRIES`] times, and each retry is said on stderr. Returns the last run.
+pub fn reference(mut make: impl FnMut() -> Command) -> Output {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut cmd = make();
+        let out = run(&mut cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !stderr.contains("failed due to signal") || tries == REFERENCE_TRIES {
+            return out;
+        }
+        eprintln!(
+            "reference Nix: its own builder was killed by a signal (try {tries} of {REFERENCE_TRIES}), trying again: {}",
+            stderr.trim()
+        );
+    }
+}
+
+/// [`reference`], insisting it succeeds; returns stdout.
+pub fn reference_ok(make: impl FnMut() -> Command) -> String {
+    let out = reference(make);
+    assert!(out.status.success(), "the reference Nix failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// `nix-store --realise` of derivations by the reference Nix, with `options` (`--option NAME
+/// VALUE` pairs, flattened); returns its output paths, one per line.
+pub fn nix_realise(drvs: &[&str], options: &[&str]) -> String {
+    reference_ok(|| {
+        let mut c = nix("nix-store");
+        c.arg("--realise").args(options).args(drvs);
+        c
+    })
+}
+
+/// Say that a test cannot run here, and why. Where every test must run (`scripts/test` as root
+/// sets `GBC_TESTS_REQUIRE_ALL`), this fails the test instead: CI never passes a skipped one.
+pub fn skip(why: &str) {
+    assert!(std::env::var_os("GBC_TESTS_REQUIRE_ALL").is_none(), "cannot run, yet every test must: {why}");
+    eprintln!("SKIPPED: {why}");
+}
+
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
+    rustix::process::getuid().is_root()
+}
+
 /// Run a command and return everything about how it ended.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
@@ -216,11 +269,11 @@ impl Tmpfs {
         match out {
             Ok(o) if o.status.success() => Some(Tmpfs { path: path.to_owned() }),
             Ok(o) => {
-                eprintln!("SKIPPED: cannot mount a tmpfs here: {}", String::from_utf8_lossy(&o.stderr).trim());
+                skip(&format!("cannot mount a tmpfs here: {}", String::from_utf8_lossy(&o.stderr).trim()));
                 None
             }
             Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
+                skip(&format!("cannot run mount: {e}"));
                 None
             }
         }
