@@ -54,6 +54,80 @@ impl std::fmt::Display for BuildState {
     }
 }
 
+/// How an attempt ended: the `status` of an attempt in the client protocol and in the database
+/// (whose CHECK lists the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptStatus {
+    /// The outputs were checked and published.
+    Success,
+    /// The builder failed (final).
+    BuildFailure,
+    /// The build ran longer than its timeout (final).
+    TimedOut,
+    /// The build printed nothing for longer than its max-silent time (final).
+    SilentTooLong,
+    /// The machine could not set the build up (tried again).
+    SetupFailure,
+    /// The build was killed by something outside it, or its store ran out of space (tried again).
+    TransientFailure,
+    /// The machine lacked inputs (the build waits for builds that make them, or fails).
+    MissingInputs,
+    /// An output refers to a path the cache does not have (final).
+    MissingReference,
+    /// What the machine sent back failed a check: signature, hash, references (tried again).
+    Rejected,
+    /// The coordinator could not store what the machine sent (tried again).
+    StoreFailure,
+    /// The machine was lost or the coordinator stopped (tried again).
+    Interrupted,
+    Canceled,
+}
+
+impl AttemptStatus {
+    pub const ALL: [AttemptStatus; 12] = [
+        AttemptStatus::Success,
+        AttemptStatus::BuildFailure,
+        AttemptStatus::TimedOut,
+        AttemptStatus::SilentTooLong,
+        AttemptStatus::SetupFailure,
+        AttemptStatus::TransientFailure,
+        AttemptStatus::MissingInputs,
+        AttemptStatus::MissingReference,
+        AttemptStatus::Rejected,
+        AttemptStatus::StoreFailure,
+        AttemptStatus::Interrupted,
+        AttemptStatus::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptStatus::Success => "success",
+            AttemptStatus::BuildFailure => "build_failure",
+            AttemptStatus::TimedOut => "timed_out",
+            AttemptStatus::SilentTooLong => "silent_too_long",
+            AttemptStatus::SetupFailure => "setup_failure",
+            AttemptStatus::TransientFailure => "transient_failure",
+            AttemptStatus::MissingInputs => "missing_inputs",
+            AttemptStatus::MissingReference => "missing_reference",
+            AttemptStatus::Rejected => "rejected",
+            AttemptStatus::StoreFailure => "store_failure",
+            AttemptStatus::Interrupted => "interrupted",
+            AttemptStatus::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AttemptStatus> {
+        AttemptStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for AttemptStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A derivation file as the client read it: `file` is how the user named it (for messages), `aterm`
 /// its contents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,10 +254,9 @@ pub struct AttemptInfo {
     pub started_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_ms: Option<i64>,
-    /// `success`, `build_failure`, `timed_out`, `silent_too_long`, `setup_failure`,
-    /// `missing_inputs`, `canceled`, `interrupted`; absent while running.
+    /// How it ended; absent while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
+    pub status: Option<AttemptStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -529,7 +529,7 @@ pub fn show(client: &ClientOpts, uuid: &str, json: bool) -> anyhow::Result<()> {
         writeln!(out, "depends on {dep}")?;
     }
     for a in &d.attempt_list {
-        let status = a.status.as_deref().unwrap_or("running");
+        let status = a.status.map_or("running", |s| s.as_str());
         write!(out, "attempt {}  on {}, {}, {status}", a.n, a.machine, datetime(a.started_ms))?;
         if let Some(r) = &a.reason {
             write!(out, ": {r}")?;

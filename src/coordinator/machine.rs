@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::logs;
 use super::queue::BuildId;
 use super::transport::Transport;
-use crate::api::OutputInfo;
+use crate::api::{AttemptStatus, OutputInfo};
 use crate::build::refs::RefScanner;
 use crate::cache::{self, Cache, StagedNar};
 use crate::db::Job;
@@ -43,13 +43,13 @@ pub enum AttemptResult {
     },
     /// The build itself failed: final.
     Failed {
-        status: String,
+        status: AttemptStatus,
         reason: String,
     },
     /// The machine could not run it (setup failure, missing inputs, a rejected result, the machine
     /// lost): try again, elsewhere if possible. `count` is false when it never started.
     Retry {
-        status: String,
+        status: AttemptStatus,
         reason: String,
         count: bool,
     },
@@ -318,7 +318,7 @@ impl Driver {
                             Ok(d) => (d.outputs.into_iter().map(|(n, o)| (n, o.path)).collect(), d.system),
                             Err(e) => {
                                 let reason = format!("stored derivation does not parse: {e}");
-                                self.report(job.build, job.attempt, AttemptResult::Failed { status: "setup_failure".into(), reason });
+                                self.report(job.build, job.attempt, AttemptResult::Failed { status: AttemptStatus::SetupFailure, reason });
                                 continue;
                             }
                         };
@@ -439,7 +439,7 @@ impl Driver {
                             {
                                 let _ = session.tx.send(Frame::new(Message::Cancel { build: key.clone() })).await;
                                 let reason = format!("the agent refused input {path}: {message}");
-                                ended.push((key, AttemptResult::Retry { status: "setup_failure".into(), reason, count: true }));
+                                ended.push((key, AttemptResult::Retry { status: AttemptStatus::SetupFailure, reason, count: true }));
                             }
                         }
                         Message::Started { .. } => {}
@@ -545,7 +545,7 @@ impl Driver {
                         Message::Error { message, build: Some(build), .. } => {
                             if active.contains_key(&build) {
                                 let reason = format!("the agent refused the build: {message}");
-                                ended.push((build, AttemptResult::Retry { status: "setup_failure".into(), reason, count: true }));
+                                ended.push((build, AttemptResult::Retry { status: AttemptStatus::SetupFailure, reason, count: true }));
                             }
                         }
                         Message::Error { message, .. } => tracing::warn!(machine = %self.name, "agent error: {message}"),
@@ -610,9 +610,9 @@ impl Driver {
                 tracing::debug!(machine = %self.name, "published {}", published.join(" "));
                 AttemptResult::Success { outputs }
             }
-            Ok(Ok(Err(reason))) => AttemptResult::Failed { status: "missing_reference".into(), reason },
+            Ok(Ok(Err(reason))) => AttemptResult::Failed { status: AttemptStatus::MissingReference, reason },
             Ok(Err(e)) => store_failure("could not publish the outputs", &e),
-            Err(e) => AttemptResult::Retry { status: "store_failure".into(), reason: e.to_string(), count: true },
+            Err(e) => AttemptResult::Retry { status: AttemptStatus::StoreFailure, reason: e.to_string(), count: true },
         }
     }
 
@@ -675,11 +675,15 @@ fn lost(error: impl Into<String>) -> SessionEnd {
 }
 
 fn not_connected() -> AttemptResult {
-    AttemptResult::Retry { status: "interrupted".into(), reason: "the machine is not connected".into(), count: false }
+    AttemptResult::Retry {
+        status: AttemptStatus::Interrupted,
+        reason: "the machine is not connected".into(),
+        count: false,
+    }
 }
 
 fn rejected(reason: String) -> AttemptResult {
-    AttemptResult::Retry { status: "rejected".into(), reason, count: true }
+    AttemptResult::Retry { status: AttemptStatus::Rejected, reason, count: true }
 }
 
 /// The coordinator could not store what a host sent: worth another try, and when the disk is full
@@ -689,7 +693,7 @@ fn store_failure(what: &str, e: &std::io::Error) -> AttemptResult {
         std::io::ErrorKind::StorageFull => format!("the cache's disk is full: {what}: {e}"),
         _ => format!("{what}: {e}"),
     };
-    AttemptResult::Retry { status: "store_failure".into(), reason, count: true }
+    AttemptResult::Retry { status: AttemptStatus::StoreFailure, reason, count: true }
 }
 
 /// The paths an output of this attempt may refer to, which its NAR is scanned for: the input
@@ -740,12 +744,11 @@ fn finished(
     outputs: Vec<BuiltOutput>,
     trusted: &[PublicKey],
 ) -> Option<AttemptResult> {
-    let failed = |status: &str, reason: String| Some(AttemptResult::Failed { status: status.into(), reason });
+    let failed = |status, reason: String| Some(AttemptResult::Failed { status, reason });
     if let Some(max) = a.log_exceeded {
-        return failed("build_failure", format!("its log passed {max} bytes (--max-log-size)"));
+        return failed(AttemptStatus::BuildFailure, format!("its log passed {max} bytes (--max-log-size)"));
     }
-    let retry =
-        |status: &str, reason: String| Some(AttemptResult::Retry { status: status.into(), reason, count: true });
+    let retry = |status, reason: String| Some(AttemptResult::Retry { status, reason, count: true });
     match status {
         BuildStatus::Success => match check_outputs(&a.expected, &outputs, trusted) {
             Ok(()) => {
@@ -759,12 +762,14 @@ fn finished(
                 Some(c) if reason.is_empty() => format!("the builder exited with status {c}"),
                 _ => reason,
             };
-            failed("build_failure", reason)
+            failed(AttemptStatus::BuildFailure, reason)
         }
-        BuildStatus::TimedOut { seconds } => failed("timed_out", format!("timed out after {seconds} s")),
-        BuildStatus::SilentTooLong { seconds } => failed("silent_too_long", format!("no output for {seconds} s")),
-        BuildStatus::SetupFailure { reason } => retry("setup_failure", reason),
-        BuildStatus::TransientFailure { reason } => retry("transient_failure", reason),
+        BuildStatus::TimedOut { seconds } => failed(AttemptStatus::TimedOut, format!("timed out after {seconds} s")),
+        BuildStatus::SilentTooLong { seconds } => {
+            failed(AttemptStatus::SilentTooLong, format!("no output for {seconds} s"))
+        }
+        BuildStatus::SetupFailure { reason } => retry(AttemptStatus::SetupFailure, reason),
+        BuildStatus::TransientFailure { reason } => retry(AttemptStatus::TransientFailure, reason),
         BuildStatus::MissingInputs { paths } => Some(AttemptResult::MissingInputs { paths }),
         BuildStatus::Canceled => Some(AttemptResult::Canceled),
     }
@@ -818,7 +823,7 @@ mod tests {
 
     fn rejection(r: Result<Option<StagedNar>, AttemptResult>) -> String {
         match r {
-            Err(AttemptResult::Retry { status, reason, .. }) if status == "rejected" => reason,
+            Err(AttemptResult::Retry { status: AttemptStatus::Rejected, reason, .. }) => reason,
             other => unreachable!("not rejected: {other:?}"),
         }
     }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::api::{BuildState, Event, MachineInfo, NoMachine, Stats, now_ms};
+use crate::api::{AttemptStatus, BuildState, Event, MachineInfo, NoMachine, Stats, now_ms};
 use crate::db::{AttemptEnd, BuildChange, Db, Submission, SubmitOutcome};
 use crate::formats::signing::PublicKey;
 use crate::protocol::HostFacts;
@@ -521,7 +521,11 @@ impl Core {
             let result = if current {
                 self.missing_inputs(build, paths).await?
             } else {
-                AttemptResult::Retry { status: "missing_inputs".into(), reason: missing_reason(&paths), count: false }
+                AttemptResult::Retry {
+                    status: AttemptStatus::MissingInputs,
+                    reason: missing_reason(&paths),
+                    count: false,
+                }
             };
             self.attempt_done(machine, build, attempt, result, batch);
         }
@@ -537,7 +541,7 @@ impl Core {
                 self.cache.store_dir(),
                 elsewhere.join(" ")
             );
-            return Ok(AttemptResult::Failed { status: "missing_inputs".into(), reason });
+            return Ok(AttemptResult::Failed { status: AttemptStatus::MissingInputs, reason });
         }
         let mut nobody = Vec::new();
         let mut drvs = std::collections::BTreeSet::new();
@@ -552,7 +556,7 @@ impl Core {
         if !nobody.is_empty() {
             nobody.sort();
             let reason = format!("missing inputs that no known derivation makes: {}", nobody.join(" "));
-            return Ok(AttemptResult::Failed { status: "missing_inputs".into(), reason });
+            return Ok(AttemptResult::Failed { status: AttemptStatus::MissingInputs, reason });
         }
         let now = now_ms();
         let (created, deps) = self.db.wait_for(build, drvs.into_iter().collect(), now).await?;
@@ -610,7 +614,7 @@ impl Core {
                 let lost: Vec<(BuildId, i64)> = m.running.iter().map(|(&b, r)| (b, r.attempt)).collect();
                 for (build, attempt) in lost {
                     let reason = format!("lost machine {}: {error}", self.machines[machine].spec.name);
-                    let result = AttemptResult::Retry { status: "interrupted".into(), reason, count: true };
+                    let result = AttemptResult::Retry { status: AttemptStatus::Interrupted, reason, count: true };
                     self.attempt_done(machine, build, attempt, result, batch);
                 }
             }
@@ -644,11 +648,11 @@ impl Core {
         let name = &self.machines[machine].spec.name;
         if may {
             let reason = format!("machine {name} does not accept the store dir {store_dir}");
-            AttemptResult::Retry { status: "setup_failure".into(), reason, count: true }
+            AttemptResult::Retry { status: AttemptStatus::SetupFailure, reason, count: true }
         } else {
             let accepted: Vec<String> = accepted.into_iter().collect();
             let reason = format!("no machine accepts the store dir {store_dir} (they accept: {})", accepted.join(" "));
-            AttemptResult::Failed { status: "setup_failure".into(), reason }
+            AttemptResult::Failed { status: AttemptStatus::SetupFailure, reason }
         }
     }
 
@@ -743,7 +747,7 @@ impl Core {
                     self.stats.bytes_received += outputs.iter().map(|o| o.nar_size).sum::<u64>();
                     self.queue.succeeded(build);
                     events.push((build, BuildState::Succeeded, None, false));
-                    ("success".to_owned(), None, outputs, BuildChange::Succeed)
+                    (AttemptStatus::Success, None, outputs, BuildChange::Succeed)
                 }
                 AttemptResult::Failed { status, reason } => {
                     let change = self.fail(build, &reason, &mut events);
@@ -752,27 +756,37 @@ impl Core {
                 AttemptResult::Canceled => {
                     let reason = "canceled by the agent".to_owned();
                     let change = self.fail(build, &reason, &mut events);
-                    ("canceled".to_owned(), Some(reason), Vec::new(), change)
+                    (AttemptStatus::Canceled, Some(reason), Vec::new(), change)
                 }
                 AttemptResult::WaitFor { deps, reason } => {
                     self.stats.retries += 1;
                     self.queue.requeue_after(build, &deps);
                     events.push((build, BuildState::Queued, Some(reason.clone()), true));
-                    ("missing_inputs".to_owned(), Some(reason), Vec::new(), BuildChange::Requeue { count_retry: false })
+                    (
+                        AttemptStatus::MissingInputs,
+                        Some(reason),
+                        Vec::new(),
+                        BuildChange::Requeue { count_retry: false },
+                    )
                 }
                 AttemptResult::StoreDirRefused { store_dir } => {
                     // Resolved before attempt_done; reaching here means a result out of turn.
                     let reason = format!("machine {machine_name} does not accept the store dir {store_dir}");
                     self.queue.requeue(build, Some(&machine_name));
                     events.push((build, BuildState::Queued, Some(reason.clone()), true));
-                    ("setup_failure".to_owned(), Some(reason), Vec::new(), BuildChange::Requeue { count_retry: false })
+                    (AttemptStatus::SetupFailure, Some(reason), Vec::new(), BuildChange::Requeue { count_retry: false })
                 }
                 AttemptResult::MissingInputs { paths } => {
                     // Resolved before attempt_done; reaching here means a result out of turn.
                     let reason = missing_reason(&paths);
                     self.queue.requeue(build, Some(&machine_name));
                     events.push((build, BuildState::Queued, Some(reason.clone()), true));
-                    ("missing_inputs".to_owned(), Some(reason), Vec::new(), BuildChange::Requeue { count_retry: false })
+                    (
+                        AttemptStatus::MissingInputs,
+                        Some(reason),
+                        Vec::new(),
+                        BuildChange::Requeue { count_retry: false },
+                    )
                 }
                 AttemptResult::Retry { status, reason, count } => {
                     let retries = self.known.get(&build).map_or(0, |k| k.retries) + u32::from(count);
@@ -866,7 +880,7 @@ impl Core {
                 ends.push(AttemptEnd {
                     build,
                     attempt: r.attempt,
-                    status: "interrupted".into(),
+                    status: AttemptStatus::Interrupted,
                     reason: Some(reason.to_owned()),
                     outputs: Vec::new(),
                     change,
@@ -915,17 +929,17 @@ impl Core {
 }
 
 /// Status and reason of an attempt's result, for the record.
-fn describe(result: &AttemptResult) -> (String, Option<String>) {
+fn describe(result: &AttemptResult) -> (AttemptStatus, Option<String>) {
     match result {
-        AttemptResult::Success { .. } => ("success".into(), None),
+        AttemptResult::Success { .. } => (AttemptStatus::Success, None),
         AttemptResult::Failed { status, reason } | AttemptResult::Retry { status, reason, .. } => {
-            (status.clone(), Some(reason.clone()))
+            (*status, Some(reason.clone()))
         }
-        AttemptResult::Canceled => ("canceled".into(), Some("canceled".into())),
-        AttemptResult::MissingInputs { paths } => ("missing_inputs".into(), Some(missing_reason(paths))),
-        AttemptResult::WaitFor { reason, .. } => ("missing_inputs".into(), Some(reason.clone())),
+        AttemptResult::Canceled => (AttemptStatus::Canceled, Some("canceled".into())),
+        AttemptResult::MissingInputs { paths } => (AttemptStatus::MissingInputs, Some(missing_reason(paths))),
+        AttemptResult::WaitFor { reason, .. } => (AttemptStatus::MissingInputs, Some(reason.clone())),
         AttemptResult::StoreDirRefused { store_dir } => {
-            ("setup_failure".into(), Some(format!("the machine does not accept the store dir {store_dir}")))
+            (AttemptStatus::SetupFailure, Some(format!("the machine does not accept the store dir {store_dir}")))
         }
     }
 }

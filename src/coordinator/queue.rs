@@ -10,8 +10,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 
-/// A build's row id: also its age order (ids grow with submission).
-pub type BuildId = i64;
+pub use crate::db::BuildId;
 
 /// What a machine can build.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,8 +13,7 @@ use rusqlite::{OptionalExtension as _, Transaction, params};
 use rusqlite_migration::{M, Migrations};
 use uuid::Uuid;
 
-use crate::api::{AttemptInfo, BuildDetail, BuildState, BuildSummary, OutputInfo};
-use crate::coordinator::queue::BuildId;
+use crate::api::{AttemptInfo, AttemptStatus, BuildDetail, BuildState, BuildSummary, OutputInfo};
 
 /// A checked derivation, ready to store.
 #[derive(Debug, Clone)]
@@ -102,7 +101,7 @@ pub enum BuildChange {
 pub struct AttemptEnd {
     pub build: BuildId,
     pub attempt: i64,
-    pub status: String,
+    pub status: AttemptStatus,
     pub reason: Option<String>,
     pub outputs: Vec<OutputInfo>,
     pub change: BuildChange,
@@ -128,8 +127,11 @@ pub struct BuildBrief {
     pub machine: Option<String>,
 }
 
+/// A build: its row id, which orders builds by submission.
+pub type BuildId = i64;
+
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(include_str!("schema.sql"))])
+    Migrations::new(vec![M::up(include_str!("schema.sql")), M::up(include_str!("migrate-2.sql")).foreign_key_check()])
 }
 
 fn configure(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
@@ -137,7 +139,6 @@ fn configure(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     // FULL: a commit is on disk before the coordinator answers (a submitted build survives even a
     // power cut, not only kill -9).
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     Ok(())
 }
@@ -166,7 +167,11 @@ impl Db {
         writer
             .call(|conn| -> Result<(), String> {
                 configure(conn).map_err(|e| e.to_string())?;
-                migrations().to_latest(conn).map_err(|e| format!("migrating the schema: {e}"))
+                // Off while migrating: a migration that rebuilds a table drops rows others refer
+                // to and puts them back (SQLite's procedure); it checks the keys at its end.
+                conn.pragma_update(None, "foreign_keys", "OFF").map_err(|e| e.to_string())?;
+                migrations().to_latest(conn).map_err(|e| format!("migrating the schema: {e}"))?;
+                conn.pragma_update(None, "foreign_keys", "ON").map_err(|e| e.to_string())
             })
             .await
             .map_err(|e| match e {
@@ -174,7 +179,13 @@ impl Db {
                 _ => anyhow::anyhow!("{}: the database connection closed", path.display()),
             })?;
         let reader = tokio_rusqlite::Connection::open(path).await.with_context(|| format!("{}", path.display()))?;
-        reader.call(|conn| configure(conn)).await.map_err(db_err)?;
+        reader
+            .call(|conn| {
+                configure(conn)?;
+                conn.pragma_update(None, "foreign_keys", "ON")
+            })
+            .await
+            .map_err(db_err)?;
         Ok(Db { writer, reader })
     }
 
@@ -614,7 +625,7 @@ fn end_attempt(tx: &Transaction<'_>, end: &AttemptEnd) -> DbResult<()> {
     tx.prepare_cached(
         "UPDATE attempts SET ended_at = ?2, status = ?3, reason = ?4 WHERE id = ?1 AND ended_at IS NULL",
     )?
-    .execute(params![end.attempt, end.now, end.status, end.reason])?;
+    .execute(params![end.attempt, end.now, end.status.as_str(), end.reason])?;
     let mut ins = tx.prepare_cached(
         "INSERT OR REPLACE INTO attempt_outputs (attempt, name, path, nar_hash, nar_size, refs, signature)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -663,6 +674,18 @@ fn state_column(r: &rusqlite::Row<'_>, i: usize) -> DbResult<BuildState> {
             i,
             rusqlite::types::Type::Text,
             format!("build state {state:?}").into(),
+        )
+    })
+}
+
+/// An attempt's status column: NULL while it runs; a name gbc does not write is a corrupt row.
+fn status_column(r: &rusqlite::Row<'_>, i: usize) -> DbResult<Option<AttemptStatus>> {
+    let Some(status): Option<String> = r.get(i)? else { return Ok(None) };
+    AttemptStatus::parse(&status).map(Some).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("attempt status {status:?}").into(),
         )
     })
 }
@@ -776,7 +799,7 @@ fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<BuildDetail>
                     machine: r.get(2)?,
                     started_ms: r.get(3)?,
                     ended_ms: r.get(4)?,
-                    status: r.get(5)?,
+                    status: status_column(r, 5)?,
                     reason: r.get(6)?,
                     outputs: Vec::new(),
                 },
@@ -819,5 +842,41 @@ mod tests {
     #[test]
     fn migrations_are_valid() {
         assert!(migrations().validate().is_ok());
+    }
+
+    /// Version 2 rebuilds `attempts` with a CHECK on its status: the rows of a version 1 database
+    /// (and the outputs referring to them) survive, and a status gbc does not know is refused.
+    #[test]
+    fn attempt_statuses_are_checked_and_version_1_rows_survive() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap_or_else(|e| unreachable!("{e}"));
+        conn.pragma_update(None, "foreign_keys", "OFF").unwrap_or_else(|e| unreachable!("{e}"));
+        let ok = |r: rusqlite::Result<usize>| r.unwrap_or_else(|e| unreachable!("{e}"));
+        migrations().to_version(&mut conn, 1).unwrap_or_else(|e| unreachable!("{e}"));
+        ok(conn.execute("INSERT INTO derivations VALUES (1, '/nix/store/x.drv', 's', '', '', '')", []));
+        ok(conn.execute(
+            "INSERT INTO builds (id, uuid, drv, priority, state, created_at) VALUES (1, 'u', 1, 0, 'running', 0)",
+            [],
+        ));
+        ok(conn.execute("INSERT INTO attempts VALUES (7, 1, 1, 'm', 0, 5, 'success', NULL)", []));
+        ok(conn.execute("INSERT INTO attempts VALUES (8, 1, 2, 'm', 6, NULL, NULL, NULL)", []));
+        ok(conn.execute("INSERT INTO attempt_outputs VALUES (7, 'out', '/nix/store/y', 'sha256:0', 1, '', 'k:s')", []));
+        migrations().to_latest(&mut conn).unwrap_or_else(|e| unreachable!("{e}"));
+        let rows: Vec<(i64, Option<String>)> = conn
+            .prepare("SELECT id, status FROM attempts ORDER BY id")
+            .and_then(|mut q| q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(rows, [(7, Some("success".to_owned())), (8, None)]);
+        conn.pragma_update(None, "foreign_keys", "ON").unwrap_or_else(|e| unreachable!("{e}"));
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM attempt_outputs o JOIN attempts a ON a.id = o.attempt", [], |r| r.get(0))
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(n, 1);
+        for status in AttemptStatus::ALL {
+            ok(conn.execute("UPDATE attempts SET status = ?1 WHERE id = 7", [status.as_str()]));
+        }
+        let bad = conn.execute("UPDATE attempts SET status = 'failure' WHERE id = 7", []);
+        assert!(bad.is_err_and(|e| e.to_string().contains("CHECK")));
+        let half = conn.execute("UPDATE attempts SET status = 'success' WHERE id = 8", []);
+        assert!(half.is_err_and(|e| e.to_string().contains("CHECK")), "a running attempt has no status");
     }
 }
