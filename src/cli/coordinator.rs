@@ -72,5 +72,22 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
         None => machines.push(coordinator::local_machine(&config)),
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(coordinator::run(config, machines))
+    runtime.block_on(async move {
+        let listeners = coordinator::Listeners::bind(&config).await?;
+        coordinator::run(config, machines, listeners, stop_signal()).await
+    })
+}
+
+/// Completes at the first SIGINT or SIGTERM (never, if they cannot be caught).
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
 }

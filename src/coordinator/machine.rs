@@ -847,6 +847,63 @@ mod tests {
         assert!(rejection(check_received(&m, other)).contains("does not match its claim"));
     }
 
+    /// On a paused clock: a machine that can't be reached is tried again after 250 ms, 500 ms,
+    /// 1 s... (the local machine's backoff), each failure reported, and a job assigned meanwhile
+    /// goes back to the core at once instead of waiting for the connection.
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_machine_is_retried_with_backoff_and_its_jobs_come_back_at_once() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let (events, mut rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            index: 3,
+            name: "gone".into(),
+            transport: Transport::Local { program: dir.path().join("no-such-gbc"), args: vec![] },
+            state_dir: dir.path().to_owned(),
+            trusted: vec![],
+            cache: None,
+            backoff: Backoff::local(),
+            ping: Duration::from_secs(30),
+            timeout_secs: None,
+            max_silent_secs: None,
+            max_log_size: None,
+            events,
+        };
+        let (cmds, cmd_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(driver.run(cmd_rx));
+        let t0 = tokio::time::Instant::now();
+        let mut downs = Vec::new();
+        while downs.len() < 4 {
+            match rx.recv().await {
+                Some(DriverEvent::Down { machine: 3, error }) => {
+                    assert!(error.contains("no-such-gbc"), "{error}");
+                    downs.push(t0.elapsed());
+                }
+                other => unreachable!("{other:?}"),
+            }
+        }
+        let ms = |v: u64| Duration::from_millis(v);
+        assert_eq!(downs, [ms(0), ms(250), ms(750), ms(1750)]);
+        let job = Job {
+            build: 7,
+            uuid: "u".into(),
+            n: 1,
+            attempt: 9,
+            drv_path: "/nix/store/x.drv".into(),
+            aterm: String::new(),
+            inputs: vec![],
+        };
+        let _ = cmds.send(DriverCmd::Assign(Box::new(job)));
+        match rx.recv().await {
+            Some(DriverEvent::Done {
+                build: 7, attempt: 9, result: AttemptResult::Retry { count: false, .. }, ..
+            }) => {}
+            other => unreachable!("{other:?}"),
+        }
+        assert!(t0.elapsed() < ms(1750 + 2000), "the job came back before the next try");
+        drop(cmds);
+        let _ = task.await;
+    }
+
     #[test]
     fn host_backoff_is_60s_times_3_to_the_n_with_jitter_capped() {
         let b = Backoff::hosts(Duration::from_secs(60));

@@ -81,7 +81,7 @@ pub struct Job {
 }
 
 /// What the end of an attempt does to its build.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildChange {
     Succeed,
     /// Fail it; `cascade` lists dependents that fail with it, with the reason for each.

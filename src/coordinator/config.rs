@@ -1,0 +1,62 @@
+//! How a coordinator runs: its settings, and the cache's signing key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use super::HttpLimits;
+
+/// How a coordinator runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Parallel builds of the built-in local machine (default: this host's cores).
+    pub local_builds: Option<u32>,
+    /// Attempts a build gets when setups fail or machines are lost, before it fails.
+    pub max_attempts: u32,
+    /// How long running builds may go on after SIGINT/SIGTERM before they are put back in the queue.
+    pub grace: Duration,
+    pub timeout_secs: Option<u64>,
+    pub max_silent_secs: Option<u64>,
+    /// Stop a build whose log passes this many bytes (None: no limit).
+    pub max_log_size: Option<u64>,
+    /// The `gbc` binary the local machine runs as its agent (and auto-deploy uploads).
+    pub agent_program: PathBuf,
+    /// The machines file, re-read when it changes.
+    pub machines_file: Option<PathBuf>,
+    /// First wait before reconnecting to a lost SSH host (then × 3 per failure).
+    pub reconnect_delay: Duration,
+    /// SSH keepalive interval; a connection is dropped after 4 unanswered in a row.
+    pub ssh_keepalive: Duration,
+    /// How often agents are asked for their load.
+    pub ping_interval: Duration,
+    /// The binary cache: NAR compression, the store dir it serves, and the key narinfos are
+    /// signed with (default `<state>/keys/cache.secret`, created on first start).
+    pub compression: crate::cache::Compression,
+    pub cache_store_dir: String,
+    pub cache_key: Option<PathBuf>,
+    /// Where to serve the cache, metrics and a status page over HTTP.
+    pub http: Option<std::net::SocketAddr>,
+    pub http_limits: HttpLimits,
+}
+
+/// The cache's signing key: the one given, or `<state>/keys/cache.secret`, created (with
+/// `cache.public` beside it) on first start.
+pub fn cache_key(config: &Config) -> anyhow::Result<crate::formats::signing::SecretKey> {
+    if let Some(path) = &config.cache_key {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        return crate::formats::signing::SecretKey::parse(&text)
+            .with_context(|| format!("{}: not a secret key", path.display()));
+    }
+    let keys = config.state_dir.join("keys");
+    let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+    let key = crate::agent::load_or_create_key(&keys.join("cache.secret"), &format!("{host}-gbc-1"))?;
+    let public = keys.join("cache.public");
+    let line = format!("{}\n", key.public());
+    if std::fs::read_to_string(&public).ok().as_deref() != Some(line.as_str()) {
+        crate::store::write_atomically(&public, line.as_bytes())?;
+    }
+    Ok(key)
+}

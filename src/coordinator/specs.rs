@@ -1,0 +1,177 @@
+//! The machines the coordinator allocates to: the built-in local one and those of a machines file
+//! (turned into specs the drivers run), and the watcher that re-reads that file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+use super::config::Config;
+use super::core::Command;
+use super::machine::Backoff;
+use super::queue::Capabilities;
+use super::transport::{self, Transport};
+use crate::formats::signing::PublicKey;
+
+/// A machine the coordinator allocates to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineSpec {
+    pub name: String,
+    pub caps: Capabilities,
+    pub parallel: u32,
+    pub speed: f64,
+    /// No new build while load1 / cores is above this.
+    pub max_load: Option<f64>,
+    /// No new build while the agent's store has fewer free bytes.
+    pub min_free_disk: Option<u64>,
+    pub transport: Transport,
+    /// Keys accepted on its outputs; empty: the key its agent announces (local machine only).
+    pub trusted: Vec<PublicKey>,
+    pub backoff: Backoff,
+}
+
+impl MachineSpec {
+    /// Whether a change from `self` to `new` needs a new session (else it applies in place).
+    pub(super) fn same_session(&self, new: &MachineSpec) -> bool {
+        self.transport == new.transport && self.trusted == new.trusted && self.backoff == new.backoff
+    }
+}
+
+/// The built-in machine: this host, its agent a child process with its store in the state dir.
+pub fn local_machine(config: &Config) -> MachineSpec {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let parallel = config.local_builds.unwrap_or(cores).max(1);
+    let dir = config.state_dir.join("machines/localhost");
+    let args = vec!["--state-dir".to_owned(), dir.display().to_string()];
+    MachineSpec {
+        name: "localhost".into(),
+        caps: Capabilities {
+            systems: vec![crate::agent::native_system()],
+            features: Vec::new(),
+            mandatory_features: Vec::new(),
+        },
+        parallel,
+        speed: 1.0,
+        max_load: None,
+        min_free_disk: None,
+        transport: Transport::Local { program: config.agent_program.clone(), args },
+        trusted: Vec::new(),
+        backoff: Backoff::local(),
+    }
+}
+
+/// The enabled machines of a machines file, as the coordinator runs them.
+pub fn host_machines(file: &crate::machines::MachinesFile, config: &Config) -> Result<Vec<MachineSpec>, String> {
+    host_machines_where(file, config, |m| m.enabled)
+}
+
+/// The machines of a machines file that `keep` chooses, enabled or not.
+pub fn host_machines_where(
+    file: &crate::machines::MachinesFile,
+    config: &Config,
+    keep: impl Fn(&crate::machines::Machine) -> bool,
+) -> Result<Vec<MachineSpec>, String> {
+    let trusted_all = file
+        .trusted_keys
+        .iter()
+        .map(|k| PublicKey::parse(k).map_err(|e| format!("trusted key {k:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    file.machines.0.iter().filter(|m| keep(m)).map(|m| host_machine(m, &trusted_all, config)).collect()
+}
+
+fn host_machine(
+    m: &crate::machines::Machine,
+    trusted_all: &[PublicKey],
+    config: &Config,
+) -> Result<MachineSpec, String> {
+    use crate::ssh::{HostKeyCheck, Target};
+    let trusted = match &m.signing_key {
+        Some(k) => vec![PublicKey::parse(k).map_err(|e| format!("machine {}: signing_key: {e}", m.name))?],
+        None => trusted_all.to_vec(),
+    };
+    if trusted.is_empty() {
+        return Err(format!("machine {}: no signing_key and no trusted_keys", m.name));
+    }
+    let user = match &m.user {
+        Some(u) => u.clone(),
+        None => std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .map_err(|_| format!("machine {}: no user given and $USER is not set", m.name))?,
+    };
+    let host_key = match (&m.host_key, &m.known_hosts) {
+        (Some(k), _) => HostKeyCheck::Pinned(k.clone()),
+        (None, Some(f)) => HostKeyCheck::KnownHosts(f.clone()),
+        (None, None) => return Err(format!("machine {}: no host_key and no known_hosts", m.name)),
+    };
+    let target = Target { host: m.host.clone(), port: m.port, user, identity: m.identity.clone(), host_key };
+    Ok(MachineSpec {
+        name: m.name.clone(),
+        caps: Capabilities {
+            systems: m.systems.clone(),
+            features: m.features.clone(),
+            mandatory_features: m.mandatory_features.clone(),
+        },
+        parallel: m.parallel_builds,
+        speed: m.speed,
+        max_load: m.max_load,
+        min_free_disk: m.min_free_disk,
+        transport: Transport::Ssh(Box::new(transport::SshAgent {
+            target,
+            command: m.agent.clone(),
+            args: m.agent_args.clone(),
+            auto_deploy: m.auto_deploy,
+            program: config.agent_program.clone(),
+            timing: crate::ssh::Timing { keepalive: config.ssh_keepalive, ..Default::default() },
+        })),
+        trusted,
+        backoff: Backoff::hosts(config.reconnect_delay),
+    })
+}
+
+/// Re-read the machines file whenever its directory changes (editors save by renaming), and
+/// hand the new machine list to the core; a file with an error keeps the previous machines.
+pub(super) fn watch_machines(
+    path: PathBuf,
+    config: Config,
+    commands: mpsc::Sender<Command>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let dir = path.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let name = path.file_name().map(|n| n.to_owned());
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && ev.paths.iter().any(|p| p.file_name() == name.as_deref())
+        {
+            let _ = tx.send(());
+        }
+    })
+    .context("watching the machines file")?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive).with_context(|| format!("watching {}", dir.display()))?;
+    tokio::spawn(async move {
+        let mut last = std::fs::read(&path).ok();
+        while rx.recv().await.is_some() {
+            // Let a burst of events (write, rename) settle.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while rx.try_recv().is_ok() {}
+            let now = std::fs::read(&path).ok();
+            if now == last {
+                continue;
+            }
+            last = now;
+            let specs =
+                crate::machines::load(&path).map_err(|e| e.to_string()).and_then(|f| host_machines(&f, &config));
+            match specs {
+                Ok(specs) => {
+                    tracing::info!("{}: re-read, {} machines", path.display(), specs.len());
+                    if commands.send(Command::Reload(specs)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => tracing::error!("{e}; keeping the previous machines"),
+            }
+        }
+    });
+    Ok(watcher)
+}
