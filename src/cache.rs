@@ -118,6 +118,12 @@ impl Cache {
         self.store_dir.parse_path(path).is_ok_and(|p| self.narinfo_path(&p).exists())
     }
 
+    /// Hold the lock publishing takes, as a long publication does (for tests of what waits on it).
+    #[cfg(test)]
+    pub(crate) fn hold_publishing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Start receiving a NAR: compressed to a temporary file as it is written.
     pub fn begin(&self) -> io::Result<NarWriter> {
         let mut r = [0u8; 8];

@@ -53,6 +53,18 @@ pub struct Session {
     _connection: Option<Arc<Connection>>,
 }
 
+#[cfg(test)]
+impl Session {
+    /// A session over channels the test plays the agent on.
+    pub(crate) fn over(
+        tx: mpsc::Sender<Frame>,
+        rx: mpsc::Receiver<Result<Frame, String>>,
+        facts: HostFacts,
+    ) -> Session {
+        Session { tx, rx, facts, version: String::new(), notes: Vec::new(), _connection: None }
+    }
+}
+
 /// Why a session could not be started.
 #[derive(Debug)]
 pub enum ConnectError {
