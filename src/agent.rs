@@ -194,7 +194,7 @@ fn session<R: BufRead + Send + 'static>(config: &Arc<AgentConfig>, input: R, tx:
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let secs = idle.map_or(0, |d| d.as_secs());
-                eprintln!("gbc agent: nothing from the coordinator for {secs} s: taking it for gone");
+                tracing::warn!("nothing from the coordinator for {secs} s: taking it for gone");
                 break;
             }
         };

@@ -23,6 +23,17 @@ pub struct Options {
 }
 
 pub fn run(opts: Options) -> anyhow::Result<()> {
+    // The agent's stderr ends up in the coordinator's log (it relays each line, naming the
+    // machine): plain lines, no time of their own.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GBC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .without_time()
+        .with_target(false)
+        .with_ansi(false)
+        .with_writer(io::stderr)
+        .try_init();
     let state = match opts.state_dir {
         Some(s) => s,
         None => default_state_dir()?,

@@ -75,7 +75,8 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let listeners = coordinator::Listeners::bind(&config).await?;
         coordinator::run(config, machines, listeners, stop_signal()).await
-    })
+    })?;
+    Ok(())
 }
 
 /// Completes at the first SIGINT or SIGTERM (never, if they cannot be caught).

@@ -3,9 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
-
 use super::HttpLimits;
+use super::error::{Error, IoPath as _, Result};
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -44,19 +43,20 @@ pub struct Config {
 
 /// The cache's signing key: the one given, or `<state>/keys/cache.secret`, created (with
 /// `cache.public` beside it) on first start.
-pub fn cache_key(config: &Config) -> anyhow::Result<crate::formats::signing::SecretKey> {
+pub fn cache_key(config: &Config) -> Result<crate::formats::signing::SecretKey> {
     if let Some(path) = &config.cache_key {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        let text = std::fs::read_to_string(path).at(path)?;
         return crate::formats::signing::SecretKey::parse(&text)
-            .with_context(|| format!("{}: not a secret key", path.display()));
+            .map_err(|source| Error::Key { path: path.clone(), source });
     }
     let keys = config.state_dir.join("keys");
     let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
-    let key = crate::agent::load_or_create_key(&keys.join("cache.secret"), &format!("{host}-gbc-1"))?;
+    let secret = keys.join("cache.secret");
+    let key = crate::agent::load_or_create_key(&secret, &format!("{host}-gbc-1")).at(&secret)?;
     let public = keys.join("cache.public");
     let line = format!("{}\n", key.public());
     if std::fs::read_to_string(&public).ok().as_deref() != Some(line.as_str()) {
-        crate::store::write_atomically(&public, line.as_bytes())?;
+        crate::store::write_atomically(&public, line.as_bytes()).at(&public)?;
     }
     Ok(key)
 }

@@ -10,6 +10,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::config::Config;
+use super::error::{Error, Result};
 use super::machine::{AttemptResult, Driver, DriverCmd, DriverEvent};
 use super::outcome::{self, Change, Known, missing_reason};
 use super::queue::{self, BuildId, Queue, Slot};
@@ -21,15 +22,24 @@ use crate::protocol::HostFacts;
 /// Requests to the core.
 pub(crate) enum Command {
     /// The outcome, and the new builds no machine can take.
-    Submit(Box<Submission>, oneshot::Sender<anyhow::Result<(SubmitOutcome, Vec<NoMachine>)>>),
+    Submit(Box<Submission>, oneshot::Sender<crate::db::Result<(SubmitOutcome, Vec<NoMachine>)>>),
     /// Why no machine can build this system with these features (None: one can).
     NoMachine(String, BTreeSet<String>, oneshot::Sender<Option<String>>),
-    Cancel(String, oneshot::Sender<Result<(), String>>),
+    Cancel(String, oneshot::Sender<std::result::Result<(), CancelRefused>>),
     Machines(oneshot::Sender<Vec<MachineInfo>>),
     Stats(oneshot::Sender<Stats>, bool),
     /// The machines file changed: the machines it now lists.
     Reload(Vec<MachineSpec>),
     Shutdown,
+}
+
+/// Why a build can't be canceled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum CancelRefused {
+    #[error("no build {0}")]
+    Unknown(String),
+    #[error("build {0} has already {1}")]
+    Ended(String, BuildState),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +163,7 @@ impl Core {
         events: broadcast::Sender<Event>,
         drivers: Box<dyn Drivers>,
         machines: Vec<MachineSpec>,
-    ) -> anyhow::Result<Core> {
+    ) -> Result<Core> {
         let mut core = Core {
             config,
             db,
@@ -187,7 +197,7 @@ impl Core {
         &mut self,
         mut commands: mpsc::Receiver<Command>,
         mut drivers: mpsc::UnboundedReceiver<DriverEvent>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         loop {
             let deadline = self.stopping.map(|s| s + self.config.grace);
             tokio::select! {
@@ -223,7 +233,7 @@ impl Core {
         }
     }
 
-    async fn command(&mut self, cmd: Command) -> anyhow::Result<()> {
+    async fn command(&mut self, cmd: Command) -> Result<()> {
         match cmd {
             Command::Submit(sub, reply) => {
                 let outcome = self.db.submit(*sub).await;
@@ -305,7 +315,7 @@ impl Core {
     }
 
     /// Start as many builds as free machines can take, recording the attempts in one transaction.
-    async fn allocate(&mut self) -> anyhow::Result<()> {
+    async fn allocate(&mut self) -> Result<()> {
         let t0 = std::time::Instant::now();
         let mut picks: Vec<(BuildId, usize)> = Vec::new();
         {
@@ -348,7 +358,7 @@ impl Core {
             machine.running.insert(build, Running { attempt: job.attempt, canceled: false });
             let name = machine.spec.name.clone();
             if machine.tx.as_ref().is_none_or(|tx| tx.send(DriverCmd::Assign(Box::new(job))).is_err()) {
-                anyhow::bail!("the driver of {name} stopped");
+                return Err(Error::DriverStopped(name));
             }
             self.emit(build, BuildState::Running, now, Some(&name), None, false);
         }
@@ -359,7 +369,7 @@ impl Core {
     /// inputs behaviour): when a known derivation makes each missing path (and the cache can hold
     /// it), the build waits for builds of those derivations (queued or running ones, else new
     /// ones at its priority) and then runs again; otherwise it fails, naming what nobody can make.
-    async fn resolve_missing(&mut self, batch: &mut Batch) -> anyhow::Result<()> {
+    async fn resolve_missing(&mut self, batch: &mut Batch) -> Result<()> {
         for (machine, build, attempt, paths) in std::mem::take(&mut batch.missing) {
             let current =
                 self.machines[machine].running.get(&build).is_some_and(|r| r.attempt == attempt && !r.canceled);
@@ -377,7 +387,7 @@ impl Core {
         Ok(())
     }
 
-    async fn missing_inputs(&mut self, build: BuildId, paths: Vec<String>) -> anyhow::Result<AttemptResult> {
+    async fn missing_inputs(&mut self, build: BuildId, paths: Vec<String>) -> Result<AttemptResult> {
         let (cacheable, elsewhere): (Vec<String>, Vec<String>) =
             paths.into_iter().partition(|p| self.cache.store_dir().parse_path(p).is_ok());
         if !elsewhere.is_empty() {
@@ -416,7 +426,7 @@ impl Core {
     }
 
     /// Record a batch of attempt ends in one transaction, then tell the watchers.
-    async fn commit(&mut self, mut batch: Batch) -> anyhow::Result<()> {
+    async fn commit(&mut self, mut batch: Batch) -> Result<()> {
         self.resolve_missing(&mut batch).await?;
         if batch.ends.is_empty() {
             return Ok(());
@@ -601,12 +611,12 @@ impl Core {
         }
     }
 
-    async fn cancel(&mut self, uuid: &str) -> anyhow::Result<Result<(), String>> {
+    async fn cancel(&mut self, uuid: &str) -> Result<std::result::Result<(), CancelRefused>> {
         let Some(brief) = self.db.find(uuid).await? else {
-            return Ok(Err(format!("no build {uuid}")));
+            return Ok(Err(CancelRefused::Unknown(uuid.to_owned())));
         };
         if brief.state.is_terminal() {
-            return Ok(Err(format!("build {uuid} has already {}", brief.state)));
+            return Ok(Err(CancelRefused::Ended(uuid.to_owned(), brief.state)));
         }
         let id = brief.id;
         let mut changes =
@@ -631,7 +641,7 @@ impl Core {
     }
 
     /// At the end of the grace period: every running build goes back to the queue.
-    async fn requeue_running(&mut self, reason: &str) -> anyhow::Result<()> {
+    async fn requeue_running(&mut self, reason: &str) -> Result<()> {
         let now = now_ms();
         let mut ends = Vec::new();
         for m in &mut self.machines {
@@ -652,7 +662,7 @@ impl Core {
         if !ends.is_empty() {
             tracing::info!("{} running builds go back to the queue", ends.len());
         }
-        self.db.end_attempts(ends).await
+        Ok(self.db.end_attempts(ends).await?)
     }
 
     /// Why no machine in service (retired ones are leaving) can build this, if none can.

@@ -145,7 +145,7 @@ struct Harness {
     events: mpsc::UnboundedSender<DriverEvent>,
     machines: Vec<mpsc::UnboundedReceiver<DriverCmd>>,
     watch: broadcast::Receiver<Event>,
-    core: JoinHandle<anyhow::Result<()>>,
+    core: JoinHandle<Result<()>>,
 }
 
 impl Harness {

@@ -11,6 +11,7 @@
 
 mod config;
 mod core;
+mod error;
 mod http;
 pub mod logs;
 pub mod machine;
@@ -24,13 +25,14 @@ pub mod transport;
 mod upload;
 
 pub use config::{Config, cache_key};
+pub use error::Error;
+use error::{IoPath as _, Result};
 pub use http::HttpLimits;
 pub use specs::{MachineSpec, host_machines, host_machines_where, local_machine};
 
 use std::future::Future;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use tokio::sync::{broadcast, mpsc};
 
 use self::core::{Command, Core, RealDrivers};
@@ -48,9 +50,11 @@ impl Listeners {
     /// Bind what `config` names. The HTTP port is bound before the client socket, so that a
     /// coordinator whose socket answers takes HTTP connections too (they wait in the backlog until
     /// it serves them). Fails when another coordinator listens on the socket.
-    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+    pub async fn bind(config: &Config) -> Result<Listeners> {
         let http = match config.http {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--http {addr}"))?),
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Http { addr, source })?)
+            }
             None => None,
         };
         let socket = server::bind(&config.socket)?;
@@ -65,13 +69,13 @@ pub async fn run(
     machines: Vec<MachineSpec>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let db = Arc::new(open_state(&config).await?);
     let store_dir = crate::formats::store_path::StoreDir::new(&config.cache_store_dir)
-        .with_context(|| format!("cache store dir {}", config.cache_store_dir))?;
+        .map_err(|source| Error::StoreDir { dir: config.cache_store_dir.clone(), source })?;
     let cache = Arc::new(
         crate::cache::Cache::open(&config.state_dir.join("cache"), store_dir, cache_key(&config)?, config.compression)
-            .context("opening the binary cache")?,
+            .map_err(Error::Cache)?,
     );
 
     let (events, _) = broadcast::channel(16 * 1024);
@@ -127,24 +131,18 @@ pub async fn run(
 /// Make the state dir the coordinator's alone (its database, build logs, which may hold
 /// secrets, keys; older state dirs are tightened too), open the database and recover from a
 /// stop: builds that were running go back to the queue.
-async fn open_state(config: &Config) -> anyhow::Result<Db> {
+async fn open_state(config: &Config) -> Result<Db> {
     let private = |path: &std::path::Path, mode: u32| {
         use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("{}", path.display()))
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).at(path)
     };
-    std::fs::create_dir_all(&config.state_dir).with_context(|| format!("{}", config.state_dir.display()))?;
+    std::fs::create_dir_all(&config.state_dir).at(&config.state_dir)?;
     private(&config.state_dir, 0o700)?;
     let db_path = config.state_dir.join("gbc.sqlite");
     {
         use std::os::unix::fs::OpenOptionsExt as _;
         // SQLite gives its -wal and -shm files the database file's mode.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&db_path)
-            .with_context(|| format!("{}", db_path.display()))?;
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&db_path).at(&db_path)?;
     }
     private(&db_path, 0o600)?;
     let db = Db::open(&db_path).await?;

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
@@ -38,23 +37,21 @@ pub(super) struct Server {
 }
 
 /// Bind the socket, replacing a stale one (nobody listening) but never a live coordinator's.
-pub(super) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+pub(super) fn bind(path: &Path) -> super::error::Result<UnixListener> {
+    use super::error::IoPath as _;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+        std::fs::create_dir_all(dir).at(dir)?;
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        anyhow::bail!("{}: another coordinator is already listening there", path.display());
+        return Err(super::Error::AlreadyRunning(path.to_owned()));
     }
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(anyhow::Error::new(e).context(format!("{}", path.display())));
-        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(path),
         _ => {}
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("{}", path.display()))?;
+    let listener = UnixListener::bind(path).at(path)?;
     // Only the owner may talk to the coordinator.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("{}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).at(path)?;
     Ok(listener)
 }
 
@@ -77,24 +74,44 @@ pub(super) async fn serve(server: Arc<Server>, listener: UnixListener) {
     }
 }
 
+/// Why a request was not done: said to the client on one line.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    /// What the client asked for can't be done, and why.
+    #[error("{0}")]
+    Refused(String),
+    #[error("the coordinator is stopping")]
+    Stopping,
+    #[error(transparent)]
+    Db(#[from] crate::db::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+type Result<T> = std::result::Result<T, RequestError>;
+
 type Out = BufWriter<tokio::net::unix::OwnedWriteHalf>;
 type In = BufReader<tokio::net::unix::OwnedReadHalf>;
 
-async fn send(out: &mut Out, reply: &Reply) -> anyhow::Result<()> {
+async fn send(out: &mut Out, reply: &Reply) -> Result<()> {
     let mut line = serde_json::to_vec(reply)?;
     line.push(b'\n');
     out.write_all(&line).await?;
     Ok(())
 }
 
-async fn send_now(out: &mut Out, reply: &Reply) -> anyhow::Result<()> {
+async fn send_now(out: &mut Out, reply: &Reply) -> Result<()> {
     send(out, reply).await?;
     out.flush().await?;
     Ok(())
 }
 
 impl Server {
-    async fn connection(&self, stream: UnixStream) -> anyhow::Result<()> {
+    async fn connection(&self, stream: UnixStream) -> Result<()> {
         let (r, w) = stream.into_split();
         let mut out = BufWriter::new(w);
         send_now(
@@ -125,7 +142,7 @@ impl Server {
             let fatal =
                 matches!(request, Request::Submit { upload: true, .. } | Request::AddPath { .. } | Request::Uploaded);
             if let Err(e) = self.handle(request, &mut input, &mut out).await {
-                send_now(&mut out, &Reply::Error { message: format!("{e:#}") }).await?;
+                send_now(&mut out, &Reply::Error { message: e.to_string() }).await?;
                 if fatal {
                     return Ok(());
                 }
@@ -134,17 +151,17 @@ impl Server {
         }
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> anyhow::Result<T> {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(make(tx)).await.map_err(|_| anyhow::anyhow!("the coordinator is stopping"))?;
-        rx.await.map_err(|_| anyhow::anyhow!("the coordinator is stopping"))
+        self.commands.send(make(tx)).await.map_err(|_| RequestError::Stopping)?;
+        rx.await.map_err(|_| RequestError::Stopping)
     }
 
-    async fn handle(&self, request: Request, input: &mut In, out: &mut Out) -> anyhow::Result<()> {
+    async fn handle(&self, request: Request, input: &mut In, out: &mut Out) -> Result<()> {
         match request {
             Request::Submit { derivations, inputs, priority, tags, ignore_if_built, upload } => {
                 let checked = tokio::task::spawn_blocking(move || super::submit::check(&derivations, &inputs)).await?;
-                let checked = checked.map_err(anyhow::Error::msg)?;
+                let checked = checked.map_err(RequestError::Refused)?;
                 if upload {
                     self.uploads(&checked, input, out).await?;
                 }
@@ -181,7 +198,7 @@ impl Server {
                 send(out, &Reply::Missing { paths }).await
             }
             Request::AddPath { .. } | Request::Uploaded => {
-                anyhow::bail!("add_path and uploaded come only after a submit with upload")
+                Err(RequestError::Refused("add_path and uploaded come only after a submit with upload".into()))
             }
             Request::Watch { builds } => self.watch(builds, out).await,
             Request::Builds { state, tags, limit } => {
@@ -196,11 +213,13 @@ impl Server {
                     }
                     send(out, &Reply::Build { build: Box::new(detail) }).await
                 }
-                None => anyhow::bail!("no build {build}"),
+                None => Err(RequestError::Refused(format!("no build {build}"))),
             },
             Request::Log { build, attempt, follow } => self.log(&build, attempt, follow, out).await,
             Request::Cancel { build } => {
-                self.ask(|tx| Command::Cancel(build.clone(), tx)).await?.map_err(anyhow::Error::msg)?;
+                self.ask(|tx| Command::Cancel(build.clone(), tx))
+                    .await?
+                    .map_err(|e| RequestError::Refused(e.to_string()))?;
                 send(out, &Reply::Canceled { build }).await
             }
             Request::Machines => {
@@ -226,7 +245,7 @@ impl Server {
 
     /// A submission's uploads: say what the cache lacks, take what the client sends until it
     /// says `uploaded`, and publish it all.
-    async fn uploads(&self, checked: &Checked, input: &mut In, out: &mut Out) -> anyhow::Result<()> {
+    async fn uploads(&self, checked: &Checked, input: &mut In, out: &mut Out) -> Result<()> {
         let wanted = {
             let cache = self.cache.clone();
             tokio::task::block_in_place(|| super::upload::wanted(&cache, checked))
@@ -237,10 +256,12 @@ impl Server {
         loop {
             let request = match read_request(input, &mut line, &self.requests).await? {
                 Incoming::Request(r) => r,
-                Incoming::End => anyhow::bail!("the client left before it finished uploading"),
-                Incoming::TooLong => anyhow::bail!("request too long"),
-                Incoming::Busy => anyhow::bail!(busy()),
-                Incoming::Malformed(e) => anyhow::bail!("malformed request: {e}"),
+                Incoming::End => {
+                    return Err(RequestError::Refused("the client left before it finished uploading".into()));
+                }
+                Incoming::TooLong => return Err(RequestError::Refused("request too long".into())),
+                Incoming::Busy => return Err(RequestError::Refused(busy())),
+                Incoming::Malformed(e) => return Err(RequestError::Refused(format!("malformed request: {e}"))),
             };
             match request {
                 Request::Missing { paths } => {
@@ -258,21 +279,25 @@ impl Server {
                     let read = forward(input, nar_size, tx).await;
                     let (u, added) = adding.await?;
                     uploads = u;
-                    read.with_context(|| format!("reading the NAR of {path}"))?;
-                    added.map_err(anyhow::Error::msg)?;
+                    read.map_err(|e| RequestError::Refused(format!("reading the NAR of {path}: {e}")))?;
+                    added.map_err(RequestError::Refused)?;
                     send_now(out, &Reply::Added { path }).await?;
                 }
                 Request::Uploaded => break,
-                _ => anyhow::bail!("expected add_path, missing or uploaded while uploading for a submission"),
+                _ => {
+                    return Err(RequestError::Refused(
+                        "expected add_path, missing or uploaded while uploading for a submission".into(),
+                    ));
+                }
             }
         }
-        tokio::task::spawn_blocking(move || uploads.publish()).await?.map_err(anyhow::Error::msg)?;
+        tokio::task::spawn_blocking(move || uploads.publish()).await?.map_err(RequestError::Refused)?;
         Ok(())
     }
 
     /// Stream the events of `uuids` (of every build, when empty) until they have all ended: first
     /// where each stands, then each change.
-    async fn watch(&self, uuids: Vec<String>, out: &mut Out) -> anyhow::Result<()> {
+    async fn watch(&self, uuids: Vec<String>, out: &mut Out) -> Result<()> {
         // Subscribe before looking, so no change falls between the two.
         let mut rx = self.events.subscribe();
         let all = uuids.is_empty();
@@ -280,7 +305,7 @@ impl Server {
         if !all && briefs.len() < uuids.len() {
             let unknown: Vec<&String> = uuids.iter().filter(|u| !briefs.iter().any(|b| &b.uuid == *u)).collect();
             let list: Vec<&str> = unknown.iter().map(|u| u.as_str()).collect();
-            anyhow::bail!("no build {}", list.join(", "));
+            return Err(RequestError::Refused(format!("no build {}", list.join(", "))));
         }
         let mut pending: std::collections::HashSet<String> = std::collections::HashSet::new();
         for b in &briefs {
@@ -318,19 +343,21 @@ impl Server {
                     }
                     out.flush().await?;
                 }
-                Err(broadcast::error::RecvError::Closed) => anyhow::bail!("the coordinator is stopping"),
+                Err(broadcast::error::RecvError::Closed) => return Err(RequestError::Stopping),
             }
         }
         send(out, &Reply::End).await
     }
 
     /// Send a build's log; with `follow`, keep sending until the build ends.
-    async fn log(&self, uuid: &str, attempt: Option<u32>, follow: bool, out: &mut Out) -> anyhow::Result<()> {
-        let Some(detail) = self.db.show(uuid).await? else { anyhow::bail!("no build {uuid}") };
+    async fn log(&self, uuid: &str, attempt: Option<u32>, follow: bool, out: &mut Out) -> Result<()> {
+        let Some(detail) = self.db.show(uuid).await? else {
+            return Err(RequestError::Refused(format!("no build {uuid}")));
+        };
         let mut n = match attempt {
             Some(n) => {
                 if !detail.attempt_list.iter().any(|a| a.n == n) {
-                    anyhow::bail!("build {uuid} has no attempt {n}");
+                    return Err(RequestError::Refused(format!("build {uuid} has no attempt {n}")));
                 }
                 n
             }

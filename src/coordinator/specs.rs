@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use super::config::Config;
@@ -135,7 +134,8 @@ pub(super) fn watch_machines(
     path: PathBuf,
     config: Config,
     commands: mpsc::Sender<Command>,
-) -> anyhow::Result<notify::RecommendedWatcher> {
+) -> super::error::Result<notify::RecommendedWatcher> {
+    let watch_error = |source| super::Error::Watch { path: path.clone(), source };
     use notify::Watcher as _;
     let dir = path.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
@@ -147,8 +147,8 @@ pub(super) fn watch_machines(
             let _ = tx.send(());
         }
     })
-    .context("watching the machines file")?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive).with_context(|| format!("watching {}", dir.display()))?;
+    .map_err(watch_error)?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive).map_err(watch_error)?;
     tokio::spawn(async move {
         let mut last = std::fs::read(&path).ok();
         while rx.recv().await.is_some() {

@@ -104,7 +104,7 @@ impl Transport {
     pub async fn connect(&self, name: &str, idle: Option<Duration>) -> Result<Session, ConnectError> {
         match self {
             Transport::Local { program, args } => {
-                let (tx, rx) = spawn_local(name, program, args).map_err(|e| ConnectError::Other(format!("{e:#}")))?;
+                let (tx, rx) = spawn_local(name, program, args)?;
                 start(tx, rx, None, None, idle).await
             }
             Transport::Ssh(agent) => connect_ssh(name, agent, idle).await,
@@ -114,7 +114,7 @@ impl Transport {
 
 type Channels = (mpsc::Sender<Frame>, mpsc::Receiver<Result<Frame, String>>);
 
-fn spawn_local(name: &str, program: &Path, args: &[String]) -> anyhow::Result<Channels> {
+fn spawn_local(name: &str, program: &Path, args: &[String]) -> Result<Channels, ConnectError> {
     let mut child = Command::new(program)
         .arg("agent")
         .args(args)
@@ -122,10 +122,10 @@ fn spawn_local(name: &str, program: &Path, args: &[String]) -> anyhow::Result<Ch
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start {} agent: {e}", program.display()))?;
+        .map_err(|e| ConnectError::Other(format!("cannot start {} agent: {e}", program.display())))?;
     let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
-        anyhow::bail!("agent pipes missing");
+        return Err(ConnectError::Other("the agent's pipes are missing".into()));
     };
     let last_err = Arc::new(Mutex::new(String::new()));
     {

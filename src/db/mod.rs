@@ -8,12 +8,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use anyhow::Context as _;
 use rusqlite::{OptionalExtension as _, Transaction, params};
 use rusqlite_migration::{M, Migrations};
-use uuid::Uuid;
 
-use crate::api::{AttemptInfo, AttemptStatus, BuildDetail, BuildState, BuildSummary, OutputInfo};
+use crate::api::{AttemptStatus, BuildDetail, BuildState, BuildSummary, OutputInfo};
+use read::{BRIEF_SELECT, brief, brief_row, list, show};
+use write::{end_attempt, fail_all, insert_build, submit};
+
+mod read;
+mod write;
 
 /// A checked derivation, ready to store.
 #[derive(Debug, Clone)]
@@ -143,7 +146,7 @@ fn configure(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-type DbResult<T> = Result<T, rusqlite::Error>;
+type DbResult<T> = std::result::Result<T, rusqlite::Error>;
 
 /// The coordinator's database.
 pub struct Db {
@@ -151,69 +154,96 @@ pub struct Db {
     reader: tokio_rusqlite::Connection,
 }
 
-fn db_err(e: tokio_rusqlite::Error<rusqlite::Error>) -> anyhow::Error {
-    match e {
-        tokio_rusqlite::Error::Error(e) => anyhow::Error::new(e).context("database"),
-        tokio_rusqlite::Error::ConnectionClosed => anyhow::anyhow!("database: connection closed"),
-        tokio_rusqlite::Error::Close((_, e)) => anyhow::Error::new(e).context("database: close"),
-        _ => anyhow::anyhow!("database error"),
+/// What went wrong with the database.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Open { path: String, source: rusqlite::Error },
+    #[error("{path}: migrating the schema: {source}")]
+    Migrate { path: String, source: rusqlite_migration::Error },
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database: the connection closed")]
+    Closed,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<tokio_rusqlite::Error<rusqlite::Error>> for Error {
+    fn from(e: tokio_rusqlite::Error<rusqlite::Error>) -> Error {
+        match e {
+            tokio_rusqlite::Error::Error(e) | tokio_rusqlite::Error::Close((_, e)) => Error::Sqlite(e),
+            _ => Error::Closed,
+        }
     }
+}
+
+/// What opening the database can fail on, inside the connection's thread.
+enum OpenError {
+    Sqlite(rusqlite::Error),
+    Migrate(rusqlite_migration::Error),
 }
 
 impl Db {
     /// Open (creating and migrating as needed) the database at `path`.
-    pub async fn open(path: &Path) -> anyhow::Result<Db> {
-        let writer = tokio_rusqlite::Connection::open(path).await.with_context(|| format!("{}", path.display()))?;
-        writer
-            .call(|conn| -> Result<(), String> {
-                configure(conn).map_err(|e| e.to_string())?;
+    pub async fn open(path: &Path) -> Result<Db> {
+        let name = path.display().to_string();
+        let opened = |e| Error::Open { path: name.clone(), source: e };
+        let writer = tokio_rusqlite::Connection::open(path).await.map_err(opened)?;
+        let migrated = writer
+            .call(|conn| -> std::result::Result<(), OpenError> {
+                configure(conn).map_err(OpenError::Sqlite)?;
                 // Off while migrating: a migration that rebuilds a table drops rows others refer
                 // to and puts them back (SQLite's procedure); it checks the keys at its end.
-                conn.pragma_update(None, "foreign_keys", "OFF").map_err(|e| e.to_string())?;
-                migrations().to_latest(conn).map_err(|e| format!("migrating the schema: {e}"))?;
-                conn.pragma_update(None, "foreign_keys", "ON").map_err(|e| e.to_string())
+                conn.pragma_update(None, "foreign_keys", "OFF").map_err(OpenError::Sqlite)?;
+                migrations().to_latest(conn).map_err(OpenError::Migrate)?;
+                conn.pragma_update(None, "foreign_keys", "ON").map_err(OpenError::Sqlite)
             })
-            .await
-            .map_err(|e| match e {
-                tokio_rusqlite::Error::Error(e) => anyhow::anyhow!("{}: {e}", path.display()),
-                _ => anyhow::anyhow!("{}: the database connection closed", path.display()),
-            })?;
-        let reader = tokio_rusqlite::Connection::open(path).await.with_context(|| format!("{}", path.display()))?;
+            .await;
+        match migrated {
+            Ok(()) => {}
+            Err(tokio_rusqlite::Error::Error(OpenError::Sqlite(e))) => return Err(opened(e)),
+            Err(tokio_rusqlite::Error::Error(OpenError::Migrate(e))) => {
+                return Err(Error::Migrate { path: name, source: e });
+            }
+            Err(_) => return Err(Error::Closed),
+        }
+        let reader = tokio_rusqlite::Connection::open(path).await.map_err(opened)?;
         reader
             .call(|conn| {
                 configure(conn)?;
                 conn.pragma_update(None, "foreign_keys", "ON")
             })
-            .await
-            .map_err(db_err)?;
+            .await?;
         Ok(Db { writer, reader })
     }
 
     async fn write<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> DbResult<R> + Send + 'static,
-    ) -> anyhow::Result<R> {
-        self.writer
+    ) -> Result<R> {
+        let r = self
+            .writer
             .call(move |conn| {
                 let tx = conn.transaction()?;
                 let r = f(&tx)?;
                 tx.commit()?;
                 Ok(r)
             })
-            .await
-            .map_err(db_err)
+            .await?;
+        Ok(r)
     }
 
     async fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(&rusqlite::Connection) -> DbResult<R> + Send + 'static,
-    ) -> anyhow::Result<R> {
-        self.reader.call(move |conn| f(conn)).await.map_err(db_err)
+    ) -> Result<R> {
+        Ok(self.reader.call(move |conn| f(conn)).await?)
     }
 
     /// After a crash or a stop: attempts left open were interrupted, and their builds go back to
     /// the queue. Returns the interrupted attempts as (build uuid, attempt number).
-    pub async fn recover(&self, now: i64) -> anyhow::Result<Vec<(String, u32)>> {
+    pub async fn recover(&self, now: i64) -> Result<Vec<(String, u32)>> {
         self.write(move |tx| {
             let open: Vec<(String, u32)> = tx
                 .prepare("SELECT b.uuid, a.n FROM attempts a JOIN builds b ON b.id = a.build WHERE a.ended_at IS NULL")?
@@ -232,7 +262,7 @@ impl Db {
 
     /// Every queued build, oldest first (so dependencies come before their dependents), with the
     /// dependencies that are still queued.
-    pub async fn load_queue(&self) -> anyhow::Result<Vec<QueuedBuild>> {
+    pub async fn load_queue(&self) -> Result<Vec<QueuedBuild>> {
         self.read(|conn| {
             let mut deps: HashMap<BuildId, Vec<BuildId>> = HashMap::new();
             let mut stmt = conn.prepare(
@@ -277,12 +307,12 @@ impl Db {
 
     /// Store a submission: its derivations (once each), a build per requested derivation, and a
     /// build for each input derivation that has neither an active nor a successful one.
-    pub async fn submit(&self, sub: Submission) -> anyhow::Result<SubmitOutcome> {
+    pub async fn submit(&self, sub: Submission) -> Result<SubmitOutcome> {
         self.write(move |tx| submit(tx, &sub)).await
     }
 
     /// Record the start of attempts (build, machine) and return what to send.
-    pub async fn start_attempts(&self, picks: Vec<(BuildId, String)>, now: i64) -> anyhow::Result<Vec<Job>> {
+    pub async fn start_attempts(&self, picks: Vec<(BuildId, String)>, now: i64) -> Result<Vec<Job>> {
         self.write(move |tx| {
             let mut jobs = Vec::with_capacity(picks.len());
             let mut get = tx.prepare_cached(
@@ -311,7 +341,7 @@ impl Db {
     }
 
     /// Record the end of attempts, and what they decide for their builds, in one transaction.
-    pub async fn end_attempts(&self, ends: Vec<AttemptEnd>) -> anyhow::Result<()> {
+    pub async fn end_attempts(&self, ends: Vec<AttemptEnd>) -> Result<()> {
         self.write(move |tx| {
             for end in &ends {
                 end_attempt(tx, end)?;
@@ -322,7 +352,7 @@ impl Db {
     }
 
     /// For each path, a derivation known to produce it, if any.
-    pub async fn providers(&self, paths: Vec<String>) -> anyhow::Result<Vec<(String, Option<i64>)>> {
+    pub async fn providers(&self, paths: Vec<String>) -> Result<Vec<(String, Option<i64>)>> {
         self.read(move |conn| {
             let mut find = conn.prepare_cached(
                 "SELECT o.drv FROM derivation_outputs o WHERE o.path = ?1 ORDER BY o.drv DESC LIMIT 1",
@@ -339,12 +369,7 @@ impl Db {
 
     /// Make `build` wait for a build of each of `drvs`: a queued or running one, else a new one at
     /// its priority. Returns the builds created and every build it now waits for.
-    pub async fn wait_for(
-        &self,
-        build: BuildId,
-        drvs: Vec<i64>,
-        now: i64,
-    ) -> anyhow::Result<(Vec<QueuedBuild>, Vec<BuildId>)> {
+    pub async fn wait_for(&self, build: BuildId, drvs: Vec<i64>, now: i64) -> Result<(Vec<QueuedBuild>, Vec<BuildId>)> {
         self.write(move |tx| {
             let priority: i64 = tx.query_row("SELECT priority FROM builds WHERE id = ?1", [build], |r| r.get(0))?;
             let mut active = tx.prepare_cached(
@@ -383,7 +408,7 @@ impl Db {
 
     /// Cancel a queued or running build, failing its dependents (`cascade`). False when it had
     /// already ended.
-    pub async fn cancel(&self, build: BuildId, cascade: Vec<(BuildId, String)>, now: i64) -> anyhow::Result<bool> {
+    pub async fn cancel(&self, build: BuildId, cascade: Vec<(BuildId, String)>, now: i64) -> Result<bool> {
         self.write(move |tx| {
             let n = tx.execute(
                 "UPDATE builds SET state = 'canceled', reason = 'canceled', ended_at = ?2
@@ -397,13 +422,13 @@ impl Db {
     }
 
     /// A build's id and state, by UUID.
-    pub async fn find(&self, uuid: &str) -> anyhow::Result<Option<BuildBrief>> {
+    pub async fn find(&self, uuid: &str) -> Result<Option<BuildBrief>> {
         let uuid = uuid.to_owned();
         self.read(move |conn| brief(conn, &uuid)).await
     }
 
     /// Where each of these builds stands (unknown UUIDs are left out).
-    pub async fn briefs(&self, uuids: Vec<String>) -> anyhow::Result<Vec<BuildBrief>> {
+    pub async fn briefs(&self, uuids: Vec<String>) -> Result<Vec<BuildBrief>> {
         self.read(move |conn| {
             let mut out = Vec::new();
             for u in &uuids {
@@ -417,7 +442,7 @@ impl Db {
     }
 
     /// Every queued or running build.
-    pub async fn active(&self) -> anyhow::Result<Vec<BuildBrief>> {
+    pub async fn active(&self) -> Result<Vec<BuildBrief>> {
         self.read(|conn| {
             let sql = format!("{BRIEF_SELECT} WHERE b.state IN ('queued', 'running') ORDER BY b.state, b.id");
             conn.prepare(&sql)?.query_map([], brief_row)?.collect()
@@ -425,13 +450,13 @@ impl Db {
         .await
     }
 
-    pub async fn list(&self, filter: ListFilter) -> anyhow::Result<Vec<BuildSummary>> {
+    pub async fn list(&self, filter: ListFilter) -> Result<Vec<BuildSummary>> {
         self.read(move |conn| list(conn, &filter)).await
     }
 
     /// The store paths builds since `since_ms` need: the outputs of attempts that succeeded since,
     /// and the inputs of builds created since or still queued or running (roots of a cache GC).
-    pub async fn recent_paths(&self, since_ms: i64) -> anyhow::Result<Vec<String>> {
+    pub async fn recent_paths(&self, since_ms: i64) -> Result<Vec<String>> {
         self.read(move |conn| {
             let mut out = Vec::new();
             let mut q = conn.prepare(
@@ -457,7 +482,7 @@ impl Db {
 
     /// How many builds are in each state (for metrics), and when the oldest queued one was
     /// created.
-    pub async fn census(&self) -> anyhow::Result<(Vec<(BuildState, u64)>, Option<i64>)> {
+    pub async fn census(&self) -> Result<(Vec<(BuildState, u64)>, Option<i64>)> {
         self.read(|conn| {
             let mut counts = Vec::new();
             for state in BuildState::ALL {
@@ -474,7 +499,7 @@ impl Db {
         .await
     }
 
-    pub async fn show(&self, uuid: &str) -> anyhow::Result<Option<BuildDetail>> {
+    pub async fn show(&self, uuid: &str) -> Result<Option<BuildDetail>> {
         let uuid = uuid.to_owned();
         self.read(move |conn| show(conn, &uuid)).await
     }
@@ -486,353 +511,6 @@ fn split_words(s: &str) -> BTreeSet<String> {
 
 fn join_lines<S: AsRef<str>>(items: &[S]) -> String {
     items.iter().map(AsRef::as_ref).collect::<Vec<_>>().join("\n")
-}
-
-fn submit(tx: &Transaction<'_>, sub: &Submission) -> DbResult<SubmitOutcome> {
-    // Store each derivation once.
-    let mut drv_ids: HashMap<&str, i64> = HashMap::with_capacity(sub.derivations.len());
-    {
-        let mut find = tx.prepare_cached("SELECT id FROM derivations WHERE path = ?1")?;
-        let mut ins = tx.prepare_cached(
-            "INSERT INTO derivations (path, system, features, aterm, inputs) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        let mut ins_out = tx.prepare_cached("INSERT INTO derivation_outputs (drv, name, path) VALUES (?1, ?2, ?3)")?;
-        let mut ins_in = tx.prepare_cached("INSERT OR IGNORE INTO derivation_inputs (drv, input) VALUES (?1, ?2)")?;
-        for d in &sub.derivations {
-            if let Some(id) = find.query_row([&d.path], |r| r.get::<_, i64>(0)).optional()? {
-                drv_ids.insert(&d.path, id);
-                continue;
-            }
-            let features = d.features.iter().cloned().collect::<Vec<_>>().join(" ");
-            ins.execute(params![d.path, d.system, features, d.aterm, join_lines(&d.inputs)])?;
-            let id = tx.last_insert_rowid();
-            drv_ids.insert(&d.path, id);
-            for (name, path) in &d.outputs {
-                ins_out.execute(params![id, name, path])?;
-            }
-            for input in &d.input_drvs {
-                if let Some(&input_id) = drv_ids.get(input.as_str()) {
-                    ins_in.execute(params![id, input_id])?;
-                }
-            }
-        }
-    }
-
-    let mut out = SubmitOutcome::default();
-    // The build each derivation's dependents wait for: Some(active build) or None (succeeded).
-    let mut resolved: HashMap<&str, Option<BuildId>> = HashMap::new();
-    let requested: BTreeSet<&str> = sub.requested.iter().map(String::as_str).collect();
-    let mut requested_ids: HashMap<&str, String> = HashMap::new();
-    let mut existing = tx.prepare_cached(
-        "SELECT id, state FROM builds WHERE drv = ?1 AND (state IN ('queued', 'running') OR (?2 AND state = 'succeeded'))
-         ORDER BY state = 'succeeded', id DESC LIMIT 1",
-    )?;
-    let mut succeeded_same_outputs = tx.prepare_cached(
-        "SELECT b.uuid FROM builds b JOIN derivation_outputs o ON o.drv = b.drv
-         WHERE o.path = ?1 AND b.state = 'succeeded' ORDER BY b.id DESC LIMIT 1",
-    )?;
-    for d in &sub.derivations {
-        let drv_id = drv_ids.get(d.path.as_str()).copied().unwrap_or_default();
-        let is_requested = requested.contains(d.path.as_str());
-        if is_requested && sub.ignore_if_built {
-            let first_output = d.outputs.values().next().cloned().unwrap_or_default();
-            if let Some(uuid) =
-                succeeded_same_outputs.query_row([&first_output], |r| r.get::<_, String>(0)).optional()?
-            {
-                requested_ids.insert(&d.path, uuid);
-                resolved.insert(&d.path, None);
-                continue;
-            }
-        }
-        if !is_requested && !sub.needed.contains(&d.path) {
-            resolved.insert(&d.path, None);
-            continue;
-        }
-        let succeeded_counts = sub.unpublished.contains(&d.path);
-        if !is_requested
-            && let Some((id, state)) = existing
-                .query_row(params![drv_id, succeeded_counts], |r| Ok((r.get::<_, BuildId>(0)?, r.get::<_, String>(1)?)))
-                .optional()?
-        {
-            resolved.insert(&d.path, (state != "succeeded").then_some(id));
-            continue;
-        }
-        let deps: Vec<BuildId> =
-            d.input_drvs.iter().filter_map(|p| resolved.get(p.as_str()).copied().flatten()).collect();
-        let created = new_build(tx, drv_id, d, &deps, sub, is_requested)?;
-        if is_requested {
-            requested_ids.insert(&d.path, created.uuid.clone());
-        } else {
-            out.dependencies.push(created.uuid.clone());
-        }
-        resolved.insert(&d.path, Some(created.id));
-        out.created.push(created);
-    }
-    out.requested = sub.requested.iter().map(|p| requested_ids.get(p.as_str()).cloned().unwrap_or_default()).collect();
-    Ok(out)
-}
-
-fn new_build(
-    tx: &Transaction<'_>,
-    drv_id: i64,
-    d: &NewDerivation,
-    deps: &[BuildId],
-    sub: &Submission,
-    tagged: bool,
-) -> DbResult<QueuedBuild> {
-    let (id, uuid) = insert_build(tx, drv_id, sub.priority, sub.now)?;
-    if tagged {
-        let mut ins = tx.prepare_cached("INSERT OR IGNORE INTO build_tags (build, key, value) VALUES (?1, ?2, ?3)")?;
-        for (k, v) in &sub.tags {
-            ins.execute(params![id, k, v])?;
-        }
-    }
-    let mut ins = tx.prepare_cached("INSERT OR IGNORE INTO build_deps (build, dep) VALUES (?1, ?2)")?;
-    for dep in deps {
-        ins.execute(params![id, dep])?;
-    }
-    Ok(QueuedBuild {
-        id,
-        uuid,
-        drv: d.path.clone(),
-        priority: sub.priority,
-        system: d.system.clone(),
-        features: d.features.clone(),
-        deps: deps.to_vec(),
-        retries: 0,
-    })
-}
-
-/// A new queued build of a stored derivation: its id and UUID.
-fn insert_build(tx: &Transaction<'_>, drv_id: i64, priority: i64, now: i64) -> DbResult<(BuildId, String)> {
-    let uuid = Uuid::new_v4().to_string();
-    tx.prepare_cached("INSERT INTO builds (uuid, drv, priority, state, created_at) VALUES (?1, ?2, ?3, 'queued', ?4)")?
-        .execute(params![uuid, drv_id, priority, now])?;
-    Ok((tx.last_insert_rowid(), uuid))
-}
-
-fn fail_all(tx: &Transaction<'_>, builds: &[(BuildId, String)], now: i64) -> DbResult<()> {
-    let mut upd = tx.prepare_cached(
-        "UPDATE builds SET state = 'failed', reason = ?2, ended_at = ?3 WHERE id = ?1 AND state = 'queued'",
-    )?;
-    for (id, reason) in builds {
-        upd.execute(params![id, reason, now])?;
-    }
-    Ok(())
-}
-
-fn end_attempt(tx: &Transaction<'_>, end: &AttemptEnd) -> DbResult<()> {
-    tx.prepare_cached(
-        "UPDATE attempts SET ended_at = ?2, status = ?3, reason = ?4 WHERE id = ?1 AND ended_at IS NULL",
-    )?
-    .execute(params![end.attempt, end.now, end.status.as_str(), end.reason])?;
-    let mut ins = tx.prepare_cached(
-        "INSERT OR REPLACE INTO attempt_outputs (attempt, name, path, nar_hash, nar_size, refs, signature)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?;
-    for o in &end.outputs {
-        ins.execute(params![
-            end.attempt,
-            o.name,
-            o.path,
-            o.nar_hash,
-            i64::try_from(o.nar_size).unwrap_or(i64::MAX),
-            join_lines(&o.references),
-            o.signature
-        ])?;
-    }
-    match &end.change {
-        BuildChange::Succeed => {
-            tx.prepare_cached(
-                "UPDATE builds SET state = 'succeeded', reason = NULL, ended_at = ?2 WHERE id = ?1 AND state = 'running'",
-            )?
-            .execute(params![end.build, end.now])?;
-        }
-        BuildChange::Fail { reason, cascade } => {
-            tx.prepare_cached(
-                "UPDATE builds SET state = 'failed', reason = ?2, ended_at = ?3 WHERE id = ?1 AND state = 'running'",
-            )?
-            .execute(params![end.build, reason, end.now])?;
-            fail_all(tx, cascade, end.now)?;
-        }
-        BuildChange::Requeue { count_retry } => {
-            tx.prepare_cached(
-                "UPDATE builds SET state = 'queued', retries = retries + ?2 WHERE id = ?1 AND state = 'running'",
-            )?
-            .execute(params![end.build, i64::from(*count_retry)])?;
-        }
-        BuildChange::Nothing => {}
-    }
-    Ok(())
-}
-
-/// A build state column; anything else is a corrupt row, not a state to guess.
-fn state_column(r: &rusqlite::Row<'_>, i: usize) -> DbResult<BuildState> {
-    let state: String = r.get(i)?;
-    BuildState::parse(&state).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            i,
-            rusqlite::types::Type::Text,
-            format!("build state {state:?}").into(),
-        )
-    })
-}
-
-/// An attempt's status column: NULL while it runs; a name gbc does not write is a corrupt row.
-fn status_column(r: &rusqlite::Row<'_>, i: usize) -> DbResult<Option<AttemptStatus>> {
-    let Some(status): Option<String> = r.get(i)? else { return Ok(None) };
-    AttemptStatus::parse(&status).map(Some).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            i,
-            rusqlite::types::Type::Text,
-            format!("attempt status {status:?}").into(),
-        )
-    })
-}
-
-const SUMMARY_COLUMNS: &str = "b.id, b.uuid, d.path, b.state, b.priority, b.created_at, b.started_at, b.ended_at, \
-                               b.attempts, b.reason";
-
-fn summary_row(conn: &rusqlite::Connection, r: &rusqlite::Row<'_>) -> DbResult<BuildSummary> {
-    let id: BuildId = r.get(0)?;
-    let tags = conn
-        .prepare_cached("SELECT key, value FROM build_tags WHERE build = ?1 ORDER BY key, value")?
-        .query_map([id], |t| Ok((t.get(0)?, t.get(1)?)))?
-        .collect::<DbResult<_>>()?;
-    Ok(BuildSummary {
-        uuid: r.get(1)?,
-        drv: r.get(2)?,
-        state: state_column(r, 3)?,
-        priority: r.get(4)?,
-        tags,
-        created_ms: r.get(5)?,
-        started_ms: r.get(6)?,
-        ended_ms: r.get(7)?,
-        attempts: r.get(8)?,
-        reason: r.get(9)?,
-    })
-}
-
-fn list(conn: &rusqlite::Connection, f: &ListFilter) -> DbResult<Vec<BuildSummary>> {
-    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM builds b JOIN derivations d ON d.id = b.drv WHERE 1");
-    let mut args: Vec<String> = Vec::new();
-    if let Some(state) = f.state {
-        args.push(state.as_str().to_owned());
-        sql.push_str(&format!(" AND b.state = ?{}", args.len()));
-    }
-    for (k, v) in &f.tags {
-        args.push(k.clone());
-        args.push(v.clone());
-        sql.push_str(&format!(
-            " AND b.id IN (SELECT build FROM build_tags WHERE key = ?{} AND value = ?{})",
-            args.len() - 1,
-            args.len()
-        ));
-    }
-    sql.push_str(&format!(" ORDER BY b.id DESC LIMIT {}", f.limit));
-    let mut stmt = conn.prepare(&sql)?;
-    let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
-    let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
-        out.push(summary_row(conn, r)?);
-    }
-    Ok(out)
-}
-
-const BRIEF_SELECT: &str = "SELECT b.id, b.uuid, d.path, b.state, b.reason,
-        (SELECT machine FROM attempts a WHERE a.build = b.id ORDER BY n DESC LIMIT 1)
-    FROM builds b JOIN derivations d ON d.id = b.drv";
-
-fn brief_row(r: &rusqlite::Row<'_>) -> DbResult<BuildBrief> {
-    Ok(BuildBrief {
-        id: r.get(0)?,
-        uuid: r.get(1)?,
-        drv: r.get(2)?,
-        state: state_column(r, 3)?,
-        reason: r.get(4)?,
-        machine: r.get(5)?,
-    })
-}
-
-fn brief(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<BuildBrief>> {
-    conn.prepare_cached(&format!("{BRIEF_SELECT} WHERE b.uuid = ?1"))?.query_row([uuid], brief_row).optional()
-}
-
-fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<BuildDetail>> {
-    let sql = format!(
-        "SELECT {SUMMARY_COLUMNS}, d.id, d.system, d.features FROM builds b JOIN derivations d ON d.id = b.drv WHERE b.uuid = ?1"
-    );
-    let Some((id, drv_id, system, features, summary)) = conn
-        .prepare(&sql)?
-        .query_row([uuid], |r| {
-            let features: String = r.get(12)?;
-            let features = features.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-            Ok((
-                r.get::<_, BuildId>(0)?,
-                r.get::<_, i64>(10)?,
-                r.get::<_, String>(11)?,
-                features,
-                summary_row(conn, r)?,
-            ))
-        })
-        .optional()?
-    else {
-        return Ok(None);
-    };
-    let outputs = conn
-        .prepare("SELECT name, path FROM derivation_outputs WHERE drv = ?1 ORDER BY name")?
-        .query_map([drv_id], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<DbResult<_>>()?;
-    let dependencies = conn
-        .prepare("SELECT b.uuid FROM build_deps x JOIN builds b ON b.id = x.dep WHERE x.build = ?1 ORDER BY b.id")?
-        .query_map([id], |r| r.get(0))?
-        .collect::<DbResult<_>>()?;
-    let mut attempt_list: Vec<(i64, AttemptInfo)> = conn
-        .prepare(
-            "SELECT id, n, machine, started_at, ended_at, status, reason FROM attempts WHERE build = ?1 ORDER BY n",
-        )?
-        .query_map([id], |r| {
-            Ok((
-                r.get(0)?,
-                AttemptInfo {
-                    n: r.get(1)?,
-                    machine: r.get(2)?,
-                    started_ms: r.get(3)?,
-                    ended_ms: r.get(4)?,
-                    status: status_column(r, 5)?,
-                    reason: r.get(6)?,
-                    outputs: Vec::new(),
-                },
-            ))
-        })?
-        .collect::<DbResult<_>>()?;
-    let mut outs = conn.prepare(
-        "SELECT name, path, nar_hash, nar_size, refs, signature FROM attempt_outputs WHERE attempt = ?1 ORDER BY name",
-    )?;
-    for (aid, a) in &mut attempt_list {
-        a.outputs = outs
-            .query_map([*aid], |r| {
-                let refs: String = r.get(4)?;
-                Ok(OutputInfo {
-                    name: r.get(0)?,
-                    path: r.get(1)?,
-                    nar_hash: r.get(2)?,
-                    nar_size: r.get::<_, i64>(3)?.try_into().unwrap_or(0),
-                    references: refs.lines().map(str::to_owned).collect(),
-                    signature: r.get(5)?,
-                })
-            })?
-            .collect::<DbResult<_>>()?;
-    }
-    Ok(Some(BuildDetail {
-        summary,
-        system,
-        features,
-        waiting_for_machine: None,
-        outputs,
-        dependencies,
-        attempt_list: attempt_list.into_iter().map(|(_, a)| a).collect(),
-    }))
 }
 
 #[cfg(test)]

@@ -199,8 +199,17 @@ impl Coordinator {
             .unwrap();
         self.child = Some(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        // Ready once it says hello: the socket is bound before the state is opened, and a
+        // connection waits in the backlog until then.
+        let hello = |sock: &Path| -> bool {
+            use std::io::BufRead as _;
+            let Ok(s) = std::os::unix::net::UnixStream::connect(sock) else { return false };
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+            let mut line = String::new();
+            std::io::BufReader::new(s).read_line(&mut line).is_ok() && line.contains("\"hello\"")
+        };
         loop {
-            if std::os::unix::net::UnixStream::connect(self.state.join("gbc.sock")).is_ok() {
+            if hello(&self.state.join("gbc.sock")) {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
