@@ -258,10 +258,6 @@ fn nix_copy_from_cache(c: &Coordinator, path: &str) -> std::process::Output {
     run(&mut copy)
 }
 
-fn builds(c: &Coordinator) -> Vec<serde_json::Value> {
-    serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap()
-}
-
 #[test]
 fn an_input_source_travels_from_the_client_and_the_build_succeeds() {
     let c = Coordinator::start(&["--local-builds", "1"]);
@@ -302,7 +298,7 @@ fn an_input_source_travels_from_the_client_and_the_build_succeeds() {
     let before = inode();
     let out = run(&mut c.gbc(&["build", &drv]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!((inode(), builds(&c).len()), (before, 2));
+    assert_eq!((inode(), c.builds().len()), (before, 2));
 }
 
 /// A client connection that has submitted `drv` with `upload` and read the `wanted` reply.
@@ -406,7 +402,7 @@ fn uploads_that_are_not_what_they_claim_are_refused_and_leave_nothing() {
     assert_eq!(narinfos, 0);
     assert_eq!(std::fs::read_dir(cache.join("nar")).unwrap().count(), 0);
     assert_eq!(std::fs::read_dir(cache.join(".tmp")).unwrap().count(), 0);
-    assert!(builds(&c).is_empty());
+    assert!(c.builds().is_empty());
 }
 
 #[test]
@@ -433,7 +429,7 @@ fn a_coordinator_killed_mid_upload_keeps_nothing_of_it() {
     c.restart();
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
     assert!(narinfo(&c, &script).is_empty());
-    assert!(builds(&c).is_empty());
+    assert!(c.builds().is_empty());
     // The same submission, made again, uploads and builds.
     let out = run(&mut c.gbc(&["build", &drv]));
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), c.log());

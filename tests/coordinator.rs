@@ -8,53 +8,16 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Coordinator, Tmpfs, drv_name, nix, nix_realise, run, run_ok_str, salt};
+use common::{Coordinator, Tmpfs, drv_name, lines, nix, nix_realise, run, run_ok_str, salt, stderr};
 use serde_json::Value;
 
 const QUEUE: &str = "tests/nix/queue.nix";
 
 fn instantiate(attrs: &[&str], salt: &str) -> BTreeMap<String, String> {
-    common::instantiate(QUEUE, None, attrs, salt).into_iter().collect()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn lines(out: &Output) -> Vec<String> {
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
-}
-
-fn submit(c: &Coordinator, drvs: &[&str], extra: &[&str]) -> Vec<String> {
-    let out = run(c.gbc(&["submit"]).args(extra).args(drvs));
-    assert!(out.status.success(), "submit: {}", stderr(&out));
-    let uuids = lines(&out);
-    assert_eq!(uuids.len(), drvs.len());
-    uuids
-}
-
-fn show(c: &Coordinator, uuid: &str) -> Value {
-    serde_json::from_str(&run_ok_str(&mut c.gbc(&["show", "--json", uuid]))).unwrap()
-}
-
-/// `gbc builds --json`: the newest builds, newest first.
-fn builds(c: &Coordinator) -> Vec<Value> {
-    serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json"]))).unwrap()
-}
-
-fn state(c: &Coordinator, uuid: &str) -> String {
-    show(c, uuid)["state"].as_str().unwrap().to_owned()
-}
-
-fn wait_for_state(c: &Coordinator, uuid: &str, wanted: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while state(c, uuid) != wanted {
-        assert!(Instant::now() < deadline, "{uuid} never became {wanted}: {}", c.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::drvs(QUEUE, attrs, salt)
 }
 
 /// The NarHash of each output of a successful build, as the coordinator recorded it.
@@ -95,11 +58,11 @@ fn a_diamond_builds_in_order_and_its_outputs_equal_nix_s() {
     assert!(when("right", "succeeded") < when("top", "running"));
 
     // Every output's NarHash is the one Nix computes for its own realisation.
-    let list = builds(&c);
+    let list = c.builds();
     assert_eq!(list.len(), 4, "{list:?}");
     for b in &list {
         assert_eq!(b["state"], "succeeded");
-        let detail = show(&c, b["uuid"].as_str().unwrap());
+        let detail = c.show(b["uuid"].as_str().unwrap());
         for (path, hash) in recorded_hashes(&detail) {
             nix_realise(&[detail["drv"].as_str().unwrap()], &[]);
             let nix_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", &path]));
@@ -109,14 +72,14 @@ fn a_diamond_builds_in_order_and_its_outputs_equal_nix_s() {
 
     // Submitting the same top again with --ignore-if-built returns the build that made it.
     let top_uuid = list.iter().find(|b| b["drv"] == drvs["top"].as_str()).unwrap()["uuid"].as_str().unwrap();
-    let again = submit(&c, &[&drvs["top"]], &["--ignore-if-built"]);
+    let again = c.submit(&[&drvs["top"]], &["--ignore-if-built"]);
     assert_eq!(again, [top_uuid]);
     // Without it, a new build, whose inputs (already built) need no new builds.
-    let fresh = submit(&c, &[&drvs["top"]], &[]);
+    let fresh = c.submit(&[&drvs["top"]], &[]);
     assert_ne!(fresh, [top_uuid]);
     let w = run(c.gbc(&["watch"]).args(&fresh));
     assert!(w.status.success(), "{}", stderr(&w));
-    let list = builds(&c);
+    let list = c.builds();
     assert_eq!(list.len(), 5);
 }
 
@@ -131,7 +94,7 @@ fn a_failure_fails_its_dependents_with_the_cause() {
     // The one that could be built was, and its path printed.
     assert_eq!(lines(&out).len(), 1);
 
-    let list = builds(&c);
+    let list = c.builds();
     let by_name = |n: &str| list.iter().find(|b| drv_name(b["drv"].as_str().unwrap()) == n).unwrap();
     let broken = by_name("broken");
     assert_eq!(broken["state"], "failed");
@@ -156,11 +119,11 @@ fn a_failure_fails_its_dependents_with_the_cause() {
 fn higher_priority_goes_first() {
     let c = Coordinator::start(&["--local-builds", "1"]);
     let drvs = instantiate(&["blocker", "p1", "p2", "p3"], &salt());
-    let blocker = submit(&c, &[&drvs["blocker"]], &[]);
-    wait_for_state(&c, &blocker[0], "running");
-    let low = submit(&c, &[&drvs["p1"]], &["--priority", "1"]);
-    let high = submit(&c, &[&drvs["p2"]], &["--priority", "5", "--tag", "kind=prio"]);
-    let mid = submit(&c, &[&drvs["p3"]], &["--priority", "3"]);
+    let blocker = c.submit(&[&drvs["blocker"]], &[]);
+    c.wait_for_state(&blocker[0], "running");
+    let low = c.submit(&[&drvs["p1"]], &["--priority", "1"]);
+    let high = c.submit(&[&drvs["p2"]], &["--priority", "5", "--tag", "kind=prio"]);
+    let mid = c.submit(&[&drvs["p3"]], &["--priority", "3"]);
     let all = [&blocker[0], &low[0], &high[0], &mid[0]];
     let w = run(c.gbc(&["watch", "--json"]).args(all));
     assert!(w.status.success(), "{}", stderr(&w));
@@ -182,27 +145,27 @@ fn higher_priority_goes_first() {
 fn cancel_while_queued_and_while_running() {
     let c = Coordinator::start(&["--local-builds", "1"]);
     let drvs = instantiate(&["slow", "afterSlow", "p1"], &salt());
-    let slow = submit(&c, &[&drvs["slow"]], &[]);
-    wait_for_state(&c, &slow[0], "running");
-    let queued = submit(&c, &[&drvs["p1"], &drvs["afterSlow"]], &[]);
-    assert_eq!(state(&c, &queued[0]), "queued");
+    let slow = c.submit(&[&drvs["slow"]], &[]);
+    c.wait_for_state(&slow[0], "running");
+    let queued = c.submit(&[&drvs["p1"], &drvs["afterSlow"]], &[]);
+    assert_eq!(c.state(&queued[0]), "queued");
 
     run_ok_str(&mut c.gbc(&["cancel", &queued[0]]));
-    assert_eq!(state(&c, &queued[0]), "canceled");
+    assert_eq!(c.state(&queued[0]), "canceled");
 
     let t0 = Instant::now();
     run_ok_str(&mut c.gbc(&["cancel", &slow[0]]));
-    assert_eq!(state(&c, &slow[0]), "canceled");
+    assert_eq!(c.state(&slow[0]), "canceled");
     // Its dependent fails, naming it.
-    let after = show(&c, &queued[1]);
+    let after = c.show(&queued[1]);
     assert_eq!(after["state"], "failed");
     assert!(after["reason"].as_str().unwrap().contains(&slow[0]), "{after}");
     // The agent stops the build and the slot frees up: a new build runs long before the 60 s.
-    let again = submit(&c, &[&drvs["p1"]], &[]);
+    let again = c.submit(&[&drvs["p1"]], &[]);
     let w = run(c.gbc(&["watch"]).args(&again));
     assert!(w.status.success(), "{}\n{}", stderr(&w), c.log());
     assert!(t0.elapsed() < Duration::from_secs(30));
-    let slow_detail = show(&c, &slow[0]);
+    let slow_detail = c.show(&slow[0]);
     assert_eq!(slow_detail["attempt_list"][0]["status"], "canceled", "{slow_detail}");
 
     // Canceling what has ended is an error that names it; the coordinator goes on.
@@ -215,12 +178,12 @@ fn cancel_while_queued_and_while_running() {
 fn a_running_build_s_log_can_be_followed() {
     let c = Coordinator::start(&["--local-builds", "1"]);
     let drvs = instantiate(&["ticker"], &salt());
-    let b = submit(&c, &[&drvs["ticker"]], &[]);
-    wait_for_state(&c, &b[0], "running");
+    let b = c.submit(&[&drvs["ticker"]], &[]);
+    c.wait_for_state(&b[0], "running");
     let t0 = Instant::now();
     let followed = run_ok_str(&mut c.gbc(&["log", &b[0]]));
     assert!(t0.elapsed() > Duration::from_millis(500), "it followed the build to its end");
-    assert_eq!(state(&c, &b[0]), "succeeded");
+    assert_eq!(c.state(&b[0]), "succeeded");
     let ticks: Vec<&str> = followed.lines().filter(|l| l.starts_with("tick")).collect();
     assert_eq!(ticks.len(), 6, "{followed}");
     // Once the build is over the log is read from its compressed copy, the same bytes.
@@ -318,8 +281,8 @@ fn an_input_nobody_can_provide_fails_the_build_at_once_naming_it() {
     let drvs = instantiate(&["needsSource"], &salt());
     let out = run(&mut c.gbc(&["build", "--no-upload", &drvs["needsSource"]]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let list = builds(&c);
-    let d = show(&c, list[0]["uuid"].as_str().unwrap());
+    let list = c.builds();
+    let d = c.show(list[0]["uuid"].as_str().unwrap());
     let attempts = d["attempt_list"].as_array().unwrap();
     assert_eq!(attempts.len(), 1, "{d}");
     assert_eq!(attempts[0]["status"], "missing_inputs", "{d}");
@@ -333,11 +296,11 @@ fn outputs_the_client_has_are_uploaded_and_an_input_the_cache_lost_is_built_agai
     let drvs = instantiate(&["base", "left", "blocker"], &salt());
     // This machine's Nix has base's output; the coordinator's cache and its build host do not.
     let base_out = nix_realise(&[&drvs["base"]], &[]).trim().to_owned();
-    let blocker = submit(&c, &[&drvs["blocker"]], &[]);
-    wait_for_state(&c, &blocker[0], "running");
-    let left = submit(&c, &[&drvs["left"]], &[]);
+    let blocker = c.submit(&[&drvs["blocker"]], &[]);
+    c.wait_for_state(&blocker[0], "running");
+    let left = c.submit(&[&drvs["left"]], &[]);
     // base's output was uploaded, so base gets no build of its own.
-    let listed = builds(&c);
+    let listed = c.builds();
     assert_eq!(listed.len(), 2, "{listed:?}");
     let hash = &base_out.rsplit('/').next().unwrap()[..32];
     let narinfo = c.state.join(format!("cache/{hash}.narinfo"));
@@ -348,13 +311,13 @@ fn outputs_the_client_has_are_uploaded_and_an_input_the_cache_lost_is_built_agai
 
     // The cache loses it before left starts: left waits for a new build of base, then succeeds.
     std::fs::remove_file(&narinfo).unwrap();
-    wait_for_state(&c, &left[0], "succeeded");
-    let d = show(&c, &left[0]);
+    c.wait_for_state(&left[0], "succeeded");
+    let d = c.show(&left[0]);
     let attempts = d["attempt_list"].as_array().unwrap();
     let statuses: Vec<&str> = attempts.iter().map(|a| a["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["missing_inputs", "success"], "{d}");
     assert!(attempts[0]["reason"].as_str().unwrap().contains(&base_out), "{d}");
-    let listed = builds(&c);
+    let listed = c.builds();
     let base_build = listed.iter().find(|b| b["drv"] == drvs["base"].as_str()).expect("a build of base");
     assert_eq!(base_build["state"], "succeeded");
     assert!(narinfo.exists());
@@ -381,8 +344,8 @@ fn an_output_referring_to_a_path_the_cache_lacks_fails_naming_it() {
     let second = instantiate(&["refsSharedSource"], &salt())["refsSharedSource"].clone();
     let out = run(&mut c.gbc(&["build", "--no-upload", &second]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let listed = builds(&c);
-    let d = show(&c, listed[0]["uuid"].as_str().unwrap());
+    let listed = c.builds();
+    let d = c.show(listed[0]["uuid"].as_str().unwrap());
     assert_eq!((&d["state"], &d["drv"]), (&Value::from("failed"), &Value::from(second.as_str())), "{d}");
     let attempts = d["attempt_list"].as_array().unwrap();
     assert_eq!(attempts.len(), 1, "{d}");
@@ -419,9 +382,9 @@ fn a_build_whose_log_passes_the_limit_is_stopped_and_its_log_cut() {
     let drvs = instantiate(&["chatty"], &salt());
     let out = run(&mut c.gbc(&["build", &drvs["chatty"]]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let list = builds(&c);
+    let list = c.builds();
     let uuid = list[0]["uuid"].as_str().unwrap();
-    let d = show(&c, uuid);
+    let d = c.show(uuid);
     assert_eq!(d["state"], "failed", "{d}");
     let attempts = d["attempt_list"].as_array().unwrap();
     assert_eq!(attempts.len(), 1, "{d}");
@@ -445,10 +408,10 @@ fn a_full_disk_while_publishing_ends_every_attempt_with_a_reason() {
     let Some(cache) = cache else { return };
     let drvs = instantiate(&["large.0", "large.1", "large.2", "large.3"], &salt());
     let drvs: Vec<&str> = drvs.values().map(String::as_str).collect();
-    let uuids = submit(&c, &drvs, &[]);
+    let uuids = c.submit(&drvs, &[]);
     let deadline = Instant::now() + Duration::from_secs(120);
     let ended = loop {
-        let builds: Vec<Value> = uuids.iter().map(|u| show(&c, u)).collect();
+        let builds: Vec<Value> = uuids.iter().map(|u| c.show(u)).collect();
         if builds.iter().all(|b| b["state"] == "succeeded" || b["state"] == "failed") {
             break builds;
         }
@@ -473,12 +436,12 @@ fn a_full_disk_while_publishing_ends_every_attempt_with_a_reason() {
 fn permanent_failures_are_attempted_once() {
     let c = Coordinator::start(&["--local-builds", "2"]);
     let drvs = instantiate(&["noBuilder", "badExport", "fifoOutput"], &salt());
-    let uuids = submit(&c, &drvs.values().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let uuids = c.submit(&drvs.values().map(String::as_str).collect::<Vec<_>>(), &[]);
     let out = run(c.gbc(&["watch"]).args(&uuids));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let mut reasons = Vec::new();
     for u in &uuids {
-        let d = show(&c, u);
+        let d = c.show(u);
         assert_eq!(d["state"], "failed", "{d}");
         let attempts = d["attempt_list"].as_array().unwrap();
         assert_eq!(attempts.len(), 1, "{d}");
@@ -509,8 +472,8 @@ fn a_store_dir_no_agent_accepts_fails_at_once() {
     let file = real.join(drvs[0].1.rsplit('/').next().unwrap());
     let out = run(c.gbc(&["build"]).arg(&file));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let listed = builds(&c);
-    let d = show(&c, listed[0]["uuid"].as_str().unwrap());
+    let listed = c.builds();
+    let d = c.show(listed[0]["uuid"].as_str().unwrap());
     assert_eq!(d["attempt_list"].as_array().unwrap().len(), 1, "{d}");
     let reason = d["reason"].as_str().unwrap();
     assert!(reason.starts_with("no machine accepts the store dir /gbc-test/store (they accept: "), "{reason}");
@@ -529,9 +492,9 @@ fn a_full_disk_in_the_agent_s_store_is_named_in_the_reason_and_the_log() {
     let drvs = instantiate(&["large.0"], &salt());
     let out = run(&mut c.gbc(&["build", &drvs["large.0"]]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let listed = builds(&c);
+    let listed = c.builds();
     let uuid = listed[0]["uuid"].as_str().unwrap();
-    let d = show(&c, uuid);
+    let d = c.show(uuid);
     let attempts = d["attempt_list"].as_array().unwrap();
     assert_eq!(attempts.len(), 3, "tried again up to --max-attempts: {d}");
     for a in attempts {
@@ -554,7 +517,7 @@ fn a_build_cannot_leave_a_setuid_binary_another_user_can_run() {
     }
     let c = Coordinator::start(&["--local-builds", "1"]);
     let drvs = instantiate(&["setuidProbe"], &salt());
-    let uuid = submit(&c, &[&drvs["setuidProbe"]], &[]).remove(0);
+    let uuid = c.submit(&[&drvs["setuidProbe"]], &[]).remove(0);
     let tmp = c.state.join("machines/localhost/agent/store/.gbc-tmp");
     let deadline = Instant::now() + Duration::from_secs(30);
     let (build_dir, probe) = loop {
@@ -592,7 +555,7 @@ fn a_build_cannot_leave_a_setuid_binary_another_user_can_run() {
         .arg(&probe));
     assert!(!out.status.success(), "another user ran it: {}", String::from_utf8_lossy(&out.stdout));
     assert!(stderr(&out).contains("Permission denied"), "{}", stderr(&out));
-    wait_for_state(&c, &uuid, "succeeded");
+    c.wait_for_state(&uuid, "succeeded");
 }
 
 /// Issue 12: a fixed-output build (which keeps the host's network) showed up as uid 0 to a host
@@ -670,7 +633,7 @@ fn a_derivation_no_machine_can_build_is_named_at_once() {
     assert_eq!(listed[0]["build"], v["builds"][0], "{v}");
     assert_eq!(listed[0]["drv"], drv.as_str(), "{v}");
 
-    let d = show(&c, &uuid);
+    let d = c.show(&uuid);
     assert_eq!(d["state"], "queued", "{d}");
     assert!(d["waiting_for_machine"].as_str().unwrap().starts_with("no machine builds riscv64-linux"), "{d}");
     let text = run_ok_str(&mut c.gbc(&["show", &uuid]));
@@ -704,25 +667,25 @@ fn sigterm_lets_running_builds_finish_or_puts_them_back() {
     // With time enough, the running build finishes before the coordinator exits.
     let mut c = Coordinator::start(&["--local-builds", "1", "--grace", "30"]);
     let drvs = instantiate(&["blocker", "slow"], &salt());
-    let b = submit(&c, &[&drvs["blocker"]], &[]);
-    wait_for_state(&c, &b[0], "running");
+    let b = c.submit(&[&drvs["blocker"]], &[]);
+    c.wait_for_state(&b[0], "running");
     c.signal_and_wait(rustix::process::Signal::TERM);
     c.restart();
-    assert_eq!(state(&c, &b[0]), "succeeded");
+    assert_eq!(c.state(&b[0]), "succeeded");
 
     // Without, it goes back to the queue and runs again after the restart.
     c.kill9();
     c.args = ["--local-builds", "1", "--grace", "1"].map(String::from).to_vec();
     c.restart();
-    let s = submit(&c, &[&drvs["slow"]], &[]);
-    wait_for_state(&c, &s[0], "running");
+    let s = c.submit(&[&drvs["slow"]], &[]);
+    c.wait_for_state(&s[0], "running");
     let took = c.signal_and_wait(rustix::process::Signal::INT);
     assert!(took < Duration::from_secs(20), "{took:?}");
     c.restart();
-    let d = show(&c, &s[0]);
+    let d = c.show(&s[0]);
     assert_eq!(d["attempt_list"][0]["status"], "interrupted", "{d}");
-    wait_for_state(&c, &s[0], "running");
-    assert_eq!(show(&c, &s[0])["attempts"], 2);
+    c.wait_for_state(&s[0], "running");
+    assert_eq!(c.show(&s[0])["attempts"], 2);
     run_ok_str(&mut c.gbc(&["cancel", &s[0]]));
 }
 
@@ -765,7 +728,7 @@ fn kill_9_at_random_moments_loses_nothing() {
     let drvs: Vec<&str> = out.lines().collect();
     assert_eq!(drvs.len(), n);
     let mut c = Coordinator::start(&["--local-builds", "2"]);
-    let mut uuids = submit(&c, &drvs[..150], &[]);
+    let mut uuids = c.submit(&drvs[..150], &[]);
     // A seed from the clock; printed so that a failure can be replayed by hand.
     let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("seed {seed}");
@@ -779,7 +742,7 @@ fn kill_9_at_random_moments_loses_nothing() {
         std::thread::sleep(Duration::from_millis(200 + next() % 1500));
         if round == 2 {
             // Submitted, answered, killed at once: the builds must still be there.
-            uuids.extend(submit(&c, &drvs[150..], &[]));
+            uuids.extend(c.submit(&drvs[150..], &[]));
         }
         c.kill9();
         c.restart();
@@ -802,7 +765,7 @@ fn kill_9_at_random_moments_loses_nothing() {
     let mut interrupted = 0;
     for b in &list {
         assert_eq!(b["state"], "succeeded", "{b}");
-        let d = show(&c, b["uuid"].as_str().unwrap());
+        let d = c.show(b["uuid"].as_str().unwrap());
         let attempts = d["attempt_list"].as_array().unwrap();
         // Every attempt ended; exactly one succeeded, the last.
         assert!(attempts.iter().all(|a| a["status"].is_string()), "{d}");

@@ -154,14 +154,6 @@ fn instantiate(attrs: &[&str], salt: &str, extra: &[&str]) -> Vec<String> {
     run_ok_str(&mut cmd).lines().map(str::to_owned).collect()
 }
 
-fn builds(c: &Coordinator) -> Vec<Value> {
-    serde_json::from_str(&run_ok_str(&mut c.gbc(&["builds", "--json", "--limit", "1000"]))).unwrap()
-}
-
-fn show(c: &Coordinator, uuid: &str) -> Value {
-    serde_json::from_str(&run_ok_str(&mut c.gbc(&["show", "--json", uuid]))).unwrap()
-}
-
 /// Two hosts, as in most tests below: alpha builds x86_64-linux with the `big` feature, 2 at a
 /// time at speed 2; beta builds x86_64-linux and i686-linux, 1 at a time.
 struct Farm {
@@ -202,9 +194,9 @@ impl Farm {
     fn rejected_on_alpha_then_built_on_beta(&self) -> String {
         let c = self.coordinator(&[]);
         wait_up(&c, &["alpha", "beta"]);
-        let uuid = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "1"])).remove(0);
-        watch_ok(&c, std::slice::from_ref(&uuid));
-        let d = show(&c, &uuid);
+        let uuid = c.submit(&instantiate(&["plain"], &salt(), &["--arg", "n", "1"]), &[]).remove(0);
+        c.watch_ok(std::slice::from_ref(&uuid));
+        let d = c.show(&uuid);
         let attempts = d["attempt_list"].as_array().unwrap();
         assert_eq!(attempts.len(), 2, "rejected on alpha, then built on beta: {d}");
         let first = (attempts[0]["machine"].as_str(), attempts[0]["status"].as_str());
@@ -280,7 +272,7 @@ fn builds_go_to_the_hosts_that_fit_and_their_outputs_equal_nix_s() {
     let out = run(cmd.args(&drvs));
     assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
 
-    let details: Vec<Value> = builds(&c).iter().map(|b| show(&c, b["uuid"].as_str().unwrap())).collect();
+    let details: Vec<Value> = c.builds().iter().map(|b| c.show(b["uuid"].as_str().unwrap())).collect();
     assert_eq!(details.len(), 16);
     let mut plain_on: BTreeMap<String, usize> = BTreeMap::new();
     for d in &details {
@@ -323,55 +315,30 @@ fn builds_go_to_the_hosts_that_fit_and_their_outputs_equal_nix_s() {
     assert!(m.iter().all(|m| m["state"] == "up"), "{m:?}");
 }
 
-fn wait_until(what: &str, c: &Coordinator, secs: u64, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}:\n{}", c.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn machines(c: &Coordinator) -> Vec<Value> {
-    serde_json::from_str(&run_ok_str(&mut c.gbc(&["machines", "--json"]))).unwrap()
-}
-
 fn machine_state(c: &Coordinator, name: &str) -> Option<String> {
-    machines(c).iter().find(|m| m["name"] == name).map(|m| m["state"].as_str().unwrap().to_owned())
+    c.machines().iter().find(|m| m["name"] == name).map(|m| m["state"].as_str().unwrap().to_owned())
 }
 
 fn wait_up(c: &Coordinator, names: &[&str]) {
-    wait_until(&format!("{names:?} are up"), c, 30, || {
-        let m = machines(c);
+    c.wait_until(&format!("{names:?} are up"), 30, || {
+        let m = c.machines();
         names.iter().all(|n| m.iter().any(|m| m["name"] == *n && m["state"] == "up"))
     });
-}
-
-fn submit(c: &Coordinator, drvs: &[String]) -> Vec<String> {
-    let mut cmd = c.gbc(&["submit"]);
-    let out = run(cmd.args(drvs));
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).lines().map(str::to_owned).collect()
-}
-
-fn watch_ok(c: &Coordinator, uuids: &[String]) {
-    let mut cmd = c.gbc(&["watch"]);
-    let out = run(cmd.args(uuids));
-    assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
 }
 
 #[test]
 fn a_host_lost_mid_build_hands_the_build_to_the_other_and_comes_back() {
     let mut farm = Farm::start();
     let c = farm.coordinator(&["--reconnect-delay", "1"]);
-    wait_until("both hosts are up", &c, 30, || {
+    c.wait_until("both hosts are up", 30, || {
         machine_state(&c, "alpha").as_deref() == Some("up") && machine_state(&c, "beta").as_deref() == Some("up")
     });
     let salt = salt();
     let slow = instantiate(&["slow"], &salt, &[]);
-    let uuid = submit(&c, &slow).remove(0);
+    let uuid = c.submit(&slow, &[]).remove(0);
     let mut on = String::new();
-    wait_until("the slow build runs", &c, 30, || {
-        let d = show(&c, &uuid);
+    c.wait_until("the slow build runs", 30, || {
+        let d = c.show(&uuid);
         match d["attempt_list"].as_array().and_then(|a| a.last()) {
             Some(a) if d["state"] == "running" => {
                 on = a["machine"].as_str().unwrap().to_owned();
@@ -388,8 +355,8 @@ fn a_host_lost_mid_build_hands_the_build_to_the_other_and_comes_back() {
     }
 
     // The build goes back to the queue and finishes on the other host.
-    watch_ok(&c, std::slice::from_ref(&uuid));
-    let d = show(&c, &uuid);
+    c.watch_ok(std::slice::from_ref(&uuid));
+    let d = c.show(&uuid);
     let attempts = d["attempt_list"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{d}");
     assert_eq!(attempts[0]["machine"], lost);
@@ -406,12 +373,12 @@ fn a_host_lost_mid_build_hands_the_build_to_the_other_and_comes_back() {
     } else {
         farm.beta.sshd.restart()
     }
-    wait_until("the lost host is up again", &c, 30, || machine_state(&c, lost).as_deref() == Some("up"));
+    c.wait_until("the lost host is up again", 30, || machine_state(&c, lost).as_deref() == Some("up"));
     let only_there = instantiate(&[if lost == "alpha" { "big" } else { "i686" }], &salt, &[]);
-    let uuids = submit(&c, &only_there);
-    watch_ok(&c, &uuids);
+    let uuids = c.submit(&only_there, &[]);
+    c.watch_ok(&uuids);
     for u in &uuids {
-        assert_eq!(show(&c, u)["attempt_list"][0]["machine"], lost);
+        assert_eq!(c.show(u)["attempt_list"][0]["machine"], lost);
     }
 }
 
@@ -422,9 +389,9 @@ fn a_builder_killed_by_a_signal_is_tried_again_elsewhere() {
     let mut farm = Farm::start();
     let c = farm.coordinator(&["--max-attempts", "5"]);
     wait_up(&c, &["alpha", "beta"]);
-    let uuids = submit(&c, &instantiate(&["fourSeconds"], &salt(), &[]));
-    wait_until("alpha's two builders have started", &c, 30, || {
-        let alpha = machines(&c).into_iter().find(|m| m["name"] == "alpha").unwrap();
+    let uuids = c.submit(&instantiate(&["fourSeconds"], &salt(), &[]), &[]);
+    c.wait_until("alpha's two builders have started", 30, || {
+        let alpha = c.machines().into_iter().find(|m| m["name"] == "alpha").unwrap();
         let running: Vec<String> =
             alpha["running"].as_array().unwrap().iter().map(|u| u.as_str().unwrap().to_owned()).collect();
         running.len() == 2
@@ -433,8 +400,8 @@ fn a_builder_killed_by_a_signal_is_tried_again_elsewhere() {
             })
     });
     farm.alpha.sshd.kill_builds_then_all(Duration::from_secs(1));
-    watch_ok(&c, &uuids);
-    let details: Vec<Value> = uuids.iter().map(|u| show(&c, u)).collect();
+    c.watch_ok(&uuids);
+    let details: Vec<Value> = uuids.iter().map(|u| c.show(u)).collect();
     let on_alpha: Vec<&Value> = details
         .iter()
         .flat_map(|d| d["attempt_list"].as_array().unwrap())
@@ -464,12 +431,12 @@ fn a_host_with_the_wrong_key_gets_nothing() {
     let alpha = farm.alpha_entry().replace(&farm.alpha.sshd.host_key, &farm.beta.sshd.host_key);
     farm.write(&[alpha, farm.beta_entry()]);
     let c = farm.coordinator(&[]);
-    let uuids = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "3"]));
-    watch_ok(&c, &uuids);
+    let uuids = c.submit(&instantiate(&["plain"], &salt(), &["--arg", "n", "3"]), &[]);
+    c.watch_ok(&uuids);
     for u in &uuids {
-        assert_eq!(show(&c, u)["attempt_list"][0]["machine"], "beta");
+        assert_eq!(c.show(u)["attempt_list"][0]["machine"], "beta");
     }
-    let m = machines(&c);
+    let m = c.machines();
     let alpha = m.iter().find(|m| m["name"] == "alpha").unwrap();
     assert_eq!(alpha["state"], "down");
     assert!(alpha["last_error"].as_str().unwrap().contains("host key mismatch"), "{alpha}");
@@ -527,8 +494,8 @@ fn auto_deploy_uploads_gbc_to_a_host_without_it() {
 
     // The coordinator finds it there and builds with it.
     let c = farm.coordinator(&[]);
-    let uuids = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "2"]));
-    watch_ok(&c, &uuids);
+    let uuids = c.submit(&instantiate(&["plain"], &salt(), &["--arg", "n", "2"]), &[]);
+    c.watch_ok(&uuids);
     assert!(c.log().contains("using the deployed"), "{}", c.log());
 }
 
@@ -537,36 +504,36 @@ fn machines_file_edits_apply_while_running() {
     let farm = Farm::start();
     farm.write(&[farm.alpha_entry()]);
     let c = farm.coordinator(&[]);
-    wait_until("alpha is up", &c, 30, || machine_state(&c, "alpha").as_deref() == Some("up"));
-    assert_eq!(machines(&c).len(), 1);
+    c.wait_until("alpha is up", 30, || machine_state(&c, "alpha").as_deref() == Some("up"));
+    assert_eq!(c.machines().len(), 1);
     // A bad edit is logged and changes nothing.
     std::fs::write(&farm.file, "(machines: [(name: \"x\")])").unwrap();
-    wait_until("the bad edit is logged", &c, 10, || c.log().contains("keeping the previous machines"));
+    c.wait_until("the bad edit is logged", 10, || c.log().contains("keeping the previous machines"));
     assert_eq!(machine_state(&c, "alpha").as_deref(), Some("up"));
 
     // A new machine is used.
     farm.write(&[farm.alpha_entry(), farm.beta_entry()]);
-    wait_until("beta is up", &c, 30, || machine_state(&c, "beta").as_deref() == Some("up"));
+    c.wait_until("beta is up", 30, || machine_state(&c, "beta").as_deref() == Some("up"));
     let salt = salt();
-    let i686 = submit(&c, &instantiate(&["i686"], &salt, &[]));
-    watch_ok(&c, &i686);
-    assert_eq!(show(&c, &i686[0])["attempt_list"][0]["machine"], "beta");
+    let i686 = c.submit(&instantiate(&["i686"], &salt, &[]), &[]);
+    c.watch_ok(&i686);
+    assert_eq!(c.show(&i686[0])["attempt_list"][0]["machine"], "beta");
 
     // A removed machine finishes what it runs, then goes.
-    let slow = submit(&c, &instantiate(&["slow"], &salt, &[])).remove(0);
-    wait_until("the slow build runs on alpha", &c, 30, || show(&c, &slow)["state"] == "running");
-    assert_eq!(show(&c, &slow)["attempt_list"][0]["machine"], "alpha");
+    let slow = c.submit(&instantiate(&["slow"], &salt, &[]), &[]).remove(0);
+    c.wait_until("the slow build runs on alpha", 30, || c.show(&slow)["state"] == "running");
+    assert_eq!(c.show(&slow)["attempt_list"][0]["machine"], "alpha");
     farm.write(&[farm.beta_entry()]);
-    wait_until("alpha drains", &c, 10, || machine_state(&c, "alpha").as_deref() == Some("draining"));
-    let after = submit(&c, &instantiate(&["plain"], &salt, &["--arg", "n", "2"]));
-    watch_ok(&c, &after);
+    c.wait_until("alpha drains", 10, || machine_state(&c, "alpha").as_deref() == Some("draining"));
+    let after = c.submit(&instantiate(&["plain"], &salt, &["--arg", "n", "2"]), &[]);
+    c.watch_ok(&after);
     for u in &after {
-        assert_eq!(show(&c, u)["attempt_list"][0]["machine"], "beta", "nothing new starts on a removed machine");
+        assert_eq!(c.show(u)["attempt_list"][0]["machine"], "beta", "nothing new starts on a removed machine");
     }
-    watch_ok(&c, std::slice::from_ref(&slow));
-    let d = show(&c, &slow);
+    c.watch_ok(std::slice::from_ref(&slow));
+    let d = c.show(&slow);
     assert_eq!(d["attempt_list"].as_array().unwrap().len(), 1, "it finished where it ran: {d}");
-    wait_until("alpha is gone", &c, 10, || machine_state(&c, "alpha").is_none());
+    c.wait_until("alpha is gone", 10, || machine_state(&c, "alpha").is_none());
 }
 
 #[test]
@@ -599,17 +566,17 @@ fn a_host_whose_link_is_cut_is_found_out_by_keepalives_and_comes_back() {
         "--ping-interval",
         "1",
     ]);
-    wait_until("both hosts are up", &c, 30, || {
+    c.wait_until("both hosts are up", 30, || {
         machine_state(&c, "gamma").as_deref() == Some("up") && machine_state(&c, "beta").as_deref() == Some("up")
     });
     let salt = salt();
-    let uuid = submit(&c, &instantiate(&["slow"], &salt, &[])).remove(0);
-    wait_until("the slow build runs", &c, 30, || show(&c, &uuid)["state"] == "running");
-    assert_eq!(show(&c, &uuid)["attempt_list"][0]["machine"], "gamma", "the fastest free host gets it");
+    let uuid = c.submit(&instantiate(&["slow"], &salt, &[]), &[]).remove(0);
+    c.wait_until("the slow build runs", 30, || c.show(&uuid)["state"] == "running");
+    assert_eq!(c.show(&uuid)["attempt_list"][0]["machine"], "gamma", "the fastest free host gets it");
     gamma.sshd.set_link(false);
 
-    watch_ok(&c, std::slice::from_ref(&uuid));
-    let d = show(&c, &uuid);
+    c.watch_ok(std::slice::from_ref(&uuid));
+    let d = c.show(&uuid);
     let attempts = d["attempt_list"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{d}");
     assert_eq!((attempts[0]["machine"].as_str(), attempts[0]["status"].as_str()), (Some("gamma"), Some("interrupted")));
@@ -618,17 +585,17 @@ fn a_host_whose_link_is_cut_is_found_out_by_keepalives_and_comes_back() {
 
     // The link comes back: the coordinator reconnects on its own and uses gamma again.
     gamma.sshd.set_link(true);
-    wait_until("gamma is up again", &c, 60, || machine_state(&c, "gamma").as_deref() == Some("up"));
-    let uuids = submit(&c, &instantiate(&["plain"], &salt, &["--arg", "n", "1"]));
-    watch_ok(&c, &uuids);
-    assert_eq!(show(&c, &uuids[0])["attempt_list"][0]["machine"], "gamma");
+    c.wait_until("gamma is up again", 60, || machine_state(&c, "gamma").as_deref() == Some("up"));
+    let uuids = c.submit(&instantiate(&["plain"], &salt, &["--arg", "n", "1"]), &[]);
+    c.watch_ok(&uuids);
+    assert_eq!(c.show(&uuids[0])["attempt_list"][0]["machine"], "gamma");
 
     // Cut while gamma is idle: only keepalives notice; it comes back all the same.
     gamma.sshd.set_link(false);
-    wait_until("gamma is down", &c, 30, || machine_state(&c, "gamma").as_deref() == Some("down"));
+    c.wait_until("gamma is down", 30, || machine_state(&c, "gamma").as_deref() == Some("down"));
     std::thread::sleep(Duration::from_secs(5));
     gamma.sshd.set_link(true);
-    wait_until("gamma is up once more", &c, 60, || machine_state(&c, "gamma").as_deref() == Some("up"));
+    c.wait_until("gamma is up once more", 60, || machine_state(&c, "gamma").as_deref() == Some("up"));
 }
 
 /// A proxy for an agent's output that flips one bit of the contents in the first NAR chunk it sees
@@ -761,15 +728,15 @@ fn full_or_disabled_hosts_get_no_builds_and_known_hosts_files_pin_keys() {
     farm.write(&[alpha, beta, off]);
     let c = farm.coordinator(&[]);
     wait_up(&c, &["alpha", "beta"]);
-    let names: Vec<String> = machines(&c).iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect();
+    let names: Vec<String> = c.machines().iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect();
     assert_eq!(names, ["alpha", "beta"], "a disabled machine is not used");
-    let uuids = submit(&c, &instantiate(&["plain"], &salt(), &["--arg", "n", "3"]));
-    watch_ok(&c, &uuids);
+    let uuids = c.submit(&instantiate(&["plain"], &salt(), &["--arg", "n", "3"]), &[]);
+    c.watch_ok(&uuids);
     for u in &uuids {
-        assert_eq!(show(&c, u)["attempt_list"][0]["machine"], "beta", "alpha's store is too full");
+        assert_eq!(c.show(u)["attempt_list"][0]["machine"], "beta", "alpha's store is too full");
     }
     // `gbc machines` says why alpha takes nothing.
-    let listed = machines(&c);
+    let listed = c.machines();
     let held = listed[0]["held_back"].as_str().unwrap_or_default();
     assert!(held.contains("below min_free_disk"), "{listed:?}");
     assert!(listed[1].get("held_back").is_none(), "{listed:?}");
@@ -818,8 +785,8 @@ fn a_chain_across_three_hosts_gets_its_inputs_from_the_coordinator() {
     assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
 
     let mut on = BTreeMap::new();
-    for b in builds(&c) {
-        let d = show(&c, b["uuid"].as_str().unwrap());
+    for b in c.builds() {
+        let d = c.show(b["uuid"].as_str().unwrap());
         let attempts = d["attempt_list"].as_array().unwrap();
         assert_eq!(attempts.len(), 1, "every step built at its first attempt: {d}");
         on.insert(drv_name(d["drv"].as_str().unwrap()).to_owned(), d);

@@ -171,8 +171,8 @@ impl Client {
             return Ok(());
         }
         // The coordinator accepted the submission, so this check passes; it gives the graph.
-        let checked =
-            crate::coordinator::submit::check(files, inputs).map_err(|e| anyhow::Error::new(CheckFailed(e)))?;
+        let checked = crate::coordinator::submit::check(files, inputs)
+            .map_err(|e| anyhow::Error::new(CheckFailed(e.to_string())))?;
         let (plan, left_out) =
             upload::plan(&checked, wanted, |paths| match self.call(&Request::Missing { paths })? {
                 Reply::Missing { paths } => Ok(paths),

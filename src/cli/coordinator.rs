@@ -67,7 +67,7 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
             if opts.local_builds.is_some() {
                 machines.push(coordinator::local_machine(&config));
             }
-            machines.extend(coordinator::host_machines(file, &config).map_err(anyhow::Error::msg)?);
+            machines.extend(coordinator::host_machines(file, &config)?);
         }
         None => machines.push(coordinator::local_machine(&config)),
     }

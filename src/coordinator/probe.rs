@@ -139,7 +139,7 @@ async fn round_trip(session: &mut super::transport::Session, store_dirs: &[Strin
         let frame = match tokio::time::timeout_at(deadline, session.rx.recv()).await {
             Err(_) => return Err(fail("agent failed", "no answer within 60 s")),
             Ok(None) => return Err(gone()),
-            Ok(Some(Err(e))) => return Err(fail("connection lost", e)),
+            Ok(Some(Err(e))) => return Err(fail("connection lost", e.to_string())),
             Ok(Some(Ok(f))) => f,
         };
         match frame.message {
@@ -175,31 +175,48 @@ pub struct Fetched {
     pub elapsed: Duration,
 }
 
+/// Why `gbc machines fetch` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Connect(#[from] super::transport::ConnectError),
+    #[error(transparent)]
+    Link(#[from] super::transport::LinkError),
+    #[error("the agent went away")]
+    Gone,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the agent: {0}")]
+    Agent(String),
+    #[error("{0}")]
+    Mismatch(String),
+}
+
 /// Fetch a valid path's NAR from a machine's agent and hash it as it arrives, the way the
 /// coordinator receives outputs (for `gbc machines fetch`, a benchmark of the transport).
-pub async fn fetch(spec: &MachineSpec, path: &str) -> Result<Fetched, String> {
-    let mut session = spec.transport.connect(&spec.name, None).await.map_err(|e| e.to_string())?;
+pub async fn fetch(spec: &MachineSpec, path: &str) -> Result<Fetched, FetchError> {
+    let mut session = spec.transport.connect(&spec.name, None).await?;
     let t0 = Instant::now();
     session
         .tx
         .send(Frame::new(Message::Fetch { transfer: 1, path: path.to_owned() }))
         .await
-        .map_err(|_| "the agent went away".to_owned())?;
+        .map_err(|_| FetchError::Gone)?;
     let mut sink = HashSink::new();
     let mut claimed = None;
     loop {
         let frame = match session.rx.recv().await {
-            None => return Err("the agent went away".into()),
-            Some(Err(e)) => return Err(e),
+            None => return Err(FetchError::Gone),
+            Some(Err(e)) => return Err(e.into()),
             Some(Ok(f)) => f,
         };
         match frame.message {
             Message::NarStart { transfer: 1, meta, .. } => claimed = Some(meta),
             Message::NarChunk { transfer: 1, .. } => {
-                std::io::Write::write_all(&mut sink, &frame.payload).map_err(|e| e.to_string())?;
+                std::io::Write::write_all(&mut sink, &frame.payload)?;
             }
             Message::NarEnd { transfer: 1 } => break,
-            Message::Error { message, .. } => return Err(message),
+            Message::Error { message, .. } => return Err(FetchError::Agent(message)),
             _ => {}
         }
     }
@@ -208,7 +225,10 @@ pub async fn fetch(spec: &MachineSpec, path: &str) -> Result<Fetched, String> {
     let nar_hash = format!("sha256:{}", hash.to_nix32());
     match claimed {
         Some(m) if m.nar_hash == nar_hash && m.nar_size == size => Ok(Fetched { nar_size: size, nar_hash, elapsed }),
-        Some(m) => Err(format!("the NAR does not match the agent's claim {} ({} bytes)", m.nar_hash, m.nar_size)),
-        None => Err("no nar_start".into()),
+        Some(m) => Err(FetchError::Mismatch(format!(
+            "the NAR does not match the agent's claim {} ({} bytes)",
+            m.nar_hash, m.nar_size
+        ))),
+        None => Err(FetchError::Mismatch("no nar_start".into())),
     }
 }

@@ -84,6 +84,10 @@ enum RequestError {
     Stopping,
     #[error(transparent)]
     Db(#[from] crate::db::Error),
+    #[error(transparent)]
+    Upload(#[from] super::upload::UploadError),
+    #[error(transparent)]
+    Check(#[from] super::submit::CheckError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -161,7 +165,7 @@ impl Server {
         match request {
             Request::Submit { derivations, inputs, priority, tags, ignore_if_built, upload } => {
                 let checked = tokio::task::spawn_blocking(move || super::submit::check(&derivations, &inputs)).await?;
-                let checked = checked.map_err(RequestError::Refused)?;
+                let checked = checked?;
                 if upload {
                     self.uploads(&checked, input, out).await?;
                 }
@@ -280,7 +284,7 @@ impl Server {
                     let (u, added) = adding.await?;
                     uploads = u;
                     read.map_err(|e| RequestError::Refused(format!("reading the NAR of {path}: {e}")))?;
-                    added.map_err(RequestError::Refused)?;
+                    added?;
                     send_now(out, &Reply::Added { path }).await?;
                 }
                 Request::Uploaded => break,
@@ -291,7 +295,7 @@ impl Server {
                 }
             }
         }
-        tokio::task::spawn_blocking(move || uploads.publish()).await?.map_err(RequestError::Refused)?;
+        tokio::task::spawn_blocking(move || uploads.publish()).await??;
         Ok(())
     }
 

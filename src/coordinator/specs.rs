@@ -11,7 +11,22 @@ use super::core::Command;
 use super::machine::Backoff;
 use super::queue::Capabilities;
 use super::transport::{self, Transport};
-use crate::formats::signing::PublicKey;
+use crate::formats::signing::{KeyError, PublicKey};
+
+/// Why a machines file's entry can't be run.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("trusted key {key:?}: {source}")]
+    TrustedKey { key: String, source: KeyError },
+    #[error("machine {machine}: signing_key: {source}")]
+    SigningKey { machine: String, source: KeyError },
+    #[error("machine {0}: no signing_key and no trusted_keys")]
+    NoKey(String),
+    #[error("machine {0}: no user given and $USER is not set")]
+    NoUser(String),
+    #[error("machine {0}: no host_key and no known_hosts")]
+    NoHostKey(String),
+}
 
 /// A machine the coordinator allocates to.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,7 +76,7 @@ pub fn local_machine(config: &Config) -> MachineSpec {
 }
 
 /// The enabled machines of a machines file, as the coordinator runs them.
-pub fn host_machines(file: &crate::machines::MachinesFile, config: &Config) -> Result<Vec<MachineSpec>, String> {
+pub fn host_machines(file: &crate::machines::MachinesFile, config: &Config) -> Result<Vec<MachineSpec>, SpecError> {
     host_machines_where(file, config, |m| m.enabled)
 }
 
@@ -70,11 +85,11 @@ pub fn host_machines_where(
     file: &crate::machines::MachinesFile,
     config: &Config,
     keep: impl Fn(&crate::machines::Machine) -> bool,
-) -> Result<Vec<MachineSpec>, String> {
+) -> Result<Vec<MachineSpec>, SpecError> {
     let trusted_all = file
         .trusted_keys
         .iter()
-        .map(|k| PublicKey::parse(k).map_err(|e| format!("trusted key {k:?}: {e}")))
+        .map(|k| PublicKey::parse(k).map_err(|source| SpecError::TrustedKey { key: k.clone(), source }))
         .collect::<Result<Vec<_>, _>>()?;
     file.machines.0.iter().filter(|m| keep(m)).map(|m| host_machine(m, &trusted_all, config)).collect()
 }
@@ -83,25 +98,27 @@ fn host_machine(
     m: &crate::machines::Machine,
     trusted_all: &[PublicKey],
     config: &Config,
-) -> Result<MachineSpec, String> {
+) -> Result<MachineSpec, SpecError> {
     use crate::ssh::{HostKeyCheck, Target};
     let trusted = match &m.signing_key {
-        Some(k) => vec![PublicKey::parse(k).map_err(|e| format!("machine {}: signing_key: {e}", m.name))?],
+        Some(k) => {
+            vec![PublicKey::parse(k).map_err(|source| SpecError::SigningKey { machine: m.name.clone(), source })?]
+        }
         None => trusted_all.to_vec(),
     };
     if trusted.is_empty() {
-        return Err(format!("machine {}: no signing_key and no trusted_keys", m.name));
+        return Err(SpecError::NoKey(m.name.clone()));
     }
     let user = match &m.user {
         Some(u) => u.clone(),
         None => std::env::var("USER")
             .or_else(|_| std::env::var("LOGNAME"))
-            .map_err(|_| format!("machine {}: no user given and $USER is not set", m.name))?,
+            .map_err(|_| SpecError::NoUser(m.name.clone()))?,
     };
     let host_key = match (&m.host_key, &m.known_hosts) {
         (Some(k), _) => HostKeyCheck::Pinned(k.clone()),
         (None, Some(f)) => HostKeyCheck::KnownHosts(f.clone()),
-        (None, None) => return Err(format!("machine {}: no host_key and no known_hosts", m.name)),
+        (None, None) => return Err(SpecError::NoHostKey(m.name.clone())),
     };
     let target = Target { host: m.host.clone(), port: m.port, user, identity: m.identity.clone(), host_key };
     Ok(MachineSpec {
@@ -150,26 +167,28 @@ pub(super) fn watch_machines(
     .map_err(watch_error)?;
     watcher.watch(&dir, notify::RecursiveMode::NonRecursive).map_err(watch_error)?;
     tokio::spawn(async move {
-        let mut last = std::fs::read(&path).ok();
+        let mut last = tokio::fs::read(&path).await.ok();
         while rx.recv().await.is_some() {
             // Let a burst of events (write, rename) settle.
             tokio::time::sleep(Duration::from_millis(200)).await;
             while rx.try_recv().is_ok() {}
-            let now = std::fs::read(&path).ok();
+            let now = tokio::fs::read(&path).await.ok();
             if now == last {
                 continue;
             }
             last = now;
-            let specs =
-                crate::machines::load(&path).map_err(|e| e.to_string()).and_then(|f| host_machines(&f, &config));
-            match specs {
-                Ok(specs) => {
+            let (p, c) = (path.clone(), config.clone());
+            let reread = tokio::task::spawn_blocking(move || crate::machines::load(&p).map(|f| host_machines(&f, &c)));
+            match reread.await {
+                Ok(Ok(Ok(specs))) => {
                     tracing::info!("{}: re-read, {} machines", path.display(), specs.len());
                     if commands.send(Command::Reload(specs)).await.is_err() {
                         break;
                     }
                 }
-                Err(e) => tracing::error!("{e}; keeping the previous machines"),
+                Ok(Err(e)) => tracing::error!("{e}; keeping the previous machines"),
+                Ok(Ok(Err(e))) => tracing::error!("{}: {e}; keeping the previous machines", path.display()),
+                Err(e) => tracing::error!("{}: {e}; keeping the previous machines", path.display()),
             }
         }
     });

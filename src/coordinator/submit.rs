@@ -13,6 +13,26 @@ use crate::formats::store_path::StoreDir;
 #[error("input derivation {0} was not sent")]
 struct NotSent(String);
 
+/// Why a submission was refused: what is wrong, naming the file the client read or the input
+/// derivation.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("nothing to submit: no derivations")]
+    Empty,
+    #[error("{file}: {reason}")]
+    File { file: String, reason: String },
+    #[error("input derivation {path}: {reason}")]
+    Input { path: String, reason: String },
+    #[error("input derivation {0} was not sent")]
+    NotSent(String),
+    #[error("{path}: input derivation {input} {reason}")]
+    Edge { path: String, input: String, reason: String },
+}
+
+fn input_error(path: &str) -> impl Fn(&dyn std::fmt::Display) -> CheckError + '_ {
+    move |e| CheckError::Input { path: path.to_owned(), reason: e.to_string() }
+}
+
 /// Derivations in dependency order (inputs first) and the paths of the submitted ones.
 #[derive(Debug)]
 pub struct Checked {
@@ -42,15 +62,15 @@ impl Checked {
 }
 
 /// Check a submission. `inputs` maps each input derivation's path to its ATerm.
-pub fn check(files: &[DrvFile], inputs: &BTreeMap<String, String>) -> Result<Checked, String> {
+pub fn check(files: &[DrvFile], inputs: &BTreeMap<String, String>) -> Result<Checked, CheckError> {
     if files.is_empty() {
-        return Err("nothing to submit: no derivations".into());
+        return Err(CheckError::Empty);
     }
     let mut graph = DrvGraph::new();
     let mut parsed: HashMap<String, (Derivation, StoreDir, String)> = HashMap::new();
     let mut requested = Vec::with_capacity(files.len());
     for f in files {
-        let err = |e: &dyn std::fmt::Display| format!("{}: {e}", f.file);
+        let err = |e: &dyn std::fmt::Display| CheckError::File { file: f.file.clone(), reason: e.to_string() };
         let drv = Derivation::parse(f.aterm.as_bytes()).map_err(|e| err(&e))?;
         let base = f.file.rsplit('/').next().unwrap_or_default();
         let (store_dir, name, claimed) = derivation::identify(base, &drv).map_err(|e| err(&e))?;
@@ -80,9 +100,7 @@ pub fn check(files: &[DrvFile], inputs: &BTreeMap<String, String>) -> Result<Che
     let mut derivations = Vec::with_capacity(order.len());
     for path in order {
         let Some((drv, store_dir, name)) = parsed.remove(&path) else { continue };
-        let outputs = drv
-            .validate_outputs(&store_dir, &name, &graph.lookup())
-            .map_err(|e| format!("input derivation {path}: {e}"))?;
+        let outputs = drv.validate_outputs(&store_dir, &name, &graph.lookup()).map_err(|e| input_error(&path)(&e))?;
         let outputs: BTreeMap<String, String> =
             outputs.iter().map(|(o, p)| (o.clone(), store_dir.display(p))).collect();
         derivations.push((path, drv, outputs));
@@ -97,11 +115,16 @@ pub fn check(files: &[DrvFile], inputs: &BTreeMap<String, String>) -> Result<Che
         let mut edges = Vec::with_capacity(drv.input_drvs.len());
         for (input, outs) in &drv.input_drvs {
             let Some(paths) = out_paths.get(input.as_str()) else {
-                return Err(format!("{path}: input derivation {input} was not sent"));
+                let reason = "was not sent".to_owned();
+                return Err(CheckError::Edge { path: path.clone(), input: input.clone(), reason });
             };
             let mut taken = Vec::with_capacity(outs.len());
             for o in outs {
-                let p = paths.get(o).ok_or_else(|| format!("{path}: input derivation {input} has no output {o:?}"))?;
+                let p = paths.get(o).ok_or_else(|| CheckError::Edge {
+                    path: path.clone(),
+                    input: input.clone(),
+                    reason: format!("has no output {o:?}"),
+                })?;
                 used.insert(p.clone());
                 taken.push(p.clone());
             }
@@ -129,7 +152,7 @@ fn topo(
     inputs: &BTreeMap<String, String>,
     seen: &mut HashSet<String>,
     order: &mut Vec<String>,
-) -> Result<(), String> {
+) -> Result<(), CheckError> {
     if !seen.insert(root.to_owned()) {
         return Ok(());
     }
@@ -156,13 +179,14 @@ fn children(
     path: &str,
     parsed: &mut HashMap<String, (Derivation, StoreDir, String)>,
     inputs: &BTreeMap<String, String>,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, CheckError> {
     if !parsed.contains_key(path) {
-        let aterm = inputs.get(path).ok_or_else(|| format!("input derivation {path} was not sent"))?;
-        let drv = Derivation::parse(aterm.as_bytes()).map_err(|e| format!("input derivation {path}: {e}"))?;
-        let store_dir = drv.store_dir().map_err(|e| format!("input derivation {path}: {e}"))?;
+        let aterm = inputs.get(path).ok_or_else(|| CheckError::NotSent(path.to_owned()))?;
+        let bad = input_error(path);
+        let drv = Derivation::parse(aterm.as_bytes()).map_err(|e| bad(&e))?;
+        let store_dir = drv.store_dir().map_err(|e| bad(&e))?;
         let base = path.rsplit('/').next().unwrap_or_default();
-        let (_, name, _) = derivation::identify(base, &drv).map_err(|e| format!("input derivation {path}: {e}"))?;
+        let (_, name, _) = derivation::identify(base, &drv).map_err(|e| bad(&e))?;
         parsed.insert(path.to_owned(), (drv, store_dir, name));
     }
     Ok(parsed.get(path).map(|(d, _, _)| d.input_drvs.keys().rev().cloned().collect()).unwrap_or_default())

@@ -44,7 +44,7 @@ pub struct SshAgent {
 /// Frames to and from one agent session. Dropping it ends the session.
 pub struct Session {
     pub tx: mpsc::Sender<Frame>,
-    pub rx: mpsc::Receiver<Result<Frame, String>>,
+    pub rx: mpsc::Receiver<Result<Frame, LinkError>>,
     pub facts: HostFacts,
     /// The agent's gbc version.
     pub version: String,
@@ -58,11 +58,21 @@ impl Session {
     /// A session over channels the test plays the agent on.
     pub(crate) fn over(
         tx: mpsc::Sender<Frame>,
-        rx: mpsc::Receiver<Result<Frame, String>>,
+        rx: mpsc::Receiver<Result<Frame, LinkError>>,
         facts: HostFacts,
     ) -> Session {
         Session { tx, rx, facts, version: String::new(), notes: Vec::new(), _connection: None }
     }
+}
+
+/// Why an agent's frames stopped coming.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The agent exited or its connection closed: why, as far as is known.
+    #[error("{0}")]
+    Closed(String),
+    #[error("agent protocol error: {0}")]
+    Protocol(#[from] crate::protocol::ProtocolError),
 }
 
 /// Why a session could not be started.
@@ -89,6 +99,8 @@ impl ConnectError {
     }
 }
 
+impl std::error::Error for ConnectError {}
+
 impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -112,7 +124,7 @@ impl Transport {
     }
 }
 
-type Channels = (mpsc::Sender<Frame>, mpsc::Receiver<Result<Frame, String>>);
+type Channels = (mpsc::Sender<Frame>, mpsc::Receiver<Result<Frame, LinkError>>);
 
 fn spawn_local(name: &str, program: &Path, args: &[String]) -> Result<Channels, ConnectError> {
     let mut child = Command::new(program)
@@ -128,6 +140,7 @@ fn spawn_local(name: &str, program: &Path, args: &[String]) -> Result<Channels, 
         return Err(ConnectError::Other("the agent's pipes are missing".into()));
     };
     let last_err = Arc::new(Mutex::new(String::new()));
+    let (stderr_done, stderr_closed) = std::sync::mpsc::channel::<()>();
     {
         let last_err = last_err.clone();
         let name = name.to_owned();
@@ -140,11 +153,13 @@ fn spawn_local(name: &str, program: &Path, args: &[String]) -> Result<Channels, 
                     *l = line;
                 }
             }
+            let _ = stderr_done.send(());
         });
     }
     let rx = spawn_reader(stdout, move || {
-        // Give the stderr thread a moment to record why the agent stopped.
-        std::thread::sleep(Duration::from_millis(50));
+        // Why the agent stopped is the last line of its stderr: wait until that closes too (a
+        // process it left behind could hold it open: not for long).
+        let _ = stderr_closed.recv_timeout(Duration::from_secs(2));
         let why = last_err.lock().map(|l| l.clone()).unwrap_or_default();
         if why.is_empty() { "the agent exited".to_owned() } else { format!("the agent exited: {why}") }
     });
@@ -170,8 +185,8 @@ fn spawn_local(name: &str, program: &Path, args: &[String]) -> Result<Channels, 
 fn spawn_reader(
     r: impl Read + Send + 'static,
     why: impl FnOnce() -> String + Send + 'static,
-) -> mpsc::Receiver<Result<Frame, String>> {
-    let (in_tx, in_rx) = mpsc::channel::<Result<Frame, String>>(64);
+) -> mpsc::Receiver<Result<Frame, LinkError>> {
+    let (in_tx, in_rx) = mpsc::channel::<Result<Frame, LinkError>>(64);
     std::thread::spawn(move || {
         let mut reader = FrameReader::from_read(r);
         loop {
@@ -182,11 +197,11 @@ fn spawn_reader(
                     }
                 }
                 Ok(None) => {
-                    let _ = in_tx.blocking_send(Err(why()));
+                    let _ = in_tx.blocking_send(Err(LinkError::Closed(why())));
                     break;
                 }
                 Err(e) => {
-                    let _ = in_tx.blocking_send(Err(format!("agent protocol error: {e}")));
+                    let _ = in_tx.blocking_send(Err(LinkError::Protocol(e)));
                     break;
                 }
             }
@@ -198,7 +213,7 @@ fn spawn_reader(
 /// Exchange hellos on fresh channels.
 async fn start(
     tx: mpsc::Sender<Frame>,
-    mut rx: mpsc::Receiver<Result<Frame, String>>,
+    mut rx: mpsc::Receiver<Result<Frame, LinkError>>,
     connection: Option<Arc<Connection>>,
     exit: Option<Arc<Mutex<Option<ExitInfo>>>>,
     idle: Option<Duration>,
@@ -222,7 +237,7 @@ async fn start(
     let (facts, version) = match first {
         Err(_) => return Err(ConnectError::Other("the agent did not say hello within 60 s".into())),
         Ok(None) => return Err(exited("the agent exited".into())),
-        Ok(Some(Err(e))) => return Err(exited(e)),
+        Ok(Some(Err(e))) => return Err(exited(e.to_string())),
         Ok(Some(Ok(Frame { message: Message::Hello { protocol, host: Some(facts), gbc_version, .. }, .. })))
             if protocol == PROTOCOL_VERSION =>
         {
@@ -321,19 +336,15 @@ fn shell_quote_remote_path(file: &str) -> String {
     format!("\"{DEPLOY_DIR}\"/{}", shell_quote(file))
 }
 
-/// SHA-256 of this coordinator's binary, hex, computed once.
-fn program_hash(program: &Path) -> Result<&'static str, String> {
-    static HASH: OnceLock<Result<String, String>> = OnceLock::new();
-    HASH.get_or_init(|| {
-        let mut sink = HashSink::new();
-        std::fs::File::open(program)
-            .and_then(|mut f| std::io::copy(&mut f, &mut sink))
-            .map_err(|e| format!("{}: {e}", program.display()))?;
-        Ok(sink.finish().0.to_hex())
-    })
-    .as_ref()
-    .map(String::as_str)
-    .map_err(Clone::clone)
+/// SHA-256 of this coordinator's binary, hex, computed once (blocking: it reads the file).
+fn program_hash(program: &Path) -> std::io::Result<&'static str> {
+    static HASH: OnceLock<String> = OnceLock::new();
+    if let Some(h) = HASH.get() {
+        return Ok(h);
+    }
+    let mut sink = HashSink::new();
+    std::fs::File::open(program).and_then(|mut f| std::io::copy(&mut f, &mut sink))?;
+    Ok(HASH.get_or_init(|| sink.finish().0.to_hex()))
 }
 
 /// Make sure the host has this coordinator's binary, named by its hash, uploading it if not.
@@ -348,7 +359,15 @@ async fn deploy(conn: &Connection, program: &Path) -> Result<(String, String), C
             "auto-deploy: the host is {remote_arch}, this coordinator's gbc is built for {local_arch}; install gbc there and set `agent`"
         )));
     }
-    let hash = program_hash(program).map_err(|e| ConnectError::Other(format!("auto-deploy: {e}")))?;
+    let hashing = {
+        let program = program.to_owned();
+        tokio::task::spawn_blocking(move || program_hash(&program))
+    };
+    let hash = match hashing.await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return Err(ConnectError::Other(format!("auto-deploy: {}: {e}", program.display()))),
+        Err(e) => return Err(ConnectError::Other(format!("auto-deploy: {e}"))),
+    };
     let file = format!("gbc-{}", &hash[..32]);
     let target = shell_quote_remote_path(&file);
     let present = conn.run(&format!("test -x {target}"), b"").await.map_err(|e| fail("checking", e))?;

@@ -11,6 +11,28 @@ use std::sync::Arc;
 
 use super::submit::Checked;
 use crate::cache::{Cache, Output, StagedNar};
+use crate::formats::store_path::StorePathError;
+
+/// Why an upload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("cannot upload {path}: {source}")]
+    Path { path: String, source: StorePathError },
+    #[error("{path}: reference {source}")]
+    Reference { path: String, source: StorePathError },
+    #[error("{0} was uploaded twice")]
+    Twice(String),
+    #[error("{path}: {source}")]
+    Nar { path: String, source: std::io::Error },
+    #[error(
+        "{0}: its contents and references do not give this path, and no derivation of the submission has it as an output"
+    )]
+    NotItsPath(String),
+    #[error("{path}: its reference {reference} is neither in the cache nor uploaded")]
+    Unaccounted { path: String, reference: String },
+    #[error("publishing the uploads: {0}")]
+    Publish(std::io::Error),
+}
 
 /// The inputs of a submission the cache lacks (in its store dir; others it can never hold).
 pub fn wanted(cache: &Cache, checked: &Checked) -> Vec<String> {
@@ -38,23 +60,26 @@ impl Uploads {
     }
 
     /// Receive the NAR of `path` from `nar` and check that it may be published as that path.
-    pub fn add(&mut self, path: &str, references: Vec<String>, nar: impl Read) -> Result<(), String> {
+    pub fn add(&mut self, path: &str, references: Vec<String>, nar: impl Read) -> Result<(), UploadError> {
         let store_dir = self.cache.store_dir().clone();
-        let sp = store_dir.parse_path(path).map_err(|e| format!("cannot upload {path}: {e}"))?;
+        let sp = store_dir.parse_path(path).map_err(|source| UploadError::Path { path: path.to_owned(), source })?;
         for r in &references {
-            store_dir.parse_path(r).map_err(|e| format!("{path}: reference {e}"))?;
+            store_dir.parse_path(r).map_err(|source| UploadError::Reference { path: path.to_owned(), source })?;
         }
         if self.staged.contains_key(path) {
-            return Err(format!("{path} was uploaded twice"));
+            return Err(UploadError::Twice(path.to_owned()));
         }
-        let (staged, flat) = self.cache.stage_checked(nar).map_err(|e| format!("{path}: {e}"))?;
-        let nar_hash: [u8; 32] = staged.nar_hash.digest().try_into().map_err(|_| format!("{path}: NAR hash"))?;
+        let nar_error = |source| UploadError::Nar { path: path.to_owned(), source };
+        let (staged, flat) = self.cache.stage_checked(nar).map_err(nar_error)?;
+        let nar_hash: [u8; 32] = staged
+            .nar_hash
+            .digest()
+            .try_into()
+            .map_err(|_| nar_error(std::io::Error::other("the NAR hash is not SHA-256")))?;
         let ca = store_dir.content_address(&sp, &references, &nar_hash, flat.as_ref());
         let deriver = self.outputs.get(path);
         if ca.is_none() && deriver.is_none() {
-            return Err(format!(
-                "{path}: its contents and references do not give this path, and no derivation of the submission has it as an output"
-            ));
+            return Err(UploadError::NotItsPath(path.to_owned()));
         }
         let out = Output {
             path: path.to_owned(),
@@ -76,17 +101,15 @@ impl Uploads {
     }
 
     /// Publish everything uploaded, once every reference is accounted for. Returns how many paths.
-    pub fn publish(self) -> Result<usize, String> {
+    pub fn publish(self) -> Result<usize, UploadError> {
         for (o, _) in self.staged.values() {
             if let Some(r) = o.references.iter().find(|r| !self.staged.contains_key(*r) && !self.cache.has(r)) {
-                return Err(format!("{}: its reference {r} is neither in the cache nor uploaded", o.path));
+                return Err(UploadError::Unaccounted { path: o.path.clone(), reference: r.clone() });
             }
         }
         let n = self.staged.len();
         if n > 0 {
-            self.cache
-                .publish(self.staged.into_values().collect())
-                .map_err(|e| format!("publishing the uploads: {e}"))?;
+            self.cache.publish(self.staged.into_values().collect()).map_err(UploadError::Publish)?;
         }
         Ok(n)
     }

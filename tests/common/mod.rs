@@ -139,6 +139,21 @@ pub fn instantiate(file: &str, store: Option<&str>, attrs: &[&str], salt: &str) 
     attrs.iter().map(|a| a.to_string()).zip(paths).collect()
 }
 
+/// [`instantiate`] in the default store, as attribute → `.drv` path.
+pub fn drvs(file: &str, attrs: &[&str], salt: &str) -> std::collections::BTreeMap<String, String> {
+    instantiate(file, None, attrs, salt).into_iter().collect()
+}
+
+/// A command's stderr, for messages.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A command's stdout lines.
+pub fn lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
 /// `/nix/store/<hash>-NAME.drv` → NAME
 pub fn drv_name(path: &str) -> &str {
     let base = path.rsplit('/').next().unwrap();
@@ -218,6 +233,55 @@ impl Coordinator {
             assert!(std::time::Instant::now() < deadline, "the coordinator did not listen: {}", self.log());
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// `gbc show --json` of a build.
+    pub fn show(&self, uuid: &str) -> serde_json::Value {
+        serde_json::from_str(&run_ok_str(&mut self.gbc(&["show", "--json", uuid]))).unwrap()
+    }
+
+    /// `gbc builds --json`: the newest builds (up to 1000), newest first.
+    pub fn builds(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&run_ok_str(&mut self.gbc(&["builds", "--json", "--limit", "1000"]))).unwrap()
+    }
+
+    /// A build's state.
+    pub fn state(&self, uuid: &str) -> String {
+        self.show(uuid)["state"].as_str().unwrap().to_owned()
+    }
+
+    /// `gbc machines --json`.
+    pub fn machines(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&run_ok_str(&mut self.gbc(&["machines", "--json"]))).unwrap()
+    }
+
+    /// `gbc submit` of `drvs` with `extra` flags; the builds' UUIDs.
+    pub fn submit<S: AsRef<std::ffi::OsStr>>(&self, drvs: &[S], extra: &[&str]) -> Vec<String> {
+        let out = run(self.gbc(&["submit"]).args(extra).args(drvs));
+        assert!(out.status.success(), "submit: {}", stderr(&out));
+        let uuids = lines(&out);
+        assert_eq!(uuids.len(), drvs.len());
+        uuids
+    }
+
+    /// `gbc watch` of these builds, insisting they all succeed.
+    pub fn watch_ok(&self, uuids: &[String]) {
+        let out = run(self.gbc(&["watch"]).args(uuids));
+        assert!(out.status.success(), "{}\n{}", stderr(&out), self.log());
+    }
+
+    /// Poll `ok` until it holds, failing (with the coordinator's log) after `secs` seconds.
+    pub fn wait_until(&self, what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while !ok() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}:\n{}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Wait (a minute at most) until a build is in state `wanted`.
+    pub fn wait_for_state(&self, uuid: &str, wanted: &str) {
+        self.wait_until(&format!("{uuid} is {wanted}"), 60, || self.state(uuid) == wanted);
     }
 
     /// What it printed.

@@ -81,17 +81,17 @@ pub(super) fn possible_references(
     a: &Active,
     meta: &PathMeta,
     cache: Option<&Cache>,
-) -> Result<BTreeSet<String>, String> {
+) -> Result<BTreeSet<String>, AttemptResult> {
     let mut candidates: BTreeSet<String> = a.announced.clone();
     candidates.extend(a.job.inputs.iter().cloned());
     candidates.extend(a.expected.values().cloned());
     if cache.is_some_and(|c| c.store_dir().parse_path(&meta.path).is_ok())
         && let Some(r) = meta.references.iter().find(|r| !candidates.contains(*r))
     {
-        return Err(format!(
+        return Err(rejected(format!(
             "the host says {} refers to {r}, which is not among the build's inputs or outputs",
             meta.path
-        ));
+        )));
     }
     candidates.extend(meta.references.iter().cloned());
     Ok(candidates)
@@ -136,7 +136,7 @@ pub(super) fn finished(
                 a.claimed = outputs;
                 None
             }
-            Err(reason) => Some(rejected(reason)),
+            Err(rejection) => Some(rejection),
         },
         BuildStatus::BuildFailure { exit_code, reason } => {
             let reason = match exit_code {
@@ -161,20 +161,24 @@ fn check_outputs(
     expected: &BTreeMap<String, String>,
     outputs: &[BuiltOutput],
     trusted: &[PublicKey],
-) -> Result<(), String> {
+) -> Result<(), AttemptResult> {
     if outputs.len() != expected.len() {
-        return Err(format!("the agent reported {} outputs, the derivation has {}", outputs.len(), expected.len()));
+        let reason = format!("the agent reported {} outputs, the derivation has {}", outputs.len(), expected.len());
+        return Err(rejected(reason));
     }
     for o in outputs {
         if expected.get(&o.name) != Some(&o.meta.path) {
-            return Err(format!("the agent reported output {} at {}, not the derivation's path", o.name, o.meta.path));
+            let reason = format!("the agent reported output {} at {}, not the derivation's path", o.name, o.meta.path);
+            return Err(rejected(reason));
         }
         let hash = crate::formats::hash::Hash::parse(&o.meta.nar_hash)
-            .map_err(|e| format!("output {}: bad NAR hash {}: {e}", o.name, o.meta.nar_hash))?;
+            .map_err(|e| rejected(format!("output {}: bad NAR hash {}: {e}", o.name, o.meta.nar_hash)))?;
         let fp = narinfo::fingerprint(&o.meta.path, &hash, o.meta.nar_size, &o.meta.references);
-        let sig = Signature::parse(&o.signature).map_err(|e| format!("output {}: bad signature: {e}", o.name))?;
+        let sig =
+            Signature::parse(&o.signature).map_err(|e| rejected(format!("output {}: bad signature: {e}", o.name)))?;
         if !trusted.iter().any(|k| k.name() == sig.key_name() && k.verify(fp.as_bytes(), &sig)) {
-            return Err(format!("output {}: not signed by a trusted key (signature by {})", o.name, sig.key_name()));
+            let reason = format!("output {}: not signed by a trusted key (signature by {})", o.name, sig.key_name());
+            return Err(rejected(reason));
         }
     }
     Ok(())

@@ -300,7 +300,7 @@ mod tests {
 
     /// The agent's side of a session, played by a test over channels.
     struct FakeAgent {
-        to_driver: mpsc::Sender<Result<crate::protocol::Frame, String>>,
+        to_driver: mpsc::Sender<Result<crate::protocol::Frame, crate::coordinator::transport::LinkError>>,
         from_driver: mpsc::Receiver<crate::protocol::Frame>,
     }
 

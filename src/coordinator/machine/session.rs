@@ -138,7 +138,7 @@ impl Driver {
                 },
                 frame = session.rx.recv() => match frame {
                     None => break SessionEnd::Lost { error: "the agent exited".into(), was_up: true },
-                    Some(Err(error)) => break SessionEnd::Lost { error, was_up: true },
+                    Some(Err(error)) => break SessionEnd::Lost { error: error.to_string(), was_up: true },
                     Some(Ok(frame)) => live.frame(frame).await,
                 },
                 Some(work) = work_rx.recv() => live.work(work).await,
@@ -426,7 +426,7 @@ impl Live<'_> {
                 let t = checks::receive(self.d.cache.clone(), key, meta, candidates);
                 self.transfers.insert(transfer, t);
             }
-            Err(reason) => self.end(&key, rejected(reason)).await,
+            Err(rejection) => self.end(&key, rejection).await,
         }
     }
 
