@@ -308,8 +308,13 @@ fn a_kill_during_an_upload_leaves_nothing_valid() {
             message: Message::NarChunk { transfer: 1, payload: half.len() as u64 },
             payload: half.to_vec(),
         });
-        std::thread::sleep(Duration::from_millis(300));
-        // Drop kills the agent with SIGKILL.
+        // Killed once it is writing the half it got (drop kills the agent with SIGKILL).
+        let tmp = tmp.path().join("agent/store/.gbc-tmp");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::fs::read_dir(&tmp).map_or(0, |d| d.count()) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the agent never started receiving");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     let mut agent = Agent::start(tmp.path());
     agent.send(build_msg("b", &drvs["chainB"], vec![a_out.clone()]));

@@ -204,6 +204,7 @@ fn cache_gc_keeps_what_recent_builds_need_and_what_it_refers_to() {
     };
     let nars = || std::fs::read_dir(cache.join("nar")).unwrap().count();
     assert_eq!((narinfos().len(), nars()), (4, 4));
+    // Not synchronisation: what is under test is a time window (--keep-since 2s).
     std::thread::sleep(std::time::Duration::from_secs(3));
     // Built now: refs-base, whose output refers to base's (built 3 s ago, not rebuilt).
     let out = run(&mut c.gbc(&["build", &drvs[1].1]));
