@@ -313,6 +313,20 @@ fn builds_go_to_the_hosts_that_fit_and_their_outputs_equal_nix_s() {
     let m: Vec<Value> = serde_json::from_str(&run_ok_str(&mut c.gbc(&["machines", "--json"]))).unwrap();
     assert_eq!(m.len(), 2, "no built-in localhost next to a machines file: {m:?}");
     assert!(m.iter().all(|m| m["state"] == "up"), "{m:?}");
+
+    // Issue 13: `gbc machines test` works beside the running coordinator, whose agent holds
+    // alpha's store: it tests with a scratch store, says so, and leaves nothing behind.
+    let probe = run(gbc().args(["machines", "test", "alpha", "--machines"]).arg(&farm.file));
+    let said = stdout(&probe);
+    assert!(probe.status.success(), "{said}\n{}", stderr(&probe));
+    assert!(said.contains("tested with a scratch store") && said.contains("there and back"), "{said}");
+    let left: Vec<_> = std::fs::read_dir(farm.alpha.agent_dir.join("agent"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("scratch-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(machine_state(&c, "alpha").as_deref(), Some("up"), "the coordinator's session is untouched");
 }
 
 fn machine_state(c: &Coordinator, name: &str) -> Option<String> {

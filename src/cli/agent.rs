@@ -14,6 +14,7 @@ use crate::store::LocalStore;
 pub struct Options {
     pub state_dir: Option<PathBuf>,
     pub store_root: Option<PathBuf>,
+    pub scratch_store: bool,
     pub signing_key: Option<PathBuf>,
     pub systems: Vec<String>,
     pub features: Vec<String>,
@@ -38,7 +39,15 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         Some(s) => s,
         None => default_state_dir()?,
     };
-    let store_root = opts.store_root.unwrap_or_else(|| state.join("agent/store"));
+    let scratch = opts.scratch_store.then(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        Scratch(state.join(format!("agent/scratch-{}-{nanos}", std::process::id())))
+    });
+    let store_root = match (&scratch, opts.store_root) {
+        (Some(s), _) => s.0.clone(),
+        (None, Some(r)) => r,
+        (None, None) => state.join("agent/store"),
+    };
     let store = LocalStore::open(&store_root)?;
     let key_file = opts.signing_key.unwrap_or_else(|| state.join("agent/signing-key.secret"));
     let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
@@ -67,5 +76,27 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let stdin = std::fs::File::from(rustix::io::dup(io::stdin())?);
     let input = io::BufReader::with_capacity(16 * 1024, stdin);
     serve(config, input, io::BufWriter::with_capacity(64 * 1024, super::raw_stdout()?))?;
+    drop(scratch);
     Ok(())
+}
+
+/// A scratch store, removed (made writable first: store paths are read-only) when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        fn writable(dir: &std::path::Path) {
+            use std::os::unix::fs::PermissionsExt as _;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    writable(&entry.path());
+                }
+            }
+        }
+        writable(&self.0);
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!("removing the scratch store {}: {e}", self.0.display());
+        }
+    }
 }

@@ -101,6 +101,10 @@ pub enum Command {
         /// Where store paths live (default: <state dir>/agent/store).
         #[arg(long, value_name = "DIR")]
         store_root: Option<PathBuf>,
+        /// Use a fresh empty store of its own, removed when the session ends: what `gbc machines
+        /// test` asks for when a running coordinator's agent holds the host's store.
+        #[arg(long, conflicts_with = "store_root")]
+        scratch_store: bool,
         /// Secret key to sign outputs with (default: <state dir>/agent/signing-key.secret, created
         /// when missing).
         #[arg(long, value_name = "FILE")]

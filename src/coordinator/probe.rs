@@ -31,7 +31,18 @@ fn fail(kind: &'static str, message: impl Into<String>) -> Failure {
 pub async fn probe(spec: &MachineSpec) -> Vec<Step> {
     let mut steps = Vec::new();
     let t0 = Instant::now();
-    let mut session = match spec.transport.connect(&spec.name, None).await {
+    let mut connected = spec.transport.connect(&spec.name, None).await;
+    // A coordinator running there holds the agent's store: test with a scratch store instead.
+    let mut scratch = false;
+    if let (Err(ConnectError::Other(m)), super::transport::Transport::Ssh(agent)) = (&connected, &spec.transport)
+        && m.contains("the store is in use by another gbc process")
+    {
+        let mut agent = agent.clone();
+        agent.args.push("--scratch-store".into());
+        connected = super::transport::Transport::Ssh(agent).connect(&spec.name, None).await;
+        scratch = true;
+    }
+    let mut session = match connected {
         Ok(s) => s,
         Err(e) => {
             let kind = e.kind();
@@ -46,6 +57,9 @@ pub async fn probe(spec: &MachineSpec) -> Vec<Step> {
         }
     };
     let mut said = format!("host key checked, agent gbc {} up in {:.2?}", session.version, t0.elapsed());
+    if scratch {
+        said.push_str("; its store is in use (a running coordinator's agent holds it): tested with a scratch store");
+    }
     for note in &session.notes {
         said.push_str("; ");
         said.push_str(note);
