@@ -31,15 +31,6 @@ pub enum Compression {
 }
 
 impl Compression {
-    pub fn parse(s: &str) -> Result<Compression, String> {
-        match s {
-            "none" => Ok(Compression::None),
-            "zstd" => Ok(Compression::Zstd),
-            "xz" => Ok(Compression::Xz),
-            other => Err(format!("unknown compression {other:?}: use zstd, xz or none")),
-        }
-    }
-
     /// The narinfo's `Compression:` value.
     pub fn name(self) -> &'static str {
         match self {

@@ -181,7 +181,16 @@ fn a_running_build_s_log_can_be_followed() {
     let b = c.submit(&[&drvs["ticker"]], &[]);
     c.wait_for_state(&b[0], "running");
     let t0 = Instant::now();
-    let followed = run_ok_str(&mut c.gbc(&["log", &b[0]]));
+    let mut follower = c.gbc(&["log", &b[0]]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = std::io::BufReader::new(follower.stdout.take().unwrap());
+    let mut followed = String::new();
+    // The first tick comes while the build still runs: the log is streamed as it grows.
+    while !followed.contains("tick") {
+        assert_ne!(std::io::BufRead::read_line(&mut out, &mut followed).unwrap(), 0, "{followed}");
+    }
+    assert_eq!(c.state(&b[0]), "running", "{followed}");
+    std::io::Read::read_to_string(&mut out, &mut followed).unwrap();
+    assert!(follower.wait().unwrap().success());
     assert!(t0.elapsed() > Duration::from_millis(500), "it followed the build to its end");
     assert_eq!(c.state(&b[0]), "succeeded");
     let ticks: Vec<&str> = followed.lines().filter(|l| l.starts_with("tick")).collect();

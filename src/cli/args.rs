@@ -2,6 +2,7 @@
 //! pages are generated from.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -82,12 +83,12 @@ pub enum Command {
         /// NIX_BUILD_CORES for the builder (default: this machine's cores).
         #[arg(long, value_name = "N")]
         cores: Option<u32>,
-        /// Kill the build after this many seconds without log output.
-        #[arg(long, value_name = "SECONDS")]
-        max_silent_time: Option<u64>,
-        /// Kill the build after this many seconds.
-        #[arg(long, value_name = "SECONDS")]
-        timeout: Option<u64>,
+        /// Kill the build after this long without log output (seconds, or a duration like 1h).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        max_silent_time: Option<Duration>,
+        /// Kill the build after this long (seconds, or a duration like 3h).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Option<Duration>,
     },
     /// Serve the build-host side of gbc's protocol on standard input and output.
     ///
@@ -288,20 +289,20 @@ pub struct CoordinatorOpts {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Parallel builds of the local machine (default: this host's cores).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub local_builds: Option<u32>,
     /// Attempts a build gets when its setup fails or its machine is lost, before it fails.
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
-    /// Seconds running builds may go on after SIGINT/SIGTERM.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
-    pub grace: u64,
-    /// Kill a build after this many seconds without log output.
-    #[arg(long, value_name = "SECONDS")]
-    pub max_silent_time: Option<u64>,
-    /// Kill a build after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    pub timeout: Option<u64>,
+    /// How long running builds may go on after SIGINT/SIGTERM (seconds, or a duration like 5m).
+    #[arg(long, value_name = "DURATION", default_value = "30", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Kill a build after this long without log output (seconds, or a duration like 1h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_silent_time: Option<Duration>,
+    /// Kill a build after this long (seconds, or a duration like 3h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
     /// Stop a build whose log passes this size (bytes, or with a K, M or G suffix; 0: no limit);
     /// the log keeps its first SIZE bytes and the build fails.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
@@ -310,19 +311,19 @@ pub struct CoordinatorOpts {
     /// With one, the built-in localhost machine is used only if --local-builds is given.
     #[arg(long, value_name = "FILE")]
     pub machines: Option<PathBuf>,
-    /// Seconds to wait before reconnecting to a lost host; tripled after each failure in a row
+    /// How long to wait before reconnecting to a lost host; tripled after each failure in a row
     /// (plus up to 10% at random, at most an hour).
-    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
-    pub reconnect_delay: u64,
-    /// Seconds of silence on an SSH connection before a keepalive; 4 unanswered drop it.
-    #[arg(long, value_name = "SECONDS", default_value_t = 15, hide = true)]
-    pub ssh_keepalive: u64,
-    /// Seconds between load queries to each agent.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30, hide = true)]
-    pub ping_interval: u64,
+    #[arg(long, value_name = "DURATION", default_value = "60", value_parser = parse_duration)]
+    pub reconnect_delay: Duration,
+    /// Silence on an SSH connection before a keepalive; 4 unanswered drop it.
+    #[arg(long, value_name = "DURATION", default_value = "15", value_parser = parse_positive_duration, hide = true)]
+    pub ssh_keepalive: Duration,
+    /// Time between load queries to each agent.
+    #[arg(long, value_name = "DURATION", default_value = "30", value_parser = parse_positive_duration, hide = true)]
+    pub ping_interval: Duration,
     /// How NARs are compressed in the binary cache: zstd (fast), xz (smaller, slower) or none.
-    #[arg(long, value_name = "METHOD", default_value = "zstd")]
-    pub compression: String,
+    #[arg(long, value_name = "METHOD", value_enum, default_value_t = CompressionArg::Zstd)]
+    pub compression: CompressionArg,
     /// The store dir of the binary cache (<state dir>/cache); outputs in other store dirs are
     /// built and recorded but not published.
     #[arg(long, value_name = "DIR", default_value = "/nix/store")]
@@ -335,19 +336,19 @@ pub struct CoordinatorOpts {
     /// this address, e.g. 0.0.0.0:8080.
     #[arg(long, value_name = "ADDR:PORT")]
     pub http: Option<std::net::SocketAddr>,
-    /// Seconds an HTTP client has to send a request's header; also the longest a kept-alive
+    /// How long an HTTP client has to send a request's header; also the longest a kept-alive
     /// connection waits for its next request.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
-    pub http_header_timeout: u64,
-    /// Close an HTTP connection on which nothing has moved for this many seconds (a client that
-    /// stopped reading a NAR, or sending a request).
-    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
-    pub http_idle_timeout: u64,
+    #[arg(long, value_name = "DURATION", default_value = "30", value_parser = parse_positive_duration)]
+    pub http_header_timeout: Duration,
+    /// Close an HTTP connection on which nothing has moved for this long (a client that stopped
+    /// reading a NAR, or sending a request).
+    #[arg(long, value_name = "DURATION", default_value = "60", value_parser = parse_positive_duration)]
+    pub http_idle_timeout: Duration,
     /// HTTP connections served at once; more wait in the kernel's queue until one closes. It is
     /// lowered if the file descriptor limit would not leave room for the rest of the coordinator
     /// (its client socket, database, machines and builds).
-    #[arg(long, value_name = "N", default_value_t = 512)]
-    pub http_max_connections: usize,
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_max_connections: u64,
 }
 
 /// What `submit` and `build` queue, and how.
@@ -367,6 +368,43 @@ pub struct SubmitOpts {
     pub no_upload: bool,
     #[arg(required = true, value_name = "DRV")]
     pub drvs: Vec<PathBuf>,
+}
+
+/// How the cache compresses NARs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompressionArg {
+    Zstd,
+    Xz,
+    None,
+}
+
+impl From<CompressionArg> for crate::cache::Compression {
+    fn from(c: CompressionArg) -> Self {
+        match c {
+            CompressionArg::Zstd => crate::cache::Compression::Zstd,
+            CompressionArg::Xz => crate::cache::Compression::Xz,
+            CompressionArg::None => crate::cache::Compression::None,
+        }
+    }
+}
+
+/// A number of seconds (`90`), or a duration as humantime writes it (`90s`, `5m`, `12h`, `30d`,
+/// `1h 30m`), in whole seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration (seconds, or like 90m, 12h, 30d): {e}"))?,
+    };
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{s:?}: durations here are whole seconds"));
+    }
+    Ok(d)
+}
+
+/// [`parse_duration`], at least a second.
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).and_then(|d| if d.is_zero() { Err("must be at least 1 second".into()) } else { Ok(d) })
 }
 
 /// `1048576`, `512K`, `64M`, `2G` (powers of 1024).
@@ -475,8 +513,8 @@ pub enum CacheCommand {
     /// the NARs no remaining narinfo names. Runs in the coordinator, which stops publishing meanwhile.
     Gc {
         /// How far back builds count as recent: seconds, or a number with s, m, h or d (30d).
-        #[arg(long, value_name = "DURATION")]
-        keep_since: String,
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        keep_since: Duration,
         #[command(flatten)]
         client: ClientOpts,
     },

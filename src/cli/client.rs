@@ -350,25 +350,18 @@ fn describe_event(ev: &Event) -> String {
 
 /// UTC time of day.
 fn clock(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let day = secs.rem_euclid(86_400);
-    format!("{:02}:{:02}:{:02}", day / 3600, day % 3600 / 60, day % 60)
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => t.strftime("%H:%M:%S").to_string(),
+        Err(_) => format!("{ms} ms"),
+    }
 }
 
 /// UTC date and time, `YYYY-MM-DD HH:MM:SS`.
 fn datetime(ms: i64) -> String {
-    // Days to civil date (Howard Hinnant's algorithm).
-    let days = ms.div_euclid(86_400_000);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {}", clock(ms))
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => t.strftime("%Y-%m-%d %H:%M:%S").to_string(),
+        Err(_) => format!("{ms} ms"),
+    }
 }
 
 /// Stream a watch to its end; returns how many watched builds did not succeed.
@@ -619,27 +612,8 @@ pub fn stats(client: &ClientOpts, reset: bool) -> anyhow::Result<()> {
     }
 }
 
-/// `30d`, `12h`, `90m`, `45s` or a number of seconds.
-fn parse_duration(s: &str) -> Option<u64> {
-    let (num, unit) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
-        _ => (s, 's'),
-    };
-    let n: u64 = num.parse().ok()?;
-    let mult = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86400,
-        _ => return None,
-    };
-    n.checked_mul(mult)
-}
-
-pub fn cache_gc(client: &ClientOpts, keep_since: &str) -> anyhow::Result<()> {
-    let secs = parse_duration(keep_since)
-        .ok_or_else(|| anyhow::anyhow!("--keep-since {keep_since:?}: not a duration (like 3600, 90m, 12h or 30d)"))?;
-    let keep_since_ms = api::now_ms().saturating_sub(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX));
+pub fn cache_gc(client: &ClientOpts, keep_since: std::time::Duration) -> anyhow::Result<()> {
+    let keep_since_ms = api::now_ms().saturating_sub(i64::try_from(keep_since.as_millis()).unwrap_or(i64::MAX));
     let mut c = Client::connect(client)?;
     match c.call(&Request::CacheGc { keep_since_ms })? {
         Reply::CacheGc { gc } => {
@@ -660,17 +634,6 @@ pub fn cache_gc(client: &ClientOpts, keep_since: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("3600"), Some(3600));
-        assert_eq!(parse_duration("90m"), Some(5400));
-        assert_eq!(parse_duration("12h"), Some(43200));
-        assert_eq!(parse_duration("30d"), Some(30 * 86400));
-        assert_eq!(parse_duration("3w"), None);
-        assert_eq!(parse_duration("h"), None);
-        assert_eq!(parse_duration(""), None);
-    }
 
     #[test]
     fn dates_are_utc_civil_dates() {

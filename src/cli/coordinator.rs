@@ -1,26 +1,16 @@
 //! `gbc coordinator`: set up from the command line and run until stopped.
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 
 use super::args::CoordinatorOpts;
 use super::realise::default_state_dir;
-use crate::cache::Compression;
 use crate::coordinator::{self, Config};
 
 pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
-    let compression = Compression::parse(&opts.compression).map_err(|e| anyhow::anyhow!("--compression: {e}"))?;
     let state_dir = match opts.state_dir {
         Some(s) => s,
         None => default_state_dir()?,
     };
-    if opts.local_builds == Some(0) {
-        anyhow::bail!("--local-builds must be at least 1");
-    }
-    if opts.ping_interval == 0 {
-        anyhow::bail!("--ping-interval must be at least 1");
-    }
     let machines_file = match opts.machines {
         Some(f) => Some(f),
         None => Some(state_dir.join("machines.ron")).filter(|f| f.exists()),
@@ -29,9 +19,6 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
         Some(f) => Some(crate::machines::load(f).map_err(|e| super::check_failed("machines file", e))?),
         None => None,
     };
-    if opts.max_attempts == 0 {
-        anyhow::bail!("--max-attempts must be at least 1");
-    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("GBC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -41,23 +28,23 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
         state_dir,
         local_builds: opts.local_builds,
         max_attempts: opts.max_attempts,
-        grace: Duration::from_secs(opts.grace),
-        timeout_secs: opts.timeout,
-        max_silent_secs: opts.max_silent_time,
+        grace: opts.grace,
+        timeout_secs: opts.timeout.map(|d| d.as_secs()),
+        max_silent_secs: opts.max_silent_time.map(|d| d.as_secs()),
         max_log_size: (opts.max_log_size > 0).then_some(opts.max_log_size),
         agent_program: std::env::current_exe().context("finding the gbc binary")?,
         machines_file,
-        reconnect_delay: Duration::from_secs(opts.reconnect_delay),
-        ssh_keepalive: Duration::from_secs(opts.ssh_keepalive.max(1)),
-        ping_interval: Duration::from_secs(opts.ping_interval),
-        compression,
+        reconnect_delay: opts.reconnect_delay,
+        ssh_keepalive: opts.ssh_keepalive,
+        ping_interval: opts.ping_interval,
+        compression: opts.compression.into(),
         cache_store_dir: opts.cache_store_dir,
         cache_key: opts.signing_key,
         http: opts.http,
         http_limits: coordinator::HttpLimits {
-            header_timeout: Duration::from_secs(opts.http_header_timeout.max(1)),
-            idle_timeout: Duration::from_secs(opts.http_idle_timeout.max(1)),
-            max_connections: opts.http_max_connections.max(1),
+            header_timeout: opts.http_header_timeout,
+            idle_timeout: opts.http_idle_timeout,
+            max_connections: usize::try_from(opts.http_max_connections).unwrap_or(usize::MAX),
             read_ahead: coordinator::HttpLimits::DEFAULT_READ_AHEAD,
         },
     };

@@ -58,7 +58,24 @@ pub(crate) fn warn(msg: impl std::fmt::Display) {
 
 /// Entry point of the `gbc` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            e.exit()
+        }
+        Err(e) => {
+            // One line, as every error: clap's message without its advice line.
+            let text = e.render().to_string();
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+                .collect();
+            let line = line.join(" ");
+            let _ = writeln!(io::stderr(), "gbc: {line}");
+            return ExitCode::from(2);
+        }
+    };
     // The sandbox stages report through their exit code and error file, not through the CLI's errors.
     match &cli.command {
         Command::Sandbox { spec } => return crate::build::sandbox::stage1(spec),
@@ -122,7 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cache { command: CacheCommand::PublicKey { state_dir, signing_key } } => {
             keys::cache_public_key(state_dir, signing_key)
         }
-        Command::Cache { command: CacheCommand::Gc { keep_since, client } } => client::cache_gc(&client, &keep_since),
+        Command::Cache { command: CacheCommand::Gc { keep_since, client } } => client::cache_gc(&client, keep_since),
         Command::CheckConfig { file, state_dir } => machines::check_config(file, state_dir),
         Command::Submit { submit, json, client } => client::submit(&client, &submit, json),
         Command::Watch { json, uuids, client } => client::watch(&client, uuids, json),

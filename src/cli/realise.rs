@@ -30,8 +30,8 @@ pub fn default_state_dir() -> anyhow::Result<PathBuf> {
 pub struct Options {
     pub store_root: Option<PathBuf>,
     pub cores: Option<u32>,
-    pub max_silent: Option<u64>,
-    pub timeout: Option<u64>,
+    pub max_silent: Option<Duration>,
+    pub timeout: Option<Duration>,
 }
 
 pub fn run(file: &Path, opts: &Options) -> anyhow::Result<()> {
@@ -44,8 +44,8 @@ pub fn run(file: &Path, opts: &Options) -> anyhow::Result<()> {
     if let Some(c) = opts.cores {
         settings.cores = c;
     }
-    settings.max_silent = opts.max_silent.map(Duration::from_secs);
-    settings.timeout = opts.timeout.map(Duration::from_secs);
+    settings.max_silent = opts.max_silent;
+    settings.timeout = opts.timeout;
     let mut done = BTreeMap::new();
     let outputs = realise(&store, &settings, file, &mut DrvGraph::new(), &mut done)?;
     let mut out = io::stdout().lock();

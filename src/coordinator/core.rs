@@ -116,6 +116,7 @@ pub(super) trait Drivers: Send {
 /// The drivers of a running coordinator: a [`Driver`] task per machine.
 pub(super) struct RealDrivers {
     pub config: Config,
+    pub log_written: Arc<tokio::sync::Notify>,
     pub cache: Arc<crate::cache::Cache>,
     pub events: mpsc::UnboundedSender<DriverEvent>,
 }
@@ -134,6 +135,7 @@ impl Drivers for RealDrivers {
             timeout_secs: self.config.timeout_secs,
             max_silent_secs: self.config.max_silent_secs,
             max_log_size: self.config.max_log_size,
+            log_written: self.log_written.clone(),
             events: self.events.clone(),
         };
         tokio::spawn(driver.run(commands));

@@ -81,7 +81,9 @@ pub async fn run(
     let (events, _) = broadcast::channel(16 * 1024);
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(1024);
     let (drv_tx, drv_rx) = mpsc::unbounded_channel::<DriverEvent>();
-    let drivers = RealDrivers { config: config.clone(), cache: cache.clone(), events: drv_tx };
+    let log_written = Arc::new(tokio::sync::Notify::new());
+    let drivers =
+        RealDrivers { config: config.clone(), log_written: log_written.clone(), cache: cache.clone(), events: drv_tx };
     let mut core =
         Core::new(config.clone(), db.clone(), cache.clone(), events.clone(), Box::new(drivers), machines).await?;
     tracing::info!("coordinator: {} builds queued; listening on {}", core.queued_len(), config.socket.display());
@@ -109,6 +111,7 @@ pub async fn run(
         cache,
         commands: cmd_tx.clone(),
         events,
+        log_written,
         state_dir: config.state_dir.clone(),
     };
     let server_task = tokio::spawn(server::serve(Arc::new(srv), listeners.socket));

@@ -33,6 +33,8 @@ pub(super) struct Server {
     pub cache: Arc<crate::cache::Cache>,
     pub commands: mpsc::Sender<Command>,
     pub events: broadcast::Sender<Event>,
+    /// Woken whenever a build log grows or is closed.
+    pub log_written: Arc<tokio::sync::Notify>,
     pub state_dir: PathBuf,
 }
 
@@ -367,10 +369,17 @@ impl Server {
             }
             None => detail.attempt_list.last().map_or(0, |a| a.n),
         };
+        // Following is driven by what happens, not by polling: the drivers' log threads wake
+        // `log_written` after each piece, the core's events say when an attempt or the build ends.
+        let mut events = self.events.subscribe();
         let mut offset = 0u64;
         loop {
             if n > 0 {
                 loop {
+                    let written = self.log_written.notified();
+                    tokio::pin!(written);
+                    // Registered before reading, so a piece written meanwhile still wakes us.
+                    written.as_mut().enable();
                     let stored = logs::find(&self.state_dir, uuid, n);
                     let done = !matches!(stored, logs::Stored::Plain(_));
                     let chunk = tokio::task::block_in_place(|| logs::read_from(&stored, offset, 1 << 20))?;
@@ -384,13 +393,19 @@ impl Server {
                         break;
                     }
                     out.flush().await?;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // The log may also have been compressed between `find` and the read; a
+                    // minute's wait at most covers a wake-up missed for any other reason.
+                    let _ = tokio::time::timeout(Duration::from_secs(60), written).await;
                 }
             }
             if !follow || attempt.is_some() {
                 break;
             }
-            // The attempt is over: the build has ended, or a new attempt starts (or will).
+            // The attempt is over (or its log not begun): the build has ended, or a new attempt
+            // starts (or will), or the log begins.
+            let written = self.log_written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
             let Some(now) = self.db.show(uuid).await? else { break };
             let latest = now.attempt_list.last().map_or(0, |a| a.n);
             if latest > n {
@@ -402,7 +417,19 @@ impl Server {
                 break;
             }
             out.flush().await?;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let deadline = tokio::time::sleep(Duration::from_secs(60));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(ev) if ev.build != uuid => continue,
+                        Err(broadcast::error::RecvError::Closed) => return Err(RequestError::Stopping),
+                        _ => break,
+                    },
+                    () = &mut written => break,
+                    () = &mut deadline => break,
+                }
+            }
         }
         send(out, &Reply::End).await
     }

@@ -111,6 +111,8 @@ pub struct Driver {
     pub max_silent_secs: Option<u64>,
     /// Stop a build whose log passes this many bytes.
     pub max_log_size: Option<u64>,
+    /// Woken whenever a log grows or is closed (for `gbc log --follow`).
+    pub log_written: Arc<tokio::sync::Notify>,
     pub events: mpsc::UnboundedSender<DriverEvent>,
 }
 
@@ -260,6 +262,7 @@ mod tests {
             timeout_secs: None,
             max_silent_secs: None,
             max_log_size: None,
+            log_written: Arc::default(),
             events,
         };
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
@@ -397,6 +400,7 @@ mod tests {
             timeout_secs: None,
             max_silent_secs: None,
             max_log_size: None,
+            log_written: Arc::default(),
             events,
         };
         let (to_agent, from_driver) = mpsc::channel(64);

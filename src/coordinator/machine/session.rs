@@ -122,7 +122,7 @@ impl Driver {
             uploads: HashMap::new(),
             next_upload: 0,
             work,
-            logs: Logs::start(self.name.clone(), self.events.clone()),
+            logs: Logs::start(self.name.clone(), self.events.clone(), self.log_written.clone()),
             inputs: self.cache.clone().map(|c| Inputs::start(c, session.tx.clone())),
         };
         let mut ping = tokio::time::interval(self.ping);
@@ -552,7 +552,7 @@ struct Logs {
 }
 
 impl Logs {
-    fn start(machine: String, events: mpsc::UnboundedSender<DriverEvent>) -> Logs {
+    fn start(machine: String, events: mpsc::UnboundedSender<DriverEvent>, written: Arc<tokio::sync::Notify>) -> Logs {
         let (tx, mut rx) = mpsc::channel::<LogOp>(256);
         let (done_tx, done) = oneshot::channel();
         std::thread::spawn(move || {
@@ -572,6 +572,7 @@ impl Logs {
                             tracing::error!(machine = %machine, "log of {key}: {e}");
                             files.remove(&key);
                         }
+                        written.notify_waiters();
                     }
                     LogOp::Close(key, plain, event) => {
                         if let Some(mut f) = files.remove(&key) {
@@ -580,6 +581,7 @@ impl Logs {
                         if let Err(e) = logs::compress(&plain) {
                             tracing::error!(machine = %machine, "compressing {}: {e}", plain.display());
                         }
+                        written.notify_waiters();
                         let _ = events.send(event);
                     }
                 }
