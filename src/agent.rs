@@ -177,6 +177,7 @@ fn session<R: BufRead + Send + 'static>(config: &Arc<AgentConfig>, input: R, tx:
     let mut transfer_threads: Vec<JoinHandle<()>> = Vec::new();
     loop {
         running.retain(|_, (_, h)| !h.is_finished());
+        transfer_threads.retain(|h| !h.is_finished());
         let next = match idle {
             Some(d) => frames.recv_timeout(d),
             None => frames.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
@@ -243,6 +244,12 @@ fn session<R: BufRead + Send + 'static>(config: &Arc<AgentConfig>, input: R, tx:
                     }
                     Entry::Vacant(slot) => slot,
                 };
+                if transfer_threads.len() >= MAX_TRANSFERS {
+                    let msg = format!("{MAX_TRANSFERS} transfers are under way already: send it again when one ends");
+                    reply_error(tx, msg, None, Some(transfer));
+                    slot.insert(None);
+                    continue;
+                }
                 match receive_nar(config, tx, transfer, meta) {
                     Ok((chunks, handle)) => {
                         slot.insert(Some(chunks));
@@ -267,6 +274,10 @@ fn session<R: BufRead + Send + 'static>(config: &Arc<AgentConfig>, input: R, tx:
                 if transfers.remove(&transfer).is_none() {
                     reply_error(tx, format!("no open transfer {transfer}"), None, Some(transfer));
                 }
+            }
+            Message::Fetch { transfer, path } if transfer_threads.len() >= MAX_TRANSFERS => {
+                let msg = format!("fetch {path}: {MAX_TRANSFERS} transfers are under way already");
+                reply_error(tx, msg, None, Some(transfer));
             }
             Message::Fetch { transfer, path } => {
                 // On its own thread, like a build's outputs: the session goes on meanwhile.
@@ -300,6 +311,10 @@ fn session<R: BufRead + Send + 'static>(config: &Arc<AgentConfig>, input: R, tx:
     }
     Ok(())
 }
+
+/// NARs received or fetched at once, each on a thread of its own (the coordinator sends inputs one
+/// after the other; this bounds what a misbehaving peer can start).
+const MAX_TRANSFERS: usize = 16;
 
 fn kind(m: &Message) -> String {
     serde_json::to_value(m)

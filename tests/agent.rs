@@ -389,3 +389,27 @@ fn an_agent_that_hears_nothing_for_idle_secs_ends_its_session_and_frees_its_stor
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     drop(stdin);
 }
+
+/// Issue 13: a peer can't make the agent start unbounded threads: past 16 transfers under way, a
+/// new one is refused with an error naming it, and the session goes on.
+#[test]
+fn transfers_under_way_are_bounded() {
+    let tmp = tempdir();
+    let mut agent = Agent::start(tmp.path());
+    let meta = |i: u64| PathMeta {
+        path: format!("/nix/store/{}-open-{i}", "0".repeat(32)),
+        nar_hash: format!("sha256:{}", "0".repeat(52)),
+        nar_size: 1000,
+        references: vec![],
+        deriver: None,
+    };
+    for i in 1..=17 {
+        agent.send(Message::NarStart { transfer: i, build: None, meta: meta(i) });
+    }
+    match agent.next().message {
+        Message::Error { transfer: Some(17), message, .. } => assert!(message.contains("16 transfers"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    agent.send(Message::Ping {});
+    assert!(matches!(agent.next().message, Message::Pong { .. }));
+}
