@@ -121,14 +121,23 @@ struct RawMachine {
     auto_deploy: bool,
 }
 
-impl TryFrom<RawMachine> for Machine {
-    type Error = String;
+/// What is wrong with one machine's entry.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidMachine {
+    #[error("machine name {0:?} must be non-empty, without spaces or slashes")]
+    Name(String),
+    #[error("machine \"{name}\": {what}")]
+    Field { name: String, what: String },
+}
 
-    fn try_from(r: RawMachine) -> Result<Machine, String> {
+impl TryFrom<RawMachine> for Machine {
+    type Error = InvalidMachine;
+
+    fn try_from(r: RawMachine) -> Result<Machine, InvalidMachine> {
         let name = &r.name;
-        let bad = |what: String| Err(format!("machine \"{name}\": {what}"));
+        let bad = |what: String| Err(InvalidMachine::Field { name: name.clone(), what });
         if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
-            return Err(format!("machine name {name:?} must be non-empty, without spaces or slashes"));
+            return Err(InvalidMachine::Name(name.clone()));
         }
         if r.host.is_empty() {
             return bad("host is empty".into());

@@ -76,25 +76,41 @@ impl SshError {
     }
 }
 
+/// Why a host key line or a key file can't be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KeyLineError {
+    #[error("{0:?} is not an OpenSSH public key line (\"ssh-ed25519 AAAA…\")")]
+    NotAKeyLine(String),
+    #[error("{line:?}: {message}")]
+    Unreadable { line: String, message: String },
+    #[error("{line:?}: the key is {actual}, not {declared}")]
+    Algorithm { line: String, actual: String, declared: String },
+    /// A private key file that can't be read, parsed or used without a passphrase.
+    #[error("{0}")]
+    Identity(String),
+}
+
 /// A host key as an OpenSSH public key line: `ssh-ed25519 AAAA… [comment]`, or as `ssh-keyscan`
 /// prints it, with the host name first.
-pub fn parse_host_key(line: &str) -> Result<russh::keys::PublicKey, String> {
+pub fn parse_host_key(line: &str) -> Result<russh::keys::PublicKey, KeyLineError> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let (alg, b64) = match words.as_slice() {
         [a, b, ..] if a.starts_with("ssh-") || a.starts_with("ecdsa-") => (*a, *b),
         [_host, a, b, ..] => (*a, *b),
-        _ => return Err(format!("{line:?} is not an OpenSSH public key line (\"ssh-ed25519 AAAA…\")")),
+        _ => return Err(KeyLineError::NotAKeyLine(line.to_owned())),
     };
-    let key = russh::keys::parse_public_key_base64(b64).map_err(|e| format!("{line:?}: {e}"))?;
+    let key = russh::keys::parse_public_key_base64(b64)
+        .map_err(|e| KeyLineError::Unreadable { line: line.to_owned(), message: e.to_string() })?;
     if key.algorithm().as_str() != alg {
-        return Err(format!("{line:?}: the key is {}, not {alg}", key.algorithm().as_str()));
+        let actual = key.algorithm().as_str().to_owned();
+        return Err(KeyLineError::Algorithm { line: line.to_owned(), actual, declared: alg.to_owned() });
     }
     Ok(key)
 }
 
 /// Check that a private key file can be used (read and parsed, without a passphrase).
-pub fn check_identity(path: &Path) -> Result<(), String> {
-    russh::keys::load_secret_key(path, None).map(|_| ()).map_err(|e| e.to_string())
+pub fn check_identity(path: &Path) -> Result<(), KeyLineError> {
+    russh::keys::load_secret_key(path, None).map(|_| ()).map_err(|e| KeyLineError::Identity(e.to_string()))
 }
 
 fn openssh_line(key: &russh::keys::PublicKey) -> String {
@@ -123,26 +139,27 @@ impl client::Handler for Checker {
             }
         };
         let got = openssh_line(key);
-        let verdict: Result<(), String> = match &self.check {
+        // What was expected instead, when the key is not the one.
+        let mismatch: Option<String> = match &self.check {
             HostKeyCheck::Pinned(line) => match parse_host_key(line) {
-                Ok(pinned) if pinned.key_data() == key.key_data() => Ok(()),
-                Ok(pinned) => Err(format!("the pinned host_key is {}", openssh_line(&pinned))),
-                Err(e) => Err(format!("the pinned host_key does not parse: {e}")),
+                Ok(pinned) if pinned.key_data() == key.key_data() => None,
+                Ok(pinned) => Some(format!("the pinned host_key is {}", openssh_line(&pinned))),
+                Err(e) => Some(format!("the pinned host_key does not parse: {e}")),
             },
             HostKeyCheck::KnownHosts(path) => {
                 match russh::keys::check_known_hosts_path(&self.host, self.port, key, path) {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(format!("{} has no {} key for it", path.display(), key.algorithm().as_str())),
+                    Ok(true) => None,
+                    Ok(false) => Some(format!("{} has no {} key for it", path.display(), key.algorithm().as_str())),
                     Err(russh::keys::Error::KeyChanged { line }) => {
-                        Err(format!("{} line {line} records another key", path.display()))
+                        Some(format!("{} line {line} records another key", path.display()))
                     }
-                    Err(e) => Err(format!("{}: {e}", path.display())),
+                    Err(e) => Some(format!("{}: {e}", path.display())),
                 }
             }
         };
-        match verdict {
-            Ok(()) => Ok(true),
-            Err(expected) => {
+        match mismatch {
+            None => Ok(true),
+            Some(expected) => {
                 if let Ok(mut s) = self.seen.lock() {
                     *s = Some((got, expected));
                 }
@@ -442,7 +459,7 @@ mod tests {
         assert!(parse_host_key(&format!("{key} comment")).is_ok());
         assert!(parse_host_key(&format!("[127.0.0.1]:2222 {key}")).is_ok());
         let e = parse_host_key("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAICt8gLdDAnGRd/jMz++Wkv8w45IPl6BGi/collfki9dG");
-        assert!(e.is_err_and(|e| e.contains("not ssh-rsa")));
+        assert!(e.is_err_and(|e| e.to_string().contains("not ssh-rsa")));
         assert!(parse_host_key("ssh-ed25519 AAAA").is_err());
         assert!(parse_host_key("nonsense").is_err());
     }
