@@ -33,24 +33,34 @@ struct Checks {
     ignore_self_refs: bool,
 }
 
+/// Why outputs were refused (Nix's words), or could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// Reading the store's records failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("__json is not JSON: {0}")]
+    Json(serde_json::Error),
+    #[error("outputChecks.{output}.{key}: not a {what}")]
+    Spec { output: String, key: String, what: &'static str },
+    #[error("derivation contains an illegal reference specifier '{0}'")]
+    Specifier(String),
+    #[error("path '{path}' is too large at {size} bytes; limit is {max} bytes")]
+    TooLarge { path: String, size: u64, max: u64 },
+    #[error("closure of path '{path}' is too large at {size} bytes; limit is {max} bytes")]
+    ClosureTooLarge { path: String, size: u64, max: u64 },
+    #[error("output '{path}' is not allowed to refer to: {}", .refs.join(" "))]
+    Refers { path: String, refs: Vec<String> },
+}
+
 /// Check the outputs (name → what was built). `lookup` gives the NAR size and references of a
-/// valid store path (the inputs). The inner error says which check failed.
-pub fn check(
-    drv: &Derivation,
-    outputs: &BTreeMap<String, Built>,
-    lookup: Lookup<'_>,
-) -> io::Result<Result<(), String>> {
-    let checks = match checks_of(drv) {
-        Ok(c) => c,
-        Err(e) => return Ok(Err(e)),
-    };
+/// valid store path (the inputs).
+pub fn check(drv: &Derivation, outputs: &BTreeMap<String, Built>, lookup: Lookup<'_>) -> Result<(), CheckError> {
+    let checks = checks_of(drv)?;
     for (name, built) in outputs {
         let Some(c) = checks.get(name).or_else(|| checks.get("")) else { continue };
         if let Some(max) = c.max_size.filter(|&m| built.nar_size > m) {
-            return Ok(Err(format!(
-                "path '{}' is too large at {} bytes; limit is {max} bytes",
-                built.path, built.nar_size
-            )));
+            return Err(CheckError::TooLarge { path: built.path.clone(), size: built.nar_size, max });
         }
         let needs_closure =
             c.allowed_requisites.is_some() || c.disallowed_requisites.is_some() || c.max_closure_size.is_some();
@@ -58,10 +68,7 @@ pub fn check(
         if let Some(max) = c.max_closure_size {
             let total: u64 = closure.values().sum();
             if total > max {
-                return Ok(Err(format!(
-                    "closure of path '{}' is too large at {total} bytes; limit is {max} bytes",
-                    built.path
-                )));
+                return Err(CheckError::ClosureTooLarge { path: built.path.clone(), size: total, max });
             }
         }
         let mut requisites: BTreeSet<String> = closure.into_keys().collect();
@@ -75,45 +82,37 @@ pub fn check(
             (&c.disallowed_requisites, false, &requisites),
         ] {
             let Some(spec) = spec else { continue };
-            let spec = match specifiers(drv, spec) {
-                Ok(s) => s,
-                Err(e) => return Ok(Err(e)),
-            };
-            let bad: Vec<&str> = used.iter().filter(|p| spec.contains(*p) != allowed).map(String::as_str).collect();
+            let spec = specifiers(drv, spec)?;
+            let bad: Vec<String> = used.iter().filter(|p| spec.contains(*p) != allowed).cloned().collect();
             if !bad.is_empty() {
-                return Ok(Err(format!("output '{}' is not allowed to refer to: {}", built.path, bad.join(" "))));
+                return Err(CheckError::Refers { path: built.path.clone(), refs: bad });
             }
         }
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// The checks per output name ("" for every output).
-fn checks_of(drv: &Derivation) -> Result<BTreeMap<String, Checks>, String> {
+fn checks_of(drv: &Derivation) -> Result<BTreeMap<String, Checks>, CheckError> {
     let mut all = BTreeMap::new();
     if let Some(json) = drv.env.get("__json") {
-        let attrs: Value = serde_json::from_str(json).map_err(|e| format!("__json is not JSON: {e}"))?;
+        let attrs: Value = serde_json::from_str(json).map_err(CheckError::Json)?;
         let Some(Value::Object(per_output)) = attrs.get("outputChecks") else { return Ok(all) };
         for (output, spec) in per_output {
-            let strings = |key: &str| -> Result<Option<Vec<String>>, String> {
+            let bad = |key: &str, what| CheckError::Spec { output: output.clone(), key: key.to_owned(), what };
+            let strings = |key: &str| -> Result<Option<Vec<String>>, CheckError> {
                 match spec.get(key) {
                     None => Ok(None),
                     Some(Value::Array(items)) => items
                         .iter()
-                        .map(|i| {
-                            i.as_str()
-                                .map(str::to_owned)
-                                .ok_or_else(|| format!("outputChecks.{output}.{key}: not a list of strings"))
-                        })
+                        .map(|i| i.as_str().map(str::to_owned).ok_or_else(|| bad(key, "list of strings")))
                         .collect::<Result<Vec<_>, _>>()
                         .map(Some),
-                    Some(_) => Err(format!("outputChecks.{output}.{key}: not a list of strings")),
+                    Some(_) => Err(bad(key, "list of strings")),
                 }
             };
-            let size = |key: &str| -> Result<Option<u64>, String> {
-                spec.get(key)
-                    .map(|v| v.as_u64().ok_or_else(|| format!("outputChecks.{output}.{key}: not a size")))
-                    .transpose()
+            let size = |key: &str| -> Result<Option<u64>, CheckError> {
+                spec.get(key).map(|v| v.as_u64().ok_or_else(|| bad(key, "size"))).transpose()
             };
             all.insert(
                 output.clone(),
@@ -146,7 +145,7 @@ fn checks_of(drv: &Derivation) -> Result<BTreeMap<String, Checks>, String> {
 }
 
 /// Store paths, or output names standing for their paths.
-fn specifiers(drv: &Derivation, spec: &[String]) -> Result<BTreeSet<String>, String> {
+fn specifiers(drv: &Derivation, spec: &[String]) -> Result<BTreeSet<String>, CheckError> {
     spec.iter()
         .map(|s| {
             if s.starts_with('/') && crate::formats::store_path::StoreDir::split_path(s).is_ok() {
@@ -154,7 +153,7 @@ fn specifiers(drv: &Derivation, spec: &[String]) -> Result<BTreeSet<String>, Str
             } else if let Some(o) = drv.outputs.get(s) {
                 Ok(o.path.clone())
             } else {
-                Err(format!("derivation contains an illegal reference specifier '{s}'"))
+                Err(CheckError::Specifier(s.clone()))
             }
         })
         .collect()

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use crate::formats::derivation::structured::{Export, ExportedPath, Rewrites, structured_attrs};
+use crate::formats::derivation::structured::{AttrsError, Export, ExportedPath, Rewrites, structured_attrs};
 use crate::formats::derivation::{Derivation, DrvKind};
 use crate::formats::hash::{AnyHashSink, Hash, HashSink, sha256};
 use crate::formats::nar;
@@ -234,13 +234,13 @@ fn run_and_collect(
     let mut export = |roots: &[String]| exported(store, sd, closure, roots);
     // What the derivation asks for that cannot be done fails the build, as in Nix: no other try
     // or host would do better.
-    let unbuildable = |reason| Ok(Outcome::Failed { exit_code: None, reason });
-    let env = match environment(req, settings, &top, out_paths, &rewrites, &mut export)? {
+    let unbuildable = |e: NotStarted| Ok(Outcome::Failed { exit_code: None, reason: e.into_reason()? });
+    let env = match environment(req, settings, &top, out_paths, &rewrites, &mut export) {
         Ok(env) => env,
-        Err(why) => return unbuildable(why),
+        Err(e) => return unbuildable(e),
     };
-    if let Err(why) = export_references_graph(store, req, closure, &top)? {
-        return unbuildable(why);
+    if let Err(e) = export_references_graph(store, req, closure, &top) {
+        return unbuildable(e.into());
     }
     let inputs = closure.iter().map(|p| sd.parse_path(p).map(|sp| sp.to_string())).collect::<Result<Vec<_>, _>>();
     let inputs = inputs.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -356,8 +356,10 @@ fn run_and_collect(
         scanned.insert(o, (at, nar_hash));
     }
     let lookup = |p: &str| Ok(store.query(sd, p)?.map(|i| (i.nar_size, i.references)));
-    if let Err(reason) = checks::check(req.drv, &built, &lookup)? {
-        return Ok(Outcome::Failed { exit_code: Some(0), reason });
+    match checks::check(req.drv, &built, &lookup) {
+        Ok(()) => {}
+        Err(checks::CheckError::Io(e)) => return Err(e),
+        Err(refused) => return Ok(Outcome::Failed { exit_code: Some(0), reason: refused.to_string() }),
     }
     let mut outputs = BTreeMap::new();
     for (o, (at, nar_hash)) in scanned {
@@ -378,6 +380,47 @@ fn run_and_collect(
     Ok(Outcome::Success { outputs, built: true })
 }
 
+/// Why `exportReferencesGraph` can't be given to a builder: the host's I/O, or what the derivation
+/// asks (Nix's words).
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("odd number of tokens in 'exportReferencesGraph': '{0}'")]
+    OddTokens(String),
+    #[error("invalid file name '{0}' in 'exportReferencesGraph'")]
+    BadName(String),
+    #[error("'exportReferencesGraph' contains a non-store path '{0}'")]
+    NotStorePath(String),
+    #[error("cannot export references of path '{0}' because it is not in the input closure of the derivation")]
+    NotAnInput(String),
+    #[error("'exportReferencesGraph' of a closure with a derivation ({0}) is not supported")]
+    Derivation(String),
+}
+
+/// Why a build did not start: the host's I/O failed (a setup failure), or the derivation asks for
+/// what can't be done (it fails, as in Nix: no other try or host would do better).
+#[derive(Debug, thiserror::Error)]
+enum NotStarted {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Attrs(#[from] AttrsError<ExportError>),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+}
+
+impl NotStarted {
+    /// The host's I/O error, if that is what it is; else the reason the derivation can't build.
+    fn into_reason(self) -> io::Result<String> {
+        match self {
+            NotStarted::Io(e) | NotStarted::Export(ExportError::Io(e)) => Err(e),
+            NotStarted::Attrs(AttrsError::Export(ExportError::Io(e))) => Err(e),
+            other => Ok(other.to_string()),
+        }
+    }
+}
+
 /// The builder's environment, as Nix's `initEnv` makes it, with output placeholders replaced;
 /// for a `__structuredAttrs` derivation, `.attrs.json` and `.attrs.sh` in the build directory
 /// instead of its variables. The inner error is a derivation gbc cannot build.
@@ -387,8 +430,8 @@ fn environment(
     top: &Path,
     out_paths: &BTreeMap<&str, String>,
     rewrites: &Rewrites,
-    export: Export<'_>,
-) -> io::Result<Result<BTreeMap<String, String>, String>> {
+    export: Export<'_, ExportError>,
+) -> Result<BTreeMap<String, String>, NotStarted> {
     let b = sandbox::BUILD_DIR;
     let mut env = BTreeMap::new();
     env.insert("PATH".to_owned(), "/path-not-set".to_owned());
@@ -405,7 +448,7 @@ fn environment(
                 env.insert(var.to_owned(), format!("{b}/{file}"));
             }
         }
-        Some(Err(why)) => return Ok(Err(why)),
+        Some(Err(e)) => return Err(e.into()),
         None => {
             let pass_as_file: BTreeSet<&str> =
                 req.drv.env.get("passAsFile").map(|v| v.split_whitespace().collect()).unwrap_or_default();
@@ -433,7 +476,7 @@ fn environment(
     }
     env.insert("NIX_LOG_FD".to_owned(), "2".to_owned());
     env.insert("TERM".to_owned(), "xterm-256color".to_owned());
-    Ok(Ok(env))
+    Ok(env)
 }
 
 /// Nix's `exportReferencesGraph` (without structured attributes): pairs `NAME PATH`, each giving a
@@ -444,13 +487,13 @@ fn export_references_graph(
     req: &BuildRequest<'_>,
     inputs: &BTreeSet<String>,
     top: &Path,
-) -> io::Result<Result<(), String>> {
+) -> Result<(), ExportError> {
     let Some(spec) = req.drv.env.get("exportReferencesGraph").filter(|_| !req.drv.env.contains_key("__json")) else {
-        return Ok(Ok(()));
+        return Ok(());
     };
     let words: Vec<&str> = spec.split_whitespace().collect();
     if !words.len().is_multiple_of(2) {
-        return Ok(Err(format!("odd number of tokens in 'exportReferencesGraph': '{spec}'")));
+        return Err(ExportError::OddTokens(spec.clone()));
     }
     let sd = req.store_dir;
     for pair in words.chunks(2) {
@@ -459,7 +502,7 @@ fn export_references_graph(
         let good_name = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
             && chars.all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c));
         if !good_name {
-            return Ok(Err(format!("invalid file name '{name}' in 'exportReferencesGraph'")));
+            return Err(ExportError::BadName(name.to_owned()));
         }
         // A path inside a store path stands for that store path.
         let base =
@@ -467,12 +510,9 @@ fn export_references_graph(
         let Some(root) =
             base.and_then(|b| sd.parse_path(&format!("{}/{b}", sd.as_str())).ok()).map(|sp| sd.display(&sp))
         else {
-            return Ok(Err(format!("'exportReferencesGraph' contains a non-store path '{path}'")));
+            return Err(ExportError::NotStorePath(path.to_owned()));
         };
-        let graph = match graph_of(store, sd, inputs, std::slice::from_ref(&root))? {
-            Ok(g) => g,
-            Err(why) => return Ok(Err(why)),
-        };
+        let graph = graph_of(store, sd, inputs, std::slice::from_ref(&root))?;
         let mut text = String::new();
         for (p, info) in &graph {
             text.push_str(&format!("{p}\n\n{}\n", info.references.len()));
@@ -483,7 +523,7 @@ fn export_references_graph(
         }
         fs::write(top.join(name), text)?;
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// The closure of `roots` (which must be in the build's input closure), each path with its record.
@@ -492,23 +532,21 @@ fn graph_of(
     sd: &StoreDir,
     inputs: &BTreeSet<String>,
     roots: &[String],
-) -> io::Result<Result<BTreeMap<String, PathInfo>, String>> {
+) -> Result<BTreeMap<String, PathInfo>, ExportError> {
     if let Some(r) = roots.iter().find(|r| !inputs.contains(*r)) {
-        return Ok(Err(format!(
-            "cannot export references of path '{r}' because it is not in the input closure of the derivation"
-        )));
+        return Err(ExportError::NotAnInput(r.clone()));
     }
     let (paths, _) = store.closure(sd, roots.iter().map(String::as_str))?;
     let mut graph = BTreeMap::new();
     for p in paths {
         if p.ends_with(".drv") {
-            return Ok(Err(format!("'exportReferencesGraph' of a closure with a derivation ({p}) is not supported")));
+            return Err(ExportError::Derivation(p));
         }
         if let Some(info) = store.query(sd, &p)? {
             graph.insert(p, info);
         }
     }
-    Ok(Ok(graph))
+    Ok(graph)
 }
 
 /// `exportReferencesGraph` with structured attributes: every path of the closure with its NAR hash,
@@ -518,8 +556,8 @@ fn exported(
     sd: &StoreDir,
     inputs: &BTreeSet<String>,
     roots: &[String],
-) -> Result<Vec<ExportedPath>, String> {
-    let graph = graph_of(store, sd, inputs, roots).map_err(|e| e.to_string())??;
+) -> Result<Vec<ExportedPath>, ExportError> {
+    let graph = graph_of(store, sd, inputs, roots)?;
     let closure_size = |start: &str| -> u64 {
         let mut seen = BTreeSet::from([start]);
         let mut todo = vec![start];

@@ -55,36 +55,50 @@ pub struct ExportedPath {
 
 /// The closure of some store paths, for `exportReferencesGraph`; the error says why it cannot be
 /// given (a path outside the build's input closure, say).
-pub type Export<'a> = &'a mut dyn FnMut(&[String]) -> Result<Vec<ExportedPath>, String>;
+pub type Export<'a, E> = &'a mut dyn FnMut(&[String]) -> Result<Vec<ExportedPath>, E>;
+
+/// Why a derivation's structured attributes can't be given to its builder; `E` is why a closure
+/// could not be exported.
+#[derive(Debug, thiserror::Error)]
+pub enum AttrsError<E: std::error::Error + 'static> {
+    #[error("__json is not a JSON object: {0}")]
+    NotAnObject(serde_json::Error),
+    #[error("exportReferencesGraph.{0} is not a list of store paths")]
+    NotAList(String),
+    #[error(transparent)]
+    Export(E),
+    #[error("writing .attrs.json: {0}")]
+    Write(serde_json::Error),
+}
 
 /// The contents of `.attrs.json` and `.attrs.sh` for a derivation with `__json` in its
 /// environment; None for one without. `outputs`: output name → full path.
-pub fn structured_attrs(
+pub fn structured_attrs<E: std::error::Error + 'static>(
     drv: &Derivation,
     outputs: &BTreeMap<String, String>,
     rewrites: &Rewrites,
-    export: Export<'_>,
-) -> Option<Result<(String, String), String>> {
+    export: Export<'_, E>,
+) -> Option<Result<(String, String), AttrsError<E>>> {
     let json = drv.env.get("__json")?;
     Some(attrs_files(json, outputs, rewrites, export))
 }
 
-fn attrs_files(
+fn attrs_files<E: std::error::Error + 'static>(
     json: &str,
     outputs: &BTreeMap<String, String>,
     rewrites: &Rewrites,
-    export: Export<'_>,
-) -> Result<(String, String), String> {
-    let mut attrs: BTreeMap<String, Value> =
-        serde_json::from_str(json).map_err(|e| format!("__json is not a JSON object: {e}"))?;
+    export: Export<'_, E>,
+) -> Result<(String, String), AttrsError<E>> {
+    let mut attrs: BTreeMap<String, Value> = serde_json::from_str(json).map_err(AttrsError::NotAnObject)?;
     // exportReferencesGraph: each key gets the closure of its paths.
     if let Some(Value::Object(graphs)) = attrs.get("exportReferencesGraph").cloned() {
         for (key, paths) in graphs {
             let paths: Vec<String> = match &paths {
                 Value::Array(items) => items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect(),
-                _ => return Err(format!("exportReferencesGraph.{key} is not a list of store paths")),
+                _ => return Err(AttrsError::NotAList(key)),
             };
-            let graph = export(&paths)?
+            let graph = export(&paths)
+                .map_err(AttrsError::Export)?
                 .into_iter()
                 .map(|p| {
                     serde_json::json!({
@@ -101,7 +115,7 @@ fn attrs_files(
     }
     let outs = outputs.iter().map(|(o, p)| (o.clone(), Value::String(p.clone()))).collect();
     attrs.insert("outputs".into(), Value::Object(outs));
-    let json = serde_json::to_string(&attrs).map_err(|e| e.to_string())?;
+    let json = serde_json::to_string(&attrs).map_err(AttrsError::Write)?;
     Ok((rewrites.apply(&json), rewrites.apply(&shell(&attrs))))
 }
 
