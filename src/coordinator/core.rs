@@ -603,7 +603,7 @@ impl Core {
             attempt,
             status: o.status,
             reason: o.reason,
-            outputs: o.outputs,
+            outputs: o.outputs.into_iter().map(super::wire::output_row).collect(),
             change: o.change,
             now,
         });

@@ -9,7 +9,6 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::api::BuildDetail;
 use crate::db::{Job, NewDerivation};
 use crate::formats::nix32;
 
@@ -213,7 +212,7 @@ impl Harness {
         self.send(DriverEvent::Done { machine: m, build: job.build, attempt: job.attempt, result });
     }
 
-    async fn show(&self, uuid: &str) -> BuildDetail {
+    async fn show(&self, uuid: &str) -> crate::db::BuildRecord {
         self.db.show(uuid).await.unwrap_or_else(|e| unreachable!("{e}")).unwrap_or_else(|| unreachable!("no {uuid}"))
     }
 
@@ -247,8 +246,8 @@ async fn builds_start_in_dependency_order_and_their_ends_are_recorded() {
     let ev = h.until(&top, BuildState::Failed).await;
     assert_eq!((ev.machine.as_deref(), ev.reason.as_deref()), (Some("m"), Some("exit 1")));
     let d = h.show(&top).await;
-    assert_eq!(d.summary.state, BuildState::Failed);
-    assert_eq!(d.attempt_list[0].status, Some(AttemptStatus::BuildFailure));
+    assert_eq!(d.build.state, BuildState::Failed);
+    assert_eq!(d.attempts[0].status, Some(AttemptStatus::BuildFailure));
 }
 
 #[tokio::test(start_paused = true)]
@@ -268,9 +267,9 @@ async fn a_lost_machine_s_builds_run_again_elsewhere() {
     h.done(other, &again, success());
     h.until(&uuid, BuildState::Succeeded).await;
     let d = h.show(&uuid).await;
-    let statuses: Vec<_> = d.attempt_list.iter().map(|a| a.status).collect();
+    let statuses: Vec<_> = d.attempts.iter().map(|a| a.status).collect();
     assert_eq!(statuses, [Some(AttemptStatus::Interrupted), Some(AttemptStatus::Success)]);
-    assert!(d.attempt_list[0].reason.as_deref().is_some_and(|r| r.contains("connection reset")), "{d:?}");
+    assert!(d.attempts[0].reason.as_deref().is_some_and(|r| r.contains("connection reset")), "{d:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -291,7 +290,7 @@ async fn a_canceled_build_is_stopped_on_its_machine_and_its_dependents_fail() {
     let (tx, rx) = oneshot::channel();
     h.command(Command::Stats(tx, false)).await;
     assert_eq!(rx.await.map(|s| s.running).ok(), Some(0));
-    assert_eq!(h.show(&job.uuid).await.summary.state, BuildState::Canceled);
+    assert_eq!(h.show(&job.uuid).await.build.state, BuildState::Canceled);
 }
 
 #[tokio::test(start_paused = true)]
@@ -311,7 +310,7 @@ async fn missing_inputs_are_built_first_when_a_known_derivation_makes_them() {
     let again = h.job(0).await;
     assert_eq!((again.uuid.as_str(), again.n), (top.as_str(), 2));
     let d = h.show(&top).await;
-    assert_eq!(d.attempt_list[0].status, Some(AttemptStatus::MissingInputs));
+    assert_eq!(d.attempts[0].status, Some(AttemptStatus::MissingInputs));
 }
 
 /// The grace period on a paused clock: after the stop, a build that ends within it is recorded as
@@ -333,9 +332,9 @@ async fn running_builds_get_the_grace_period_then_go_back_to_the_queue() {
     core.await.unwrap_or_else(|e| unreachable!("{e}")).unwrap_or_else(|e| unreachable!("{e}"));
     assert_eq!(stopped.elapsed(), Duration::from_secs(60), "the core returned at the end of the grace period");
     let d = db.show(&second.uuid).await.ok().flatten().unwrap_or_else(|| unreachable!());
-    assert_eq!(d.summary.state, BuildState::Queued);
-    assert_eq!(d.attempt_list[0].status, Some(AttemptStatus::Interrupted));
+    assert_eq!(d.build.state, BuildState::Queued);
+    assert_eq!(d.attempts[0].status, Some(AttemptStatus::Interrupted));
     let untouched = uuids.iter().find(|u| **u != first.uuid && **u != second.uuid).unwrap_or_else(|| unreachable!());
     let d = db.show(untouched).await.ok().flatten().unwrap_or_else(|| unreachable!());
-    assert_eq!((d.summary.state, d.attempt_list.len()), (BuildState::Queued, 0));
+    assert_eq!((d.build.state, d.attempts.len()), (BuildState::Queued, 0));
 }

@@ -23,6 +23,7 @@ mod specs;
 pub mod submit;
 pub mod transport;
 mod upload;
+mod wire;
 
 pub use config::{Config, cache_key};
 pub use error::Error;

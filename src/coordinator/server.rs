@@ -209,9 +209,10 @@ impl Server {
             Request::Watch { builds } => self.watch(builds, out).await,
             Request::Builds { state, tags, limit } => {
                 let filter = ListFilter { state, tags, limit: limit.unwrap_or(50).min(100_000) };
-                send(out, &Reply::Builds { builds: self.db.list(filter).await? }).await
+                let builds = self.db.list(filter).await?.into_iter().map(super::wire::summary).collect();
+                send(out, &Reply::Builds { builds }).await
             }
-            Request::Show { build } => match self.db.show(&build).await? {
+            Request::Show { build } => match self.db.show(&build).await?.map(super::wire::detail) {
                 Some(mut detail) => {
                     if detail.summary.state == BuildState::Queued {
                         let (system, features) = (detail.system.clone(), detail.features.iter().cloned().collect());
@@ -362,12 +363,12 @@ impl Server {
         };
         let mut n = match attempt {
             Some(n) => {
-                if !detail.attempt_list.iter().any(|a| a.n == n) {
+                if !detail.attempts.iter().any(|a| a.n == n) {
                     return Err(RequestError::Refused(format!("build {uuid} has no attempt {n}")));
                 }
                 n
             }
-            None => detail.attempt_list.last().map_or(0, |a| a.n),
+            None => detail.attempts.last().map_or(0, |a| a.n),
         };
         // Following is driven by what happens, not by polling: the drivers' log threads wake
         // `log_written` after each piece, the core's events say when an attempt or the build ends.
@@ -407,13 +408,13 @@ impl Server {
             tokio::pin!(written);
             written.as_mut().enable();
             let Some(now) = self.db.show(uuid).await? else { break };
-            let latest = now.attempt_list.last().map_or(0, |a| a.n);
+            let latest = now.attempts.last().map_or(0, |a| a.n);
             if latest > n {
                 n = latest;
                 offset = 0;
                 continue;
             }
-            if now.summary.state.is_terminal() {
+            if now.build.state.is_terminal() {
                 break;
             }
             out.flush().await?;

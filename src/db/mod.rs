@@ -11,7 +11,7 @@ use std::path::Path;
 use rusqlite::{OptionalExtension as _, Transaction, params};
 use rusqlite_migration::{M, Migrations};
 
-use crate::api::{AttemptStatus, BuildDetail, BuildState, BuildSummary, OutputInfo};
+use crate::api::{AttemptStatus, BuildState};
 use read::{BRIEF_SELECT, brief, brief_row, list, show};
 use write::{end_attempt, fail_all, insert_build, submit};
 
@@ -106,7 +106,7 @@ pub struct AttemptEnd {
     pub attempt: i64,
     pub status: AttemptStatus,
     pub reason: Option<String>,
-    pub outputs: Vec<OutputInfo>,
+    pub outputs: Vec<OutputRow>,
     pub change: BuildChange,
     pub now: i64,
 }
@@ -128,6 +128,57 @@ pub struct BuildBrief {
     pub state: BuildState,
     pub reason: Option<String>,
     pub machine: Option<String>,
+}
+
+/// A build as `builds` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildRow {
+    pub uuid: String,
+    pub drv: String,
+    pub state: BuildState,
+    pub priority: i64,
+    pub tags: Vec<(String, String)>,
+    pub created_ms: i64,
+    pub started_ms: Option<i64>,
+    pub ended_ms: Option<i64>,
+    pub attempts: u32,
+    pub reason: Option<String>,
+}
+
+/// One output an attempt recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRow {
+    pub name: String,
+    pub path: String,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub references: Vec<String>,
+    pub signature: String,
+}
+
+/// One attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRow {
+    pub n: u32,
+    pub machine: String,
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    pub status: Option<AttemptStatus>,
+    pub reason: Option<String>,
+    pub outputs: Vec<OutputRow>,
+}
+
+/// Everything stored about one build.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildRecord {
+    pub build: BuildRow,
+    pub system: String,
+    pub features: Vec<String>,
+    /// Output name → store path, as the derivation declares them.
+    pub outputs: BTreeMap<String, String>,
+    /// UUIDs of the builds this one waits or waited for.
+    pub dependencies: Vec<String>,
+    pub attempts: Vec<AttemptRow>,
 }
 
 /// A build: its row id, which orders builds by submission.
@@ -450,7 +501,7 @@ impl Db {
         .await
     }
 
-    pub async fn list(&self, filter: ListFilter) -> Result<Vec<BuildSummary>> {
+    pub async fn list(&self, filter: ListFilter) -> Result<Vec<BuildRow>> {
         self.read(move |conn| list(conn, &filter)).await
     }
 
@@ -499,7 +550,7 @@ impl Db {
         .await
     }
 
-    pub async fn show(&self, uuid: &str) -> Result<Option<BuildDetail>> {
+    pub async fn show(&self, uuid: &str) -> Result<Option<BuildRecord>> {
         let uuid = uuid.to_owned();
         self.read(move |conn| show(conn, &uuid)).await
     }

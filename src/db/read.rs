@@ -2,8 +2,8 @@
 
 use rusqlite::OptionalExtension as _;
 
-use super::{BuildBrief, BuildId, DbResult, ListFilter};
-use crate::api::{AttemptInfo, AttemptStatus, BuildDetail, BuildState, BuildSummary, OutputInfo};
+use super::{AttemptRow, BuildBrief, BuildId, BuildRecord, BuildRow, DbResult, ListFilter, OutputRow};
+use crate::api::{AttemptStatus, BuildState};
 
 /// A build state column; anything else is a corrupt row, not a state to guess.
 pub(super) fn state_column(r: &rusqlite::Row<'_>, i: usize) -> DbResult<BuildState> {
@@ -32,13 +32,13 @@ pub(super) fn status_column(r: &rusqlite::Row<'_>, i: usize) -> DbResult<Option<
 const SUMMARY_COLUMNS: &str = "b.id, b.uuid, d.path, b.state, b.priority, b.created_at, b.started_at, b.ended_at, \
                                b.attempts, b.reason";
 
-pub(super) fn summary_row(conn: &rusqlite::Connection, r: &rusqlite::Row<'_>) -> DbResult<BuildSummary> {
+pub(super) fn summary_row(conn: &rusqlite::Connection, r: &rusqlite::Row<'_>) -> DbResult<BuildRow> {
     let id: BuildId = r.get(0)?;
     let tags = conn
         .prepare_cached("SELECT key, value FROM build_tags WHERE build = ?1 ORDER BY key, value")?
         .query_map([id], |t| Ok((t.get(0)?, t.get(1)?)))?
         .collect::<DbResult<_>>()?;
-    Ok(BuildSummary {
+    Ok(BuildRow {
         uuid: r.get(1)?,
         drv: r.get(2)?,
         state: state_column(r, 3)?,
@@ -52,7 +52,7 @@ pub(super) fn summary_row(conn: &rusqlite::Connection, r: &rusqlite::Row<'_>) ->
     })
 }
 
-pub(super) fn list(conn: &rusqlite::Connection, f: &ListFilter) -> DbResult<Vec<BuildSummary>> {
+pub(super) fn list(conn: &rusqlite::Connection, f: &ListFilter) -> DbResult<Vec<BuildRow>> {
     let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM builds b JOIN derivations d ON d.id = b.drv WHERE 1");
     let mut args: Vec<String> = Vec::new();
     if let Some(state) = f.state {
@@ -97,7 +97,7 @@ pub(super) fn brief(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<
     conn.prepare_cached(&format!("{BRIEF_SELECT} WHERE b.uuid = ?1"))?.query_row([uuid], brief_row).optional()
 }
 
-pub(super) fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<BuildDetail>> {
+pub(super) fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<BuildRecord>> {
     let sql = format!(
         "SELECT {SUMMARY_COLUMNS}, d.id, d.system, d.features FROM builds b JOIN derivations d ON d.id = b.drv WHERE b.uuid = ?1"
     );
@@ -126,14 +126,14 @@ pub(super) fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<B
         .prepare("SELECT b.uuid FROM build_deps x JOIN builds b ON b.id = x.dep WHERE x.build = ?1 ORDER BY b.id")?
         .query_map([id], |r| r.get(0))?
         .collect::<DbResult<_>>()?;
-    let mut attempt_list: Vec<(i64, AttemptInfo)> = conn
+    let mut attempt_list: Vec<(i64, AttemptRow)> = conn
         .prepare(
             "SELECT id, n, machine, started_at, ended_at, status, reason FROM attempts WHERE build = ?1 ORDER BY n",
         )?
         .query_map([id], |r| {
             Ok((
                 r.get(0)?,
-                AttemptInfo {
+                AttemptRow {
                     n: r.get(1)?,
                     machine: r.get(2)?,
                     started_ms: r.get(3)?,
@@ -152,7 +152,7 @@ pub(super) fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<B
         a.outputs = outs
             .query_map([*aid], |r| {
                 let refs: String = r.get(4)?;
-                Ok(OutputInfo {
+                Ok(OutputRow {
                     name: r.get(0)?,
                     path: r.get(1)?,
                     nar_hash: r.get(2)?,
@@ -163,13 +163,12 @@ pub(super) fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<B
             })?
             .collect::<DbResult<_>>()?;
     }
-    Ok(Some(BuildDetail {
-        summary,
+    Ok(Some(BuildRecord {
+        build: summary,
         system,
         features,
-        waiting_for_machine: None,
         outputs,
         dependencies,
-        attempt_list: attempt_list.into_iter().map(|(_, a)| a).collect(),
+        attempts: attempt_list.into_iter().map(|(_, a)| a).collect(),
     }))
 }
