@@ -2,10 +2,12 @@
 //!
 //! One [`Connection`] per host carries any number of exec channels ([`Connection::exec`]). Every
 //! channel is drained by its own task as soon as it opens, because russh stops reading the whole
-//! connection when one channel's buffer is full; stdout goes to an unbounded queue the caller
-//! reads at its own pace (what limits it is the SSH window), stderr and the exit status are read
-//! from the same `wait()` loop on the channel's read half (`split()`), which the stream helpers
-//! would drop.
+//! connection when one channel's buffer is full; stdout goes to a bounded queue the caller reads
+//! at its own pace (when it is full the connection waits: russh widens the SSH window as data
+//! arrives, not as it is read, so the queue is what bounds memory; a caller must therefore never
+//! wait on writing to the same connection while its reader waits on it), stderr and the exit
+//! status are read from the same `wait()` loop on the channel's read half (`split()`), which the
+//! stream helpers would drop.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -309,7 +311,7 @@ impl Connection {
         let channel = self.handle.channel_open_session().await.map_err(proto)?;
         channel.exec(true, command).await.map_err(proto)?;
         let (mut read, write) = channel.split();
-        let (out_tx, out_rx) = mpsc::unbounded_channel::<Bytes>();
+        let (out_tx, out_rx) = mpsc::channel::<Bytes>(STDOUT_QUEUE);
         let (end_tx, end_rx) = oneshot::channel::<ExitInfo>();
         let stdin: Box<dyn AsyncWrite + Send + Unpin> = Box::new(write.make_writer());
         tokio::spawn(async move {
@@ -318,8 +320,13 @@ impl Connection {
             while let Some(msg) = read.wait().await {
                 match msg {
                     ChannelMsg::Data { data } => {
-                        if let Some(tx) = &out {
-                            let _ = tx.send(data);
+                        // Waits while the queue is full: the connection then stops reading until
+                        // the reader catches up (russh widens the SSH window as data arrives, so
+                        // the queue is what bounds the memory an agent's output can take).
+                        if let Some(tx) = &out
+                            && tx.send(data).await.is_err()
+                        {
+                            out = None;
                         }
                     }
                     ChannelMsg::ExtendedData { data, .. } => info.add_stderr(&data),
@@ -363,12 +370,16 @@ impl Connection {
     }
 }
 
+/// Pieces of a command's output (SSH packets, at most 32 KiB each with OpenSSH) that may wait
+/// for their reader: about 32 MiB.
+pub const STDOUT_QUEUE: usize = 1024;
+
 /// A running remote command.
 pub struct Exec {
     /// Its standard input; shut it down to send EOF.
     pub stdin: Box<dyn AsyncWrite + Send + Unpin>,
-    /// Its standard output, as it arrives; ends at EOF.
-    pub stdout: mpsc::UnboundedReceiver<Bytes>,
+    /// Its standard output, as it arrives; ends at EOF. At most [`STDOUT_QUEUE`] pieces wait.
+    pub stdout: mpsc::Receiver<Bytes>,
     /// How it ended, once the channel closes.
     pub end: oneshot::Receiver<ExitInfo>,
     _write: russh::ChannelWriteHalf<client::Msg>,

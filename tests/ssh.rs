@@ -427,9 +427,7 @@ fn a_builder_killed_by_a_signal_is_tried_again_elsewhere() {
     for a in transient {
         assert!(a["reason"].as_str().unwrap().contains("killed by"), "{a}");
     }
-    // A build whose builder was killed ran again and succeeded, on beta once alpha was gone. (A
-    // build killed just as it started may still succeed on alpha: its shell outlives the killed
-    // `sleep` for an instant and finishes.)
+    // A build whose builder was killed ran again and succeeded, on beta once alpha was gone.
     for d in &details {
         let attempts = d["attempt_list"].as_array().unwrap();
         if attempts.iter().any(|a| a["status"] == "transient_failure") {

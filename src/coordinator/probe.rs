@@ -144,7 +144,7 @@ async fn round_trip(session: &mut super::transport::Session, store_dirs: &[Strin
     ];
     // Fetch goes out only after the agent said the path is added.
     for f in frames.iter().take(3) {
-        session.tx.send(f.clone()).await.map_err(|_| gone())?;
+        session.tx.send_bulk(f.clone()).await.map_err(|_| gone())?;
     }
     let mut back = Vec::new();
     let mut added = false;
@@ -159,7 +159,7 @@ async fn round_trip(session: &mut super::transport::Session, store_dirs: &[Strin
         match frame.message {
             Message::PathAdded { transfer: 1, .. } => {
                 added = true;
-                session.tx.send(frames[3].clone()).await.map_err(|_| gone())?;
+                session.tx.send(frames[3].clone()).map_err(|_| gone())?;
             }
             Message::Error { message, .. } => {
                 let what = if added { "fetching it back" } else { "sending it" };
@@ -211,11 +211,7 @@ pub enum FetchError {
 pub async fn fetch(spec: &MachineSpec, path: &str) -> Result<Fetched, FetchError> {
     let mut session = spec.transport.connect(&spec.name, None).await?;
     let t0 = Instant::now();
-    session
-        .tx
-        .send(Frame::new(Message::Fetch { transfer: 1, path: path.to_owned() }))
-        .await
-        .map_err(|_| FetchError::Gone)?;
+    session.tx.send(Frame::new(Message::Fetch { transfer: 1, path: path.to_owned() })).map_err(|_| FetchError::Gone)?;
     let mut sink = HashSink::new();
     let mut claimed = None;
     loop {

@@ -41,9 +41,63 @@ pub struct SshAgent {
     pub timing: Timing,
 }
 
+/// Frames to an agent, in two queues the writer merges, control first: `control` (requests,
+/// pings, cancels: small and few) never blocks its sender, so a driver waiting on nothing can
+/// always go on reading what the agent sends; `bulk` (NAR chunks) is bounded and blocks when the
+/// link is busy. Without the split, a driver blocked on a full queue of chunks would stop reading
+/// the agent, and an SSH connection blocked on delivering the agent's output would never drain it.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    control: mpsc::UnboundedSender<Frame>,
+    bulk: mpsc::Sender<Frame>,
+}
+
+/// The agent's input is closed.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the agent closed its input")]
+pub struct Closed;
+
+impl Outbox {
+    /// The outbox over `out`, the writer's channel; its merging task ends when both halves are
+    /// dropped or the writer is gone.
+    fn new(out: mpsc::Sender<Frame>) -> Outbox {
+        let (control, mut control_rx) = mpsc::unbounded_channel::<Frame>();
+        let (bulk, mut bulk_rx) = mpsc::channel::<Frame>(64);
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    biased;
+                    Some(f) = control_rx.recv() => f,
+                    Some(f) = bulk_rx.recv() => f,
+                    else => break,
+                };
+                if out.send(frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Outbox { control, bulk }
+    }
+
+    /// Queue a control message; never waits.
+    pub fn send(&self, frame: Frame) -> Result<(), Closed> {
+        self.control.send(frame).map_err(|_| Closed)
+    }
+
+    /// Queue a bulk frame, waiting while the bulk queue is full.
+    pub async fn send_bulk(&self, frame: Frame) -> Result<(), Closed> {
+        self.bulk.send(frame).await.map_err(|_| Closed)
+    }
+
+    /// [`Outbox::send_bulk`] from a plain thread.
+    pub fn blocking_send_bulk(&self, frame: Frame) -> Result<(), Closed> {
+        self.bulk.blocking_send(frame).map_err(|_| Closed)
+    }
+}
+
 /// Frames to and from one agent session. Dropping it ends the session.
 pub struct Session {
-    pub tx: mpsc::Sender<Frame>,
+    pub tx: Outbox,
     pub rx: mpsc::Receiver<Result<Frame, LinkError>>,
     pub facts: HostFacts,
     /// The agent's gbc version.
@@ -61,7 +115,7 @@ impl Session {
         rx: mpsc::Receiver<Result<Frame, LinkError>>,
         facts: HostFacts,
     ) -> Session {
-        Session { tx, rx, facts, version: String::new(), notes: Vec::new(), _connection: None }
+        Session { tx: Outbox::new(tx), rx, facts, version: String::new(), notes: Vec::new(), _connection: None }
     }
 }
 
@@ -255,7 +309,7 @@ async fn start(
             return Err(ConnectError::Other(format!("the agent's first message is not hello: {:?}", other.message)));
         }
     };
-    Ok(Session { tx, rx, facts, version, notes: Vec::new(), _connection: connection })
+    Ok(Session { tx: Outbox::new(tx), rx, facts, version, notes: Vec::new(), _connection: connection })
 }
 
 /// Start `command` on an exec channel and exchange hellos.

@@ -167,9 +167,13 @@ impl Sshd {
         let agents: Vec<u32> = descendants(child.id()).into_iter().filter(|&p| is_agent(p)).collect();
         let mut below: Vec<(usize, u32)> = agents.iter().flat_map(|&a| with_depth(a)).collect();
         below.sort_by_key(|&(depth, _)| std::cmp::Reverse(depth));
-        for (_, pid) in below {
-            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        // Stopped first, all of them, then killed: a builder's shell must not go on (and succeed)
+        // in the instant between its `sleep` being killed and itself.
+        for signal in [rustix::process::Signal::STOP, rustix::process::Signal::KILL] {
+            for &(_, pid) in &below {
+                if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                    let _ = rustix::process::kill_process(p, signal);
+                }
             }
         }
         std::thread::sleep(pause);

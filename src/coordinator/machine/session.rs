@@ -72,7 +72,7 @@ fn closed() -> SessionEnd {
 /// The state of a connected session.
 pub(super) struct Live<'d> {
     d: &'d Driver,
-    tx: mpsc::Sender<Frame>,
+    tx: transport::Outbox,
     trusted: Vec<PublicKey>,
     store_dirs: Vec<String>,
     active: HashMap<String, Active>,
@@ -154,7 +154,7 @@ impl Driver {
 
 impl Live<'_> {
     async fn send(&self, message: Message) -> Step {
-        self.tx.send(Frame::new(message)).await.map_err(|_| closed())
+        self.tx.send(Frame::new(message)).map_err(|_| closed())
     }
 
     /// End an attempt: its log is closed (on the log thread), then the core hears of it.
@@ -626,7 +626,7 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn start(cache: Arc<Cache>, frames: mpsc::Sender<Frame>) -> Inputs {
+    fn start(cache: Arc<Cache>, frames: transport::Outbox) -> Inputs {
         let (tx, rx) = std::sync::mpsc::channel::<(NarInfo, u64)>();
         std::thread::spawn(move || {
             while let Ok((info, transfer)) = rx.recv() {
@@ -644,7 +644,7 @@ impl Inputs {
 }
 
 /// Send one path as transfer `transfer`; false once the session is gone.
-fn send_input(cache: &Cache, info: &NarInfo, transfer: u64, tx: &mpsc::Sender<Frame>) -> bool {
+fn send_input(cache: &Cache, info: &NarInfo, transfer: u64, tx: &transport::Outbox) -> bool {
     let sd = cache.store_dir();
     let meta = PathMeta {
         path: sd.display(&info.store_path),
@@ -653,17 +653,17 @@ fn send_input(cache: &Cache, info: &NarInfo, transfer: u64, tx: &mpsc::Sender<Fr
         references: info.references.iter().map(|r| sd.display(r)).collect(),
         deriver: info.deriver.as_ref().map(|d| sd.display(d)),
     };
-    if tx.blocking_send(Frame::new(Message::NarStart { transfer, build: None, meta })).is_err() {
+    if tx.blocking_send_bulk(Frame::new(Message::NarStart { transfer, build: None, meta })).is_err() {
         return false;
     }
     let sent = cache.open_nar(info).and_then(|mut nar| {
         cache::for_each_chunk(&mut nar, NAR_CHUNK, |chunk| {
             let message = Message::NarChunk { transfer, payload: chunk.len() as u64 };
-            tx.blocking_send(Frame { message, payload: chunk }).is_ok()
+            tx.blocking_send_bulk(Frame { message, payload: chunk }).is_ok()
         })
     });
     if let Err(e) = sent {
         tracing::error!("reading {} from the cache: {e}", info.url);
     }
-    tx.blocking_send(Frame::new(Message::NarEnd { transfer })).is_ok()
+    tx.blocking_send_bulk(Frame::new(Message::NarEnd { transfer })).is_ok()
 }
