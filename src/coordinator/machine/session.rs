@@ -130,7 +130,7 @@ impl Driver {
         ping.reset();
         let end = loop {
             let step = tokio::select! {
-                _ = ping.tick() => live.send(Message::Ping {}).await,
+                _ = ping.tick() => live.send(Message::Ping {}),
                 cmd = cmds.recv() => match cmd {
                     None => break SessionEnd::CoreGone,
                     Some(DriverCmd::Assign(job)) => live.assign(*job).await,
@@ -153,7 +153,8 @@ impl Driver {
 }
 
 impl Live<'_> {
-    async fn send(&self, message: Message) -> Step {
+    /// Queue a message for the agent (never waits: see [`transport::Outbox`]).
+    fn send(&self, message: Message) -> Step {
         self.tx.send(Frame::new(message)).map_err(|_| closed())
     }
 
@@ -232,14 +233,14 @@ impl Live<'_> {
             timeout_secs: self.d.timeout_secs,
             cores: None,
         };
-        self.send(message).await
+        self.send(message)
     }
 
     async fn cancel(&mut self, build: BuildId) -> Step {
         let Some(key) = self.by_build.get(&build).cloned() else { return Ok(()) };
         if self.active.get(&key).is_some_and(|a| a.sent) {
             // The agent's `finished` (canceled) ends it.
-            let _ = self.send(Message::Cancel { build: key }).await;
+            let _ = self.send(Message::Cancel { build: key });
         } else {
             self.end(&key, AttemptResult::Canceled).await;
         }
@@ -352,12 +353,12 @@ impl Live<'_> {
             infos.into_iter().filter(|i| sd.as_ref().is_none_or(|sd| !unneeded(&sd.display(&i.store_path)))).collect();
         let lacking: Vec<String> = lacking.into_iter().filter(|p| !unneeded(p)).collect();
         if !lacking.is_empty() {
-            let _ = self.send(Message::Cancel { build: key.clone() }).await;
+            let _ = self.send(Message::Cancel { build: key.clone() });
             self.end(&key, AttemptResult::MissingInputs { paths: lacking }).await;
             return Ok(());
         }
         let (Some(inputs), Some(sd), false) = (&self.inputs, sd, infos.is_empty()) else {
-            return self.send(Message::Start { build: key }).await;
+            return self.send(Message::Start { build: key });
         };
         a.awaiting_inputs = infos.len();
         let _ = self.d.events.send(DriverEvent::Sending { bytes: infos.iter().map(|i| i.nar_size).sum() });
@@ -375,7 +376,7 @@ impl Live<'_> {
         {
             a.awaiting_inputs -= 1;
             if a.awaiting_inputs == 0 {
-                return self.send(Message::Start { build: key }).await;
+                return self.send(Message::Start { build: key });
             }
         }
         Ok(())
@@ -385,7 +386,7 @@ impl Live<'_> {
         if let Some((key, path)) = self.uploads.remove(&transfer)
             && self.active.contains_key(&key)
         {
-            let _ = self.send(Message::Cancel { build: key.clone() }).await;
+            let _ = self.send(Message::Cancel { build: key.clone() });
             let reason = format!("the agent refused input {path}: {message}");
             self.end(&key, AttemptResult::Retry { status: AttemptStatus::SetupFailure, reason, count: true }).await;
         }
@@ -410,7 +411,7 @@ impl Live<'_> {
         a.log_bytes += bytes.len() as u64;
         self.logs.write(key.clone(), bytes).await;
         if over.is_some() {
-            self.send(Message::Cancel { build: key }).await?;
+            self.send(Message::Cancel { build: key })?;
         }
         Ok(())
     }
