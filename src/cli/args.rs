@@ -512,7 +512,7 @@ pub enum CacheCommand {
     /// within it or still queued or running, and everything those refer to; narinfos go first, then
     /// the NARs no remaining narinfo names. Runs in the coordinator, which stops publishing meanwhile.
     Gc {
-        /// How far back builds count as recent: seconds, or a number with s, m, h or d (30d).
+        /// How far back builds count as recent: seconds, or a duration like 12h, 30d or 1h 30m.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         keep_since: Duration,
         #[command(flatten)]
