@@ -5,25 +5,14 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
+use super::args::AgentOpts;
 use super::realise::default_state_dir;
 use crate::agent::{AgentConfig, load_or_create_key, native_system, serve};
 use crate::build::{BuildSettings, DEFAULT_HOST_PATHS};
 use crate::formats::store_path::StoreDir;
 use crate::store::LocalStore;
 
-pub struct Options {
-    pub state_dir: Option<PathBuf>,
-    pub store_root: Option<PathBuf>,
-    pub scratch_store: bool,
-    pub signing_key: Option<PathBuf>,
-    pub systems: Vec<String>,
-    pub features: Vec<String>,
-    pub store_dirs: Vec<String>,
-    pub host_paths: Vec<PathBuf>,
-    pub cores: Option<u32>,
-}
-
-pub fn run(opts: Options) -> anyhow::Result<()> {
+pub fn run(opts: AgentOpts) -> anyhow::Result<()> {
     // The agent's stderr ends up in the coordinator's log (it relays each line, naming the
     // machine): plain lines, no time of their own.
     let filter = tracing_subscriber::EnvFilter::try_from_env("GBC_LOG")

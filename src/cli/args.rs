@@ -95,43 +95,13 @@ pub enum Command {
     /// The coordinator runs this on each build host (over SSH, or as a child process for the local
     /// machine); see docs/protocol.md. Builds run in a sandbox over the agent's own store, and
     /// outputs are signed with the agent's key, created on first run unless --signing-key is given.
-    Agent {
-        /// State directory (default: $XDG_STATE_HOME/gbc or ~/.local/state/gbc).
-        #[arg(long, value_name = "DIR")]
-        state_dir: Option<PathBuf>,
-        /// Where store paths live (default: <state dir>/agent/store).
-        #[arg(long, value_name = "DIR")]
-        store_root: Option<PathBuf>,
-        /// Use a fresh empty store of its own, removed when the session ends: what `gbc machines
-        /// test` asks for when a running coordinator's agent holds the host's store.
-        #[arg(long, conflicts_with = "store_root")]
-        scratch_store: bool,
-        /// Secret key to sign outputs with (default: <state dir>/agent/signing-key.secret, created
-        /// when missing).
-        #[arg(long, value_name = "FILE")]
-        signing_key: Option<PathBuf>,
-        /// A system this host builds for (repeatable; default: the native one, e.g. x86_64-linux).
-        #[arg(long = "system", value_name = "SYSTEM")]
-        systems: Vec<String>,
-        /// A feature this host offers (repeatable), e.g. kvm or big-parallel.
-        #[arg(long = "feature", value_name = "FEATURE")]
-        features: Vec<String>,
-        /// A store dir to accept (repeatable; default: /gnu/store and /nix/store).
-        #[arg(long = "store-dir", value_name = "DIR")]
-        store_dirs: Vec<String>,
-        /// A host path builds see read-only (repeatable; default: /bin /usr /lib /lib64).
-        #[arg(long = "host-path", value_name = "PATH")]
-        host_paths: Vec<PathBuf>,
-        /// NIX_BUILD_CORES for builders (default: this machine's cores).
-        #[arg(long, value_name = "N")]
-        cores: Option<u32>,
-    },
+    Agent(AgentOpts),
     /// Run the coordinator in the foreground: the build queue, the machines, the client socket.
     ///
     /// State (the SQLite database, build logs, the local machine's store) lives in the state dir;
     /// clients reach the coordinator through <state dir>/gbc.sock. With no machines file, one
     /// built-in machine, `localhost`, builds with this host's system, running `gbc agent` as a child
-    /// process. SIGINT or SIGTERM stops it: no new build starts, running builds get --grace seconds
+    /// process. SIGINT or SIGTERM stops it: no new build starts, running builds get --grace (30 s)
     /// to finish, the others go back to the queue. Killed outright, it loses nothing: builds that
     /// were running are queued again at the next start.
     Coordinator(CoordinatorOpts),
@@ -280,6 +250,40 @@ pub struct ClientOpts {
     /// The coordinator's socket, overriding --state-dir [env: GBC_COORDINATOR].
     #[arg(long, value_name = "SOCKET")]
     pub coordinator: Option<PathBuf>,
+}
+
+/// How `gbc agent` runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentOpts {
+    /// State directory (default: $XDG_STATE_HOME/gbc or ~/.local/state/gbc).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Where store paths live (default: <state dir>/agent/store).
+    #[arg(long, value_name = "DIR")]
+    pub store_root: Option<PathBuf>,
+    /// Use a fresh empty store of its own, removed when the session ends: what `gbc machines
+    /// test` asks for when a running coordinator's agent holds the host's store.
+    #[arg(long, conflicts_with = "store_root")]
+    pub scratch_store: bool,
+    /// Secret key to sign outputs with (default: <state dir>/agent/signing-key.secret, created
+    /// when missing).
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+    /// A system this host builds for (repeatable; default: the native one, e.g. x86_64-linux).
+    #[arg(long = "system", value_name = "SYSTEM")]
+    pub systems: Vec<String>,
+    /// A feature this host offers (repeatable), e.g. kvm or big-parallel.
+    #[arg(long = "feature", value_name = "FEATURE")]
+    pub features: Vec<String>,
+    /// A store dir to accept (repeatable; default: /gnu/store and /nix/store).
+    #[arg(long = "store-dir", value_name = "DIR")]
+    pub store_dirs: Vec<String>,
+    /// A host path builds see read-only (repeatable; default: /bin /usr /lib /lib64).
+    #[arg(long = "host-path", value_name = "PATH")]
+    pub host_paths: Vec<PathBuf>,
+    /// NIX_BUILD_CORES for builders (default: this machine's cores).
+    #[arg(long, value_name = "N")]
+    pub cores: Option<u32>,
 }
 
 /// How `gbc coordinator` runs.

@@ -114,27 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Realise { file, store_root, cores, max_silent_time, timeout } => {
             realise::run(&file, &realise::Options { store_root, cores, max_silent: max_silent_time, timeout })
         }
-        Command::Agent {
-            state_dir,
-            store_root,
-            scratch_store,
-            signing_key,
-            systems,
-            features,
-            store_dirs,
-            host_paths,
-            cores,
-        } => agent::run(agent::Options {
-            state_dir,
-            store_root,
-            scratch_store,
-            signing_key,
-            systems,
-            features,
-            store_dirs,
-            host_paths,
-            cores,
-        }),
+        Command::Agent(opts) => agent::run(opts),
         Command::Coordinator(opts) => coordinator::run(opts),
         Command::Cache { command: CacheCommand::PublicKey { state_dir, signing_key } } => {
             keys::cache_public_key(state_dir, signing_key)

@@ -35,7 +35,7 @@ pub async fn probe(spec: &MachineSpec) -> Vec<Step> {
     // A coordinator running there holds the agent's store: test with a scratch store instead.
     let mut scratch = false;
     if let (Err(ConnectError::Other(m)), super::transport::Transport::Ssh(agent)) = (&connected, &spec.transport)
-        && m.contains("the store is in use by another gbc process")
+        && m.contains(crate::store::IN_USE)
     {
         let mut agent = agent.clone();
         agent.args.push("--scratch-store".into());

@@ -37,6 +37,10 @@ pub struct PathInfo {
     pub deriver: Option<String>,
 }
 
+/// What opening a store another process holds says (`gbc machines test` recognises it in an
+/// agent's last words).
+pub const IN_USE: &str = "the store is in use by another gbc process";
+
 pub struct LocalStore {
     root: PathBuf,
     db: PathBuf,
@@ -60,10 +64,7 @@ impl LocalStore {
         match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(rustix::io::Errno::WOULDBLOCK) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("{}: the store is in use by another gbc process", root.display()),
-                ));
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("{}: {IN_USE}", root.display())));
             }
             Err(e) => return Err(with_path(e.into(), &lock_path)),
         }
