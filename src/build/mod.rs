@@ -9,6 +9,7 @@
 //! ([`refs`]); apply the derivation's reference checks ([`checks`]); move it into the store and
 //! record it valid.
 
+mod builtins;
 pub mod canon;
 mod checks;
 pub mod refs;
@@ -249,7 +250,19 @@ fn run_and_collect(
     if let Some(u) = build_user.as_ref().map(BuildUserSlot::user) {
         std::os::unix::fs::chown(&top, Some(u.uid), Some(u.gid))?;
     }
+    let builtin = match builtins::kind_of(&req.drv.builder) {
+        None => None,
+        Some(kind) => {
+            let (o, out) = out_paths.iter().next().ok_or_else(|| io::Error::other("a derivation without outputs"))?;
+            let name = req.outputs[*o].name().to_owned();
+            match kind.and_then(|k| builtins::Job::new(k, req.drv, out, &name)) {
+                Ok(job) => Some(job),
+                Err(reason) => return Ok(Outcome::Failed { exit_code: None, reason }),
+            }
+        }
+    };
     let spec = sandbox::SandboxSpec {
+        builtin,
         build_user: build_user.as_ref().map(BuildUserSlot::user),
         chroot: chroot.clone(),
         build_dir: top,
@@ -286,6 +299,7 @@ fn run_and_collect(
         return Ok(match code.and_then(|c| u8::try_from(c).ok()) {
             Some(sandbox::NO_BUILDER) => Outcome::Failed { exit_code: None, reason: report },
             Some(sandbox::KILLED) => Outcome::TransientFailure(report),
+            Some(sandbox::BUILTIN_FAILED) => Outcome::Failed { exit_code: Some(1), reason: report },
             _ => Outcome::SetupFailure(report),
         });
     }

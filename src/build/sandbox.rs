@@ -62,6 +62,9 @@ pub struct SandboxSpec {
     /// (mapped by the agent into the sandbox's user namespace, see [`map_build_user`]).
     #[serde(default)]
     pub build_user: Option<BuildUser>,
+    /// A builtin builder to run in place of `builder` (see [`super::builtins`]).
+    #[serde(default)]
+    pub builtin: Option<super::builtins::Job>,
 }
 
 /// A host uid and gid of no account, for one build at a time.
@@ -111,6 +114,8 @@ pub const NO_BUILDER: u8 = 124;
 /// Exit code of the helper when the builder, or the sandbox's init, was killed by a signal: not
 /// the builder's own doing as far as anyone can tell (the reason is in the error file).
 pub const KILLED: u8 = 123;
+/// Exit code of the helper when a builtin builder failed (the reason is in the error file).
+pub const BUILTIN_FAILED: u8 = 122;
 
 fn fail(spec_error_file: &Path, stage: &str, e: &io::Error) -> ExitCode {
     let _ = fs::write(spec_error_file, format!("{stage}: {e}"));
@@ -230,6 +235,14 @@ pub fn stage2(spec_json: &str) -> ExitCode {
     if let Err(e) = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)) {
         return setup_failed("setting the parent-death signal", e.into());
     }
+    // A builtin's CA bundle, read while the host's files are still in sight.
+    let ca = match spec.builtin.as_ref().and_then(|b| b.ca_file.as_ref()) {
+        Some(file) => match fs::read(file) {
+            Ok(pem) => Some(pem),
+            Err(e) => return setup_failed(&format!("reading CA certificates {}", file.display()), e),
+        },
+        None => None,
+    };
     if let Err(e) = build_root(&spec) {
         return setup_failed("setting up the sandbox", e);
     }
@@ -247,6 +260,16 @@ pub fn stage2(spec_json: &str) -> ExitCode {
         return setup_failed("restricting the builder's system calls", e);
     }
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+    if let Some(job) = &spec.builtin {
+        let env = spec.env.iter().cloned().collect();
+        return match super::builtins::run(job, &env, ca.as_deref(), &mut io::stderr()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(why) => {
+                let _ = write!(errors, "{}: {why}", spec.builder);
+                ExitCode::from(BUILTIN_FAILED)
+            }
+        };
+    }
     let mut cmd = Command::new(&spec.builder);
     cmd.args(&spec.args).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(BUILD_DIR);
     cmd.stdin(Stdio::null());
@@ -400,6 +423,15 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     )?;
     fs::write(etc.join("group"), format!("root:x:0:\nnixbld:!:{SANDBOX_GID}:\nnogroup:x:65534:\n"))?;
     fs::write(etc.join("hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
+    if spec.network {
+        // As in Nix, a fixed-output build resolves names as the host does.
+        for file in ["resolv.conf", "hosts", "services"] {
+            let host = Path::new("/etc").join(file);
+            if host.exists() {
+                ioctx(fs::copy(&host, etc.join(file)), || format!("copying {}", host.display()))?;
+            }
+        }
+    }
 
     ctx(rustix::system::sethostname(b"localhost"), || "setting the host name".to_owned())?;
     if !spec.network {

@@ -10,5 +10,6 @@ pub mod hash;
 pub mod nar;
 pub mod narinfo;
 pub mod nix32;
+pub mod sexp;
 pub mod signing;
 pub mod store_path;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 
+pub mod files;
 pub mod sshd;
 
 /// The `gbc` binary under test.

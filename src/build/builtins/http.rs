@@ -1,0 +1,194 @@
+//! Downloads for the builtin builders: HTTP and HTTPS only, with `ureq` (blocking, like the rest
+//! of a build; rustls over the aws-lc crypto that russh already brings), redirects, timeouts,
+//! retries of transient failures and progress lines in the build log.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
+
+/// How long a connection may take to open, and a read to wait for data (Nix's
+/// `connect-timeout` is unset and its stalled-download timeout 300 s; curl gives up connecting
+/// after 300 s).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+const STALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Tries of one URL when it fails in a way another try may not (connection, 5xx, timeouts).
+const TRIES: u32 = 3;
+/// A progress line at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Why one URL gave nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The server answered, and not with the file: no use asking it again.
+    #[error("{0}")]
+    Refused(String),
+    /// The network or server failed; another try might do better.
+    #[error("{0}")]
+    Transient(String),
+    /// Writing what came failed: no other URL would do better.
+    #[error("{0}")]
+    Local(io::Error),
+}
+
+/// An HTTP client for a build's downloads.
+pub struct Client {
+    agent: ureq::Agent,
+    /// Whether certificates are checked (they are when a CA bundle was found).
+    pub verifying: bool,
+}
+
+impl Client {
+    /// A client checking certificates against the PEM bundle `ca` (as the host has it); without
+    /// one, certificates are not checked: every download is checked against its derivation's
+    /// hash, as in Guix, which never checks them for fixed-output downloads.
+    pub fn new(ca: Option<&[u8]>) -> Client {
+        let certs: Vec<Certificate<'static>> = ca
+            .map(|pem| {
+                ureq::tls::parse_pem(pem)
+                    .filter_map(|item| match item {
+                        Ok(PemItem::Certificate(c)) => Some(c),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let verifying = !certs.is_empty();
+        let tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .root_certs(RootCerts::Specific(Arc::new(certs)))
+            .disable_verification(!verifying)
+            .build();
+        let config = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .max_redirects(10)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_per_read(Some(STALL_TIMEOUT))
+            .timeout_recv_response(Some(STALL_TIMEOUT))
+            .user_agent(concat!("gbc/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Client { agent: config.into(), verifying }
+    }
+
+    /// Download `url` into what `open` gives (called once per try, so that a failed try's bytes
+    /// can be dropped), retrying transient failures; progress goes to `log`. Returns the size.
+    pub fn fetch<W: Write>(
+        &self,
+        url: &str,
+        open: &mut dyn FnMut() -> io::Result<W>,
+        finish: &mut dyn FnMut(W) -> io::Result<()>,
+        log: &mut dyn Write,
+    ) -> Result<u64, FetchError> {
+        check_scheme(url).map_err(FetchError::Refused)?;
+        let mut last = None;
+        for attempt in 1..=TRIES {
+            if attempt > 1 {
+                let pause = Duration::from_secs(1 << (attempt - 2));
+                let _ = writeln!(log, "trying '{url}' again in {}s", pause.as_secs());
+                std::thread::sleep(pause);
+            }
+            match self.try_fetch(url, open, finish, log) {
+                Ok(n) => return Ok(n),
+                Err(FetchError::Transient(why)) => {
+                    let _ = writeln!(log, "{why}");
+                    last = Some(why);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(FetchError::Transient(last.unwrap_or_default()))
+    }
+
+    fn try_fetch<W: Write>(
+        &self,
+        url: &str,
+        open: &mut dyn FnMut() -> io::Result<W>,
+        finish: &mut dyn FnMut(W) -> io::Result<()>,
+        log: &mut dyn Write,
+    ) -> Result<u64, FetchError> {
+        let _ = writeln!(log, "downloading '{url}'...");
+        let response = self.agent.get(url).call().map_err(|e| classify(url, e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let why = format!("'{url}': HTTP {status}");
+            return Err(if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+                FetchError::Transient(why)
+            } else {
+                FetchError::Refused(why)
+            });
+        }
+        let total = response.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut body = response.into_body().into_reader();
+        let mut out = open().map_err(FetchError::Local)?;
+        let start = Instant::now();
+        let mut last_report = start;
+        let mut got = 0u64;
+        let mut buf = vec![0; 256 * 1024];
+        loop {
+            let n = match body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(FetchError::Transient(format!("'{url}': {e} after {got} bytes"))),
+            };
+            out.write_all(&buf[..n]).map_err(FetchError::Local)?;
+            got += n as u64;
+            if last_report.elapsed() >= PROGRESS_EVERY {
+                last_report = Instant::now();
+                let _ = writeln!(log, "{}", progress(got, total, start.elapsed()));
+            }
+        }
+        finish(out).map_err(FetchError::Local)?;
+        let _ = writeln!(log, "{} from '{url}'", progress(got, total, start.elapsed()));
+        Ok(got)
+    }
+}
+
+/// Only HTTP and HTTPS: anything else (`file://` above all) could read the build host's files.
+pub fn check_scheme(url: &str) -> Result<(), String> {
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("http" | "https") => Ok(()),
+        Some(other) => {
+            Err(format!("'{url}': URLs of scheme {other}: are refused (only http and https are downloaded)"))
+        }
+        None => Err(format!("'{url}' is not a URL")),
+    }
+}
+
+fn classify(url: &str, e: ureq::Error) -> FetchError {
+    match e {
+        ureq::Error::BadUri(why) => FetchError::Refused(format!("'{url}': bad URL: {why}")),
+        ureq::Error::TooManyRedirects => FetchError::Refused(format!("'{url}': too many redirects")),
+        ureq::Error::RedirectFailed => FetchError::Refused(format!("'{url}': a redirect failed")),
+        other => FetchError::Transient(format!("'{url}': {other}")),
+    }
+}
+
+fn progress(got: u64, total: Option<u64>, elapsed: Duration) -> String {
+    let mib = |n: u64| n as f64 / (1024.0 * 1024.0);
+    let rate = got as f64 / elapsed.as_secs_f64().max(1e-3) / 1e6;
+    match total {
+        Some(t) => {
+            format!("{:.1} MiB of {:.1} MiB in {:.1}s ({rate:.1} MB/s)", mib(got), mib(t), elapsed.as_secs_f64())
+        }
+        None => format!("{:.1} MiB in {:.1}s ({rate:.1} MB/s)", mib(got), elapsed.as_secs_f64()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_http_and_https() {
+        assert!(check_scheme("http://example.org/a").is_ok());
+        assert!(check_scheme("HTTPS://example.org/a").is_ok());
+        for bad in ["file:///etc/shadow", "ftp://example.org/a", "/etc/passwd", "mirror://gnu/a"] {
+            assert!(check_scheme(bad).is_err(), "{bad}");
+        }
+    }
+}

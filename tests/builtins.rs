@@ -1,0 +1,174 @@
+//! The builtin builders: Nix's `builtin:fetchurl` against Nix's own realisation of the same
+//! derivations, fetching from a server on loopback, through `gbc realise` and the coordinator.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::Output;
+
+use common::files::Files;
+use common::{Coordinator, gbc, nix, nix_realise, run, run_ok, run_ok_str, salt, stderr, tempdir};
+
+/// The files the server gives, and the hashes Nix computes for them.
+struct Served {
+    files: Files,
+    drvs: BTreeMap<String, String>,
+    flat_hash: String,
+    wrong_hash: String,
+}
+
+const ATTRS: [&str; 7] = ["flat", "exe", "unpacked", "unpackedXz", "wrong", "fallsThrough", "fileUrl"];
+
+fn nix_hash(path: &Path, flat: bool) -> String {
+    let mut c = nix("nix-hash");
+    c.args(["--type", "sha256", "--base32"]);
+    if flat {
+        c.arg("--flat");
+    }
+    run_ok_str(c.arg(path)).trim().to_owned()
+}
+
+fn serve() -> Served {
+    let salt = salt();
+    let tmp = tempdir();
+    let hello = tmp.path().join("hello.txt");
+    fs::write(&hello, format!("hello {salt}\n")).unwrap();
+    let tool = tmp.path().join("tool.sh");
+    fs::write(&tool, format!("#!/bin/sh\necho {salt}\n")).unwrap();
+    fs::set_permissions(&tool, fs::Permissions::from_mode(0o755)).unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(tree.join("bin")).unwrap();
+    fs::write(tree.join("README"), format!("a tree {salt}\n")).unwrap();
+    fs::copy(&tool, tree.join("bin/tool")).unwrap();
+    std::os::unix::fs::symlink("bin/tool", tree.join("link")).unwrap();
+    let nar = run_ok(nix("nix-store").arg("--dump").arg(&tree));
+    let nar_file = tmp.path().join("tree.nar");
+    fs::write(&nar_file, &nar).unwrap();
+    run_ok(std::process::Command::new("xz").args(["-k", "-T1"]).arg(&nar_file));
+    let wrong = tmp.path().join("wrong");
+    fs::write(&wrong, format!("not hello {salt}\n")).unwrap();
+
+    let flat_hash = nix_hash(&hello, true);
+    let wrong_hash = nix_hash(&wrong, true);
+    let files: BTreeMap<String, Vec<u8>> = [
+        ("/hello.txt", fs::read(&hello).unwrap()),
+        ("/tool.sh", fs::read(&tool).unwrap()),
+        ("/tree.nar", nar),
+        ("/tree.nar.xz", fs::read(tmp.path().join("tree.nar.xz")).unwrap()),
+    ]
+    .into_iter()
+    .map(|(p, b)| (p.to_owned(), b))
+    .collect();
+    let files = Files::start(files);
+    let mut cmd = nix("nix-instantiate");
+    cmd.arg(common::repo_path("tests/nix/fetch.nix"));
+    for (name, value) in [
+        ("base", files.url("")),
+        ("salt", salt.clone()),
+        ("flatHash", flat_hash.clone()),
+        ("exeHash", nix_hash(&tool, false)),
+        ("narHash", nix_hash(&tree, false)),
+        ("wrongHash", wrong_hash.clone()),
+    ] {
+        cmd.args(["--argstr", name, &value]);
+    }
+    for a in ATTRS {
+        cmd.args(["-A", a]);
+    }
+    let out = run_ok_str(&mut cmd);
+    let drvs = ATTRS.iter().map(|a| a.to_string()).zip(out.lines().map(str::to_owned)).collect();
+    Served { files, drvs, flat_hash, wrong_hash }
+}
+
+fn realise(root: &Path, drv: &str) -> Output {
+    run(gbc().arg("realise").arg("--store-root").arg(root).arg(drv))
+}
+
+fn recorded_nar_hash(root: &Path, path: &str) -> String {
+    let base = Path::new(path).file_name().unwrap().to_str().unwrap();
+    let rec: serde_json::Value =
+        serde_json::from_slice(&fs::read(root.join(".gbc-db").join(format!("{base}.json"))).unwrap()).unwrap();
+    rec["nar_hash"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn nix_fetchurl_outputs_equal_nix_s() {
+    let s = serve();
+    let tmp = tempdir();
+    let root = tmp.path().join("store");
+    for attr in ["flat", "exe", "unpacked", "unpackedXz"] {
+        let drv = &s.drvs[attr];
+        let ours = realise(&root, drv);
+        assert!(ours.status.success(), "{attr}: {}", stderr(&ours));
+        let path = String::from_utf8_lossy(&ours.stdout).trim().to_owned();
+        let theirs = nix_realise(&[drv], &[]);
+        assert_eq!(path, theirs.trim(), "{attr}: output path");
+        let hash = run_ok_str(nix("nix-store").args(["-q", "--hash", &path]));
+        assert_eq!(recorded_nar_hash(&root, &path), hash.trim(), "{attr}: NarHash of {path}");
+        let log = stderr(&ours);
+        assert!(log.contains("downloading '"), "{attr}: the build log shows the download: {log}");
+    }
+}
+
+#[test]
+fn a_wrong_hash_fails_naming_both_hashes() {
+    let s = serve();
+    let tmp = tempdir();
+    let ours = realise(&tmp.path().join("store"), &s.drvs["wrong"]);
+    assert_eq!(ours.status.code(), Some(1), "{}", stderr(&ours));
+    let why = stderr(&ours);
+    assert!(why.contains(&s.wrong_hash) && why.contains(&s.flat_hash), "{why}");
+    // Nix fails too.
+    let theirs = common::reference(|| {
+        let mut c = nix("nix-store");
+        c.args(["--realise", &s.drvs["wrong"]]);
+        c
+    });
+    assert!(!theirs.status.success());
+    assert!(stderr(&theirs).contains("hash mismatch"), "{}", stderr(&theirs));
+}
+
+#[test]
+fn a_404_falls_through_to_the_next_url_and_file_urls_are_refused() {
+    let s = serve();
+    let tmp = tempdir();
+    let root = tmp.path().join("store");
+    let ours = realise(&root, &s.drvs["fallsThrough"]);
+    assert!(ours.status.success(), "{}", stderr(&ours));
+    let requests = s.files.requests.lock().unwrap().clone();
+    assert_eq!(requests, ["/missing", "/redirect/hello.txt", "/hello.txt"], "tried in order, redirect followed");
+
+    let refused = realise(&root, &s.drvs["fileUrl"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    let why = stderr(&refused);
+    assert!(why.contains("file:///etc/hostname") && why.contains("refused"), "{why}");
+}
+
+#[test]
+fn the_coordinator_builds_builtin_fetches() {
+    let s = serve();
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let drvs = [&s.drvs["flat"], &s.drvs["unpacked"]];
+    let uuids = c.submit(&drvs, &[]);
+    c.watch_ok(&uuids);
+    let mut ours = Vec::new();
+    for uuid in &uuids {
+        let build = c.show(uuid);
+        let attempt = build["attempt_list"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(attempt["status"], "success", "{build}");
+        for o in attempt["outputs"].as_array().unwrap() {
+            let path = o["path"].as_str().unwrap().to_owned();
+            ours.push((path, o["nar_hash"].as_str().unwrap().to_owned()));
+        }
+    }
+    let theirs: Vec<String> = nix_realise(&[drvs[0], drvs[1]], &[]).lines().map(str::to_owned).collect();
+    assert_eq!(ours.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), theirs);
+    for (path, hash) in ours {
+        let nix_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", &path]));
+        assert_eq!(hash, nix_hash.trim(), "NarHash of {path}");
+    }
+}

@@ -1,0 +1,64 @@
+//! A small HTTP/1.1 file server on loopback for download tests: serves a fixed set of paths,
+//! answers 404 for the rest, and `/redirect/PATH` with a 302 to `/PATH`. One thread per
+//! connection; each connection serves one request.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+pub struct Files {
+    pub port: u16,
+    /// Every request path, in order.
+    pub requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Files {
+    pub fn start(files: BTreeMap<String, Vec<u8>>) -> Files {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let files = Arc::new(files);
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let (files, seen) = (files.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).is_err() {
+                        return;
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).map_or(true, |n| n == 0) || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    seen.lock().unwrap().push(path.clone());
+                    let _ = if let Some(to) = path.strip_prefix("/redirect") {
+                        write!(
+                            conn,
+                            "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                    } else if let Some(body) = files.get(&path) {
+                        write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                            .and_then(|()| conn.write_all(body))
+                    } else {
+                        write!(
+                            conn,
+                            "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found"
+                        )
+                    };
+                });
+            }
+        });
+        Files { port, requests }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
