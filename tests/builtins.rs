@@ -172,3 +172,61 @@ fn the_coordinator_builds_builtin_fetches() {
         assert_eq!(hash, nix_hash.trim(), "NarHash of {path}");
     }
 }
+
+/// A /gnu/store whose files Nix keeps under `real`, so no real /gnu/store is touched.
+fn gnu_store(tmp: &Path) -> (String, std::path::PathBuf) {
+    let real = tmp.join("real");
+    let store = format!(
+        "local?store=/gnu/store&real={}&state={}&log={}",
+        real.display(),
+        tmp.join("state").display(),
+        tmp.join("log").display()
+    );
+    (store, real)
+}
+
+#[test]
+fn guix_download_tries_urls_then_mirrors_then_content_addressed_mirrors() {
+    let salt = salt();
+    let contents = format!("hello from guix {salt}\n");
+    let tmp = tempdir();
+    let hello = tmp.path().join("hello.txt");
+    fs::write(&hello, &contents).unwrap();
+    let hash = nix_hash(&hello, true);
+    let files = Files::start(
+        [
+            ("/mirror/hello.txt".to_owned(), contents.clone().into_bytes()),
+            (format!("/ca/sha256/{hash}"), contents.clone().into_bytes()),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let (store, real) = gnu_store(tmp.path());
+    let mut cmd = nix("nix-instantiate");
+    cmd.args(["--store", &store]).arg(common::repo_path("tests/nix/guix-download.nix"));
+    cmd.args(["--argstr", "base", &files.url("")]).args(["--argstr", "salt", &salt]).args(["--argstr", "hash", &hash]);
+    let out = run_ok_str(cmd.args(["-A", "mirrored", "-A", "contentAddressed"]));
+    let drvs: Vec<&str> = out.lines().collect();
+    let root = tmp.path().join("gbc");
+    let tried = [
+        vec!["/missing".to_owned(), "/nope/hello.txt".to_owned(), "/mirror/hello.txt".to_owned()],
+        vec!["/missing".to_owned(), format!("/ca/sha256/{hash}")],
+    ];
+    for (drv, expected) in drvs.into_iter().zip(tried) {
+        assert!(drv.starts_with("/gnu/store/"), "{drv}");
+        let file = real.join(Path::new(drv).file_name().unwrap());
+        let built = realise(&root, file.to_str().unwrap());
+        assert!(built.status.success(), "{drv}: {}", stderr(&built));
+        let path = String::from_utf8_lossy(&built.stdout).trim().to_owned();
+        assert!(path.starts_with("/gnu/store/"), "{path}");
+        let base = Path::new(&path).file_name().unwrap();
+        assert_eq!(fs::read_to_string(root.join(base)).unwrap(), contents);
+        let requests = std::mem::take(&mut *files.requests.lock().unwrap());
+        assert_eq!(requests, expected, "{drv}: tried in Guix's order");
+        // The content-addressed mirror of a form gbc does not recognise was skipped, and said so.
+        if drv.contains("hello-ca") {
+            assert!(stderr(&built).contains("skipping (lambda"), "{}", stderr(&built));
+        }
+    }
+    assert!(!Path::new("/tmp/evaluated").exists(), "nothing in the mirrors file was evaluated");
+}

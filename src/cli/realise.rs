@@ -71,6 +71,15 @@ fn realise(
     let drv_path = store_dir.display(&drv_path);
 
     let mut inputs: BTreeSet<String> = drv.input_srcs.clone();
+    // Sources the store lacks come from beside the file or from their own path, checked.
+    for src in &drv.input_srcs {
+        if store.is_valid(&store_dir, src)? {
+            continue;
+        }
+        if let Some(found) = input_locations(file, src).into_iter().find(|p| p.symlink_metadata().is_ok()) {
+            store.add_source(&store_dir, src, &found)?.map_err(|why| check_failed(file.display(), why))?;
+        }
+    }
     for (input, used) in &drv.input_drvs {
         let input_file = input_locations(file, input)
             .into_iter()

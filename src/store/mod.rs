@@ -120,6 +120,42 @@ impl LocalStore {
         write_atomically(&self.record(&sp), &json)
     }
 
+    /// Add the file or tree at `source` as the content-addressed store path `path` without
+    /// references (what `builtins.toFile`, `builtins.path` and Guix's `plain-file` and
+    /// `local-file` make), after checking that its contents give exactly that path. The error is
+    /// a one-line reason.
+    pub fn add_source(&self, store_dir: &StoreDir, path: &str, source: &Path) -> io::Result<Result<PathInfo, String>> {
+        let sp = match store_dir.parse_path(path) {
+            Ok(sp) => sp,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let mut nar = Vec::new();
+        if let Err(e) = crate::formats::nar::dump_path(source, &mut nar) {
+            return Err(io::Error::new(e.source.kind(), e.to_string()));
+        }
+        let nar_hash = crate::formats::hash::sha256(&nar);
+        let md = fs::symlink_metadata(source)?;
+        let flat = if md.is_file() { Some(crate::formats::hash::sha256(&fs::read(source)?)) } else { None };
+        if store_dir.content_address(&sp, &[], &nar_hash, flat.as_ref()).is_none() {
+            return Ok(Err(format!(
+                "{}: its contents do not make {path} (only sources without references are taken this way)",
+                source.display()
+            )));
+        }
+        self.clear_stale(store_dir, path)?;
+        let dest = self.physical(&sp);
+        crate::formats::nar::restore(&nar[..], &dest).map_err(|e| io::Error::other(e.to_string()))?;
+        let info = PathInfo {
+            path: path.to_owned(),
+            nar_hash: crate::formats::hash::Hash::sha256(nar_hash).to_nix32_string(),
+            nar_size: nar.len() as u64,
+            references: Vec::new(),
+            deriver: None,
+        };
+        self.register(store_dir, &info)?;
+        Ok(Ok(info))
+    }
+
     /// Forget a path and delete its contents (for tests and garbage collection).
     pub fn invalidate(&self, path: &StorePath) -> io::Result<()> {
         match fs::remove_file(self.record(path)) {
