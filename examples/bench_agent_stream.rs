@@ -59,6 +59,17 @@ fn agent_round(gbc: &Path, state: &Path, drv_path: &str, drv: &Derivation) -> (D
         .arg("agent")
         .arg("--state-dir")
         .arg(state)
+        // The builder is the host's /bin/sh.
+        .args([
+            "--sandbox-path",
+            "/bin",
+            "--sandbox-path",
+            "/usr",
+            "--sandbox-path",
+            "/lib",
+            "--sandbox-path",
+            "/lib64?",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -57,6 +57,8 @@ pub struct Machine {
     /// The remote command that starts the agent.
     pub agent: String,
     pub agent_args: Vec<String>,
+    /// Host paths builds see read-only (Nix's `sandbox-paths` syntax), given to the agent.
+    pub sandbox_paths: Vec<crate::build::sandbox::SandboxPath>,
     /// The Nix-format public key (`name:base64`) this host's outputs must be signed with.
     pub signing_key: Option<String>,
     pub enabled: bool,
@@ -113,6 +115,8 @@ struct RawMachine {
     agent: String,
     #[serde(default)]
     agent_args: Vec<String>,
+    #[serde(default)]
+    sandbox_paths: Vec<String>,
     #[serde(default)]
     signing_key: Option<String>,
     #[serde(default = "yes")]
@@ -181,6 +185,11 @@ impl TryFrom<RawMachine> for Machine {
         if r.agent.trim().is_empty() {
             return bad("agent is empty".into());
         }
+        let sandbox_paths = r.sandbox_paths.iter().map(|p| crate::build::sandbox::SandboxPath::parse(p));
+        let sandbox_paths = match sandbox_paths.collect::<Result<Vec<_>, _>>() {
+            Ok(paths) => paths,
+            Err(e) => return bad(format!("sandbox_paths: {e}")),
+        };
         Ok(Machine {
             name: r.name,
             host: r.host,
@@ -198,6 +207,7 @@ impl TryFrom<RawMachine> for Machine {
             min_free_disk: r.min_free_disk,
             agent: r.agent,
             agent_args: r.agent_args,
+            sandbox_paths,
             signing_key: r.signing_key,
             enabled: r.enabled,
             auto_deploy: r.auto_deploy,
@@ -362,6 +372,18 @@ mod tests {
         let f = parse(text, "machines.example.ron").unwrap_or_else(|e| unreachable!("{e}"));
         assert!(f.machines.0.len() >= 2, "the example shows several machines");
         assert!(f.machines.0.iter().any(|m| m.auto_deploy) && f.machines.0.iter().any(|m| m.known_hosts.is_some()));
+        assert!(f.machines.0.iter().any(|m| m.sandbox_paths.iter().any(|p| p.optional)));
+    }
+
+    #[test]
+    fn sandbox_paths_are_checked() {
+        let e = err(&one("sandbox_paths: [\"/bin\", \"usr\"]"));
+        assert!(
+            e.starts_with("m.ron:1:") && e.contains("sandbox_paths") && e.contains("\"usr\" is not an absolute path"),
+            "{e}"
+        );
+        let e = err(&one("sandbox_paths: [\"/\"]"));
+        assert!(e.contains("root"), "{e}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ fn instantiate(file: &str, attrs: &[&str], salt: &str) -> BTreeMap<String, Strin
 }
 
 fn realise(root: &Path, drv: &str, extra: &[&str]) -> Output {
-    run(gbc().arg("realise").arg("--store-root").arg(root).args(extra).arg(drv))
+    run(gbc().arg("realise").arg("--store-root").arg(root).args(common::sandbox_args()).args(extra).arg(drv))
 }
 
 fn record(root: &Path, path: &str) -> serde_json::Value {
@@ -125,6 +125,7 @@ fn fixed_outputs_see_the_impure_variables_they_name() {
     let ours = run(gbc()
         .args(["realise", "--store-root"])
         .arg(&root)
+        .args(common::sandbox_args())
         .arg(&drvs["fixedImpure"])
         .env("GBC_TEST_PROXY", "proxy.example:3128"));
     assert!(ours.status.success(), "{}", stderr(&ours));
@@ -139,6 +140,7 @@ fn fixed_outputs_see_the_impure_variables_they_name() {
     let bare = run(gbc()
         .args(["realise", "--store-root"])
         .arg(tmp2.path().join("store"))
+        .args(common::sandbox_args())
         .arg(&drvs["fixedImpure"])
         .env_remove("GBC_TEST_PROXY"));
     assert_eq!(bare.status.code(), Some(1), "{}", stderr(&bare));
@@ -233,7 +235,11 @@ fn the_sandbox_holds() {
     let path = String::from_utf8(out.stdout).unwrap();
     let report = fs::read_to_string(root.join(Path::new(path.trim()).file_name().unwrap())).unwrap();
     assert!(!report.contains("ALLOWED"), "{report}");
-    assert_eq!(report.matches(": refused").count(), 6, "{report}");
+    assert_eq!(report.matches(": refused").count(), 5, "{report}");
+    assert!(report.contains("tmp: own"), "{report}");
+    assert!(
+        fs::read_dir("/tmp").unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("gbc-escaped"))
+    );
     assert!(report.contains("uid=1000 gid=100"), "{report}");
     let interfaces: Vec<&str> =
         report.split("interfaces:\n").nth(1).unwrap().lines().take_while(|l| *l != "store:").map(str::trim).collect();
@@ -317,6 +323,7 @@ fn an_unprivileged_user_can_build_too() {
         .arg("realise")
         .arg("--store-root")
         .arg(&root)
+        .args(common::sandbox_args())
         .arg(&file)
         .env("HOME", tmp.path()));
     assert!(out.status.success(), "{}", stderr(&out));
@@ -359,4 +366,31 @@ fn without_user_namespaces_the_setup_failure_says_why() {
     let err = stderr(&out);
     assert!(err.contains("build setup failed") && err.contains("user namespaces"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn the_sandbox_shows_what_nix_s_shows() {
+    let _serial = one_at_a_time();
+    let drvs = instantiate("tests/nix/sandbox-view.nix", &["view"], &salt());
+    let drv = &drvs["view"];
+    let tmp = tempdir();
+    let root = tmp.path().join("store");
+    let ours = realise(&root, drv, &[]);
+    assert!(ours.status.success(), "{}", stderr(&ours));
+    let path = String::from_utf8_lossy(&ours.stdout).trim().to_owned();
+    let paths: Vec<&str> = common::HOST_SH.iter().map(|p| p.trim_end_matches('?')).collect();
+    let theirs = nix_realise(&[drv], &["--option", "sandbox", "true", "--option", "sandbox-paths", &paths.join(" ")]);
+    assert_eq!(path, theirs.trim());
+    // Nix adds /dev/kvm when the host has it (its "kvm" system feature); gbc does not.
+    let view = |text: String| -> String {
+        text.lines().filter(|l| !l.split_whitespace().any(|w| w == "kvm")).collect::<Vec<_>>().join("\n")
+    };
+    let ours = view(fs::read_to_string(root.join(Path::new(&path).file_name().unwrap())).unwrap());
+    let theirs = view(fs::read_to_string(&path).unwrap());
+    assert_eq!(ours, theirs);
+
+    // Without sandbox paths, nothing of the host is there: not even a shell to start.
+    let bare = run(gbc().arg("realise").arg("--store-root").arg(tmp.path().join("bare")).arg(drv));
+    assert_eq!(bare.status.code(), Some(1), "{}", stderr(&bare));
+    assert!(stderr(&bare).contains("/bin/sh"), "{}", stderr(&bare));
 }

@@ -20,7 +20,7 @@ mod sys;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read as _, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
@@ -34,9 +34,6 @@ use crate::formats::nix32;
 use crate::formats::store_path::{StoreDir, StorePath};
 use crate::store::{LocalStore, PathInfo, remove_tree};
 
-/// Host paths a `/bin/sh` builder needs, bind-mounted read-only by default.
-pub const DEFAULT_HOST_PATHS: &[&str] = &["/bin", "/usr", "/lib", "/lib64"];
-
 /// How builds run on this host.
 #[derive(Debug, Clone)]
 pub struct BuildSettings {
@@ -45,7 +42,8 @@ pub struct BuildSettings {
     pub max_silent: Option<Duration>,
     /// Kill the build after this long in total.
     pub timeout: Option<Duration>,
-    pub host_paths: Vec<PathBuf>,
+    /// Host paths builds see (none by default).
+    pub sandbox_paths: Vec<sandbox::SandboxPath>,
     /// Set to stop the build.
     pub cancel: Option<Arc<AtomicBool>>,
 }
@@ -56,7 +54,7 @@ impl Default for BuildSettings {
             cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
             max_silent: None,
             timeout: None,
-            host_paths: DEFAULT_HOST_PATHS.iter().map(PathBuf::from).collect(),
+            sandbox_paths: Vec::new(),
             cancel: None,
         }
     }
@@ -228,8 +226,11 @@ fn run_and_collect(
     let top = work.join("top");
     let chroot = work.join("root");
     let error_file = work.join("setup-error");
+    let tmp = work.join("tmp");
     fs::create_dir(&top)?;
     fs::create_dir(&chroot)?;
+    fs::create_dir(&tmp)?;
+    fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
 
     let rewrites = Rewrites::for_outputs(out_paths.iter().map(|(o, p)| (*o, p.as_str())));
     let mut export = |roots: &[String]| exported(store, sd, closure, roots);
@@ -269,7 +270,8 @@ fn run_and_collect(
         store_dir: sd.as_str().to_owned(),
         store_root: store.root().to_owned(),
         inputs,
-        host_paths: settings.host_paths.clone(),
+        paths: settings.sandbox_paths.clone(),
+        tmp_dir: tmp,
         network: matches!(req.drv.kind(), Ok(DrvKind::FixedOutput { .. })),
         builder: rewrites.apply(&req.drv.builder),
         args: req.drv.args.iter().map(|a| rewrites.apply(a)).collect(),

@@ -5,11 +5,14 @@
 //! UTS and (except for fixed-output derivations) network namespaces, maps the agent's user to root
 //! of the new user namespace, and starts `gbc __sandbox-init SPEC` (stage 2), which is PID 1 of the
 //! new PID namespace and keeps root's capabilities there. Stage 2 builds the root file system in an
-//! empty directory: `/build` (the build directory), the logical store dir with each path of the input
-//! closure bind-mounted read-only, the host paths read-only (by default what a `/bin/sh` builder
-//! needs), `/proc`, a minimal `/dev`, and `/etc/{passwd,group,hosts}`; makes everything but `/build`,
-//! the store dir and `/dev/shm` read-only; pivots into it; then enters
-//! a nested user namespace where it is uid 1000 / gid 100 (as in Nix's sandbox) and runs the builder.
+//! empty directory: `/build` (the build directory), an empty `/tmp`, the logical store dir with
+//! each path of the input closure bind-mounted read-only, the machine's sandbox paths read-only
+//! (none by default: nothing of the host is seen unless named), `/proc`, a minimal `/dev` with a
+//! `devpts` of its own, and `/etc/{passwd,group,hosts}` (and, for fixed-output derivations, the
+//! host's `/etc/{resolv.conf,hosts,services}`); makes everything but `/build`, `/tmp`, the store
+//! dir and `/dev/shm` read-only; pivots into it; then enters
+//! a nested user namespace where it is uid 1000 / gid 100 (as in Nix's sandbox) and runs the builder
+//! (or, for a builtin builder, runs it itself: [`super::builtins`]).
 //! The builder thus has no capabilities over the mounts: it cannot remount its read-only inputs (and
 //! mounts copied into any namespace it makes are locked read-only by the kernel).
 //! When stage 2 exits, the kernel kills everything left in the namespace; stage 2 dies with stage 1
@@ -49,8 +52,10 @@ pub struct SandboxSpec {
     pub store_root: PathBuf,
     /// Base names of the store paths the build may see (its input closure).
     pub inputs: Vec<String>,
-    /// Host paths bind-mounted read-only at the same place.
-    pub host_paths: Vec<PathBuf>,
+    /// Host paths the build sees read-only (the machine's `sandbox_paths`).
+    pub paths: Vec<SandboxPath>,
+    /// An empty directory, seen as `/tmp`.
+    pub tmp_dir: PathBuf,
     /// Keep the host's network (fixed-output derivations only).
     pub network: bool,
     pub builder: String,
@@ -65,6 +70,58 @@ pub struct SandboxSpec {
     /// A builtin builder to run in place of `builder` (see [`super::builtins`]).
     #[serde(default)]
     pub builtin: Option<super::builtins::Job>,
+}
+
+/// A host path a build sees, in Nix's `sandbox-paths` syntax: `TARGET` (the host's path of the
+/// same name), `TARGET=SOURCE`, either with a trailing `?` when a missing source is to be skipped
+/// (otherwise it is an error). Both paths are absolute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxPath {
+    pub target: PathBuf,
+    pub source: PathBuf,
+    pub optional: bool,
+}
+
+impl SandboxPath {
+    pub fn parse(spec: &str) -> Result<SandboxPath, String> {
+        let (rest, optional) = match spec.strip_suffix('?') {
+            Some(r) => (r, true),
+            None => (spec, false),
+        };
+        let (target, source) = rest.split_once('=').unwrap_or((rest, rest));
+        for p in [target, source] {
+            if !p.starts_with('/') {
+                return Err(format!("sandbox path {spec:?}: {p:?} is not an absolute path"));
+            }
+            if Path::new(p).components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return Err(format!("sandbox path {spec:?}: {p:?} has a .. component"));
+            }
+        }
+        if target == "/" {
+            return Err(format!("sandbox path {spec:?}: the sandbox's root can't be a host path"));
+        }
+        Ok(SandboxPath { target: target.into(), source: source.into(), optional })
+    }
+}
+
+impl std::fmt::Display for SandboxPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.target.display())?;
+        if self.source != self.target {
+            write!(f, "={}", self.source.display())?;
+        }
+        if self.optional {
+            f.write_str("?")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for SandboxPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SandboxPath, String> {
+        SandboxPath::parse(s)
+    }
 }
 
 /// A host uid and gid of no account, for one build at a time.
@@ -371,15 +428,24 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
         }
     }
 
-    for host in &spec.host_paths {
-        if fs::symlink_metadata(host).is_err() {
-            continue;
+    for p in &spec.paths {
+        if let Err(e) = fs::symlink_metadata(&p.source) {
+            if p.optional {
+                continue;
+            }
+            return Err(io::Error::new(e.kind(), format!("sandbox path {p}: {}: {e}", p.source.display())));
         }
-        let target = inside(root, &host.to_string_lossy());
-        if make_mount_point(host, &target)? {
-            bind_read_only(host, &target, true)?;
+        let target = inside(root, &p.target.to_string_lossy());
+        if make_mount_point(&p.source, &target)? {
+            bind_read_only(&p.source, &target, true)?;
         }
     }
+
+    // An empty /tmp of the build's own, as in Nix's sandbox (builders are told to use the build
+    // directory, through TMPDIR, but some write to /tmp regardless).
+    let tmp = inside(root, "/tmp");
+    fs::create_dir_all(&tmp)?;
+    ctx(rustix::mount::mount_bind(&spec.tmp_dir, &tmp), || "mounting /tmp".to_owned())?;
 
     let proc = inside(root, "/proc");
     fs::create_dir_all(&proc)?;
@@ -398,6 +464,20 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
             ctx(rustix::mount::mount_bind(&source, &target), || format!("binding {}", source.display()))?;
         }
     }
+    // Pseudo-terminals of the sandbox's own (a new devpts instance), as in Nix's sandbox.
+    let pts = dev.join("pts");
+    fs::create_dir_all(&pts)?;
+    ctx(
+        rustix::mount::mount(
+            "none",
+            &pts,
+            "devpts",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            Some(c"newinstance,mode=0620,ptmxmode=0666"),
+        ),
+        || "mounting /dev/pts".to_owned(),
+    )?;
+    symlink("/dev/pts/ptmx", dev.join("ptmx"))?;
     let shm = dev.join("shm");
     fs::create_dir_all(&shm)?;
     ctx(
@@ -444,4 +524,25 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     ctx(rustix::mount::unmount(".", UnmountFlags::DETACH), || "detaching the old root".to_owned())?;
     ctx(rustix::process::chdir(BUILD_DIR), || format!("entering {BUILD_DIR}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_paths_in_nix_s_syntax() {
+        let p = |s: &str| SandboxPath::parse(s);
+        assert_eq!(p("/bin"), Ok(SandboxPath { target: "/bin".into(), source: "/bin".into(), optional: false }));
+        assert_eq!(
+            p("/bin/sh=/nix/store/x-busybox/bin/sh?"),
+            Ok(SandboxPath { target: "/bin/sh".into(), source: "/nix/store/x-busybox/bin/sh".into(), optional: true })
+        );
+        for s in ["/bin", "/lib64?", "/etc/ssl=/etc/ssl-build", "/a=/b?"] {
+            assert_eq!(p(s).map(|x| x.to_string()), Ok(s.to_owned()));
+        }
+        for bad in ["bin", "/a=b", "/a/../etc", "/", "/=/x", ""] {
+            assert!(p(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use super::args::AgentOpts;
 use super::realise::default_state_dir;
 use crate::agent::{AgentConfig, load_or_create_key, native_system, serve};
-use crate::build::{BuildSettings, DEFAULT_HOST_PATHS};
+use crate::build::BuildSettings;
 use crate::formats::store_path::StoreDir;
 use crate::store::LocalStore;
 
@@ -54,11 +54,7 @@ pub fn run(opts: AgentOpts) -> anyhow::Result<()> {
     if let Some(c) = opts.cores {
         settings.cores = c;
     }
-    settings.host_paths = if opts.host_paths.is_empty() {
-        DEFAULT_HOST_PATHS.iter().map(PathBuf::from).collect()
-    } else {
-        opts.host_paths
-    };
+    settings.sandbox_paths = opts.sandbox_paths;
     let systems = if opts.systems.is_empty() { vec![native_system()] } else { opts.systems };
     let config = AgentConfig { store, signing_key, settings, store_dirs, systems, features: opts.features };
     // The raw descriptor, buffered once (std's stdin has a buffer of its own, behind a lock).

@@ -1,6 +1,7 @@
 //! What the user can type: every command and flag, with the help text that `--help` and the man
 //! pages are generated from.
 
+use crate::build::sandbox::SandboxPath;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -89,6 +90,10 @@ pub enum Command {
         /// Kill the build after this long (seconds, or a duration like 3h).
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         timeout: Option<Duration>,
+        /// A host path builds see read-only (repeatable; default: none). Nix's sandbox-paths
+        /// syntax: PATH, TARGET=SOURCE, and a trailing ? for a path to skip when missing.
+        #[arg(long = "sandbox-path", value_name = "SPEC")]
+        sandbox_paths: Vec<SandboxPath>,
     },
     /// Serve the build-host side of gbc's protocol on standard input and output.
     ///
@@ -278,9 +283,10 @@ pub struct AgentOpts {
     /// A store dir to accept (repeatable; default: /gnu/store and /nix/store).
     #[arg(long = "store-dir", value_name = "DIR")]
     pub store_dirs: Vec<String>,
-    /// A host path builds see read-only (repeatable; default: /bin /usr /lib /lib64).
-    #[arg(long = "host-path", value_name = "PATH")]
-    pub host_paths: Vec<PathBuf>,
+    /// A host path builds see read-only (repeatable; default: none). Nix's sandbox-paths syntax:
+    /// PATH, TARGET=SOURCE, and a trailing ? for a path to skip when the host lacks it.
+    #[arg(long = "sandbox-path", value_name = "SPEC")]
+    pub sandbox_paths: Vec<SandboxPath>,
     /// NIX_BUILD_CORES for builders (default: this machine's cores).
     #[arg(long, value_name = "N")]
     pub cores: Option<u32>,
@@ -295,6 +301,11 @@ pub struct CoordinatorOpts {
     /// Parallel builds of the local machine (default: this host's cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub local_builds: Option<u32>,
+    /// A host path the local machine's builds see read-only (repeatable; default: none). Nix's
+    /// sandbox-paths syntax: PATH, TARGET=SOURCE, and a trailing ? for a path to skip when missing.
+    /// Build hosts have `sandbox_paths` in machines.ron.
+    #[arg(long = "sandbox-path", value_name = "SPEC")]
+    pub sandbox_paths: Vec<SandboxPath>,
     /// Attempts a build gets when its setup fails or its machine is lost, before it fails.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,

@@ -27,6 +27,7 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
         socket: state_dir.join("gbc.sock"),
         state_dir,
         local_builds: opts.local_builds,
+        sandbox_paths: opts.sandbox_paths.clone(),
         max_attempts: opts.max_attempts,
         grace: opts.grace,
         timeout_secs: opts.timeout.map(|d| d.as_secs()),

@@ -97,6 +97,7 @@ fn probe_config() -> anyhow::Result<Config> {
         state_dir: PathBuf::new(),
         socket: PathBuf::new(),
         local_builds: None,
+        sandbox_paths: Vec::new(),
         max_attempts: 1,
         grace: Duration::ZERO,
         timeout_secs: None,

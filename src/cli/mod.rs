@@ -111,9 +111,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen { name, secret_file, public_file } => keys::keygen(&name, &secret_file, &public_file),
         Command::Sign { key, narinfo } => keys::sign(&key, &narinfo),
         Command::Verify { trusted, narinfo } => keys::verify(&trusted, &narinfo),
-        Command::Realise { file, store_root, cores, max_silent_time, timeout } => {
-            realise::run(&file, &realise::Options { store_root, cores, max_silent: max_silent_time, timeout })
-        }
+        Command::Realise { file, store_root, cores, max_silent_time, timeout, sandbox_paths } => realise::run(
+            &file,
+            &realise::Options { store_root, cores, max_silent: max_silent_time, timeout, sandbox_paths },
+        ),
         Command::Agent(opts) => agent::run(opts),
         Command::Coordinator(opts) => coordinator::run(opts),
         Command::Cache { command: CacheCommand::PublicKey { state_dir, signing_key } } => {

@@ -32,6 +32,7 @@ pub struct Options {
     pub cores: Option<u32>,
     pub max_silent: Option<Duration>,
     pub timeout: Option<Duration>,
+    pub sandbox_paths: Vec<build::sandbox::SandboxPath>,
 }
 
 pub fn run(file: &Path, opts: &Options) -> anyhow::Result<()> {
@@ -46,6 +47,7 @@ pub fn run(file: &Path, opts: &Options) -> anyhow::Result<()> {
     }
     settings.max_silent = opts.max_silent;
     settings.timeout = opts.timeout;
+    settings.sandbox_paths = opts.sandbox_paths.clone();
     let mut done = BTreeMap::new();
     let outputs = realise(&store, &settings, file, &mut DrvGraph::new(), &mut done)?;
     let mut out = io::stdout().lock();

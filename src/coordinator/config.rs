@@ -13,6 +13,8 @@ pub struct Config {
     pub socket: PathBuf,
     /// Parallel builds of the built-in local machine (default: this host's cores).
     pub local_builds: Option<u32>,
+    /// Host paths the local machine's builds see.
+    pub sandbox_paths: Vec<crate::build::sandbox::SandboxPath>,
     /// Attempts a build gets when setups fail or machines are lost, before it fails.
     pub max_attempts: u32,
     /// How long running builds may go on after SIGINT/SIGTERM before they are put back in the queue.

@@ -26,6 +26,7 @@ fn config(dir: &std::path::Path) -> Config {
         state_dir: dir.to_owned(),
         socket: dir.join("gbc.sock"),
         local_builds: None,
+        sandbox_paths: Vec::new(),
         max_attempts: 3,
         grace: Duration::from_secs(60),
         timeout_secs: None,

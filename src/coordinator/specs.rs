@@ -57,7 +57,8 @@ pub fn local_machine(config: &Config) -> MachineSpec {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let parallel = config.local_builds.unwrap_or(cores).max(1);
     let dir = config.state_dir.join("machines/localhost");
-    let args = vec!["--state-dir".to_owned(), dir.display().to_string()];
+    let mut args = vec!["--state-dir".to_owned(), dir.display().to_string()];
+    args.extend(sandbox_args(&config.sandbox_paths));
     MachineSpec {
         name: "localhost".into(),
         caps: Capabilities {
@@ -73,6 +74,11 @@ pub fn local_machine(config: &Config) -> MachineSpec {
         trusted: Vec::new(),
         backoff: Backoff::local(),
     }
+}
+
+/// `--sandbox-path SPEC` for each of `paths`, as the agent takes them.
+fn sandbox_args(paths: &[crate::build::sandbox::SandboxPath]) -> impl Iterator<Item = String> + '_ {
+    paths.iter().flat_map(|p| ["--sandbox-path".to_owned(), p.to_string()])
 }
 
 /// The enabled machines of a machines file, as the coordinator runs them.
@@ -135,7 +141,7 @@ fn host_machine(
         transport: Transport::Ssh(Box::new(transport::SshAgent {
             target,
             command: m.agent.clone(),
-            args: m.agent_args.clone(),
+            args: m.agent_args.iter().cloned().chain(sandbox_args(&m.sandbox_paths)).collect(),
             auto_deploy: m.auto_deploy,
             program: config.agent_program.clone(),
             timing: crate::ssh::Timing { keepalive: config.ssh_keepalive, ..Default::default() },

@@ -8,6 +8,15 @@ use std::sync::Once;
 pub mod files;
 pub mod sshd;
 
+/// The host paths the test derivations' `/bin/sh` builders need. A build sees nothing of the host
+/// but what its machine names, so the tests name these, as a farm running such builders would.
+pub const HOST_SH: [&str; 4] = ["/bin", "/usr", "/lib", "/lib64?"];
+
+/// `--sandbox-path` for each of [`HOST_SH`], for `gbc realise`, `agent` and `coordinator`.
+pub fn sandbox_args() -> Vec<String> {
+    HOST_SH.iter().flat_map(|p| ["--sandbox-path".to_owned(), (*p).to_owned()]).collect()
+}
+
 /// The `gbc` binary under test.
 pub fn gbc() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gbc"))
@@ -207,6 +216,7 @@ impl Coordinator {
             .arg("coordinator")
             .arg("--state-dir")
             .arg(&self.state)
+            .args(sandbox_args())
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

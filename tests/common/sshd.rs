@@ -292,7 +292,7 @@ impl Host {
         };
         format!(
             "(name: {:?}, host: {:?}, port: {}, user: {:?}, identity: {:?}, host_key: {:?},\n \
-             {agent}signing_key: {:?}, {extra})",
+             {agent}signing_key: {:?}, sandbox_paths: {:?}, {extra})",
             self.name,
             self.sshd.addr,
             self.sshd.port,
@@ -300,6 +300,7 @@ impl Host {
             client.private.display().to_string(),
             self.sshd.host_key,
             self.signing_public,
+            super::HOST_SH,
         )
     }
 

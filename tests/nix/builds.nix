@@ -57,7 +57,8 @@ in {
       try write-input "echo x > ${input}"
       try write-input-dir-sibling "echo x > ${builtins.storeDir}/../gbc-escaped"
       try write-root "echo x > /gbc-escaped"
-      try write-tmp "echo x > /tmp/gbc-escaped"
+      # /tmp is the build's own (as in Nix's sandbox): writable, and not the host's.
+      echo x > /tmp/gbc-escaped-${salt} && echo "tmp: own"
       try write-usr "echo x > /usr/gbc-escaped"
       try remount-input "/bin/mount -o remount,rw ${input}"
       echo "uid=$(/usr/bin/id -u) gid=$(/usr/bin/id -g)"
