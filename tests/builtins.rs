@@ -173,18 +173,6 @@ fn the_coordinator_builds_builtin_fetches() {
     }
 }
 
-/// A /gnu/store whose files Nix keeps under `real`, so no real /gnu/store is touched.
-fn gnu_store(tmp: &Path) -> (String, std::path::PathBuf) {
-    let real = tmp.join("real");
-    let store = format!(
-        "local?store=/gnu/store&real={}&state={}&log={}",
-        real.display(),
-        tmp.join("state").display(),
-        tmp.join("log").display()
-    );
-    (store, real)
-}
-
 #[test]
 fn guix_download_tries_urls_then_mirrors_then_content_addressed_mirrors() {
     let salt = salt();
@@ -201,7 +189,7 @@ fn guix_download_tries_urls_then_mirrors_then_content_addressed_mirrors() {
         .into_iter()
         .collect(),
     );
-    let (store, real) = gnu_store(tmp.path());
+    let (store, real) = common::gnu_store(tmp.path());
     let mut cmd = nix("nix-instantiate");
     cmd.args(["--store", &store]).arg(common::repo_path("tests/nix/guix-download.nix"));
     cmd.args(["--argstr", "base", &files.url("")]).args(["--argstr", "salt", &salt]).args(["--argstr", "hash", &hash]);

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{gbc, nix, run, run_ok, run_ok_str, salt, tempdir};
 use gbc::formats::derivation::Derivation;
@@ -94,22 +94,10 @@ fn drv_show_matches_nix_show_derivation() {
     }
 }
 
-/// A /gnu/store whose files Nix keeps under `real`, so no real /gnu/store is touched.
-fn gnu_store(tmp: &Path) -> (String, PathBuf) {
-    let real = tmp.join("real");
-    let store = format!(
-        "local?store=/gnu/store&real={}&state={}&log={}",
-        real.display(),
-        tmp.join("state").display(),
-        tmp.join("log").display()
-    );
-    (store, real)
-}
-
 #[test]
 fn gnu_store_derivations_match_nix() {
     let tmp = tempdir();
-    let (store, real) = gnu_store(tmp.path());
+    let (store, real) = common::gnu_store(tmp.path());
     for (attr, drv) in instantiate(Some(&store), &salt()) {
         assert!(drv.starts_with("/gnu/store/"), "{attr}: {drv}");
         let file = real.join(Path::new(&drv).file_name().unwrap());
@@ -163,7 +151,7 @@ fn tampered_derivations_are_rejected_naming_the_file() {
 #[test]
 fn a_missing_input_derivation_is_reported() {
     let tmp = tempdir();
-    let (store, real) = gnu_store(tmp.path());
+    let (store, real) = common::gnu_store(tmp.path());
     let drvs: BTreeMap<String, String> = instantiate(Some(&store), &salt()).into_iter().collect();
     let chain_b = real.join(Path::new(&drvs["chainB"]).file_name().unwrap());
     let chain_a = real.join(Path::new(&drvs["chainA"]).file_name().unwrap());

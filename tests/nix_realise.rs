@@ -394,3 +394,50 @@ fn the_sandbox_shows_what_nix_s_shows() {
     assert_eq!(bare.status.code(), Some(1), "{}", stderr(&bare));
     assert!(stderr(&bare).contains("/bin/sh"), "{}", stderr(&bare));
 }
+
+/// A `/gnu/store` derivation is built the way guix-daemon builds it. guix-daemon can't run here;
+/// the expected values are read from Guix's `nix/libstore/build.cc` (`guestUID`/`guestGID`, the
+/// `/etc/passwd` and `/etc/group` it writes, `tmpDirInSandbox`, the variables `startBuilder` sets).
+#[test]
+fn gnu_store_builds_follow_guix_daemon_s_conventions() {
+    let _serial = one_at_a_time();
+    let tmp = tempdir();
+    let (store, real) = common::gnu_store(tmp.path());
+    let drv = common::instantiate("tests/nix/sandbox-view.nix", Some(&store), &["view"], &salt()).remove(0).1;
+    let file = real.join(Path::new(&drv).file_name().unwrap());
+    let root = tmp.path().join("gbc");
+    let out = realise(&root, file.to_str().unwrap(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(path.starts_with("/gnu/store/"), "{path}");
+    let view = fs::read_to_string(root.join(Path::new(&path).file_name().unwrap())).unwrap();
+    let section = |name: &str| -> Vec<String> {
+        view.split(&format!("== {name}\n"))
+            .nth(1)
+            .unwrap()
+            .lines()
+            .take_while(|l| !l.starts_with("== "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let top = "/tmp/guix-build-sandbox-view.drv-0";
+    assert_eq!(section("build dir")[0], top, "{view}");
+    assert_eq!(
+        section("passwd"),
+        ["nixbld:x:30001:30000:Nix build user:/:/noshell", "nobody:x:65534:65534:Nobody:/:/noshell"]
+    );
+    assert_eq!(section("group"), ["nixbld:!:30000:"]);
+    assert_eq!(section("id"), ["uid=30001(nixbld) gid=30000(nixbld) groups=30000(nixbld)"]);
+    assert_eq!(section("tmp")[0], "1777");
+    assert!(section("tmp").contains(&"guix-build-sandbox-view.drv-0".to_owned()), "{view}");
+    let env: BTreeMap<String, String> =
+        section("env").iter().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+    for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
+        assert_eq!(env.get(k).map(String::as_str), Some(top), "{k}");
+    }
+    assert_eq!(env.get("NIX_STORE").map(String::as_str), Some("/gnu/store"));
+    assert_eq!(env.get("HOME").map(String::as_str), Some("/homeless-shelter"));
+    for k in ["NIX_LOG_FD", "TERM"] {
+        assert!(!env.contains_key(k), "guix-daemon does not set {k}: {env:?}");
+    }
+}

@@ -237,7 +237,9 @@ fn run_and_collect(
     // What the derivation asks for that cannot be done fails the build, as in Nix: no other try
     // or host would do better.
     let unbuildable = |e: NotStarted| Ok(Outcome::Failed { exit_code: None, reason: e.into_reason()? });
-    let env = match environment(req, settings, &top, out_paths, &rewrites, &mut export) {
+    let daemon = sandbox::Daemon::of_store_dir(sd.as_str());
+    let build_dir_inside = daemon.build_dir(req.name);
+    let env = match environment(req, settings, (daemon, &build_dir_inside), &top, out_paths, &rewrites, &mut export) {
         Ok(env) => env,
         Err(e) => return unbuildable(e),
     };
@@ -267,6 +269,8 @@ fn run_and_collect(
         build_user: build_user.as_ref().map(BuildUserSlot::user),
         chroot: chroot.clone(),
         build_dir: top,
+        daemon,
+        build_dir_inside,
         store_dir: sd.as_str().to_owned(),
         store_root: store.root().to_owned(),
         inputs,
@@ -279,7 +283,7 @@ fn run_and_collect(
         error_file: error_file.clone(),
     };
 
-    let map = |pid: u32| spec.build_user.map_or(Ok(()), |u| sandbox::map_build_user(pid, u));
+    let map = |pid: u32| spec.build_user.map_or(Ok(()), |u| sandbox::map_build_user(pid, u, daemon));
     // The build user stays taken until this function returns, after the outputs are the agent's.
     let ended = match run_logged(sandbox::command(&spec)?, settings, log, &map) {
         Ok(ended) => ended,
@@ -437,18 +441,19 @@ impl NotStarted {
     }
 }
 
-/// The builder's environment, as Nix's `initEnv` makes it, with output placeholders replaced;
-/// for a `__structuredAttrs` derivation, `.attrs.json` and `.attrs.sh` in the build directory
-/// instead of its variables. The inner error is a derivation gbc cannot build.
+/// The builder's environment, as Nix's `initEnv` makes it (or guix-daemon's `startBuilder`, which
+/// differs only in lacking `NIX_LOG_FD`, `TERM` and `NIX_OUTPUT_CHECKED`), with output placeholders
+/// replaced; for a `__structuredAttrs` derivation, `.attrs.json` and `.attrs.sh` in the build
+/// directory instead of its variables. The inner error is a derivation gbc cannot build.
 fn environment(
     req: &BuildRequest<'_>,
     settings: &BuildSettings,
+    (daemon, b): (sandbox::Daemon, &str),
     top: &Path,
     out_paths: &BTreeMap<&str, String>,
     rewrites: &Rewrites,
     export: Export<'_, ExportError>,
 ) -> Result<BTreeMap<String, String>, NotStarted> {
-    let b = sandbox::BUILD_DIR;
     let mut env = BTreeMap::new();
     env.insert("PATH".to_owned(), "/path-not-set".to_owned());
     env.insert("HOME".to_owned(), "/homeless-shelter".to_owned());
@@ -485,13 +490,17 @@ fn environment(
     // A fixed output is checked by its hash, so its builder may see what `impureEnvVars` names
     // of this process's environment (proxy settings, say), as with Nix.
     if matches!(req.drv.kind(), Ok(DrvKind::FixedOutput { .. })) {
-        env.insert("NIX_OUTPUT_CHECKED".to_owned(), "1".to_owned());
+        if daemon == sandbox::Daemon::Nix {
+            env.insert("NIX_OUTPUT_CHECKED".to_owned(), "1".to_owned());
+        }
         for var in req.drv.strings_attr("impureEnvVars").unwrap_or_default() {
             env.insert(var.clone(), std::env::var(&var).unwrap_or_default());
         }
     }
-    env.insert("NIX_LOG_FD".to_owned(), "2".to_owned());
-    env.insert("TERM".to_owned(), "xterm-256color".to_owned());
+    if daemon == sandbox::Daemon::Nix {
+        env.insert("NIX_LOG_FD".to_owned(), "2".to_owned());
+        env.insert("TERM".to_owned(), "xterm-256color".to_owned());
+    }
     Ok(env)
 }
 

@@ -1,5 +1,10 @@
 //! Running a builder in Linux namespaces, without root and without a daemon.
 //!
+//! A build follows the conventions of the daemon its store dir belongs to ([`Daemon`]): for
+//! `/nix/store`, Nix's sandbox (build directory `/build`, uid 1000 / gid 100, Nix's
+//! `/etc/passwd`); for `/gnu/store`, guix-daemon's (`/tmp/guix-build-NAME.drv-0`, uid 30001 / gid
+//! 30000, its shorter `/etc/passwd` and `/etc/group`). Below, `/build` and uid 1000 stand for either.
+//!
 //! The agent starts `gbc __sandbox SPEC` (stage 1) with the builder's log pipe as stdout and stderr.
 //! Stage 1, single-threaded as `unshare(CLONE_NEWUSER)` requires, enters new user, mount, PID, IPC,
 //! UTS and (except for fixed-output derivations) network namespaces, maps the agent's user to root
@@ -33,19 +38,77 @@ use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 use rustix::thread::UnshareFlags;
 use serde::{Deserialize, Serialize};
 
-/// Where the build directory appears inside the sandbox (as in Nix's sandbox).
-pub const BUILD_DIR: &str = "/build";
-/// The builder's user and group inside the sandbox (as in Nix's sandbox).
-pub const SANDBOX_UID: u32 = 1000;
-pub const SANDBOX_GID: u32 = 100;
+/// Whose conventions a build follows inside the sandbox: Nix's for `/nix/store` derivations (and
+/// any other store dir), guix-daemon's for `/gnu/store` ones (Guix's `nix/libstore/build.cc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Daemon {
+    Nix,
+    Guix,
+}
+
+impl Daemon {
+    pub fn of_store_dir(store_dir: &str) -> Daemon {
+        if store_dir == "/gnu/store" { Daemon::Guix } else { Daemon::Nix }
+    }
+
+    /// Where the build directory appears, for the derivation `name` (its .drv's name without the
+    /// extension): Nix's `/build`, guix-daemon's `/tmp/guix-build-NAME.drv-0`.
+    pub fn build_dir(self, name: &str) -> String {
+        match self {
+            Daemon::Nix => "/build".to_owned(),
+            Daemon::Guix => format!("/tmp/guix-build-{name}.drv-0"),
+        }
+    }
+
+    /// The builder's uid and gid: Nix's sandbox user (1000, group 100), guix-daemon's user in
+    /// its own user namespace (`guestUID` 30001, `guestGID` 30000).
+    pub fn uid(self) -> u32 {
+        match self {
+            Daemon::Nix => 1000,
+            Daemon::Guix => 30001,
+        }
+    }
+
+    pub fn gid(self) -> u32 {
+        match self {
+            Daemon::Nix => 100,
+            Daemon::Guix => 30000,
+        }
+    }
+
+    /// `/etc/passwd` and `/etc/group` as each daemon writes them.
+    fn passwd(self, build_dir: &str) -> String {
+        let (uid, gid) = (self.uid(), self.gid());
+        match self {
+            Daemon::Nix => format!(
+                "root:x:0:0:Nix build user:{build_dir}:/noshell\nnixbld:x:{uid}:{gid}:Nix build user:{build_dir}:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n"
+            ),
+            Daemon::Guix => {
+                format!("nixbld:x:{uid}:{gid}:Nix build user:/:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n")
+            }
+        }
+    }
+
+    fn group(self) -> String {
+        let gid = self.gid();
+        match self {
+            Daemon::Nix => format!("root:x:0:\nnixbld:!:{gid}:\nnogroup:x:65534:\n"),
+            Daemon::Guix => format!("nixbld:!:{gid}:\n"),
+        }
+    }
+}
 
 /// Everything the sandbox helper needs; passed as JSON on its command line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxSpec {
     /// An empty directory that becomes `/`.
     pub chroot: PathBuf,
-    /// The build directory, seen as [`BUILD_DIR`].
+    /// The build directory, seen at `build_dir_inside`.
     pub build_dir: PathBuf,
+    /// Whose conventions the build follows.
+    pub daemon: Daemon,
+    /// Where the build directory appears ([`Daemon::build_dir`]).
+    pub build_dir_inside: String,
     /// The logical store dir, e.g. `/gnu/store`.
     pub store_dir: String,
     /// Where store paths physically are.
@@ -133,9 +196,9 @@ pub struct BuildUser {
 
 /// For a build user, the agent's half of entering the sandbox: stage 1 stops itself once it is in
 /// its new user namespace; map the sandbox's root to the host's (to set the sandbox up) and
-/// [`SANDBOX_UID`]/[`SANDBOX_GID`] to the build user (to run the builder), then let it go on. Only a
+/// the daemon's build uid and gid to the build user (to run the builder), then let it go on. Only a
 /// process privileged in the parent namespace may write such maps, hence the agent.
-pub fn map_build_user(pid: u32, user: BuildUser) -> io::Result<()> {
+pub fn map_build_user(pid: u32, user: BuildUser, daemon: Daemon) -> io::Result<()> {
     use rustix::process::{Pid, Signal, WaitOptions, kill_process, waitpid};
     let p = Pid::from_raw(pid as i32).ok_or_else(|| io::Error::other("no sandbox process"))?;
     match waitpid(Some(p), WaitOptions::UNTRACED)? {
@@ -147,8 +210,9 @@ pub fn map_build_user(pid: u32, user: BuildUser) -> io::Result<()> {
             )));
         }
     }
-    let mapped = fs::write(format!("/proc/{pid}/uid_map"), format!("0 0 1\n{SANDBOX_UID} {} 1\n", user.uid))
-        .and_then(|()| fs::write(format!("/proc/{pid}/gid_map"), format!("0 0 1\n{SANDBOX_GID} {} 1\n", user.gid)));
+    let (uid, gid) = (daemon.uid(), daemon.gid());
+    let mapped = fs::write(format!("/proc/{pid}/uid_map"), format!("0 0 1\n{uid} {} 1\n", user.uid))
+        .and_then(|()| fs::write(format!("/proc/{pid}/gid_map"), format!("0 0 1\n{gid} {} 1\n", user.gid)));
     // Let it go on in any case: unmapped, it fails and says so.
     kill_process(p, Signal::CONT)?;
     mapped.map_err(|e| io::Error::new(e.kind(), format!("mapping the build user into the sandbox: {e}")))
@@ -265,13 +329,13 @@ fn become_build_user(spec: &SandboxSpec) -> io::Result<()> {
     if spec.build_user.is_some() {
         use rustix::process::{Gid, Uid};
         rustix::thread::set_thread_groups(&[])?;
-        let gid = Gid::from_raw(SANDBOX_GID);
+        let gid = Gid::from_raw(spec.daemon.gid());
         rustix::thread::set_thread_res_gid(gid, gid, gid)?;
-        let uid = Uid::from_raw(SANDBOX_UID);
+        let uid = Uid::from_raw(spec.daemon.uid());
         return Ok(rustix::thread::set_thread_res_uid(uid, uid, uid)?);
     }
     super::sys::unshare_namespaces(UnshareFlags::NEWUSER)?;
-    map_self(SANDBOX_UID, 0, SANDBOX_GID, 0)
+    map_self(spec.daemon.uid(), 0, spec.daemon.gid(), 0)
 }
 
 /// Stage 2, PID 1 of the sandbox: build the root, pivot into it, run the builder.
@@ -328,7 +392,7 @@ pub fn stage2(spec_json: &str) -> ExitCode {
         };
     }
     let mut cmd = Command::new(&spec.builder);
-    cmd.args(&spec.args).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(BUILD_DIR);
+    cmd.args(&spec.args).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(&spec.build_dir_inside);
     cmd.stdin(Stdio::null());
     match cmd.status() {
         Ok(s) => exit_code(s, "the builder", |why| errors.write_all(why.as_bytes())),
@@ -405,7 +469,14 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     // pivot_root needs the new root to be a mount point.
     ctx(rustix::mount::mount_bind(root, root), || format!("bind-mounting {}", root.display()))?;
 
-    let build = inside(root, BUILD_DIR);
+    // An empty /tmp of the build's own, as in Nix's sandbox and guix-daemon's (builders are told
+    // to use the build directory, through TMPDIR, but some write to /tmp regardless); Guix's
+    // build directory is inside it.
+    let tmp = inside(root, "/tmp");
+    fs::create_dir_all(&tmp)?;
+    ctx(rustix::mount::mount_bind(&spec.tmp_dir, &tmp), || "mounting /tmp".to_owned())?;
+
+    let build = inside(root, &spec.build_dir_inside);
     fs::create_dir_all(&build)?;
     ctx(rustix::mount::mount_bind(&spec.build_dir, &build), || "mounting the build directory".to_owned())?;
 
@@ -417,7 +488,7 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     ctx(rustix::mount::mount_bind(&store, &store), || format!("bind-mounting {}", store.display()))?;
     if spec.build_user.is_some() {
         // As in Nix: the build user's group may add outputs; the sticky bit keeps it from the rest.
-        std::os::unix::fs::chown(&store, Some(0), Some(SANDBOX_GID))?;
+        std::os::unix::fs::chown(&store, Some(0), Some(spec.daemon.gid()))?;
         fs::set_permissions(&store, std::os::unix::fs::PermissionsExt::from_mode(0o1775))?;
     }
     for base in &spec.inputs {
@@ -440,12 +511,6 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
             bind_read_only(&p.source, &target, true)?;
         }
     }
-
-    // An empty /tmp of the build's own, as in Nix's sandbox (builders are told to use the build
-    // directory, through TMPDIR, but some write to /tmp regardless).
-    let tmp = inside(root, "/tmp");
-    fs::create_dir_all(&tmp)?;
-    ctx(rustix::mount::mount_bind(&spec.tmp_dir, &tmp), || "mounting /tmp".to_owned())?;
 
     let proc = inside(root, "/proc");
     fs::create_dir_all(&proc)?;
@@ -495,13 +560,8 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
 
     let etc = inside(root, "/etc");
     fs::create_dir_all(&etc)?;
-    fs::write(
-        etc.join("passwd"),
-        format!(
-            "root:x:0:0:Nix build user:{BUILD_DIR}:/noshell\nnixbld:x:{SANDBOX_UID}:{SANDBOX_GID}:Nix build user:{BUILD_DIR}:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n"
-        ),
-    )?;
-    fs::write(etc.join("group"), format!("root:x:0:\nnixbld:!:{SANDBOX_GID}:\nnogroup:x:65534:\n"))?;
+    fs::write(etc.join("passwd"), spec.daemon.passwd(&spec.build_dir_inside))?;
+    fs::write(etc.join("group"), spec.daemon.group())?;
     fs::write(etc.join("hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
     if spec.network {
         // As in Nix, a fixed-output build resolves names as the host does.
@@ -522,7 +582,7 @@ fn build_root(spec: &SandboxSpec) -> io::Result<()> {
     ctx(rustix::process::chdir(root), || "entering the new root".to_owned())?;
     ctx(rustix::process::pivot_root(".", "."), || "pivot_root".to_owned())?;
     ctx(rustix::mount::unmount(".", UnmountFlags::DETACH), || "detaching the old root".to_owned())?;
-    ctx(rustix::process::chdir(BUILD_DIR), || format!("entering {BUILD_DIR}"))?;
+    ctx(rustix::process::chdir(spec.build_dir_inside.as_str()), || format!("entering {}", spec.build_dir_inside))?;
     Ok(())
 }
 

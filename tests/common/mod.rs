@@ -149,6 +149,19 @@ pub fn instantiate(file: &str, store: Option<&str>, attrs: &[&str], salt: &str) 
     attrs.iter().map(|a| a.to_string()).zip(paths).collect()
 }
 
+/// A /gnu/store whose files Nix keeps under `real`, so no real /gnu/store is touched: the
+/// `--store` argument for Nix, and `real`.
+pub fn gnu_store(tmp: &Path) -> (String, PathBuf) {
+    let real = tmp.join("real");
+    let store = format!(
+        "local?store=/gnu/store&real={}&state={}&log={}",
+        real.display(),
+        tmp.join("state").display(),
+        tmp.join("log").display()
+    );
+    (store, real)
+}
+
 /// [`instantiate`] in the default store, as attribute → `.drv` path.
 pub fn drvs(file: &str, attrs: &[&str], salt: &str) -> std::collections::BTreeMap<String, String> {
     instantiate(file, None, attrs, salt).into_iter().collect()
