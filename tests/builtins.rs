@@ -21,7 +21,7 @@ struct Served {
     wrong_hash: String,
 }
 
-const ATTRS: [&str; 7] = ["flat", "exe", "unpacked", "unpackedXz", "wrong", "fallsThrough", "fileUrl"];
+const ATTRS: [&str; 8] = ["flat", "exe", "unpacked", "unpackedXz", "wrong", "fallsThrough", "proxied", "fileUrl"];
 
 fn nix_hash(path: &Path, flat: bool) -> String {
     let mut c = nix("nix-hash");
@@ -146,6 +146,22 @@ fn a_404_falls_through_to_the_next_url_and_file_urls_are_refused() {
     assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
     let why = stderr(&refused);
     assert!(why.contains("file:///etc/hostname") && why.contains("refused"), "{why}");
+}
+
+#[test]
+fn downloads_go_through_the_proxy_the_environment_names() {
+    let s = serve();
+    let tmp = tempdir();
+    let out = run(gbc()
+        .arg("realise")
+        .arg("--store-root")
+        .arg(tmp.path().join("store"))
+        .arg(&s.drvs["proxied"])
+        .env("http_proxy", s.files.url("")));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let requests = s.files.requests.lock().unwrap().clone();
+    assert_eq!(requests, ["CONNECT gbc-test.invalid:80", "/hello.txt"]);
+    assert!(stderr(&out).contains("through http://127.0.0.1:"), "{}", stderr(&out));
 }
 
 #[test]

@@ -441,3 +441,26 @@ fn gnu_store_builds_follow_guix_daemon_s_conventions() {
         assert!(!env.contains_key(k), "guix-daemon does not set {k}: {env:?}");
     }
 }
+
+#[test]
+fn only_fixed_output_builds_reach_the_host_s_network() {
+    let _serial = one_at_a_time();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    let tmp = tempdir();
+    fs::write(tmp.path().join("reached"), "reached\n").unwrap();
+    let reached_hash =
+        run_ok_str(nix("nix-hash").args(["--type", "sha256", "--flat", "--base32"]).arg(tmp.path().join("reached")));
+    let mut cmd = nix("nix-instantiate");
+    cmd.arg(common::repo_path("tests/nix/network.nix"));
+    cmd.args(["--argstr", "salt", &salt(), "--argstr", "port", &port, "--argstr", "reachedHash", reached_hash.trim()]);
+    let drvs: Vec<String> = run_ok_str(cmd.args(["-A", "plain", "-A", "fixed"])).lines().map(str::to_owned).collect();
+    let root = tmp.path().join("store");
+    for (drv, expected) in drvs.iter().zip(["unreachable\n", "reached\n"]) {
+        let out = realise(&root, drv, &[]);
+        assert!(out.status.success(), "{drv}: {}", stderr(&out));
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(fs::read_to_string(root.join(Path::new(&path).file_name().unwrap())).unwrap(), expected, "{drv}");
+    }
+}

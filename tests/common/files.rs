@@ -1,6 +1,6 @@
 //! A small HTTP/1.1 file server on loopback for download tests: serves a fixed set of paths,
-//! answers 404 for the rest, and `/redirect/PATH` with a 302 to `/PATH`. One thread per
-//! connection; each connection serves one request.
+//! answers 404 for the rest, and `/redirect/PATH` with a 302 to `/PATH`; as a proxy, it opens a
+//! `CONNECT` tunnel to itself. One thread per connection; each connection serves one request.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -26,32 +26,49 @@ impl Files {
                 let (files, seen) = (files.clone(), seen.clone());
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(conn.try_clone().unwrap());
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).is_err() {
+                    // As a proxy: `CONNECT HOST:PORT` opens a tunnel, in which the next request is served.
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).map_or(true, |n| n == 0) {
+                            return;
+                        }
+                        let mut words = line.split_whitespace();
+                        let (method, path) =
+                            (words.next().unwrap_or("").to_owned(), words.next().unwrap_or("/").to_owned());
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).map_or(true, |n| n == 0) || h == "\r\n" {
+                                break;
+                            }
+                        }
+                        if method == "CONNECT" {
+                            seen.lock().unwrap().push(format!("CONNECT {path}"));
+                            if write!(conn, "HTTP/1.1 200 Connection established\r\n\r\n").is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        seen.lock().unwrap().push(path.clone());
+                        let _ = if let Some(to) = path.strip_prefix("/redirect") {
+                            write!(
+                                conn,
+                                "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            )
+                        } else if let Some(body) = files.get(&path) {
+                            write!(
+                                conn,
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            )
+                            .and_then(|()| conn.write_all(body))
+                        } else {
+                            write!(
+                                conn,
+                                "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found"
+                            )
+                        };
                         return;
                     }
-                    let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
-                    loop {
-                        let mut h = String::new();
-                        if reader.read_line(&mut h).map_or(true, |n| n == 0) || h == "\r\n" {
-                            break;
-                        }
-                    }
-                    seen.lock().unwrap().push(path.clone());
-                    let _ = if let Some(to) = path.strip_prefix("/redirect") {
-                        write!(
-                            conn,
-                            "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        )
-                    } else if let Some(body) = files.get(&path) {
-                        write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
-                            .and_then(|()| conn.write_all(body))
-                    } else {
-                        write!(
-                            conn,
-                            "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found"
-                        )
-                    };
                 });
             }
         });

@@ -32,9 +32,54 @@ pub enum FetchError {
     Local(io::Error),
 }
 
+/// The proxies a build's environment names (`impureEnvVars` of a fixed-output derivation bring
+/// them from the agent's environment), with curl's meaning: `http_proxy` for http URLs,
+/// `https_proxy` (or `HTTPS_PROXY`) for https, `all_proxy` for both, except for the hosts in
+/// `no_proxy` (names, or domains they end in; `*` for all).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Proxies {
+    http: Option<String>,
+    https: Option<String>,
+    no_proxy: Vec<String>,
+}
+
+impl Proxies {
+    pub fn from_env(env: &std::collections::BTreeMap<String, String>) -> Proxies {
+        let get = |names: &[&str]| names.iter().find_map(|n| env.get(*n).filter(|v| !v.is_empty()).cloned());
+        let all = get(&["all_proxy", "ALL_PROXY"]);
+        let no_proxy = get(&["no_proxy", "NO_PROXY"]).unwrap_or_default();
+        Proxies {
+            http: get(&["http_proxy"]).or_else(|| all.clone()),
+            https: get(&["https_proxy", "HTTPS_PROXY"]).or(all),
+            no_proxy: no_proxy
+                .split(',')
+                .map(|h| h.trim().trim_start_matches('.').to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+        }
+    }
+
+    /// The proxy to reach `url` through, if any.
+    pub fn for_url(&self, url: &str) -> Option<&str> {
+        let (scheme, rest) = url.split_once("://")?;
+        let proxy = if scheme.eq_ignore_ascii_case("https") { self.https.as_deref()? } else { self.http.as_deref()? };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = match host_port.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host_port.split(':').next().unwrap_or(""),
+        }
+        .to_ascii_lowercase();
+        let bypass = self.no_proxy.iter().any(|e| e == "*" || host == *e || host.ends_with(&format!(".{e}")));
+        (!bypass).then_some(proxy)
+    }
+}
+
 /// An HTTP client for a build's downloads.
 pub struct Client {
-    agent: ureq::Agent,
+    /// One agent per proxy in use (`None`: direct).
+    agents: Vec<(Option<String>, ureq::Agent)>,
+    proxies: Proxies,
     /// Whether certificates are checked (they are when a CA bundle was found).
     pub verifying: bool,
 }
@@ -43,7 +88,7 @@ impl Client {
     /// A client checking certificates against the PEM bundle `ca` (as the host has it); without
     /// one, certificates are not checked: every download is checked against its derivation's
     /// hash, as in Guix, which never checks them for fixed-output downloads.
-    pub fn new(ca: Option<&[u8]>) -> Client {
+    pub fn new(ca: Option<&[u8]>, proxies: Proxies) -> Result<Client, String> {
         let certs: Vec<Certificate<'static>> = ca
             .map(|pem| {
                 ureq::tls::parse_pem(pem)
@@ -61,16 +106,35 @@ impl Client {
             .root_certs(RootCerts::Specific(Arc::new(certs)))
             .disable_verification(!verifying)
             .build();
-        let config = ureq::Agent::config_builder()
-            .tls_config(tls)
-            .http_status_as_error(false)
-            .max_redirects(10)
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_per_read(Some(STALL_TIMEOUT))
-            .timeout_recv_response(Some(STALL_TIMEOUT))
-            .user_agent(concat!("gbc/", env!("CARGO_PKG_VERSION")))
-            .build();
-        Client { agent: config.into(), verifying }
+        let mut agents = Vec::new();
+        for proxy in [None, proxies.http.clone(), proxies.https.clone()] {
+            if agents.iter().any(|(p, _)| *p == proxy) {
+                continue;
+            }
+            let via = match &proxy {
+                Some(p) => Some(ureq::Proxy::new(p).map_err(|e| format!("proxy {p:?}: {e}"))?),
+                None => None,
+            };
+            let config = ureq::Agent::config_builder()
+                .tls_config(tls.clone())
+                .proxy(via)
+                .http_status_as_error(false)
+                .max_redirects(10)
+                .timeout_connect(Some(CONNECT_TIMEOUT))
+                .timeout_per_read(Some(STALL_TIMEOUT))
+                .timeout_recv_response(Some(STALL_TIMEOUT))
+                .user_agent(concat!("gbc/", env!("CARGO_PKG_VERSION")))
+                .build();
+            agents.push((proxy, config.into()));
+        }
+        Ok(Client { agents, proxies, verifying })
+    }
+
+    fn agent(&self, url: &str) -> &ureq::Agent {
+        let proxy = self.proxies.for_url(url);
+        let found = self.agents.iter().find(|(p, _)| p.as_deref() == proxy);
+        // Every proxy `for_url` can give has an agent; the direct one is first.
+        &found.unwrap_or(&self.agents[0]).1
     }
 
     /// Download `url` into what `open` gives (called once per try, so that a failed try's bytes
@@ -109,8 +173,12 @@ impl Client {
         finish: &mut dyn FnMut(W) -> io::Result<()>,
         log: &mut dyn Write,
     ) -> Result<u64, FetchError> {
-        let _ = writeln!(log, "downloading '{url}'...");
-        let response = self.agent.get(url).call().map_err(|e| classify(url, e))?;
+        match self.proxies.for_url(url) {
+            Some(proxy) => writeln!(log, "downloading '{url}' through {proxy}..."),
+            None => writeln!(log, "downloading '{url}'..."),
+        }
+        .ok();
+        let response = self.agent(url).get(url).call().map_err(|e| classify(url, e))?;
         let status = response.status();
         if !status.is_success() {
             let why = format!("'{url}': HTTP {status}");
@@ -182,6 +250,27 @@ fn progress(got: u64, total: Option<u64>, elapsed: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxies_as_curl_reads_them() {
+        let env = |pairs: &[(&str, &str)]| {
+            Proxies::from_env(&pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        };
+        let p = env(&[
+            ("http_proxy", "http://p:3128"),
+            ("all_proxy", "http://all:1"),
+            ("no_proxy", "local, .corp.example"),
+        ]);
+        assert_eq!(p.for_url("http://example.org/a"), Some("http://p:3128"));
+        assert_eq!(p.for_url("https://example.org/a"), Some("http://all:1"));
+        assert_eq!(p.for_url("http://local:8080/a"), None);
+        assert_eq!(p.for_url("https://user@x.corp.example/a"), None);
+        assert_eq!(p.for_url("https://corp.example/a"), None);
+        assert_eq!(p.for_url("https://notcorp.example/a"), Some("http://all:1"));
+        assert_eq!(env(&[("HTTP_PROXY", "http://ignored:1")]).for_url("http://a/b"), None, "curl ignores HTTP_PROXY");
+        assert_eq!(env(&[("https_proxy", "http://s:1"), ("no_proxy", "*")]).for_url("https://a/b"), None);
+        assert_eq!(env(&[]).for_url("https://a/b"), None);
+    }
 
     #[test]
     fn only_http_and_https() {

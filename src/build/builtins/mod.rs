@@ -85,7 +85,7 @@ fn ca_file() -> Option<PathBuf> {
 /// Run `job` with the builder environment `env`; progress and notes go to `log`. An error is the
 /// build's failure, in one line.
 pub fn run(job: &Job, env: &BTreeMap<String, String>, ca: Option<&[u8]>, log: &mut dyn Write) -> Result<(), String> {
-    let client = http::Client::new(ca);
+    let client = http::Client::new(ca, http::Proxies::from_env(env))?;
     if !client.verifying {
         let _ = writeln!(
             log,
