@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::formats::derivation::structured::{AttrsError, Export, ExportedPath, Rewrites, structured_attrs};
 use crate::formats::derivation::{Derivation, DrvKind};
-use crate::formats::hash::{AnyHashSink, Hash, HashSink, sha256};
+use crate::formats::hash::{AnyHashSink, Hash, HashAlgo, PipelinedHashSink, sha256};
 use crate::formats::nar;
 use crate::formats::nix32;
 use crate::formats::store_path::{StoreDir, StorePath};
@@ -348,29 +348,35 @@ fn run_and_collect(
             let reason = e.to_string().replace(&built_root.display().to_string(), sd.as_str());
             return Ok(Outcome::Failed { exit_code: Some(0), reason });
         }
-        if let Ok(DrvKind::FixedOutput { recursive, hash }) = req.drv.kind() {
-            let actual = fixed_output_hash(&at, recursive, &hash)?;
-            if actual != hash {
-                return Ok(Outcome::Failed {
-                    exit_code: Some(0),
-                    reason: format!(
-                        "fixed-output hash mismatch in {p}: wanted {}, got {}",
-                        hash.to_nix32_string(),
-                        actual.to_nix32_string()
-                    ),
-                });
-            }
-        }
         found.insert(o.to_string(), at);
     }
 
-    // Hash and scan references; check them (allowedReferences...); move into the store, register.
+    // Hash and scan references, checking fixed-output hashes in the same pass; check the
+    // references (allowedReferences...); move into the store, register.
     let candidates: Vec<&str> =
         closure.iter().map(String::as_str).chain(out_paths.values().map(String::as_str)).collect();
+    let fixed = match req.drv.kind() {
+        Ok(DrvKind::FixedOutput { recursive, hash }) => Some((recursive, hash)),
+        _ => None,
+    };
     let mut scanned = BTreeMap::new();
     let mut built = BTreeMap::new();
     for (o, at) in found {
-        let (nar_hash, nar_size, references) = hash_and_scan(&at, candidates.iter().copied())?;
+        let want = fixed.as_ref().map(|(recursive, hash)| (*recursive, hash.algo()));
+        let (nar_hash, nar_size, references, actual) = hash_and_scan_fixed(&at, candidates.iter().copied(), want)?;
+        if let (Some((_, hash)), Some(actual)) = (&fixed, actual)
+            && actual != *hash
+        {
+            return Ok(Outcome::Failed {
+                exit_code: Some(0),
+                reason: format!(
+                    "fixed-output hash mismatch in {}: wanted {}, got {}",
+                    out_paths[o.as_str()],
+                    hash.to_nix32_string(),
+                    actual.to_nix32_string()
+                ),
+            });
+        }
         let path = sd.display(&req.outputs[&o]);
         built.insert(o.clone(), checks::Built { path, nar_size, references });
         scanned.insert(o, (at, nar_hash));
@@ -690,14 +696,46 @@ fn run_logged(
     Ok(Ended::Exited(child.wait()?))
 }
 
-/// The hash a fixed output is checked against: of the file (flat) or of its NAR (recursive).
-fn fixed_output_hash(path: &Path, recursive: bool, want: &Hash) -> io::Result<Hash> {
-    let mut sink = AnyHashSink::new(want.algo());
-    if recursive {
-        let mut w = BufWriter::with_capacity(1 << 20, &mut sink);
-        nar::dump_path(path, &mut w).map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?;
-        w.flush()?;
-    } else {
+/// The NAR hash and size of the tree at `path`, and which of `candidates` (full store paths) it
+/// refers to.
+pub(crate) fn hash_and_scan<'a>(
+    path: &Path,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> io::Result<(Hash, u64, BTreeSet<String>)> {
+    let (hash, size, refs, _) = hash_and_scan_fixed(path, candidates, None)?;
+    Ok((hash, size, refs))
+}
+
+/// [`hash_and_scan`], and in the same pass, when `fixed` asks for it, the fixed-output hash of
+/// the tree: of the file's contents (flat) or of its NAR (recursive) with that algorithm. The NAR
+/// is hashed on a helper thread while this one scans it, so one read of the output does all.
+fn hash_and_scan_fixed<'a>(
+    path: &Path,
+    candidates: impl IntoIterator<Item = &'a str>,
+    fixed: Option<(bool, HashAlgo)>,
+) -> io::Result<(Hash, u64, BTreeSet<String>, Option<Hash>)> {
+    struct Tee<'x>(&'x mut PipelinedHashSink, &'x mut refs::RefScanner, Option<&'x mut AnyHashSink>);
+    impl Write for Tee<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.write_all(buf)?;
+            self.1.write_all(buf)?;
+            if let Some(h) = self.2.as_mut() {
+                h.write_all(buf)?;
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut nar_hash = PipelinedHashSink::new()?;
+    let mut scanner = refs::RefScanner::new(candidates);
+    let mut fixed_sink = match fixed {
+        // A recursive SHA-256 is the NAR hash itself.
+        Some((true, HashAlgo::Sha256)) | None => None,
+        Some((_, algo)) => Some(AnyHashSink::new(algo)),
+    };
+    if matches!(fixed, Some((false, _))) {
         let md = fs::symlink_metadata(path)?;
         if !md.is_file() {
             return Err(io::Error::new(
@@ -705,35 +743,34 @@ fn fixed_output_hash(path: &Path, recursive: bool, want: &Hash) -> io::Result<Ha
                 format!("{}: a flat fixed output must be a regular file", path.display()),
             ));
         }
-        io::copy(&mut File::open(path)?, &mut sink)?;
-    }
-    Ok(sink.finish())
-}
-
-/// The NAR hash and size of the tree at `path`, and which of `candidates` (full store paths) it
-/// refers to.
-pub(crate) fn hash_and_scan<'a>(
-    path: &Path,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> io::Result<(Hash, u64, BTreeSet<String>)> {
-    struct Tee<'x>(&'x mut HashSink, &'x mut refs::RefScanner);
-    impl Write for Tee<'_> {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.write_all(buf)?;
-            self.1.write_all(buf)?;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut hash = HashSink::new();
-    let mut scanner = refs::RefScanner::new(candidates);
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, Tee(&mut hash, &mut scanner));
+        let executable = std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o100 != 0;
+        let mut w = BufWriter::with_capacity(1 << 20, Tee(&mut nar_hash, &mut scanner, None));
+        let contents = Tee2(File::open(path)?, fixed_sink.as_mut());
+        nar::writer::begin(&mut w)?.regular(executable, md.len(), contents)?;
+        w.flush()?;
+    } else {
+        let mut w = BufWriter::with_capacity(1 << 20, Tee(&mut nar_hash, &mut scanner, fixed_sink.as_mut()));
         nar::dump_path(path, &mut w).map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?;
         w.flush()?;
     }
-    let (h, size) = hash.finish();
-    Ok((h, size, scanner.finish()))
+    let (h, size) = nar_hash.finish()?;
+    let fixed_hash = match fixed {
+        Some((true, HashAlgo::Sha256)) => Some(h.clone()),
+        Some(_) => fixed_sink.map(AnyHashSink::finish),
+        None => None,
+    };
+    Ok((h, size, scanner.finish(), fixed_hash))
+}
+
+/// A reader that also feeds what it reads to a hash.
+struct Tee2<'x, R>(R, Option<&'x mut AnyHashSink>);
+
+impl<R: io::Read> io::Read for Tee2<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.0.read(buf)?;
+        if let Some(h) = self.1.as_mut() {
+            h.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
 }
