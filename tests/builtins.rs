@@ -234,3 +234,74 @@ fn guix_download_tries_urls_then_mirrors_then_content_addressed_mirrors() {
     }
     assert!(!Path::new("/tmp/evaluated").exists(), "nothing in the mirrors file was evaluated");
 }
+
+/// Every file under `dir`, as server path (under `prefix`) → contents.
+fn files_under(dir: &Path, prefix: &str, out: &mut BTreeMap<String, Vec<u8>>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = format!("{prefix}/{}", entry.file_name().to_string_lossy());
+        if entry.file_type().unwrap().is_dir() {
+            files_under(&entry.path(), &name, out);
+        } else {
+            out.insert(name, fs::read(entry.path()).unwrap());
+        }
+    }
+}
+
+#[test]
+fn guix_git_download_checks_out_one_commit_without_dot_git() {
+    let salt = salt();
+    let tmp = tempdir();
+    let git = |dir: &Path, args: &[&str]| {
+        run_ok_str(
+            std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir)
+                .args(args)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("HOME", dir),
+        )
+    };
+    // A repository with two commits; the first is fetched.
+    let work = tmp.path().join("work");
+    fs::create_dir_all(work.join("src")).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    fs::write(work.join("README"), format!("first {salt}\n")).unwrap();
+    fs::write(work.join("src/tool.sh"), "#!/bin/sh\necho tool\n").unwrap();
+    fs::set_permissions(work.join("src/tool.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    git(&work, &["add", "."]);
+    git(&work, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first"]);
+    let commit = git(&work, &["rev-parse", "HEAD"]).trim().to_owned();
+    fs::write(work.join("README"), "second\n").unwrap();
+    git(&work, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "second"]);
+    // What the checkout must be: the first commit's tree, without .git; its hash by Nix.
+    let expected = tmp.path().join("expected");
+    git(tmp.path(), &["clone", "-q", work.to_str().unwrap(), expected.to_str().unwrap()]);
+    git(&expected, &["checkout", "-q", &commit]);
+    fs::remove_dir_all(expected.join(".git")).unwrap();
+    let hash = nix_hash(&expected, false);
+    // Served over git's "dumb" HTTP protocol by the test's file server.
+    let bare = tmp.path().join("repo.git");
+    git(tmp.path(), &["clone", "-q", "--bare", work.to_str().unwrap(), bare.to_str().unwrap()]);
+    git(&bare, &["update-server-info"]);
+    let mut served = BTreeMap::new();
+    files_under(&bare, "/repo.git", &mut served);
+    let files = Files::start(served);
+
+    let (store, real) = common::gnu_store(tmp.path());
+    let mut cmd = nix("nix-instantiate");
+    cmd.args(["--store", &store]).arg(common::repo_path("tests/nix/guix-git.nix"));
+    cmd.args(["--argstr", "url", &files.url("/repo.git")]).args(["--argstr", "commit", &commit]);
+    cmd.args(["--argstr", "hash", &hash]).args(["--argstr", "salt", &salt]);
+    let drv = run_ok_str(cmd.args(["-A", "checkout"])).trim().to_owned();
+    let file = real.join(Path::new(&drv).file_name().unwrap());
+    let root = tmp.path().join("gbc");
+    let built = realise(&root, file.to_str().unwrap());
+    assert!(built.status.success(), "{}", stderr(&built));
+    let path = String::from_utf8_lossy(&built.stdout).trim().to_owned();
+    let out = root.join(Path::new(&path).file_name().unwrap());
+    assert_eq!(fs::read_to_string(out.join("README")).unwrap(), format!("first {salt}\n"));
+    assert!(!out.join(".git").exists());
+    // A recursive SHA-256 fixed output: its NarHash is the declared hash, checked by the build.
+    assert_eq!(recorded_nar_hash(&root, &path), format!("sha256:{hash}"));
+}

@@ -264,6 +264,12 @@ fn run_and_collect(
             }
         }
     };
+    let mut paths = settings.sandbox_paths.clone();
+    if builtin.as_ref().is_some_and(|b| b.kind == builtins::Kind::GuixGitDownload) {
+        // guix-daemon runs it outside its chroot, with the host's git: the host's tools it is.
+        let host = builtins::git::HOST_PATHS.iter().map(|p| sandbox::SandboxPath::parse(p));
+        paths.extend(host.collect::<Result<Vec<_>, _>>().map_err(io::Error::other)?);
+    }
     let spec = sandbox::SandboxSpec {
         builtin,
         build_user: build_user.as_ref().map(BuildUserSlot::user),
@@ -274,7 +280,7 @@ fn run_and_collect(
         store_dir: sd.as_str().to_owned(),
         store_root: store.root().to_owned(),
         inputs,
-        paths: settings.sandbox_paths.clone(),
+        paths,
         tmp_dir: tmp,
         network: matches!(req.drv.kind(), Ok(DrvKind::FixedOutput { .. })),
         builder: rewrites.apply(&req.drv.builder),

@@ -1,4 +1,5 @@
-//! A small HTTP/1.1 file server on loopback for download tests: serves a fixed set of paths,
+//! A small HTTP/1.1 file server on loopback for download tests: serves a fixed set of paths (the
+//! query ignored, as a static server does: enough for git's "dumb" HTTP protocol),
 //! answers 404 for the rest, and `/redirect/PATH` with a 302 to `/PATH`; as a proxy, it opens a
 //! `CONNECT` tunnel to itself. One thread per connection; each connection serves one request.
 
@@ -54,7 +55,7 @@ impl Files {
                                 conn,
                                 "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                             )
-                        } else if let Some(body) = files.get(&path) {
+                        } else if let Some(body) = files.get(path.split('?').next().unwrap_or("")) {
                             write!(
                                 conn,
                                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -7,6 +7,7 @@
 //! is canonicalised, scanned and registered by the agent. The sandbox's stage 2 reads the CA
 //! bundle before it leaves the host's file system ([`Job::ca_file`]) and calls [`run`].
 
+pub mod git;
 mod guix;
 mod http;
 
@@ -28,6 +29,8 @@ pub enum Kind {
     NixFetchurl,
     /// Guix's `builtin:download` (`url-fetch` in `guix/download.scm`).
     GuixDownload,
+    /// Guix's `builtin:git-download` (`git-fetch` in `guix/build/git.scm`).
+    GuixGitDownload,
 }
 
 /// Whether `builder` names a builtin: `None` when it does not, else the builtin or why gbc can't
@@ -37,10 +40,28 @@ pub fn kind_of(builder: &str) -> Option<Result<Kind, String>> {
     Some(match name {
         "fetchurl" => Ok(Kind::NixFetchurl),
         "download" => Ok(Kind::GuixDownload),
+        "git-download" => Ok(Kind::GuixGitDownload),
         _ => Err(format!(
-            "{builder} is a builtin builder gbc does not have (it has builtin:fetchurl and builtin:download)"
+            "{builder} is a builtin builder gbc does not have (it has builtin:fetchurl, builtin:download and builtin:git-download)"
         )),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_by_name() {
+        assert_eq!(kind_of("/bin/sh"), None);
+        assert_eq!(kind_of("builtin:fetchurl"), Some(Ok(Kind::NixFetchurl)));
+        assert_eq!(kind_of("builtin:download"), Some(Ok(Kind::GuixDownload)));
+        assert_eq!(kind_of("builtin:git-download"), Some(Ok(Kind::GuixGitDownload)));
+        for other in ["builtin:buildenv", "builtin:unpack-channel"] {
+            let why = kind_of(other).and_then(Result::err).unwrap_or_default();
+            assert!(why.starts_with(other) && !why.contains('\n'), "{why}");
+        }
+    }
 }
 
 /// What stage 2 of the sandbox needs to run a builtin.
@@ -56,6 +77,9 @@ pub struct Job {
     /// A PEM bundle of CA certificates to check HTTPS servers with, read before the sandbox
     /// hides the host's files; none: certificates are not checked (downloads are hash-checked).
     pub ca_file: Option<PathBuf>,
+    /// The host's git, for `builtin:git-download`.
+    #[serde(default)]
+    pub git: Option<PathBuf>,
 }
 
 impl Job {
@@ -70,6 +94,7 @@ impl Job {
             name: name.to_owned(),
             hash: format!("{}:{}", hash.algo().name(), hash.to_hex()),
             ca_file: ca_file(),
+            git: if kind == Kind::GuixGitDownload { Some(git::find_git()?) } else { None },
         })
     }
 }
@@ -85,6 +110,10 @@ fn ca_file() -> Option<PathBuf> {
 /// Run `job` with the builder environment `env`; progress and notes go to `log`. An error is the
 /// build's failure, in one line.
 pub fn run(job: &Job, env: &BTreeMap<String, String>, ca: Option<&[u8]>, log: &mut dyn Write) -> Result<(), String> {
+    if job.kind == Kind::GuixGitDownload {
+        let git = job.git.as_deref().ok_or("builtin:git-download: no git")?;
+        return git::fetch(env, git, Path::new(&job.out), log);
+    }
     let client = http::Client::new(ca, http::Proxies::from_env(env))?;
     if !client.verifying {
         let _ = writeln!(
@@ -112,6 +141,7 @@ pub fn run(job: &Job, env: &BTreeMap<String, String>, ca: Option<&[u8]>, log: &m
                 fetch_file(&client, &urls, out, log)?;
             }
         }
+        Kind::GuixGitDownload => return Err("builtin:git-download: not a download".into()),
         Kind::GuixDownload => {
             let mut notes = Vec::new();
             let url = env.get("url").ok_or("builtin:download: the derivation has no 'url'")?;
