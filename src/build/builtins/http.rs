@@ -3,6 +3,7 @@
 //! retries of transient failures and progress lines in the build log.
 
 use std::io::{self, Read, Write};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -137,15 +138,9 @@ impl Client {
         &found.unwrap_or(&self.agents[0]).1
     }
 
-    /// Download `url` into what `open` gives (called once per try, so that a failed try's bytes
-    /// can be dropped), retrying transient failures; progress goes to `log`. Returns the size.
-    pub fn fetch<W: Write>(
-        &self,
-        url: &str,
-        open: &mut dyn FnMut() -> io::Result<W>,
-        finish: &mut dyn FnMut(W) -> io::Result<()>,
-        log: &mut dyn Write,
-    ) -> Result<u64, FetchError> {
+    /// Download `url` into the file `dest` (created, or emptied at each try), retrying transient
+    /// failures; progress goes to `log`. Returns the size.
+    pub fn fetch(&self, url: &str, dest: &Path, log: &mut dyn Write) -> Result<u64, FetchError> {
         check_scheme(url).map_err(FetchError::Refused)?;
         let mut last = None;
         for attempt in 1..=TRIES {
@@ -154,7 +149,7 @@ impl Client {
                 let _ = writeln!(log, "trying '{url}' again in {}s", pause.as_secs());
                 std::thread::sleep(pause);
             }
-            match self.try_fetch(url, open, finish, log) {
+            match self.try_fetch(url, dest, log) {
                 Ok(n) => return Ok(n),
                 Err(FetchError::Transient(why)) => {
                     let _ = writeln!(log, "{why}");
@@ -166,13 +161,7 @@ impl Client {
         Err(FetchError::Transient(last.unwrap_or_default()))
     }
 
-    fn try_fetch<W: Write>(
-        &self,
-        url: &str,
-        open: &mut dyn FnMut() -> io::Result<W>,
-        finish: &mut dyn FnMut(W) -> io::Result<()>,
-        log: &mut dyn Write,
-    ) -> Result<u64, FetchError> {
+    fn try_fetch(&self, url: &str, dest: &Path, log: &mut dyn Write) -> Result<u64, FetchError> {
         match self.proxies.for_url(url) {
             Some(proxy) => writeln!(log, "downloading '{url}' through {proxy}..."),
             None => writeln!(log, "downloading '{url}'..."),
@@ -190,7 +179,8 @@ impl Client {
         }
         let total = response.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let mut body = response.into_body().into_reader();
-        let mut out = open().map_err(FetchError::Local)?;
+        let mut out =
+            std::fs::File::create(dest).map(|f| io::BufWriter::with_capacity(1 << 20, f)).map_err(FetchError::Local)?;
         let start = Instant::now();
         let mut last_report = start;
         let mut got = 0u64;
@@ -209,7 +199,7 @@ impl Client {
                 let _ = writeln!(log, "{}", progress(got, total, start.elapsed()));
             }
         }
-        finish(out).map_err(FetchError::Local)?;
+        out.flush().map_err(FetchError::Local)?;
         let _ = writeln!(log, "{} from '{url}'", progress(got, total, start.elapsed()));
         Ok(got)
     }

@@ -13,7 +13,7 @@ mod http;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -172,28 +172,13 @@ pub fn run(job: &Job, env: &BTreeMap<String, String>, ca: Option<&[u8]>, log: &m
 
 /// Try `urls` in order until one gives the file at `out`.
 fn fetch_file(client: &http::Client, urls: &[String], out: &Path, log: &mut dyn Write) -> Result<(), String> {
-    first_that_works(urls, log, |url, log| {
-        client.fetch(
-            url,
-            &mut || File::create(out).map(|f| BufWriter::with_capacity(1 << 20, f)),
-            &mut |mut w| w.flush(),
-            log,
-        )
-    })
+    first_that_works(urls, log, |url, log| client.fetch(url, out, log))
 }
 
 /// Try `urls` in order until one gives a NAR, unpacked at `out`.
 fn fetch_nar(client: &http::Client, urls: &[String], out: &Path, xz: bool, log: &mut dyn Write) -> Result<(), String> {
     let download = Path::new(".gbc-download");
-    let result = first_that_works(urls, log, |url, log| {
-        client.fetch(
-            url,
-            &mut || File::create(download).map(|f| BufWriter::with_capacity(1 << 20, f)),
-            &mut |mut w| w.flush(),
-            log,
-        )
-    });
-    result?;
+    fetch_file(client, urls, download, log)?;
     let file = File::open(download).map_err(|e| format!("the download: {e}"))?;
     let reader: Box<dyn io::Read> = if xz {
         Box::new(liblzma::read::XzDecoder::new(io::BufReader::new(file)))
