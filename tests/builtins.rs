@@ -21,7 +21,8 @@ struct Served {
     wrong_hash: String,
 }
 
-const ATTRS: [&str; 8] = ["flat", "exe", "unpacked", "unpackedXz", "wrong", "fallsThrough", "proxied", "fileUrl"];
+const ATTRS: [&str; 9] =
+    ["flat", "exe", "unpacked", "unpackedXz", "wrong", "fallsThrough", "flaky", "proxied", "fileUrl"];
 
 fn nix_hash(path: &Path, flat: bool) -> String {
     let mut c = nix("nix-hash");
@@ -146,6 +147,16 @@ fn a_404_falls_through_to_the_next_url_and_file_urls_are_refused() {
     assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
     let why = stderr(&refused);
     assert!(why.contains("file:///etc/hostname") && why.contains("refused"), "{why}");
+}
+
+#[test]
+fn a_transient_failure_is_tried_again() {
+    let s = serve();
+    let tmp = tempdir();
+    let out = realise(&tmp.path().join("store"), &s.drvs["flaky"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(*s.files.requests.lock().unwrap(), ["/flaky/hello.txt", "/flaky/hello.txt"]);
+    assert!(stderr(&out).contains("HTTP 503") && stderr(&out).contains("again in 1s"), "{}", stderr(&out));
 }
 
 #[test]
@@ -304,4 +315,128 @@ fn guix_git_download_checks_out_one_commit_without_dot_git() {
     assert!(!out.join(".git").exists());
     // A recursive SHA-256 fixed output: its NarHash is the declared hash, checked by the build.
     assert_eq!(recorded_nar_hash(&root, &path), format!("sha256:{hash}"));
+}
+
+/// An HTTPS server on loopback (Python's, with a certificate of a CA made here), serving `dir`.
+struct Https {
+    child: std::process::Child,
+    port: u16,
+    ca: std::path::PathBuf,
+}
+
+impl Drop for Https {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn https_server(tmp: &Path, dir: &Path) -> Https {
+    let openssl = |args: &[&str]| run_ok(std::process::Command::new("openssl").args(args).current_dir(tmp));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ed25519",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=gbc test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "ed25519",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    fs::write(tmp.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    let (port, _) = common::free_addr();
+    let script = format!(
+        "import http.server, ssl, functools\n\
+         h = functools.partial(http.server.SimpleHTTPRequestHandler, directory={dir:?})\n\
+         s = http.server.HTTPServer(('127.0.0.1', {port}), h)\n\
+         c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain({cert:?}, {key:?})\n\
+         s.socket = c.wrap_socket(s.socket, server_side=True)\n\
+         s.serve_forever()\n",
+        dir = dir.display().to_string(),
+        cert = tmp.join("server.pem").display().to_string(),
+        key = tmp.join("server.key").display().to_string(),
+    );
+    let child = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the HTTPS server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Https { child, port, ca: tmp.join("ca.pem") }
+}
+
+#[test]
+fn https_downloads_check_the_server_s_certificate() {
+    let salt = salt();
+    let tmp = tempdir();
+    let www = tmp.path().join("www");
+    fs::create_dir(&www).unwrap();
+    fs::write(www.join("hello.txt"), format!("hello over tls {salt}\n")).unwrap();
+    let hash = nix_hash(&www.join("hello.txt"), true);
+    let server = https_server(tmp.path(), &www);
+    let expr = format!(
+        "import <nix/fetchurl.nix> {{ url = \"https://127.0.0.1:{}/hello.txt\"; sha256 = \"{hash}\"; name = \"tls-{salt}\"; }}",
+        server.port
+    );
+    let drv = run_ok_str(nix("nix-instantiate").args(["-E", &expr])).trim().to_owned();
+    let realise_with = |ca: &Path, root: &str| {
+        run(gbc()
+            .arg("realise")
+            .arg("--store-root")
+            .arg(tmp.path().join(root))
+            .arg(&drv)
+            .env("NIX_SSL_CERT_FILE", ca)
+            .env("SSL_CERT_FILE", ca))
+    };
+    // Trusting the test's CA, the download is made.
+    let ok = realise_with(&server.ca, "a");
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // Trusting only another CA bundle (Debian's), the server is refused.
+    let system = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if !system.exists() {
+        return common::skip("no /etc/ssl/certs/ca-certificates.crt to distrust the test's CA with");
+    }
+    let refused = realise_with(system, "b");
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    let why = stderr(&refused);
+    assert!(why.contains("certificate") && !why.contains("again"), "refused at once: {why}");
 }

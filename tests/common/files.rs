@@ -1,6 +1,7 @@
 //! A small HTTP/1.1 file server on loopback for download tests: serves a fixed set of paths (the
 //! query ignored, as a static server does: enough for git's "dumb" HTTP protocol),
-//! answers 404 for the rest, and `/redirect/PATH` with a 302 to `/PATH`; as a proxy, it opens a
+//! answers 404 for the rest, `/redirect/PATH` with a 302 to `/PATH`, and `/flaky/PATH` with a 503
+//! the first time, then as `/PATH`; as a proxy, it opens a
 //! `CONNECT` tunnel to itself. One thread per connection; each connection serves one request.
 
 use std::collections::BTreeMap;
@@ -49,13 +50,25 @@ impl Files {
                             }
                             continue;
                         }
-                        seen.lock().unwrap().push(path.clone());
+                        let first = {
+                            let mut seen = seen.lock().unwrap();
+                            let first = !seen.contains(&path);
+                            seen.push(path.clone());
+                            first
+                        };
                         let _ = if let Some(to) = path.strip_prefix("/redirect") {
                             write!(
                                 conn,
                                 "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                             )
-                        } else if let Some(body) = files.get(path.split('?').next().unwrap_or("")) {
+                        } else if path.starts_with("/flaky/") && first {
+                            write!(
+                                conn,
+                                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            )
+                        } else if let Some(body) =
+                            files.get(path.trim_start_matches("/flaky").split('?').next().unwrap_or(""))
+                        {
                             write!(
                                 conn,
                                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

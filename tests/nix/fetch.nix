@@ -15,6 +15,8 @@
     url = "${base}/missing"; urls = [ "${base}/missing" "${base}/redirect/hello.txt" ];
     outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = flatHash;
   };
+  # The server fails the first try (503): tried again.
+  flaky = import <nix/fetchurl.nix> { url = "${base}/flaky/hello.txt"; sha256 = flatHash; name = "flaky-${salt}"; };
   # Through the proxy that http_proxy names (impureEnvVars): the host does not exist.
   proxied = import <nix/fetchurl.nix> { url = "http://gbc-test.invalid/hello.txt"; sha256 = flatHash; name = "proxied-${salt}"; };
   fileUrl = import <nix/fetchurl.nix> { url = "file:///etc/hostname"; sha256 = wrongHash; name = "file-url-${salt}"; };

@@ -222,6 +222,10 @@ fn classify(url: &str, e: ureq::Error) -> FetchError {
         ureq::Error::BadUri(why) => FetchError::Refused(format!("'{url}': bad URL: {why}")),
         ureq::Error::TooManyRedirects => FetchError::Refused(format!("'{url}': too many redirects")),
         ureq::Error::RedirectFailed => FetchError::Refused(format!("'{url}': a redirect failed")),
+        // A certificate that is not trusted will not be on the next try either.
+        ureq::Error::Io(e) if e.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) => {
+            FetchError::Refused(format!("'{url}': {e}"))
+        }
         other => FetchError::Transient(format!("'{url}': {other}")),
     }
 }
