@@ -1,0 +1,84 @@
+//! Guix's signature scheme (ECDSA over Ed25519, RFC 6979) against libgcrypt itself, through
+//! Debian's guile-gcrypt: keys and signatures made by either side are the other's.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::Command;
+
+use gbc::formats::guix_ecdsa::{PublicKey, SecretKey};
+use gbc::formats::hash::{hex, sha256};
+
+/// Run a Guile program with guile-gcrypt; None when Guile or guile-gcrypt is missing.
+fn guile(program: &str) -> Option<String> {
+    let out = Command::new("guile").args(["--no-auto-compile", "-c", program]).output().ok()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no code for module"), "guile failed: {err}");
+        return None;
+    }
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+const PRELUDE: &str =
+    "(use-modules (gcrypt pk-crypto) (gcrypt hash) (gcrypt base16) (rnrs bytevectors) (ice-9 format))";
+
+#[test]
+fn libgcrypt_s_keys_and_signatures_are_ours() {
+    // Five keys made by libgcrypt; each signs one message: print d, q, the hash, r and s.
+    let program = format!(
+        "{PRELUDE}
+         (define (token-hex sexp name) (bytevector->base16-string (canonical-sexp-nth-data (find-sexp-token sexp name) 1)))
+         (do ((i 0 (+ i 1))) ((= i 5))
+           (let* ((pair (generate-key (string->canonical-sexp \"(genkey (ecdsa (curve Ed25519) (flags rfc6979)))\")))
+                  (sec (find-sexp-token pair 'private-key))
+                  (hash (sha256 (string->utf8 (format #f \"message ~a\" i))))
+                  (sig (sign (bytevector->hash-data hash #:key-type 'ecc) sec)))
+             (format #t \"~a ~a ~a ~a ~a~%\" (token-hex sec 'd) (token-hex sec 'q) (bytevector->base16-string hash)
+                     (token-hex sig 'r) (token-hex sig 's))))"
+    );
+    let Some(out) = guile(&program) else {
+        return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
+    };
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    for line in lines {
+        let f: Vec<Vec<u8>> = line.split(' ').map(|h| hex::decode(h).unwrap()).collect();
+        let key = SecretKey::from_d(&f[0]).unwrap();
+        assert_eq!(key.public().q().to_vec(), f[1], "q from d: {line}");
+        let hash: [u8; 32] = f[2].clone().try_into().unwrap();
+        let (r, s) = key.sign(&hash);
+        // libgcrypt writes the integers without leading zero bytes.
+        let strip = |v: &[u8]| v.iter().skip_while(|b| **b == 0).copied().collect::<Vec<u8>>();
+        assert_eq!((strip(&r), strip(&s)), (strip(&f[3]), strip(&f[4])), "the same deterministic signature: {line}");
+        assert!(PublicKey::from_q(&f[1]).unwrap().verify(&hash, &f[3], &f[4]));
+    }
+}
+
+#[test]
+fn libgcrypt_verifies_our_signatures_and_refuses_altered_ones() {
+    for i in 0..5 {
+        let key = SecretKey::generate().unwrap();
+        let hash = sha256(format!("narinfo {i}").as_bytes());
+        let (r, s) = key.sign(&hash);
+        let mut bad_s = s;
+        bad_s[31] ^= 1;
+        let h = |b: &[u8]| hex::encode(b);
+        let verify = |s: &[u8]| {
+            format!(
+                "(verify (string->canonical-sexp \"(sig-val (ecdsa (r #{r}#) (s #{s}#)))\")
+                         (bytevector->hash-data (base16-string->bytevector \"{hash}\") #:key-type 'ecc)
+                         (string->canonical-sexp \"(public-key (ecc (curve Ed25519) (q #{q}#)))\"))",
+                r = h(&r),
+                s = h(s),
+                hash = h(&hash),
+                q = h(key.public().q())
+            )
+        };
+        let program = format!("{PRELUDE} (format #t \"~a ~a~%\" {} {})", verify(&s), verify(&bad_s));
+        let Some(out) = guile(&program) else {
+            return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
+        };
+        assert_eq!(out.trim(), "#t #f", "libgcrypt's verdict on a good and an altered signature");
+    }
+}
