@@ -110,9 +110,10 @@ fn ca_file() -> Option<PathBuf> {
 /// Run `job` with the builder environment `env`; progress and notes go to `log`. An error is the
 /// build's failure, in one line.
 pub fn run(job: &Job, env: &BTreeMap<String, String>, ca: Option<&[u8]>, log: &mut dyn Write) -> Result<(), String> {
+    let out = Path::new(&job.out);
     if job.kind == Kind::GuixGitDownload {
-        let git = job.git.as_deref().ok_or("builtin:git-download: no git")?;
-        return git::fetch(env, git, Path::new(&job.out), log);
+        let git = job.git.as_deref().ok_or("no git on this host")?;
+        return git::fetch(env, git, out, log);
     }
     let client = http::Client::new(ca, http::Proxies::from_env(env))?;
     if !client.verifying {
@@ -123,7 +124,6 @@ pub fn run(job: &Job, env: &BTreeMap<String, String>, ca: Option<&[u8]>, log: &m
     }
     let hash = Hash::parse(&job.hash).map_err(|e| format!("hash: {e}"))?;
     let executable = env.get("executable").is_some_and(|v| v == "1");
-    let out = Path::new(&job.out);
     match job.kind {
         Kind::NixFetchurl => {
             let url = env.get("url").filter(|u| !u.is_empty());
@@ -131,7 +131,7 @@ pub fn run(job: &Job, env: &BTreeMap<String, String>, ca: Option<&[u8]>, log: &m
                 env.get("urls").map(|u| u.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
             let urls = if listed.is_empty() { url.into_iter().cloned().collect() } else { listed };
             if urls.is_empty() {
-                return Err("builtin:fetchurl: the derivation has no 'url'".into());
+                return Err("the derivation has no 'url'".into());
             }
             if env.get("unpack").is_some_and(|v| v == "1") {
                 // As Nix: the download is a NAR, xz-compressed when the main URL ends in .xz.
@@ -141,10 +141,11 @@ pub fn run(job: &Job, env: &BTreeMap<String, String>, ca: Option<&[u8]>, log: &m
                 fetch_file(&client, &urls, out, log)?;
             }
         }
-        Kind::GuixGitDownload => return Err("builtin:git-download: not a download".into()),
+        // Handled above: not an HTTP download.
+        Kind::GuixGitDownload => {}
         Kind::GuixDownload => {
             let mut notes = Vec::new();
-            let url = env.get("url").ok_or("builtin:download: the derivation has no 'url'")?;
+            let url = env.get("url").ok_or("the derivation has no 'url'")?;
             let read = |var: &str| -> Result<Option<String>, String> {
                 env.get(var).map(|p| fs::read_to_string(p).map_err(|e| format!("{var} file {p}: {e}"))).transpose()
             };
