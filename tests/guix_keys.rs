@@ -82,3 +82,32 @@ fn libgcrypt_verifies_our_signatures_and_refuses_altered_ones() {
         assert_eq!(out.trim(), "#t #f", "libgcrypt's verdict on a good and an altered signature");
     }
 }
+
+/// A narinfo's `Signature:` field made by gbc, checked the way `guix substitute` checks one
+/// (guix/narinfo.scm, guix/pki.scm) with libgcrypt: the base64 is a signature s-expression whose
+/// data hash is the SHA-256 of the text above the field, whose public key is the authorized key
+/// (compared as s-expressions), and which libgcrypt verifies.
+#[test]
+fn libgcrypt_accepts_our_narinfo_signatures() {
+    use gbc::formats::gcrypt::{narinfo_signature, public_key_sx};
+    let key = SecretKey::generate().unwrap();
+    let signed = "StorePath: /gnu/store/6vza80pmr3wck2yvv8nwaphbnj11vrql-b\nNarHash: sha256:1b2n9shnb3zwfjcra3n3wnn1whq0akc8xbrfihdjmb2hwa2s0fqi\nNarSize: 120\nReferences: \nSig: x:y\n";
+    let value = narinfo_signature(signed, &key, "gbc.example");
+    let b64 = value.rsplit(';').next().unwrap();
+    let authorized = public_key_sx(key.public()).to_text();
+    let program = format!(
+        "{PRELUDE} (use-modules (gcrypt base64))
+         (define sig (string->canonical-sexp (utf8->string (base64-decode \"{b64}\"))))
+         (define data (find-sexp-token sig 'data))
+         (define acl-key (string->canonical-sexp \"{key}\"))
+         (format #t \"~a ~a ~a~%\"
+           (equal? (canonical-sexp->sexp (find-sexp-token sig 'public-key)) (canonical-sexp->sexp acl-key))
+           (equal? (hash-data->bytevector data) (sha256 (string->utf8 {signed:?})))
+           (verify (find-sexp-token sig 'sig-val) data (find-sexp-token sig 'public-key)))",
+        key = authorized
+    );
+    let Some(out) = guile(&program) else {
+        return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
+    };
+    assert_eq!(out.trim(), "#t #t #t", "authorized key, hash of the text above, valid signature");
+}

@@ -6,6 +6,7 @@
 //! describes. Callers at the edges (CLI, agent, coordinator) decide where bytes come from.
 
 pub mod derivation;
+pub mod gcrypt;
 pub mod guix_ecdsa;
 pub mod hash;
 pub mod nar;
