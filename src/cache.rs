@@ -70,6 +70,8 @@ pub struct Cache {
     store_dir: StoreDir,
     key: SecretKey,
     compression: Compression,
+    /// Guix's signing key and the host name its signatures give, for Guix clients.
+    guix: Option<(crate::formats::guix_ecdsa::SecretKey, String)>,
     /// Held by publishing and by GC: a NAR is in `nar/` a moment before its narinfo is written.
     lock: std::sync::Mutex<()>,
 }
@@ -89,7 +91,25 @@ impl Cache {
         if fs::read_to_string(&path).ok().as_deref() != Some(info.as_str()) {
             write_atomically(&path, info.as_bytes())?;
         }
-        Ok(Cache { root: root.to_owned(), store_dir, key, compression, lock: std::sync::Mutex::new(()) })
+        Ok(Cache { root: root.to_owned(), store_dir, key, compression, guix: None, lock: std::sync::Mutex::new(()) })
+    }
+
+    /// Also sign every narinfo in Guix's format (`Signature:`, after Nix's `Sig:` lines) with `key`,
+    /// naming `host` as `guix publish` names itself.
+    pub fn with_guix_key(mut self, key: crate::formats::guix_ecdsa::SecretKey, host: String) -> Cache {
+        self.guix = Some((key, host));
+        self
+    }
+
+    /// A narinfo's text as published: Nix's fields and signatures, then Guix's signature of all of
+    /// that when the cache has a Guix key.
+    fn narinfo_text(&self, info: &NarInfo) -> String {
+        let mut text = info.to_string();
+        if let Some((key, host)) = &self.guix {
+            let signature = crate::formats::gcrypt::narinfo_signature(&text, key, host);
+            text.push_str(&format!("Signature: {signature}\n"));
+        }
+        text
     }
 
     pub fn store_dir(&self) -> &StoreDir {
@@ -180,12 +200,12 @@ impl Cache {
         for info in &waiting {
             write_atomically(
                 &self.root.join(".pending").join(format!("{}.narinfo", info.store_path.hash_part())),
-                info.to_string().as_bytes(),
+                self.narinfo_text(info).as_bytes(),
             )?;
         }
         let mut published = Vec::new();
         for info in &ready {
-            write_atomically(&self.narinfo_path(&info.store_path), info.to_string().as_bytes())?;
+            write_atomically(&self.narinfo_path(&info.store_path), self.narinfo_text(info).as_bytes())?;
             published.push(self.store_dir.display(&info.store_path));
         }
         if !ready.is_empty() {

@@ -111,3 +111,54 @@ fn libgcrypt_accepts_our_narinfo_signatures() {
     };
     assert_eq!(out.trim(), "#t #t #t", "authorized key, hash of the text above, valid signature");
 }
+
+/// A coordinator with a /gnu/store cache signs every narinfo for Guix clients too, with a Guix key
+/// of its own: Nix's `Sig:` lines, then `Signature:` last; the key `gbc cache public-key --format
+/// guix` prints is the one in the signatures, and libgcrypt verifies them.
+#[test]
+fn a_gnu_store_cache_signs_its_narinfos_for_guix() {
+    use gbc::formats::gcrypt::{parse_public_key, verify_narinfo_signature};
+    let c = common::Coordinator::start(&["--local-builds", "2", "--cache-store-dir", "/gnu/store"]);
+    let diamond = common::repo_path("examples/diamond");
+    let top = std::fs::read_dir(&diamond)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("-example-top.drv"))
+        .unwrap();
+    let out = common::run(&mut c.gbc(&["build", top.to_str().unwrap()]));
+    assert!(out.status.success(), "{}\n{}", common::stderr(&out), c.log());
+    let printed = common::run_ok_str(&mut c.gbc(&["cache", "public-key", "--format", "guix"]));
+    assert_eq!(printed, std::fs::read_to_string(c.state.join("keys/guix-signing-key.pub")).unwrap());
+    let key = parse_public_key(printed.as_bytes()).unwrap();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(c.state.join("cache")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_none_or(|e| e != "narinfo") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        let at = text.find("Signature: ").unwrap_or_else(|| panic!("no Signature: {text}"));
+        let (signed, field) = text.split_at(at);
+        assert!(signed.contains("\nSig: "), "Nix's signatures come first: {text}");
+        let value = field.strip_prefix("Signature: ").unwrap().trim_end();
+        assert!(!value.contains('\n'), "Signature: is the last field: {text}");
+        verify_narinfo_signature(signed, value, std::slice::from_ref(&key)).unwrap();
+        // libgcrypt's verdict, as guix substitute would reach it.
+        let b64 = value.rsplit(';').next().unwrap();
+        let program = format!(
+            "{PRELUDE} (use-modules (gcrypt base64))
+             (define sig (string->canonical-sexp (utf8->string (base64-decode \"{b64}\"))))
+             (define data (find-sexp-token sig 'data))
+             (format #t \"~a ~a ~a~%\"
+               (equal? (canonical-sexp->sexp (find-sexp-token sig 'public-key)) (canonical-sexp->sexp (string->canonical-sexp {printed:?})))
+               (equal? (hash-data->bytevector data) (sha256 (string->utf8 {signed:?})))
+               (verify (find-sexp-token sig 'sig-val) data (find-sexp-token sig 'public-key)))"
+        );
+        let Some(verdict) = guile(&program) else {
+            return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
+        };
+        assert_eq!(verdict.trim(), "#t #t #t", "{}", p.display());
+        checked += 1;
+    }
+    assert_eq!(checked, 4, "the diamond's four outputs");
+}

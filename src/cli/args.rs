@@ -292,6 +292,13 @@ pub struct AgentOpts {
     pub cores: Option<u32>,
 }
 
+/// Which client's key format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyFormat {
+    Nix,
+    Guix,
+}
+
 /// How `gbc coordinator` runs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CoordinatorOpts {
@@ -347,6 +354,11 @@ pub struct CoordinatorOpts {
     /// first start with cache.public beside it).
     #[arg(long, value_name = "FILE")]
     pub signing_key: Option<PathBuf>,
+    /// The Guix-format secret key a /gnu/store cache also signs narinfos with, for Guix clients
+    /// (e.g. the /etc/guix/signing-key.sec of the guix publish it replaces; default: <state
+    /// dir>/keys/guix-signing-key.sec, created on first start with guix-signing-key.pub beside it).
+    #[arg(long, value_name = "FILE")]
+    pub guix_signing_key: Option<PathBuf>,
     /// Serve the binary cache, Prometheus metrics (/metrics) and a status page (/) over HTTP at
     /// this address, e.g. 0.0.0.0:8080.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -517,9 +529,14 @@ pub enum CacheCommand {
         /// State directory whose keys/cache.public is printed.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
-        /// The secret key the coordinator was given with --signing-key: its public half is printed.
+        /// The secret key the coordinator was given with --signing-key (or, with --format guix,
+        /// --guix-signing-key): its public half is printed.
         #[arg(long, value_name = "FILE")]
         signing_key: Option<PathBuf>,
+        /// nix: `name:base64`, for trusted-public-keys; guix: the s-expression `guix archive
+        /// --authorize` reads (a /gnu/store cache's Guix key).
+        #[arg(long, value_enum, default_value_t = KeyFormat::Nix)]
+        format: KeyFormat,
     },
     /// Remove from the cache what no recent build needs.
     ///

@@ -118,6 +118,36 @@ pub fn verify(trusted: &[impl AsRef<Path>], narinfos: &[impl AsRef<Path>]) -> an
 }
 
 /// `gbc cache public-key`.
+/// `gbc cache public-key --format guix`: the Guix key of a /gnu/store cache, as `guix archive
+/// --authorize` reads it.
+pub fn cache_guix_public_key(
+    state_dir: Option<std::path::PathBuf>,
+    signing_key: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    use crate::formats::gcrypt;
+    let path = match signing_key {
+        Some(path) => path,
+        None => match state_dir {
+            Some(s) => s,
+            None => super::realise::default_state_dir()?,
+        }
+        .join("keys/guix-signing-key.sec"),
+    };
+    let text = fs::read(&path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            anyhow::anyhow!(
+                "{}: no Guix key yet: a coordinator makes it when it first starts with a /gnu/store cache",
+                path.display()
+            )
+        } else {
+            anyhow::Error::new(e).context(path.display().to_string())
+        }
+    })?;
+    let key = gcrypt::parse_secret_key(&text).map_err(|e| check_failed(path.display(), e))?;
+    println!("{}", gcrypt::public_key_sx(key.public()).to_text());
+    Ok(())
+}
+
 pub fn cache_public_key(
     state_dir: Option<std::path::PathBuf>,
     signing_key: Option<std::path::PathBuf>,

@@ -111,6 +111,7 @@ fn probe_config() -> anyhow::Result<Config> {
         compression: crate::cache::Compression::Zstd,
         cache_store_dir: "/nix/store".into(),
         cache_key: None,
+        guix_key: None,
         http: None,
         http_limits: Default::default(),
     })

@@ -117,9 +117,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         Command::Agent(opts) => agent::run(opts),
         Command::Coordinator(opts) => coordinator::run(opts),
-        Command::Cache { command: CacheCommand::PublicKey { state_dir, signing_key } } => {
-            keys::cache_public_key(state_dir, signing_key)
-        }
+        Command::Cache { command: CacheCommand::PublicKey { state_dir, signing_key, format } } => match format {
+            args::KeyFormat::Nix => keys::cache_public_key(state_dir, signing_key),
+            args::KeyFormat::Guix => keys::cache_guix_public_key(state_dir, signing_key),
+        },
         Command::Cache { command: CacheCommand::Gc { keep_since, client } } => client::cache_gc(&client, keep_since),
         Command::CheckConfig { file, state_dir } => machines::check_config(file, state_dir),
         Command::Submit { submit, json, client } => client::submit(&client, &submit, json),

@@ -38,6 +38,9 @@ pub struct Config {
     pub compression: crate::cache::Compression,
     pub cache_store_dir: String,
     pub cache_key: Option<PathBuf>,
+    /// The Guix-format key narinfos of a `/gnu/store` cache are also signed with (default
+    /// `<state>/keys/guix-signing-key.sec`, created on first start).
+    pub guix_key: Option<PathBuf>,
     /// Where to serve the cache, metrics and a status page over HTTP.
     pub http: Option<std::net::SocketAddr>,
     pub http_limits: HttpLimits,
@@ -57,6 +60,44 @@ pub fn cache_key(config: &Config) -> Result<crate::formats::signing::SecretKey> 
     let key = crate::agent::load_or_create_key(&secret, &format!("{host}-gbc-1")).at(&secret)?;
     let public = keys.join("cache.public");
     let line = format!("{}\n", key.public());
+    if std::fs::read_to_string(&public).ok().as_deref() != Some(line.as_str()) {
+        crate::store::write_atomically(&public, line.as_bytes()).at(&public)?;
+    }
+    Ok(key)
+}
+
+/// The cache's Guix signing key: the one given, or `<state>/keys/guix-signing-key.sec`, created
+/// (with `guix-signing-key.pub` beside it, what `guix archive --authorize` takes) on first start.
+/// A key of its own: Guix signs with ECDSA, Nix with EdDSA, and one key is not used for both.
+pub fn guix_key(config: &Config) -> Result<crate::formats::guix_ecdsa::SecretKey> {
+    use crate::formats::gcrypt;
+    let load = |path: &std::path::Path| -> Result<_> {
+        let text = std::fs::read(path).at(path)?;
+        gcrypt::parse_secret_key(&text).map_err(|source| Error::GuixKey { path: path.to_owned(), source })
+    };
+    if let Some(path) = &config.guix_key {
+        return load(path);
+    }
+    let keys = config.state_dir.join("keys");
+    let secret = keys.join("guix-signing-key.sec");
+    let key = if secret.exists() {
+        load(&secret)?
+    } else {
+        std::fs::create_dir_all(&keys).at(&keys)?;
+        let key = crate::formats::guix_ecdsa::SecretKey::generate().at(&secret)?;
+        let text = format!("{}\n", gcrypt::secret_key_sx(&key).to_text());
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secret)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        };
+        write().at(&secret)?;
+        key
+    };
+    let public = keys.join("guix-signing-key.pub");
+    let line = format!("{}\n", gcrypt::public_key_sx(key.public()).to_text());
     if std::fs::read_to_string(&public).ok().as_deref() != Some(line.as_str()) {
         crate::store::write_atomically(&public, line.as_bytes()).at(&public)?;
     }

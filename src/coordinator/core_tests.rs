@@ -40,6 +40,7 @@ fn config(dir: &std::path::Path) -> Config {
         compression: crate::cache::Compression::None,
         cache_store_dir: "/nix/store".into(),
         cache_key: None,
+        guix_key: None,
         http: None,
         http_limits: super::super::HttpLimits::default(),
     }

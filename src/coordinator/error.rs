@@ -15,6 +15,8 @@ pub enum Error {
     AlreadyRunning(PathBuf),
     #[error("{}: not a secret key: {source}", path.display())]
     Key { path: PathBuf, source: crate::formats::signing::KeyError },
+    #[error("{}: not a Guix secret key: {source}", path.display())]
+    GuixKey { path: PathBuf, source: crate::formats::gcrypt::GuixKeyError },
     #[error("cache store dir {dir}: {source}")]
     StoreDir { dir: String, source: crate::formats::store_path::StorePathError },
     #[error("opening the binary cache: {0}")]

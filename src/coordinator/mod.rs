@@ -74,10 +74,16 @@ pub async fn run(
     let db = Arc::new(open_state(&config).await?);
     let store_dir = crate::formats::store_path::StoreDir::new(&config.cache_store_dir)
         .map_err(|source| Error::StoreDir { dir: config.cache_store_dir.clone(), source })?;
-    let cache = Arc::new(
+    let guix = store_dir.as_str() == "/gnu/store";
+    let mut cache =
         crate::cache::Cache::open(&config.state_dir.join("cache"), store_dir, cache_key(&config)?, config.compression)
-            .map_err(Error::Cache)?,
-    );
+            .map_err(Error::Cache)?;
+    if guix {
+        // Guix clients check `Signature:` lines, not Nix's `Sig:`.
+        let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        cache = cache.with_guix_key(config::guix_key(&config)?, host);
+    }
+    let cache = Arc::new(cache);
 
     let (events, _) = broadcast::channel(16 * 1024);
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(1024);
