@@ -111,31 +111,40 @@ struct Nonces {
 }
 
 impl Nonces {
-    fn new(x: &BigUint, h1: &[u8; 32]) -> Nonces {
+    /// `x_octets`: the secret as libgcrypt gives it to RFC 6979's int2octets (32 bytes, unreduced).
+    fn new(x_octets: &[u8; 32], h1: &[u8; 32]) -> Nonces {
         let n = order();
-        let x_octets = be32(x);
         let h_octets = be32(&(bits2int(h1) % &n));
         let mut v = [1u8; 32];
         let mut k = [0u8; 32];
-        k = hmac(&k, &[&v, &[0], &x_octets, &h_octets]);
+        k = hmac(&k, &[&v, &[0], x_octets, &h_octets]);
         v = hmac(&k, &[&v]);
-        k = hmac(&k, &[&v, &[1], &x_octets, &h_octets]);
+        k = hmac(&k, &[&v, &[1], x_octets, &h_octets]);
         v = hmac(&k, &[&v]);
         Nonces { k, v, first: true }
     }
 
-    fn next_k(&mut self) -> BigUint {
-        let n = order();
+    /// The next candidate k in 1..n, as a scalar; constant time in k (bits2int is a fixed 3-bit
+    /// shift of 32 bytes, the range check is dalek's canonical-scalar test).
+    fn next_k(&mut self) -> Scalar {
         loop {
             if !self.first {
                 self.k = hmac(&self.k, &[&self.v, &[0]]);
                 self.v = hmac(&self.k, &[&self.v]);
             }
             self.first = false;
-            // qlen (253) bits fit in one HMAC output.
+            // qlen (253) bits fit in one HMAC output: k = V >> 3.
             self.v = hmac(&self.k, &[&self.v]);
-            let k = bits2int(&self.v);
-            if k > BigUint::ZERO && k < n {
+            let mut le = [0u8; 32];
+            for (i, byte) in le.iter_mut().enumerate() {
+                // Byte i (little-endian) of V >> 3, V big-endian.
+                let hi = if i + 1 < 32 { self.v[30 - i] } else { 0 };
+                *byte = (self.v[31 - i] >> 3) | (hi << 5);
+            }
+            let k: Option<Scalar> = Scalar::from_canonical_bytes(le).into();
+            if let Some(k) = k
+                && k != Scalar::ZERO
+            {
                 return k;
             }
         }
@@ -179,7 +188,9 @@ impl PublicKey {
 
 /// A Guix secret key: the scalar d, and its public key.
 pub struct SecretKey {
-    d: BigUint,
+    /// d as written (32 big-endian bytes, possibly above n), and reduced.
+    d: [u8; 32],
+    scalar: Scalar,
     public: PublicKey,
 }
 
@@ -193,13 +204,23 @@ impl SecretKey {
     /// From d, a big-endian integer (as `(d #…#)` holds it).
     /// libgcrypt's keys for this curve hold any 256-bit d (q = d·G, d taken mod n).
     pub fn from_d(d: &[u8]) -> Result<SecretKey, EcdsaError> {
-        let d = BigUint::from_bytes_be(d);
-        if d.bits() > 256 || (&d % order()) == BigUint::ZERO {
+        // libgcrypt writes it without leading zero bytes.
+        let start = d.iter().take_while(|b| **b == 0).count();
+        let d = &d[start..];
+        if d.len() > 32 {
             return Err(EcdsaError::BadSecret);
         }
-        let point = EdwardsPoint::mul_base(&scalar_of(&d));
+        let mut be = [0u8; 32];
+        be[32 - d.len()..].copy_from_slice(d);
+        let mut le = be;
+        le.reverse();
+        let scalar = Scalar::from_bytes_mod_order(le);
+        if scalar == Scalar::ZERO {
+            return Err(EcdsaError::BadSecret);
+        }
+        let point = EdwardsPoint::mul_base(&scalar);
         let public = PublicKey { q: point.compress().to_bytes(), point };
-        Ok(SecretKey { d, public })
+        Ok(SecretKey { d: be, scalar, public })
     }
 
     /// A new key from the system's random source.
@@ -217,7 +238,7 @@ impl SecretKey {
 
     /// d as 32 big-endian bytes.
     pub fn d(&self) -> [u8; 32] {
-        be32(&self.d)
+        self.d
     }
 
     pub fn public(&self) -> &PublicKey {
@@ -228,20 +249,20 @@ impl SecretKey {
     /// deterministic ECDSA makes it.
     pub fn sign(&self, hash: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
         let n = order();
-        let e = bits2int(hash) % &n;
+        let e = scalar_of(&(bits2int(hash) % &n));
         let mut nonces = Nonces::new(&self.d, hash);
         loop {
             let k = nonces.next_k();
-            let r = affine_x(&EdwardsPoint::mul_base(&scalar_of(&k))) % &n;
+            // r is public: recovering it with num-bigint leaks nothing.
+            let r = affine_x(&EdwardsPoint::mul_base(&k)) % &n;
             if r == BigUint::ZERO {
                 continue;
             }
-            let s = scalar_of(&k).invert() * (scalar_of(&e) + scalar_of(&r) * scalar_of(&self.d));
-            let s = biguint_of(&s);
-            if s == BigUint::ZERO {
+            let s = k.invert() * (e + scalar_of(&r) * self.scalar);
+            if s == Scalar::ZERO {
                 continue;
             }
-            return (be32(&r), be32(&s));
+            return (be32(&r), be32(&biguint_of(&s)));
         }
     }
 }
