@@ -10,7 +10,6 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, BufRead, BufWriter, IoSlice, Write};
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -56,9 +55,7 @@ pub fn load_or_create_key(path: &Path, name: &str) -> io::Result<SecretKey> {
             if let Some(dir) = path.parent() {
                 fs::create_dir_all(dir)?;
             }
-            let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-            f.write_all(key.to_nix_string().as_bytes())?;
-            f.sync_all()?;
+            crate::store::write_new(path, key.to_nix_string().as_bytes(), 0o600)?;
             Ok(key)
         }
         Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),

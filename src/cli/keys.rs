@@ -12,14 +12,13 @@ use crate::formats::narinfo::NarInfo;
 use crate::formats::signing::{PublicKey, SecretKey, TrustedKeys};
 
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(|e| {
+    crate::store::write_new(path, contents, mode).map_err(|e| {
         if e.kind() == io::ErrorKind::AlreadyExists {
             anyhow::anyhow!("{}: already exists; refusing to overwrite a key file", path.display())
         } else {
             anyhow::Error::new(e).context(path.display().to_string())
         }
-    })?;
-    f.write_all(contents).and_then(|()| f.sync_all()).with_context(|| path.display().to_string())
+    })
 }
 
 pub fn keygen(name: &str, secret_file: &Path, public_file: &Path) -> anyhow::Result<()> {

@@ -58,12 +58,16 @@ pub fn cache_key(config: &Config) -> Result<crate::formats::signing::SecretKey> 
     let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
     let secret = keys.join("cache.secret");
     let key = crate::agent::load_or_create_key(&secret, &format!("{host}-gbc-1")).at(&secret)?;
-    let public = keys.join("cache.public");
-    let line = format!("{}\n", key.public());
-    if std::fs::read_to_string(&public).ok().as_deref() != Some(line.as_str()) {
-        crate::store::write_atomically(&public, line.as_bytes()).at(&public)?;
-    }
+    write_public(&keys.join("cache.public"), &format!("{}\n", key.public()))?;
     Ok(key)
+}
+
+/// Keep a public key file beside its secret one, rewriting it only when it differs.
+fn write_public(path: &std::path::Path, line: &str) -> Result<()> {
+    if std::fs::read_to_string(path).ok().as_deref() != Some(line) {
+        crate::store::write_atomically(path, line.as_bytes()).at(path)?;
+    }
+    Ok(())
 }
 
 /// The cache's Guix signing key: the one given, or `<state>/keys/guix-signing-key.sec`, created
@@ -80,26 +84,20 @@ pub fn guix_key(config: &Config) -> Result<crate::formats::guix_ecdsa::SecretKey
     }
     let keys = config.state_dir.join("keys");
     let secret = keys.join("guix-signing-key.sec");
-    let key = if secret.exists() {
-        load(&secret)?
-    } else {
-        std::fs::create_dir_all(&keys).at(&keys)?;
-        let key = crate::formats::guix_ecdsa::SecretKey::generate().at(&secret)?;
-        let text = format!("{}\n", gcrypt::secret_key_sx(&key).to_text());
-        let write = || -> std::io::Result<()> {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secret)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()
-        };
-        write().at(&secret)?;
-        key
+    // Read it, or make it on first start (as `load_or_create_key` does Nix's).
+    let key = match std::fs::read(&secret) {
+        Ok(text) => {
+            gcrypt::parse_secret_key(&text).map_err(|source| Error::GuixKey { path: secret.clone(), source })?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&keys).at(&keys)?;
+            let key = crate::formats::guix_ecdsa::SecretKey::generate().at(&secret)?;
+            let text = format!("{}\n", gcrypt::secret_key_sx(&key).to_text());
+            crate::store::write_new(&secret, text.as_bytes(), 0o600).at(&secret)?;
+            key
+        }
+        Err(e) => return Err(e).at(&secret),
     };
-    let public = keys.join("guix-signing-key.pub");
-    let line = format!("{}\n", gcrypt::public_key_sx(key.public()).to_text());
-    if std::fs::read_to_string(&public).ok().as_deref() != Some(line.as_str()) {
-        crate::store::write_atomically(&public, line.as_bytes()).at(&public)?;
-    }
+    write_public(&keys.join("guix-signing-key.pub"), &format!("{}\n", gcrypt::public_key_sx(key.public()).to_text()))?;
     Ok(key)
 }

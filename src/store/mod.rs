@@ -217,6 +217,15 @@ pub(crate) fn with_path(e: io::Error, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
+/// Create `path` with `bytes`, durably, with `mode` (0600 for a secret key); an existing file is
+/// never overwritten (`AlreadyExists`).
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 /// Write `bytes` to `path` so that readers see either the old file or the whole new one, durably.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
