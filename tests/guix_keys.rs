@@ -83,6 +83,24 @@ fn libgcrypt_verifies_our_signatures_and_refuses_altered_ones() {
     }
 }
 
+/// libgcrypt's verdict on a narinfo's `Signature:` field `value` over `signed` (the text above it),
+/// reached as `guix substitute` reaches it (guix/narinfo.scm, guix/pki.scm): whether the signature's
+/// key is `authorized` (compared as s-expressions), whether its data hash is the SHA-256 of `signed`,
+/// and whether it verifies: "#t #t #t" when all hold. None when Guile or guile-gcrypt is missing.
+fn libgcrypt_verdict(signed: &str, value: &str, authorized: &str) -> Option<String> {
+    let b64 = value.rsplit(';').next().unwrap();
+    let program = format!(
+        "{PRELUDE} (use-modules (gcrypt base64))
+         (define sig (string->canonical-sexp (utf8->string (base64-decode \"{b64}\"))))
+         (define data (find-sexp-token sig 'data))
+         (format #t \"~a ~a ~a~%\"
+           (equal? (canonical-sexp->sexp (find-sexp-token sig 'public-key)) (canonical-sexp->sexp (string->canonical-sexp {authorized:?})))
+           (equal? (hash-data->bytevector data) (sha256 (string->utf8 {signed:?})))
+           (verify (find-sexp-token sig 'sig-val) data (find-sexp-token sig 'public-key)))"
+    );
+    guile(&program).map(|out| out.trim().to_owned())
+}
+
 /// A narinfo's `Signature:` field made by gbc, checked the way `guix substitute` checks one
 /// (guix/narinfo.scm, guix/pki.scm) with libgcrypt: the base64 is a signature s-expression whose
 /// data hash is the SHA-256 of the text above the field, whose public key is the authorized key
@@ -93,23 +111,11 @@ fn libgcrypt_accepts_our_narinfo_signatures() {
     let key = SecretKey::generate().unwrap();
     let signed = "StorePath: /gnu/store/6vza80pmr3wck2yvv8nwaphbnj11vrql-b\nNarHash: sha256:1b2n9shnb3zwfjcra3n3wnn1whq0akc8xbrfihdjmb2hwa2s0fqi\nNarSize: 120\nReferences: \nSig: x:y\n";
     let value = narinfo_signature(signed, &key, "gbc.example");
-    let b64 = value.rsplit(';').next().unwrap();
     let authorized = public_key_sx(key.public()).to_text();
-    let program = format!(
-        "{PRELUDE} (use-modules (gcrypt base64))
-         (define sig (string->canonical-sexp (utf8->string (base64-decode \"{b64}\"))))
-         (define data (find-sexp-token sig 'data))
-         (define acl-key (string->canonical-sexp \"{key}\"))
-         (format #t \"~a ~a ~a~%\"
-           (equal? (canonical-sexp->sexp (find-sexp-token sig 'public-key)) (canonical-sexp->sexp acl-key))
-           (equal? (hash-data->bytevector data) (sha256 (string->utf8 {signed:?})))
-           (verify (find-sexp-token sig 'sig-val) data (find-sexp-token sig 'public-key)))",
-        key = authorized
-    );
-    let Some(out) = guile(&program) else {
+    let Some(out) = libgcrypt_verdict(signed, &value, &authorized) else {
         return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
     };
-    assert_eq!(out.trim(), "#t #t #t", "authorized key, hash of the text above, valid signature");
+    assert_eq!(out, "#t #t #t", "authorized key, hash of the text above, valid signature");
 }
 
 /// A coordinator with a /gnu/store cache signs every narinfo for Guix clients too, with a Guix key
@@ -144,20 +150,10 @@ fn a_gnu_store_cache_signs_its_narinfos_for_guix() {
         assert!(!value.contains('\n'), "Signature: is the last field: {text}");
         verify_narinfo_signature(signed, value, std::slice::from_ref(&key)).unwrap();
         // libgcrypt's verdict, as guix substitute would reach it.
-        let b64 = value.rsplit(';').next().unwrap();
-        let program = format!(
-            "{PRELUDE} (use-modules (gcrypt base64))
-             (define sig (string->canonical-sexp (utf8->string (base64-decode \"{b64}\"))))
-             (define data (find-sexp-token sig 'data))
-             (format #t \"~a ~a ~a~%\"
-               (equal? (canonical-sexp->sexp (find-sexp-token sig 'public-key)) (canonical-sexp->sexp (string->canonical-sexp {printed:?})))
-               (equal? (hash-data->bytevector data) (sha256 (string->utf8 {signed:?})))
-               (verify (find-sexp-token sig 'sig-val) data (find-sexp-token sig 'public-key)))"
-        );
-        let Some(verdict) = guile(&program) else {
+        let Some(verdict) = libgcrypt_verdict(signed, value, &printed) else {
             return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
         };
-        assert_eq!(verdict.trim(), "#t #t #t", "{}", p.display());
+        assert_eq!(verdict, "#t #t #t", "{}", p.display());
         checked += 1;
     }
     assert_eq!(checked, 4, "the diamond's four outputs");
