@@ -1,6 +1,6 @@
 //! The binary cache: every verified output stored once, as a compressed NAR with a signed narinfo,
 //! in the standard layout Nix and Guix clients read (`nix-cache-info`, `<hashpart>.narinfo`,
-//! `nar/<filehash>.nar[.zst|.xz]`).
+//! `nar/<filehash>.nar[.zst|.xz|.lz]`).
 //!
 //! Writes are atomic: a NAR is compressed into `.tmp/` while it arrives ([`NarWriter`]), synced,
 //! and renamed into `nar/` under the name of its compressed file's hash; a narinfo is written to a
@@ -28,6 +28,8 @@ pub enum Compression {
     Zstd,
     /// xz at level 6, as `xz` and Nix's default: smaller, several times slower.
     Xz,
+    /// lzip at level 6, as `lzip` and `guix publish -C lzip` (LZMA like xz, Guix's usual choice).
+    Lzip,
 }
 
 impl Compression {
@@ -37,6 +39,7 @@ impl Compression {
             Compression::None => "none",
             Compression::Zstd => "zstd",
             Compression::Xz => "xz",
+            Compression::Lzip => "lzip",
         }
     }
 
@@ -45,6 +48,7 @@ impl Compression {
             Compression::None => ".nar",
             Compression::Zstd => ".nar.zst",
             Compression::Xz => ".nar.xz",
+            Compression::Lzip => ".nar.lz",
         }
     }
 }
@@ -147,6 +151,7 @@ impl Cache {
             Compression::None => Inner::Plain(sink),
             Compression::Zstd => Inner::Zstd(zstd::stream::write::Encoder::new(sink, 3)?),
             Compression::Xz => Inner::Xz(liblzma::write::XzEncoder::new(sink, 6)),
+            Compression::Lzip => Inner::Lzip(lzma_rust2::LzipWriter::new(sink, lzma_rust2::LzipOptions::with_preset(6))),
         };
         // The NAR is hashed on a helper thread while this one compresses.
         Ok(NarWriter { inner: Some(inner), nar: Some(PipelinedHashSink::new()?), tmp: Some(tmp) })
@@ -322,6 +327,7 @@ impl Cache {
             None | Some("none") => Box::new(f),
             Some("zstd") => Box::new(zstd::stream::read::Decoder::with_buffer(f)?),
             Some("xz") => Box::new(liblzma::read::XzDecoder::new(f)),
+            Some("lzip") => Box::new(lzma_rust2::LzipReader::new(f)),
             Some(other) => return Err(invalid(format!("{}: compression {other} is not supported", file.display()))),
         })
     }
@@ -487,6 +493,7 @@ enum Inner {
     Plain(FileSink),
     Zstd(zstd::stream::write::Encoder<'static, FileSink>),
     Xz(liblzma::write::XzEncoder<FileSink>),
+    Lzip(lzma_rust2::LzipWriter<FileSink>),
 }
 
 /// A NAR being received into the cache: hashed as it is, and compressed to a temporary file.
@@ -502,6 +509,7 @@ impl Write for NarWriter {
             Some(Inner::Plain(s)) => s.write(buf)?,
             Some(Inner::Zstd(z)) => z.write(buf)?,
             Some(Inner::Xz(x)) => x.write(buf)?,
+            Some(Inner::Lzip(l)) => l.write(buf)?,
             None => return Err(io::Error::other("NAR writer finished")),
         };
         match &mut self.nar {
@@ -523,6 +531,7 @@ impl NarWriter {
             Some(Inner::Plain(s)) => s,
             Some(Inner::Zstd(z)) => z.finish()?,
             Some(Inner::Xz(x)) => x.finish()?,
+            Some(Inner::Lzip(l)) => l.finish()?,
             None => return Err(io::Error::other("NAR writer finished")),
         };
         let FileSink { file, hash, path } = sink;
@@ -690,7 +699,7 @@ mod tests {
 
     #[test]
     fn every_compression_reads_back_as_the_nar() {
-        for compression in [Compression::None, Compression::Zstd, Compression::Xz] {
+        for compression in [Compression::None, Compression::Zstd, Compression::Xz, Compression::Lzip] {
             let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
             let c = cache(dir.path(), compression);
             let contents = b"some contents ".repeat(1000);

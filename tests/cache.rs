@@ -170,8 +170,8 @@ fn the_cache_over_http_serves_nix_and_prometheus() {
 }
 
 #[test]
-fn xz_and_uncompressed_caches_are_read_by_nix_too() {
-    for compression in ["xz", "none"] {
+fn xz_lzip_and_uncompressed_caches_are_read_by_nix_too() {
+    for compression in ["xz", "lzip", "none"] {
         let c = Coordinator::start(&["--local-builds", "1", "--compression", compression]);
         let drvs = common::instantiate("tests/nix/queue.nix", None, &["right"], &salt());
         let out = run(&mut c.gbc(&["build", &drvs[0].1]));
@@ -185,7 +185,7 @@ fn xz_and_uncompressed_caches_are_read_by_nix_too() {
     let bad = run(common::gbc().args(["coordinator", "--compression", "lz4"]));
     assert_eq!(bad.status.code(), Some(2));
     let said = String::from_utf8_lossy(&bad.stderr);
-    assert!(said.contains("invalid value 'lz4' for '--compression") && said.contains("zstd, xz, none"), "{said}");
+    assert!(said.contains("invalid value 'lz4' for '--compression") && said.contains("zstd, xz, lzip, none"), "{said}");
     assert_eq!(said.lines().count(), 1, "{said}");
 }
 

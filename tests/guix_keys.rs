@@ -118,13 +118,40 @@ fn libgcrypt_accepts_our_narinfo_signatures() {
     assert_eq!(out, "#t #t #t", "authorized key, hash of the text above, valid signature");
 }
 
+/// The SHA-256 (hex) and size of what lzlib, through Debian's guile-lzlib (the binding `guix
+/// substitute` decompresses lzip with), reads out of an lzip file. None when it is missing.
+fn lzlib_decompressed_sha256(file: &std::path::Path) -> Option<(String, u64)> {
+    let program = format!(
+        "{PRELUDE} (use-modules (lzlib) (ice-9 binary-ports))
+         (call-with-input-file {:?}
+           (lambda (port)
+             (let ((nar (get-bytevector-all (make-lzip-input-port port))))
+               (format #t \"~a ~a~%\" (bytevector->base16-string (sha256 nar)) (bytevector-length nar))))
+           #:binary #t)",
+        file.to_str().unwrap()
+    );
+    let out = guile(&program)?;
+    let (hash, size) = out.trim().split_once(' ').unwrap();
+    Some((hash.to_owned(), size.parse().unwrap()))
+}
+
 /// A coordinator with a /gnu/store cache signs every narinfo for Guix clients too, with a Guix key
 /// of its own: Nix's `Sig:` lines, then `Signature:` last; the key `gbc cache public-key --format
-/// guix` prints is the one in the signatures, and libgcrypt verifies them.
+/// guix` prints is the one in the signatures, and libgcrypt verifies them. Its NARs, lzip-compressed
+/// as guix publish serves them, decompress with lzlib (guile-lzlib, as `guix substitute` does) to
+/// the NarHash and NarSize their narinfos give.
 #[test]
 fn a_gnu_store_cache_signs_its_narinfos_for_guix() {
     use gbc::formats::gcrypt::{parse_public_key, verify_narinfo_signature};
-    let c = common::Coordinator::start(&["--local-builds", "2", "--cache-store-dir", "/gnu/store"]);
+    use gbc::formats::narinfo::NarInfo;
+    let c = common::Coordinator::start(&[
+        "--local-builds",
+        "2",
+        "--cache-store-dir",
+        "/gnu/store",
+        "--compression",
+        "lzip",
+    ]);
     let diamond = common::repo_path("examples/diamond");
     let top = std::fs::read_dir(&diamond)
         .unwrap()
@@ -154,6 +181,12 @@ fn a_gnu_store_cache_signs_its_narinfos_for_guix() {
             return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
         };
         assert_eq!(verdict, "#t #t #t", "{}", p.display());
+        let info = NarInfo::parse(&text).unwrap();
+        assert_eq!(info.compression.as_deref(), Some("lzip"));
+        let Some((sha256, size)) = lzlib_decompressed_sha256(&c.state.join("cache").join(&info.url)) else {
+            return common::skip("guile-lzlib is not installed (scripts/install-test-deps installs it)");
+        };
+        assert_eq!((sha256, size), (hex::encode(info.nar_hash.digest()), info.nar_size), "{}", p.display());
         checked += 1;
     }
     assert_eq!(checked, 4, "the diamond's four outputs");

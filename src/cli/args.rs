@@ -343,7 +343,8 @@ pub struct CoordinatorOpts {
     /// Time between load queries to each agent.
     #[arg(long, value_name = "DURATION", default_value = "30", value_parser = parse_positive_duration, hide = true)]
     pub ping_interval: Duration,
-    /// How NARs are compressed in the binary cache: zstd (fast), xz (smaller, slower) or none.
+    /// How NARs are compressed in the binary cache: zstd (fast), xz (smaller, slower), lzip (as
+    /// xz; what guix publish usually serves) or none. Nix and Guix clients read all four.
     #[arg(long, value_name = "METHOD", value_enum, default_value_t = CompressionArg::Zstd)]
     pub compression: CompressionArg,
     /// The store dir of the binary cache (<state dir>/cache); outputs in other store dirs are
@@ -402,6 +403,7 @@ pub struct SubmitOpts {
 pub enum CompressionArg {
     Zstd,
     Xz,
+    Lzip,
     None,
 }
 
@@ -410,6 +412,7 @@ impl From<CompressionArg> for crate::cache::Compression {
         match c {
             CompressionArg::Zstd => crate::cache::Compression::Zstd,
             CompressionArg::Xz => crate::cache::Compression::Xz,
+            CompressionArg::Lzip => crate::cache::Compression::Lzip,
             CompressionArg::None => crate::cache::Compression::None,
         }
     }
