@@ -151,7 +151,9 @@ impl Cache {
             Compression::None => Inner::Plain(sink),
             Compression::Zstd => Inner::Zstd(zstd::stream::write::Encoder::new(sink, 3)?),
             Compression::Xz => Inner::Xz(liblzma::write::XzEncoder::new(sink, 6)),
-            Compression::Lzip => Inner::Lzip(lzma_rust2::LzipWriter::new(sink, lzma_rust2::LzipOptions::with_preset(6))),
+            Compression::Lzip => {
+                Inner::Lzip(Box::new(lzma_rust2::LzipWriter::new(sink, lzma_rust2::LzipOptions::with_preset(6))))
+            }
         };
         // The NAR is hashed on a helper thread while this one compresses.
         Ok(NarWriter { inner: Some(inner), nar: Some(PipelinedHashSink::new()?), tmp: Some(tmp) })
@@ -493,7 +495,7 @@ enum Inner {
     Plain(FileSink),
     Zstd(zstd::stream::write::Encoder<'static, FileSink>),
     Xz(liblzma::write::XzEncoder<FileSink>),
-    Lzip(lzma_rust2::LzipWriter<FileSink>),
+    Lzip(Box<lzma_rust2::LzipWriter<FileSink>>),
 }
 
 /// A NAR being received into the cache: hashed as it is, and compressed to a temporary file.
@@ -531,7 +533,7 @@ impl NarWriter {
             Some(Inner::Plain(s)) => s,
             Some(Inner::Zstd(z)) => z.finish()?,
             Some(Inner::Xz(x)) => x.finish()?,
-            Some(Inner::Lzip(l)) => l.finish()?,
+            Some(Inner::Lzip(l)) => (*l).finish()?,
             None => return Err(io::Error::other("NAR writer finished")),
         };
         let FileSink { file, hash, path } = sink;
