@@ -107,13 +107,15 @@ impl Cache {
 
     /// A narinfo's text as published: Nix's fields and signatures, then Guix's signature of all of
     /// that when the cache has a Guix key.
-    fn narinfo_text(&self, info: &NarInfo) -> String {
-        let mut text = info.to_string();
-        if let Some((key, host)) = &self.guix {
-            let signature = crate::formats::gcrypt::narinfo_signature(&text, key, host);
-            text.push_str(&format!("Signature: {signature}\n"));
+    fn narinfo_text(&self, info: &NarInfo) -> io::Result<String> {
+        match &self.guix {
+            Some((key, host)) => {
+                let mut info = info.clone();
+                info.sign_guix(key, host).map_err(|e| invalid(e.to_string()))?;
+                Ok(info.to_string())
+            }
+            None => Ok(info.to_string()),
         }
-        text
     }
 
     pub fn store_dir(&self) -> &StoreDir {
@@ -207,12 +209,12 @@ impl Cache {
         for info in &waiting {
             write_atomically(
                 &self.root.join(".pending").join(format!("{}.narinfo", info.store_path.hash_part())),
-                self.narinfo_text(info).as_bytes(),
+                self.narinfo_text(info)?.as_bytes(),
             )?;
         }
         let mut published = Vec::new();
         for info in &ready {
-            write_atomically(&self.narinfo_path(&info.store_path), self.narinfo_text(info).as_bytes())?;
+            write_atomically(&self.narinfo_path(&info.store_path), self.narinfo_text(info)?.as_bytes())?;
             published.push(self.store_dir.display(&info.store_path));
         }
         if !ready.is_empty() {
@@ -396,6 +398,7 @@ impl Cache {
             sigs: out.host_signature.iter().cloned().collect(),
             ca: out.ca.as_ref().map(ToString::to_string),
             extra: Vec::new(),
+            guix_signature: None,
         };
         info.sign(&self.key).map_err(|e| invalid(e.to_string()))?;
         Ok(info)

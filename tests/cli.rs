@@ -79,6 +79,49 @@ fn keygen_writes_private_files_and_never_overwrites() {
     assert_eq!(fs::read_to_string(&s).unwrap(), secret, "secret key overwritten");
     let out = run(gbc().args(["keygen", "bad:name"]).arg(tmp.path().join("a")).arg(tmp.path().join("b")));
     assert_one_line_error(&out, 2, "key name");
+    // Guix keys have no name: two files; the usual mistakes are named.
+    let (gs, gp) = (tmp.path().join("g.sec"), tmp.path().join("g.pub"));
+    run_ok(gbc().args(["keygen", "--format", "guix"]).arg(&gs).arg(&gp));
+    assert_eq!(fs::metadata(&gs).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(fs::read_to_string(&gs).unwrap().starts_with("(private-key (ecc (curve Ed25519) (q #"));
+    assert!(fs::read_to_string(&gp).unwrap().starts_with("(public-key (ecc (curve Ed25519) (q #"));
+    let out =
+        run(gbc().args(["keygen", "--format", "guix", "name"]).arg(tmp.path().join("c")).arg(tmp.path().join("d")));
+    assert_one_line_error(&out, 2, "takes SECRET PUBLIC");
+    let out = run(gbc().args(["keygen", "name"]).arg(tmp.path().join("c")));
+    assert_one_line_error(&out, 2, "NAME SECRET PUBLIC");
+    assert!(!tmp.path().join("c").exists() && !tmp.path().join("d").exists());
+}
+
+#[test]
+fn a_narinfo_signed_for_guix_is_not_silently_unsigned() {
+    let tmp = tempdir();
+    let (s, p) = (tmp.path().join("k.secret"), tmp.path().join("k.public"));
+    let (gs, gp) = (tmp.path().join("g.sec"), tmp.path().join("g.pub"));
+    run_ok(gbc().args(["keygen", "k-1"]).arg(&s).arg(&p));
+    run_ok(gbc().args(["keygen", "--format", "guix"]).arg(&gs).arg(&gp));
+    let ni = tmp.path().join("b.narinfo");
+    fs::write(&ni, NARINFO).unwrap();
+    run_ok(gbc().args(["sign", "--host", "h", "--key"]).arg(&gs).arg(&ni));
+    let signed = fs::read_to_string(&ni).unwrap();
+    assert!(signed.starts_with(NARINFO) && signed.ends_with("\n") && signed.contains("\nSignature: 1;h;"), "{signed}");
+    // A Sig: line alone would change the text the Signature: covers.
+    assert_one_line_error(&run(gbc().arg("sign").arg("--key").arg(&s).arg(&ni)), 1, "give its Guix key too");
+    assert_eq!(fs::read_to_string(&ni).unwrap(), signed, "left as it was");
+    run_ok(gbc().arg("sign").arg("--key").arg(&s).arg("--key").arg(&gs).arg(&ni));
+    let both = fs::read_to_string(&ni).unwrap();
+    assert!(both.find("\nSig: k-1:") < both.find("\nSignature: "), "{both}");
+    for trusted in [&p, &gp] {
+        run_ok(gbc().arg("verify").arg("--trusted").arg(trusted).arg(&ni));
+    }
+    // Two Guix keys, a bad host name, a Guix public key given as a secret one.
+    let out = run(gbc().arg("sign").arg("--key").arg(&gs).arg("--key").arg(&gs).arg(&ni));
+    assert_one_line_error(&out, 2, "a second Guix key");
+    assert_one_line_error(&run(gbc().args(["sign", "--host", "a;b", "--key"]).arg(&gs).arg(&ni)), 2, "host name");
+    assert_one_line_error(&run(gbc().arg("sign").arg("--key").arg(&gp).arg(&ni)), 1, "g.pub: not a Guix secret key");
+    fs::write(tmp.path().join("bad.pub"), "(public-key (ecc (curve NIST P-256) (q #04#)))").unwrap();
+    let out = run(gbc().arg("verify").arg("--trusted").arg(tmp.path().join("bad.pub")).arg(&ni));
+    assert_one_line_error(&out, 1, "bad.pub: not a Guix public key: expected (curve Ed25519)");
 }
 
 const NARINFO: &str = "StorePath: /gnu/store/6vza80pmr3wck2yvv8nwaphbnj11vrql-b

@@ -83,22 +83,212 @@ fn libgcrypt_verifies_our_signatures_and_refuses_altered_ones() {
     }
 }
 
-/// libgcrypt's verdict on a narinfo's `Signature:` field `value` over `signed` (the text above it),
-/// reached as `guix substitute` reaches it (guix/narinfo.scm, guix/pki.scm): whether the signature's
-/// key is `authorized` (compared as s-expressions), whether its data hash is the SHA-256 of `signed`,
-/// and whether it verifies: "#t #t #t" when all hold. None when Guile or guile-gcrypt is missing.
-fn libgcrypt_verdict(signed: &str, value: &str, authorized: &str) -> Option<String> {
-    let b64 = value.rsplit(';').next().unwrap();
+/// Guix's `valid-narinfo?` (guix/narinfo.scm, guix/pki.scm, guix/records.scm' `recutils->alist`),
+/// ported to a Guile program run with guile-gcrypt, on a narinfo's whole `text` and an ACL
+/// (`/etc/guix/acl`'s text): `valid-signature`, `invalid-signature`, `hash-mismatch`,
+/// `unauthorized-key`, `corrupt-signature`, or `unsigned` (no `Signature:`, or StorePath, NarHash
+/// or References not above it). None when Guile or guile-gcrypt is missing.
+fn guix_signature_status(text: &str, acl: &str) -> Option<String> {
     let program = format!(
-        "{PRELUDE} (use-modules (gcrypt base64))
-         (define sig (string->canonical-sexp (utf8->string (base64-decode \"{b64}\"))))
-         (define data (find-sexp-token sig 'data))
-         (format #t \"~a ~a ~a~%\"
-           (equal? (canonical-sexp->sexp (find-sexp-token sig 'public-key)) (canonical-sexp->sexp (string->canonical-sexp {authorized:?})))
-           (equal? (hash-data->bytevector data) (sha256 (string->utf8 {signed:?})))
-           (verify (find-sexp-token sig 'sig-val) data (find-sexp-token sig 'public-key)))"
+        r#"{PRELUDE} (use-modules (gcrypt base64) (ice-9 match) (ice-9 rdelim) (srfi srfi-1) (srfi srfi-26))
+         (define %recutils-field-charset
+           (char-set-union char-set:upper-case char-set:lower-case (char-set #\%)))
+         (define (recutils->alist port)
+           (let loop ((line (read-line port)) (result '()))
+             (cond ((eof-object? line) (reverse result))
+                   ((string-null? line)
+                    (if (null? result) (loop (read-line port) result) (reverse result)))
+                   ((char-set-contains? %recutils-field-charset (string-ref line 0))
+                    (let* ((colon (string-index line #\:))
+                           (field (string-take line colon))
+                           (value (string-trim (string-drop line (+ 1 colon)))))
+                      (loop (read-line port) (alist-cons field value result))))
+                   (else (error "unmatched line" line)))))
+         (define contents {text:?})
+         (define acl (string->canonical-sexp {acl:?}))
+         (define (authorized-key? key)
+           (let ((key (canonical-sexp->sexp key)))
+             (match (canonical-sexp->sexp acl)
+               (('acl ('entry subject-keys ('tag ('guix 'import))) ...)
+                (not (not (member key subject-keys)))))))
+         (define hash
+           (match (string-contains contents "Signature:")
+             (#f #f)
+             (index
+              (let* ((above (string-take contents index))
+                     (fields (map car (call-with-input-string above recutils->alist))))
+                (and (every (cut member <> fields) '("StorePath" "NarHash" "References"))
+                     (sha256 (string->utf8 above)))))))
+         (define signature
+           (false-if-exception
+            (match (string-split (assoc-ref (call-with-input-string contents recutils->alist) "Signature") #\;)
+              ((version host-name sig)
+               (and (= 1 (string->number version))
+                    (string->canonical-sexp (utf8->string (base64-decode sig))))))))
+         (display
+          (if (and hash signature)
+              (let ((subject (find-sexp-token signature 'public-key))
+                    (data (find-sexp-token signature 'data)))
+                (if (and data subject)
+                    (if (authorized-key? subject)
+                        (if (equal? (hash-data->bytevector data) hash)
+                            (if (verify (find-sexp-token signature 'sig-val) data subject)
+                                'valid-signature
+                                'invalid-signature)
+                            'hash-mismatch)
+                        'unauthorized-key)
+                    'corrupt-signature))
+              'unsigned))"#
     );
-    guile(&program).map(|out| out.trim().to_owned())
+    guile(&program)
+}
+
+/// An ACL authorizing `keys` (public-key s-expressions), as `guix archive --authorize` writes it.
+fn acl(keys: &[&str]) -> String {
+    let entries: Vec<String> = keys.iter().map(|k| format!("(entry {} (tag (guix import)))", k.trim())).collect();
+    format!("(acl {})", entries.join(" "))
+}
+
+/// A key pair made as `guix archive --generate-key` makes it (libgcrypt's genkey, the two halves
+/// written with `canonical-sexp->string`), in `dir`: (secret file, public file). None without
+/// guile-gcrypt.
+fn libgcrypt_key_pair(dir: &std::path::Path, name: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let (sec, public) = (dir.join(format!("{name}.sec")), dir.join(format!("{name}.pub")));
+    let program = format!(
+        "{PRELUDE}
+         (let* ((pair (generate-key (string->canonical-sexp \"(genkey (ecdsa (curve Ed25519) (flags rfc6979)))\")))
+                (write (lambda (file sexp) (call-with-output-file file (lambda (port) (display (canonical-sexp->string sexp) port))))))
+           (write {public:?} (find-sexp-token pair 'public-key))
+           (write {sec:?} (find-sexp-token pair 'private-key)))",
+        public = public.to_str().unwrap(),
+        sec = sec.to_str().unwrap()
+    );
+    guile(&program)?;
+    std::fs::set_permissions(&sec, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    Some((sec, public))
+}
+
+/// `text` signed by libgcrypt with the secret key in `sec` as `guix publish` signs a narinfo
+/// (`signed-string`, `signature-sexp`): the text, then `Signature: 1;HOST;BASE64`.
+fn libgcrypt_signed_narinfo(text: &str, sec: &std::path::Path, public: &std::path::Path) -> String {
+    let program = format!(
+        "{PRELUDE} (use-modules (gcrypt base64) (ice-9 textual-ports))
+         (define (read-sexp file) (string->canonical-sexp (call-with-input-file file get-string-all)))
+         (define secret (read-sexp {sec:?}))
+         (define public (read-sexp {public:?}))
+         (define info {text:?})
+         (define data (bytevector->hash-data (sha256 (string->utf8 info)) #:key-type (key-type public)))
+         (define sig (string->canonical-sexp
+                      (format #f \"(signature ~a ~a ~a)\" (canonical-sexp->string data)
+                              (canonical-sexp->string (sign data secret)) (canonical-sexp->string public))))
+         (format #t \"~aSignature: 1;~a;~a~%\" info \"libgcrypt.example\"
+                 (base64-encode (string->utf8 (canonical-sexp->string sig))))",
+        sec = sec.to_str().unwrap(),
+        public = public.to_str().unwrap()
+    );
+    guile(&program).unwrap()
+}
+
+const NARINFO: &str = "StorePath: /gnu/store/6vza80pmr3wck2yvv8nwaphbnj11vrql-b
+URL: nar/lzip/6vza80pmr3wck2yvv8nwaphbnj11vrql-b
+Compression: lzip
+FileSize: 90
+NarHash: sha256:1impfw8zdgisxkghq9a3q7cn7jb9zyzgxdydiamp8z2nlyyl0h5h
+NarSize: 120
+References: 3pysdbjixd4amzidam0kp6vwzpqy58y3-a 6vza80pmr3wck2yvv8nwaphbnj11vrql-b
+Deriver: h51sg24fc6mmgwnihsipf9ylc1w31byk-b.drv
+";
+
+/// `gbc verify` on `text` with `trusted` key files: Ok(stdout) or Err(its one-line error).
+fn gbc_verify(dir: &std::path::Path, text: &str, trusted: &[&std::path::Path]) -> Result<String, String> {
+    let file = dir.join("check.narinfo");
+    std::fs::write(&file, text).unwrap();
+    let mut cmd = common::gbc();
+    cmd.arg("verify");
+    for t in trusted {
+        cmd.arg("--trusted").arg(t);
+    }
+    let out = common::run(cmd.arg(&file));
+    if out.status.success() { Ok(String::from_utf8(out.stdout).unwrap()) } else { Err(common::stderr(&out)) }
+}
+
+/// Narinfos signed by libgcrypt (as guix publish signs them) and by `gbc sign` with a key
+/// libgcrypt made (as `guix archive --generate-key` makes it) are accepted by both `gbc verify`
+/// and Guix's `valid-narinfo?` (run on libgcrypt); a tampered narinfo, another key and a moved
+/// line are refused by both.
+#[test]
+fn narinfo_signatures_by_either_side_are_checked_alike_by_both() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let Some((sec, public)) = libgcrypt_key_pair(dir, "signing-key") else {
+        return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
+    };
+    let public_text = std::fs::read_to_string(&public).unwrap();
+    let acl_file = dir.join("acl");
+    std::fs::write(&acl_file, acl(&[&public_text])).unwrap();
+    // Another key, made by gbc this time.
+    let (other_sec, other_pub) = (dir.join("other.sec"), dir.join("other.pub"));
+    common::run_ok(common::gbc().args(["keygen", "--format", "guix"]).arg(&other_sec).arg(&other_pub));
+    let other_acl = acl(&[&std::fs::read_to_string(&other_pub).unwrap()]);
+    // And a Nix key, for a narinfo signed for both kinds of client.
+    let (nix_sec, nix_pub) = (dir.join("nix.secret"), dir.join("nix.public"));
+    common::run_ok(common::gbc().args(["keygen", "farm-1"]).arg(&nix_sec).arg(&nix_pub));
+
+    let by_libgcrypt = libgcrypt_signed_narinfo(NARINFO, &sec, &public);
+    let ours = dir.join("ours.narinfo");
+    std::fs::write(&ours, NARINFO).unwrap();
+    common::run_ok(
+        common::gbc().args(["sign", "--host", "farm.example", "--key"]).arg(&sec).arg("--key").arg(&nix_sec).arg(&ours),
+    );
+    let by_gbc = std::fs::read_to_string(&ours).unwrap();
+    assert!(by_gbc.contains("\nSig: farm-1:") && by_gbc.contains("\nSignature: 1;farm.example;"), "{by_gbc}");
+    assert!(gbc_verify(dir, &by_gbc, &[&nix_pub]).unwrap().contains("signed by farm-1"));
+
+    for (who, text) in [("libgcrypt", &by_libgcrypt), ("gbc", &by_gbc)] {
+        assert_eq!(guix_signature_status(text, &acl(&[&public_text])).unwrap(), "valid-signature", "{who}: {text}");
+        for trusted in [&public, &acl_file] {
+            let ok = gbc_verify(dir, text, &[trusted]).unwrap_or_else(|e| panic!("{who}: {e}"));
+            assert!(ok.contains("signed by Guix key"), "{who}: {ok}");
+        }
+        // Tampered: the NAR's size changed after signing.
+        let tampered = text.replace("NarSize: 120", "NarSize: 121");
+        assert_eq!(guix_signature_status(&tampered, &acl(&[&public_text])).unwrap(), "hash-mismatch", "{who}");
+        let e = gbc_verify(dir, &tampered, &[&public]).unwrap_err();
+        assert!(e.contains("changed after it was signed"), "{who}: {e}");
+        // Another key trusted, not the signer.
+        assert_eq!(guix_signature_status(text, &other_acl).unwrap(), "unauthorized-key", "{who}");
+        let e = gbc_verify(dir, text, &[&other_pub]).unwrap_err();
+        assert!(e.contains("not trusted"), "{who}: {e}");
+        // A line moved below the signature: References is no longer signed.
+        let refs = text.lines().find(|l| l.starts_with("References: ")).unwrap();
+        let moved = format!("{}{refs}\n", text.replace(&format!("{refs}\n"), ""));
+        assert_eq!(guix_signature_status(&moved, &acl(&[&public_text])).unwrap(), "unsigned", "{who}");
+        let e = gbc_verify(dir, &moved, &[&public]).unwrap_err();
+        assert!(e.contains("after Signature:") || e.contains("not above Signature:"), "{who}: {e}");
+        // A field added after the signature: Guix ignores it (it is not signed); gbc refuses it.
+        let added = format!("{text}System: x86_64-linux\n");
+        assert_eq!(guix_signature_status(&added, &acl(&[&public_text])).unwrap(), "valid-signature", "{who}");
+        let e = gbc_verify(dir, &added, &[&public]).unwrap_err();
+        assert!(e.contains("a field after Signature:"), "{who}: {e}");
+    }
+}
+
+/// `gbc keygen --format guix` writes what libgcrypt reads as a key pair: a signature made with
+/// the secret half verifies with the public half, through Guix's own check.
+#[test]
+fn gbc_keygen_guix_keys_are_libgcrypt_keys() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let (sec, public) = (dir.join("k.sec"), dir.join("k.pub"));
+    common::run_ok(common::gbc().args(["keygen", "--format", "guix"]).arg(&sec).arg(&public));
+    let Some(by_libgcrypt) =
+        guile(&format!("{PRELUDE} (display 1)")).map(|_| libgcrypt_signed_narinfo(NARINFO, &sec, &public))
+    else {
+        return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
+    };
+    let public_text = std::fs::read_to_string(&public).unwrap();
+    assert_eq!(guix_signature_status(&by_libgcrypt, &acl(&[&public_text])).unwrap(), "valid-signature");
+    assert!(gbc_verify(dir, &by_libgcrypt, &[&public]).is_ok());
 }
 
 /// A narinfo's `Signature:` field made by gbc, checked the way `guix substitute` checks one
@@ -112,10 +302,10 @@ fn libgcrypt_accepts_our_narinfo_signatures() {
     let signed = "StorePath: /gnu/store/6vza80pmr3wck2yvv8nwaphbnj11vrql-b\nNarHash: sha256:1b2n9shnb3zwfjcra3n3wnn1whq0akc8xbrfihdjmb2hwa2s0fqi\nNarSize: 120\nReferences: \nSig: x:y\n";
     let value = narinfo_signature(signed, &key, "gbc.example");
     let authorized = public_key_sx(key.public()).to_text();
-    let Some(out) = libgcrypt_verdict(signed, &value, &authorized) else {
+    let Some(out) = guix_signature_status(&format!("{signed}Signature: {value}\n"), &acl(&[&authorized])) else {
         return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
     };
-    assert_eq!(out, "#t #t #t", "authorized key, hash of the text above, valid signature");
+    assert_eq!(out, "valid-signature", "authorized key, hash of the text above, valid signature");
 }
 
 /// The SHA-256 (hex) and size of what lzlib, through Debian's guile-lzlib (the binding `guix
@@ -177,10 +367,10 @@ fn a_gnu_store_cache_signs_its_narinfos_for_guix() {
         assert!(!value.contains('\n'), "Signature: is the last field: {text}");
         verify_narinfo_signature(signed, value, std::slice::from_ref(&key)).unwrap();
         // libgcrypt's verdict, as guix substitute would reach it.
-        let Some(verdict) = libgcrypt_verdict(signed, value, &printed) else {
+        let Some(verdict) = guix_signature_status(&text, &acl(&[&printed])) else {
             return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
         };
-        assert_eq!(verdict, "#t #t #t", "{}", p.display());
+        assert_eq!(verdict, "valid-signature", "{}", p.display());
         let info = NarInfo::parse(&text).unwrap();
         assert_eq!(info.compression.as_deref(), Some("lzip"));
         let Some((sha256, size)) = lzlib_decompressed_sha256(&c.state.join("cache").join(&info.url)) else {
@@ -190,4 +380,51 @@ fn a_gnu_store_cache_signs_its_narinfos_for_guix() {
         checked += 1;
     }
     assert_eq!(checked, 4, "the diamond's four outputs");
+}
+
+/// A Guix key written by libgcrypt (as `guix archive --generate-key` writes
+/// /etc/guix/signing-key.sec) given with `--guix-signing-key` signs a /nix/store cache's narinfos
+/// for Guix clients too; `gbc cache public-key --format guix` prints its public half, as
+/// libgcrypt wrote it; Guix's check accepts the signatures, and real Nix still copies from the
+/// cache (its `Sig:` checks; it ignores `Signature:`).
+#[test]
+fn a_libgcrypt_key_signs_a_nix_cache_that_nix_still_reads() {
+    let tmp = common::tempdir();
+    let Some((sec, public)) = libgcrypt_key_pair(tmp.path(), "signing-key") else {
+        return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
+    };
+    let c = common::Coordinator::start(&["--local-builds", "1", "--guix-signing-key", sec.to_str().unwrap()]);
+    let drv = common::instantiate("tests/nix/queue.nix", None, &["right"], &common::salt()).remove(0).1;
+    let out = common::run(&mut c.gbc(&["build", &drv]));
+    assert!(out.status.success(), "{}\n{}", common::stderr(&out), c.log());
+    let path = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    let printed = common::run_ok_str(&mut c.gbc(&[
+        "cache",
+        "public-key",
+        "--format",
+        "guix",
+        "--signing-key",
+        sec.to_str().unwrap(),
+    ]));
+    let theirs = std::fs::read_to_string(&public).unwrap();
+    assert_eq!(
+        gbc::formats::gcrypt::parse(printed.as_bytes()).unwrap(),
+        gbc::formats::gcrypt::parse(theirs.as_bytes()).unwrap(),
+        "the public key libgcrypt wrote: {printed} vs {theirs}"
+    );
+    let hash = &path.rsplit('/').next().unwrap()[..32];
+    let text = std::fs::read_to_string(c.state.join(format!("cache/{hash}.narinfo"))).unwrap();
+    assert!(text.contains("\nSig: ") && text.contains("\nSignature: 1;"), "{text}");
+    assert_eq!(guix_signature_status(&text, &acl(&[&theirs])).unwrap(), "valid-signature", "{text}");
+
+    let key = common::run_ok_str(&mut c.gbc(&["cache", "public-key"])).trim().to_owned();
+    let out = common::run(
+        common::nix("nix")
+            .args(["copy", "--from", &format!("file://{}", c.state.join("cache").display()), "--to"])
+            .arg(tmp.path().join("fresh"))
+            .args(["--option", "trusted-public-keys", &key, &path]),
+    );
+    assert!(out.status.success(), "nix copy: {}", common::stderr(&out));
+    assert!(tmp.path().join("fresh").join(path.trim_start_matches('/')).exists());
 }

@@ -35,35 +35,55 @@ pub enum Command {
         #[command(subcommand)]
         command: DrvCommand,
     },
-    /// Generate an Ed25519 signing key pair in Nix's format.
+    /// Generate a signing key pair, in Nix's format or in Guix's.
     ///
-    /// Like `nix-store --generate-binary-cache-key`: SECRET_FILE gets `NAME:base64` of the 64-byte
-    /// secret key (mode 0600), PUBLIC_FILE `NAME:base64` of the 32-byte public key. Existing files
-    /// are never overwritten.
+    /// `gbc keygen NAME SECRET PUBLIC`, like `nix-store --generate-binary-cache-key`: SECRET gets
+    /// `NAME:base64` of the 64-byte Ed25519 secret key (mode 0600), PUBLIC `NAME:base64` of the
+    /// 32-byte public key. `gbc keygen --format guix SECRET PUBLIC`, like `guix archive
+    /// --generate-key`: an ECDSA key on the Ed25519 curve as libgcrypt s-expressions, the secret
+    /// key (`(private-key (ecc (curve Ed25519) (q …) (d …)))`, mode 0600) and the public key
+    /// `guix archive --authorize` takes. Existing files are never overwritten.
+    #[command(override_usage = "gbc keygen NAME SECRET PUBLIC\n       gbc keygen --format guix SECRET PUBLIC")]
     Keygen {
-        /// Key name, conventionally the cache's host name and a number, e.g. cache.example.org-1.
-        name: String,
-        secret_file: PathBuf,
-        public_file: PathBuf,
+        /// Which clients' key: nix (Ed25519, for `Sig:` lines) or guix (ECDSA, for `Signature:`).
+        #[arg(long, value_enum, default_value_t = KeyFormat::Nix)]
+        format: KeyFormat,
+        /// NAME SECRET PUBLIC for a Nix key (NAME conventionally the cache's host name and a
+        /// number, e.g. cache.example.org-1); SECRET PUBLIC for a Guix key (Guix keys have no
+        /// name).
+        #[arg(required = true, num_args = 2..=3, value_name = "ARGS")]
+        args: Vec<String>,
     },
-    /// Sign narinfo files in place with a secret key.
+    /// Sign narinfo files in place.
     ///
-    /// Adds a `Sig:` line over the narinfo's fingerprint, replacing an earlier signature by the
-    /// same key name. Each file is rewritten atomically.
+    /// A Nix key (`NAME:base64`, as `gbc keygen` or `nix-store --generate-binary-cache-key` make
+    /// it) adds a `Sig:` line over the narinfo's fingerprint, replacing an earlier signature by the
+    /// same key name. A Guix key (a libgcrypt s-expression, as `guix archive --generate-key` makes
+    /// it in /etc/guix/signing-key.sec) writes the `Signature:` line, last, over the text above
+    /// it, replacing an earlier one. Give both to sign for both kinds of client; the Guix
+    /// signature is made last, as it covers the `Sig:` lines. Each file is rewritten atomically.
     Sign {
-        /// Secret key file in Nix's format.
-        #[arg(long, value_name = "SECRET_FILE")]
-        key: PathBuf,
+        /// Secret key file, Nix's or Guix's format (told apart by their contents). Repeat for
+        /// more keys.
+        #[arg(long, required = true, value_name = "SECRET_FILE")]
+        key: Vec<PathBuf>,
+        /// The host name a Guix `Signature:` line names (default: this machine's, as guix
+        /// publish does).
+        #[arg(long, value_name = "NAME")]
+        host: Option<String>,
         #[arg(required = true, value_name = "NARINFO")]
         narinfo: Vec<PathBuf>,
     },
     /// Check that narinfo files carry a valid signature by a trusted key.
     ///
-    /// Exits 0 only when every NARINFO has at least one valid signature by a key in a --trusted
-    /// file, 1 otherwise.
+    /// A narinfo passes with a `Sig:` by a trusted Nix key over its fingerprint (as Nix checks),
+    /// or with a `Signature:` by a trusted Guix key over the text above it (as `guix substitute`
+    /// checks; it must be the last field, below StorePath, NarHash and References). Exits 0 only
+    /// when every NARINFO passes, 1 otherwise, saying why.
     Verify {
-        /// Public key file in Nix's format (may hold several keys separated by white space).
-        /// Repeat for more files.
+        /// Public key file: Nix keys (`NAME:base64`, several separated by white space), or Guix
+        /// keys (a `(public-key …)` s-expression as /etc/guix/signing-key.pub holds it, or an ACL
+        /// as /etc/guix/acl does). Repeat for more files.
         #[arg(long, required = true, value_name = "PUBLIC_FILE")]
         trusted: Vec<PathBuf>,
         #[arg(required = true, value_name = "NARINFO")]
@@ -360,6 +380,10 @@ pub struct CoordinatorOpts {
     /// dir>/keys/guix-signing-key.sec, created on first start with guix-signing-key.pub beside it).
     #[arg(long, value_name = "FILE")]
     pub guix_signing_key: Option<PathBuf>,
+    /// Sign narinfos in Guix's format too in a cache whose store dir is not /gnu/store (a
+    /// /gnu/store cache always does, and so does any cache given --guix-signing-key).
+    #[arg(long)]
+    pub guix_signatures: bool,
     /// Serve the binary cache, Prometheus metrics (/metrics) and a status page (/) over HTTP at
     /// this address, e.g. 0.0.0.0:8080.
     #[arg(long, value_name = "ADDR:PORT")]

@@ -42,6 +42,7 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
         cache_store_dir: opts.cache_store_dir,
         cache_key: opts.signing_key,
         guix_key: opts.guix_signing_key,
+        guix_signatures: opts.guix_signatures,
         http: opts.http,
         http_limits: coordinator::HttpLimits {
             header_timeout: opts.http_header_timeout,

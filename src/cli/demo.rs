@@ -108,6 +108,7 @@ fn tour(out: &mut impl io::Write, tmp: &std::path::Path) -> anyhow::Result<()> {
         sigs: Vec::new(),
         ca: None,
         extra: Vec::new(),
+        guix_signature: None,
     };
     info.sign(&key)?;
     writeln!(out, "4. The tree as store path {} in a binary cache, signed:\n", store.display(&path))?;

@@ -3,12 +3,15 @@
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
+use super::args::KeyFormat;
 use super::{check_failed, warn};
-use crate::formats::narinfo::NarInfo;
+use crate::formats::gcrypt;
+use crate::formats::guix_ecdsa::SecretKey as GuixSecretKey;
+use crate::formats::narinfo::{NarInfo, VerifyError, verify_text};
 use crate::formats::signing::{PublicKey, SecretKey, TrustedKeys};
 
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
@@ -21,19 +24,43 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     })
 }
 
-pub fn keygen(name: &str, secret_file: &Path, public_file: &Path) -> anyhow::Result<()> {
-    let key = SecretKey::generate(name)?;
+pub fn keygen(format: KeyFormat, args: &[String]) -> anyhow::Result<()> {
+    let (secret, secret_file, public, public_file) = match (format, args) {
+        (KeyFormat::Nix, [name, secret_file, public_file]) => {
+            let key = SecretKey::generate(name)?;
+            (key.to_nix_string(), secret_file, key.public().to_string(), public_file)
+        }
+        (KeyFormat::Guix, [secret_file, public_file]) => {
+            let key = GuixSecretKey::generate()?;
+            let secret = zeroize::Zeroizing::new(format!("{}\n", gcrypt::secret_key_sx(&key).to_text()));
+            (secret, secret_file, format!("{}\n", gcrypt::public_key_sx(key.public()).to_text()), public_file)
+        }
+        (KeyFormat::Nix, _) => bail!("keygen: a Nix key takes NAME SECRET PUBLIC ({} arguments given)", args.len()),
+        (KeyFormat::Guix, _) => {
+            bail!("keygen --format guix: takes SECRET PUBLIC (Guix keys have no name; {} arguments given)", args.len())
+        }
+    };
+    write_pair(Path::new(secret_file), &secret, Path::new(public_file), &public)
+}
+
+/// Write a new key pair's files: neither may exist; the secret one gets mode 0600.
+fn write_pair(secret_file: &Path, secret: &str, public_file: &Path, public: &str) -> anyhow::Result<()> {
     if public_file.exists() {
         bail!("{}: already exists; refusing to overwrite a key file", public_file.display());
     }
-    write_new(secret_file, key.to_nix_string().as_bytes(), 0o600)?;
-    write_new(public_file, key.public().to_string().as_bytes(), 0o644)
+    write_new(secret_file, secret.as_bytes(), 0o600)?;
+    write_new(public_file, public.as_bytes(), 0o644)
 }
 
 /// Read a secret key file, warning when others can read it.
 pub fn load_secret_key(path: &Path) -> anyhow::Result<SecretKey> {
     let text = zeroize::Zeroizing::new(fs::read_to_string(path).with_context(|| path.display().to_string())?);
     let key = SecretKey::parse(&text).with_context(|| format!("{}: not a secret key", path.display()))?;
+    warn_if_readable(path)?;
+    Ok(key)
+}
+
+fn warn_if_readable(path: &Path) -> anyhow::Result<()> {
     let mode = fs::metadata(path).with_context(|| path.display().to_string())?.permissions().mode();
     if mode & 0o077 != 0 {
         warn(format!(
@@ -42,29 +69,53 @@ pub fn load_secret_key(path: &Path) -> anyhow::Result<SecretKey> {
             mode & 0o7777
         ));
     }
-    Ok(key)
+    Ok(())
 }
 
-/// Read public keys (white-space separated) from files.
+/// A secret key of either kind, told apart by its file's contents.
+enum AnySecretKey {
+    Nix(SecretKey),
+    Guix(GuixSecretKey),
+}
+
+/// Read a secret key file in Nix's format (`NAME:base64`) or Guix's (a libgcrypt s-expression),
+/// warning when others can read it.
+fn load_any_secret_key(path: &Path) -> anyhow::Result<AnySecretKey> {
+    let text = zeroize::Zeroizing::new(fs::read(path).with_context(|| path.display().to_string())?);
+    if !text.trim_ascii_start().starts_with(b"(") {
+        return load_secret_key(path).map(AnySecretKey::Nix);
+    }
+    let key = gcrypt::parse_secret_key(&text).map_err(|e| check_failed(path.display(), e))?;
+    warn_if_readable(path)?;
+    Ok(AnySecretKey::Guix(key))
+}
+
+/// Read public keys from files: Nix keys (white-space separated `NAME:base64`), or Guix keys
+/// (a `(public-key …)` s-expression, or an ACL of them as /etc/guix/acl holds).
 pub fn load_trusted_keys(paths: &[impl AsRef<Path>]) -> anyhow::Result<TrustedKeys> {
-    let mut keys = Vec::new();
+    let (mut nix, mut guix) = (Vec::new(), Vec::new());
     for path in paths {
         let path = path.as_ref();
         let text = fs::read_to_string(path).with_context(|| path.display().to_string())?;
-        let before = keys.len();
-        for word in text.split_whitespace() {
-            keys.push(PublicKey::parse(word).with_context(|| format!("{}: not a public key", path.display()))?);
+        let before = nix.len() + guix.len();
+        if text.trim_start().starts_with('(') {
+            guix.extend(gcrypt::parse_public_keys(text.as_bytes()).map_err(|e| check_failed(path.display(), e))?);
+        } else {
+            for word in text.split_whitespace() {
+                nix.push(PublicKey::parse(word).with_context(|| format!("{}: not a public key", path.display()))?);
+            }
         }
-        if keys.len() == before {
+        if nix.len() + guix.len() == before {
             bail!("{}: holds no public key", path.display());
         }
     }
-    Ok(TrustedKeys::new(keys))
+    Ok(TrustedKeys::new(nix).with_guix(guix))
 }
 
-fn read_narinfo(path: &Path) -> anyhow::Result<NarInfo> {
+fn read_narinfo(path: &Path) -> anyhow::Result<(String, NarInfo)> {
     let text = fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    NarInfo::parse(&text).map_err(|e| check_failed(path.display(), e))
+    let info = NarInfo::parse(&text).map_err(|e| check_failed(path.display(), e))?;
+    Ok((text, info))
 }
 
 /// Replace `path`'s contents atomically, keeping its permissions.
@@ -86,12 +137,36 @@ fn replace_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     result.with_context(ctx)
 }
 
-pub fn sign(key_file: &Path, narinfos: &[impl AsRef<Path>]) -> anyhow::Result<()> {
-    let key = load_secret_key(key_file)?;
+pub fn sign(key_files: &[PathBuf], host: Option<String>, narinfos: &[impl AsRef<Path>]) -> anyhow::Result<()> {
+    let (mut nix, mut guix) = (Vec::new(), None);
+    for path in key_files {
+        match load_any_secret_key(path)? {
+            AnySecretKey::Nix(k) => nix.push(k),
+            AnySecretKey::Guix(_) if guix.is_some() => {
+                bail!("{}: a second Guix key: a narinfo has one Signature: line", path.display())
+            }
+            AnySecretKey::Guix(k) => guix = Some(k),
+        }
+    }
+    let host = host.unwrap_or_else(|| rustix::system::uname().nodename().to_string_lossy().into_owned());
+    if host.is_empty() || host.contains([';', '\n']) {
+        bail!("--host {host:?}: a Signature: line's host name must be non-empty, without ';' or a newline");
+    }
     for path in narinfos {
         let path = path.as_ref();
-        let mut ni = read_narinfo(path)?;
-        ni.sign(&key).map_err(|e| check_failed(path.display(), e))?;
+        let (_, mut ni) = read_narinfo(path)?;
+        if ni.guix_signature.is_some() && guix.is_none() && !nix.is_empty() {
+            return Err(check_failed(
+                path.display(),
+                "has a Guix Signature: that a new Sig: line would invalidate; give its Guix key too (--key)",
+            ));
+        }
+        for key in &nix {
+            ni.sign(key).map_err(|e| check_failed(path.display(), e))?;
+        }
+        if let Some(key) = &guix {
+            ni.sign_guix(key, &host).map_err(|e| check_failed(path.display(), e))?;
+        }
         replace_file(path, ni.to_string().as_bytes())?;
     }
     Ok(())
@@ -103,16 +178,16 @@ pub fn verify(trusted: &[impl AsRef<Path>], narinfos: &[impl AsRef<Path>]) -> an
     let mut failed = Vec::new();
     for path in narinfos {
         let path = path.as_ref();
-        let ni = read_narinfo(path)?;
-        match ni.verify(&keys).map_err(|e| check_failed(path.display(), e))? {
-            Some(k) => writeln!(out, "{}: signed by {}", path.display(), k.name())?,
-            None => failed.push(path.display().to_string()),
+        let (text, _) = read_narinfo(path)?;
+        match verify_text(&text, &keys) {
+            Ok(signer) => writeln!(out, "{}: signed by {signer}", path.display())?,
+            Err(VerifyError::Malformed(e)) => return Err(check_failed(path.display(), e)),
+            Err(e @ VerifyError::Untrusted(_)) => failed.push(format!("{}: {e}", path.display())),
         }
     }
     match failed.as_slice() {
         [] => Ok(()),
-        [one] => Err(check_failed(one, "no valid signature by a trusted key")),
-        many => Err(check_failed(many.join(", "), "no valid signature by a trusted key")),
+        failed => Err(anyhow::Error::new(super::CheckFailed(failed.join("; ")))),
     }
 }
 

@@ -112,6 +112,7 @@ fn probe_config() -> anyhow::Result<Config> {
         cache_store_dir: "/nix/store".into(),
         cache_key: None,
         guix_key: None,
+        guix_signatures: false,
         http: None,
         http_limits: Default::default(),
     })

@@ -108,8 +108,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             DrvCommand::Show { file } => drv::show(&file),
             DrvCommand::Path { file } => drv::path(&file),
         },
-        Command::Keygen { name, secret_file, public_file } => keys::keygen(&name, &secret_file, &public_file),
-        Command::Sign { key, narinfo } => keys::sign(&key, &narinfo),
+        Command::Keygen { format, args } => keys::keygen(format, &args),
+        Command::Sign { key, host, narinfo } => keys::sign(&key, host, &narinfo),
         Command::Verify { trusted, narinfo } => keys::verify(&trusted, &narinfo),
         Command::Realise { file, store_root, cores, max_silent_time, timeout, sandbox_paths } => realise::run(
             &file,

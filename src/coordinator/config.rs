@@ -41,6 +41,8 @@ pub struct Config {
     /// The Guix-format key narinfos of a `/gnu/store` cache are also signed with (default
     /// `<state>/keys/guix-signing-key.sec`, created on first start).
     pub guix_key: Option<PathBuf>,
+    /// Sign in Guix's format in a cache of another store dir too.
+    pub guix_signatures: bool,
     /// Where to serve the cache, metrics and a status page over HTTP.
     pub http: Option<std::net::SocketAddr>,
     pub http_limits: HttpLimits,

@@ -41,6 +41,7 @@ fn config(dir: &std::path::Path) -> Config {
         cache_store_dir: "/nix/store".into(),
         cache_key: None,
         guix_key: None,
+        guix_signatures: false,
         http: None,
         http_limits: super::super::HttpLimits::default(),
     }

@@ -74,12 +74,12 @@ pub async fn run(
     let db = Arc::new(open_state(&config).await?);
     let store_dir = crate::formats::store_path::StoreDir::new(&config.cache_store_dir)
         .map_err(|source| Error::StoreDir { dir: config.cache_store_dir.clone(), source })?;
-    let guix = store_dir.as_str() == "/gnu/store";
+    let guix = store_dir.as_str() == "/gnu/store" || config.guix_signatures || config.guix_key.is_some();
     let mut cache =
         crate::cache::Cache::open(&config.state_dir.join("cache"), store_dir, cache_key(&config)?, config.compression)
             .map_err(Error::Cache)?;
     if guix {
-        // Guix clients check `Signature:` lines, not Nix's `Sig:`.
+        // Guix clients check `Signature:` lines, not Nix's `Sig:` (Nix ignores `Signature:`).
         let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
         cache = cache.with_guix_key(config::guix_key(&config)?, host);
     }

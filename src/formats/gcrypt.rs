@@ -185,7 +185,7 @@ fn datum(s: &[u8], pos: &mut usize, depth: usize) -> Result<Sx, SxError> {
 pub enum GuixKeyError {
     #[error(transparent)]
     Syntax(#[from] SxError),
-    #[error("not a Guix {0}: expected (curve Ed25519) and its parameters")]
+    #[error("not a Guix {0}")]
     Shape(&'static str),
     #[error(transparent)]
     Key(#[from] guix_ecdsa::EcdsaError),
@@ -223,20 +223,49 @@ fn ed25519(sx: &Sx, what: &'static str) -> Result<(), GuixKeyError> {
     }
 }
 
+/// The `(public-key (ecc (curve Ed25519) (q …)))` in `sx`.
+fn public_key_in(sx: &Sx) -> Result<PublicKey, GuixKeyError> {
+    const SHAPE: GuixKeyError = GuixKeyError::Shape("public key: expected (public-key (ecc (curve Ed25519) (q …)))");
+    let key = sx.find("public-key").ok_or(SHAPE)?;
+    ed25519(key, "public key: expected (curve Ed25519)")?;
+    Ok(PublicKey::from_q(key.value("q").ok_or(SHAPE)?)?)
+}
+
 /// Read a public key file's text.
 pub fn parse_public_key(text: &[u8]) -> Result<PublicKey, GuixKeyError> {
+    public_key_in(&parse(text)?)
+}
+
+/// Read every public key of a file: one `(public-key …)`, or an ACL as /etc/guix/acl holds it,
+/// `(acl (entry (public-key …) (tag (guix import))) …)`, whose entries must all have that tag (as
+/// Guix's `acl->public-keys` requires).
+pub fn parse_public_keys(text: &[u8]) -> Result<Vec<PublicKey>, GuixKeyError> {
     let sx = parse(text)?;
-    let key = sx.find("public-key").ok_or(GuixKeyError::Shape("public key"))?;
-    ed25519(key, "public key")?;
-    Ok(PublicKey::from_q(key.value("q").ok_or(GuixKeyError::Shape("public key"))?)?)
+    match &sx {
+        Sx::List(items) if items.first() == Some(&Sx::atom("acl")) => {
+            let import = Sx::list([Sx::atom("tag"), Sx::list([Sx::atom("guix"), Sx::atom("import")])]);
+            items[1..]
+                .iter()
+                .map(|entry| match entry {
+                    Sx::List(e) if e.first() == Some(&Sx::atom("entry")) && e.get(2) == Some(&import) => {
+                        public_key_in(entry)
+                    }
+                    _ => Err(GuixKeyError::Shape("ACL: expected (entry (public-key …) (tag (guix import))) entries")),
+                })
+                .collect()
+        }
+        _ => Ok(vec![public_key_in(&sx)?]),
+    }
 }
 
 /// Read a secret key file's text; its q must be its d's.
 pub fn parse_secret_key(text: &[u8]) -> Result<SecretKey, GuixKeyError> {
     let sx = parse(text)?;
-    let key = sx.find("private-key").ok_or(GuixKeyError::Shape("secret key"))?;
-    ed25519(key, "secret key")?;
-    let secret = SecretKey::from_d(key.value("d").ok_or(GuixKeyError::Shape("secret key"))?)?;
+    const SHAPE: GuixKeyError =
+        GuixKeyError::Shape("secret key: expected (private-key (ecc (curve Ed25519) (q …) (d …)))");
+    let key = sx.find("private-key").ok_or(SHAPE)?;
+    ed25519(key, "secret key: expected (curve Ed25519)")?;
+    let secret = SecretKey::from_d(key.value("d").ok_or(SHAPE)?)?;
     if key.value("q").is_some_and(|q| q != secret.public().q()) {
         return Err(GuixKeyError::Shape("secret key (its q is not its d's)"));
     }
@@ -283,8 +312,7 @@ pub fn verify_narinfo_signature<'k>(
     let text =
         base64::engine::general_purpose::STANDARD.decode(b64.trim()).map_err(|e| format!("Signature: base64: {e}"))?;
     let sx = parse(&text).map_err(|e| format!("Signature: {e}"))?;
-    let signer = sx.find("public-key").ok_or("Signature: no public key")?;
-    let signer = PublicKey::from_q(signer.value("q").ok_or("Signature: no q")?).map_err(|e| e.to_string())?;
+    let signer = public_key_in(&sx).map_err(|e| format!("Signature: {e}"))?;
     let key = trusted.iter().find(|k| **k == signer).ok_or("Signature: signed by a key that is not trusted")?;
     let hash = super::hash::sha256(signed.as_bytes());
     if sx.find("data").and_then(|d| d.find("hash")).and_then(|h| match h {

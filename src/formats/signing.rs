@@ -167,17 +167,28 @@ impl fmt::Debug for Signature {
     }
 }
 
-/// A set of public keys trusted to sign.
+/// A set of public keys trusted to sign: Nix's Ed25519 keys, and Guix's ECDSA keys (for a
+/// narinfo's `Signature:`).
 #[derive(Debug, Clone, Default)]
-pub struct TrustedKeys(Vec<PublicKey>);
+pub struct TrustedKeys(Vec<PublicKey>, Vec<super::guix_ecdsa::PublicKey>);
 
 impl TrustedKeys {
     pub fn new(keys: Vec<PublicKey>) -> TrustedKeys {
-        TrustedKeys(keys)
+        TrustedKeys(keys, Vec::new())
+    }
+
+    /// Also trust these Guix keys.
+    pub fn with_guix(mut self, keys: Vec<super::guix_ecdsa::PublicKey>) -> TrustedKeys {
+        self.1.extend(keys);
+        self
+    }
+
+    pub fn guix(&self) -> &[super::guix_ecdsa::PublicKey] {
+        &self.1
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.is_empty() && self.1.is_empty()
     }
 
     /// The first trusted key that made one of `sigs` over `message`.
