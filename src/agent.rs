@@ -19,6 +19,7 @@ use std::time::Duration;
 use crate::build::{self, BuildRequest, BuildSettings, Outcome};
 use crate::formats::derivation::{Derivation, name_from_drv_path};
 use crate::formats::hash::Hash;
+use crate::formats::host_key::HostSecretKey;
 use crate::formats::nar;
 use crate::formats::narinfo;
 use crate::formats::signing::SecretKey;
@@ -33,7 +34,10 @@ use crate::store::{LocalStore, PathInfo, remove_tree};
 /// How an agent runs.
 pub struct AgentConfig {
     pub store: LocalStore,
-    pub signing_key: SecretKey,
+    /// Signs every output's fingerprint: a Nix key, or a Guix one (see [`crate::formats::host_key`]).
+    pub signing_key: HostSecretKey,
+    /// The host name a Guix key's signatures give.
+    pub host_name: String,
     pub settings: BuildSettings,
     pub store_dirs: Vec<StoreDir>,
     pub systems: Vec<String>,
@@ -43,6 +47,20 @@ pub struct AgentConfig {
 /// The system this host builds for natively, in Nix's spelling.
 pub fn native_system() -> String {
     format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
+}
+
+/// Load a build host's signing key at `path`, Nix's or Guix's format, creating a Nix key named
+/// `name` (mode 0600) on first use.
+pub fn load_or_create_host_key(path: &Path, name: &str) -> io::Result<HostSecretKey> {
+    match fs::read(path) {
+        Ok(text) => {
+            let text = zeroize::Zeroizing::new(text);
+            HostSecretKey::parse(&text)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => load_or_create_key(path, name).map(HostSecretKey::Nix),
+        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    }
 }
 
 /// Load the signing key at `path`, creating it (mode 0600) on first use.
@@ -464,7 +482,7 @@ fn sign_output(config: &AgentConfig, name: &str, info: &PathInfo) -> io::Result<
     Ok(BuiltOutput {
         name: name.to_owned(),
         meta: meta_of(info),
-        signature: config.signing_key.sign(fp.as_bytes()).to_string(),
+        signature: config.signing_key.sign_fingerprint(&fp, &config.host_name),
     })
 }
 
@@ -586,7 +604,10 @@ mod tests {
         let store = LocalStore::open(root).unwrap_or_else(|e| unreachable!("{e}"));
         AgentConfig {
             store,
-            signing_key: SecretKey::generate("test-agent-1").unwrap_or_else(|e| unreachable!("{e}")),
+            signing_key: HostSecretKey::Nix(
+                SecretKey::generate("test-agent-1").unwrap_or_else(|e| unreachable!("{e}")),
+            ),
+            host_name: "test-host".to_owned(),
             settings: BuildSettings::default(),
             store_dirs: vec![StoreDir::new("/gnu/store").unwrap_or_else(|e| unreachable!("{e}"))],
             systems: vec![native_system()],

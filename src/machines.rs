@@ -14,7 +14,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::formats::signing::PublicKey;
+use crate::formats::host_key::HostPublicKey;
 
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -178,7 +178,7 @@ impl TryFrom<RawMachine> for Machine {
             (None, Some(_)) => {}
         }
         if let Some(k) = &r.signing_key
-            && let Err(e) = PublicKey::parse(k)
+            && let Err(e) = HostPublicKey::parse(k)
         {
             return bad(format!("signing_key {k:?}: {e}"));
         }
@@ -258,7 +258,7 @@ pub fn parse(text: &str, file: &str) -> Result<MachinesFile, ConfigError> {
         message: e.code.to_string(),
     })?;
     for (i, k) in parsed.trusted_keys.iter().enumerate() {
-        if let Err(e) = PublicKey::parse(k) {
+        if let Err(e) = HostPublicKey::parse(k) {
             let (line, column) = locate(text, k);
             return Err(ConfigError {
                 file: file.to_owned(),

@@ -345,6 +345,43 @@ fn outputs_signed_by_a_key_that_is_not_the_host_s_are_rejected() {
     assert!(why.contains("not signed by a trusted key") && why.contains("alpha-1"), "{why}");
 }
 
+/// A host may sign with a Guix key (the /etc/guix/signing-key.sec a `guix offload` host has): its
+/// outputs are accepted when machines.ron pins that key, rejected when it pins another Guix key.
+#[test]
+fn a_host_signing_with_a_guix_key_is_checked_against_its_guix_key() {
+    let farm = Farm::start();
+    let keys: Vec<(String, String)> = ["mine", "other"]
+        .iter()
+        .map(|name| {
+            let (sec, public) =
+                (farm.dir.path().join(format!("{name}.sec")), farm.dir.path().join(format!("{name}.pub")));
+            common::run_ok(gbc().args(["keygen", "--format", "guix"]).arg(&sec).arg(&public));
+            (sec.display().to_string(), std::fs::read_to_string(&public).unwrap().trim().to_owned())
+        })
+        .collect();
+    let alpha_with = |public: &str| {
+        farm.alpha_entry()
+            .replace(&farm.alpha.signing_secret.display().to_string(), &keys[0].0)
+            .replace(&farm.alpha.signing_public, public)
+    };
+    // Pinned to another Guix key: rejected, naming the key that signed.
+    farm.write(&[alpha_with(&keys[1].1), farm.beta_entry()]);
+    let why = farm.rejected_on_alpha_then_built_on_beta();
+    assert!(why.contains("not signed by a trusted key (signature by Guix key "), "{why}");
+    // Pinned to its own: built there; the narinfo has the cache's Sig: only.
+    farm.write(&[alpha_with(&keys[0].1)]);
+    let c = farm.coordinator(&[]);
+    let drvs = instantiate(&["plain"], &salt(), &["--arg", "n", "1"]);
+    let uuids = c.submit(&drvs, &[]);
+    c.watch_ok(&uuids);
+    let d = c.show(&uuids[0]);
+    assert_eq!(d["attempt_list"][0]["machine"], "alpha", "{d}");
+    let out = d["attempt_list"][0]["outputs"][0]["path"].as_str().unwrap().to_owned();
+    let hash = &out.rsplit('/').next().unwrap()[..32];
+    let narinfo = std::fs::read_to_string(c.state.join(format!("cache/{hash}.narinfo"))).unwrap();
+    assert_eq!(narinfo.matches("\nSig: ").count(), 1, "{narinfo}");
+}
+
 #[test]
 fn auto_deploy_uploads_gbc_to_a_host_without_it() {
     let farm = Farm::start();

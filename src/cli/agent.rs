@@ -7,7 +7,7 @@ use anyhow::Context as _;
 
 use super::args::AgentOpts;
 use super::realise::default_state_dir;
-use crate::agent::{AgentConfig, load_or_create_key, native_system, serve};
+use crate::agent::{AgentConfig, load_or_create_host_key, native_system, serve};
 use crate::build::BuildSettings;
 use crate::formats::store_path::StoreDir;
 use crate::store::LocalStore;
@@ -40,7 +40,7 @@ pub fn run(opts: AgentOpts) -> anyhow::Result<()> {
     let store = LocalStore::open(&store_root)?;
     let key_file = opts.signing_key.unwrap_or_else(|| state.join("agent/signing-key.secret"));
     let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
-    let signing_key = load_or_create_key(&key_file, &format!("gbc-agent-{host}-1"))?;
+    let signing_key = load_or_create_host_key(&key_file, &format!("gbc-agent-{host}-1"))?;
     let dirs = if opts.store_dirs.is_empty() {
         vec!["/gnu/store".to_owned(), "/nix/store".to_owned()]
     } else {
@@ -56,7 +56,8 @@ pub fn run(opts: AgentOpts) -> anyhow::Result<()> {
     }
     settings.sandbox_paths = opts.sandbox_paths;
     let systems = if opts.systems.is_empty() { vec![native_system()] } else { opts.systems };
-    let config = AgentConfig { store, signing_key, settings, store_dirs, systems, features: opts.features };
+    let config =
+        AgentConfig { store, signing_key, host_name: host, settings, store_dirs, systems, features: opts.features };
     // The raw descriptor, buffered once (std's stdin has a buffer of its own, behind a lock).
     let stdin = std::fs::File::from(rustix::io::dup(io::stdin())?);
     let input = io::BufReader::with_capacity(16 * 1024, stdin);

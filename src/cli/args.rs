@@ -290,8 +290,8 @@ pub struct AgentOpts {
     /// test` asks for when a running coordinator's agent holds the host's store.
     #[arg(long, conflicts_with = "store_root")]
     pub scratch_store: bool,
-    /// Secret key to sign outputs with (default: <state dir>/agent/signing-key.secret, created
-    /// when missing).
+    /// Secret key to sign outputs with, Nix's format or Guix's (e.g. /etc/guix/signing-key.sec;
+    /// default: <state dir>/agent/signing-key.secret, a Nix key created when missing).
     #[arg(long, value_name = "FILE")]
     pub signing_key: Option<PathBuf>,
     /// A system this host builds for (repeatable; default: the native one, e.g. x86_64-linux).

@@ -11,6 +11,7 @@ use super::args::KeyFormat;
 use super::{check_failed, warn};
 use crate::formats::gcrypt;
 use crate::formats::guix_ecdsa::SecretKey as GuixSecretKey;
+use crate::formats::host_key::HostSecretKey;
 use crate::formats::narinfo::{NarInfo, VerifyError, verify_text};
 use crate::formats::signing::{PublicKey, SecretKey, TrustedKeys};
 
@@ -72,22 +73,13 @@ fn warn_if_readable(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A secret key of either kind, told apart by its file's contents.
-enum AnySecretKey {
-    Nix(SecretKey),
-    Guix(GuixSecretKey),
-}
-
 /// Read a secret key file in Nix's format (`NAME:base64`) or Guix's (a libgcrypt s-expression),
 /// warning when others can read it.
-fn load_any_secret_key(path: &Path) -> anyhow::Result<AnySecretKey> {
+fn load_any_secret_key(path: &Path) -> anyhow::Result<HostSecretKey> {
     let text = zeroize::Zeroizing::new(fs::read(path).with_context(|| path.display().to_string())?);
-    if !text.trim_ascii_start().starts_with(b"(") {
-        return load_secret_key(path).map(AnySecretKey::Nix);
-    }
-    let key = gcrypt::parse_secret_key(&text).map_err(|e| check_failed(path.display(), e))?;
+    let key = HostSecretKey::parse(&text).with_context(|| format!("{}: not a secret key", path.display()))?;
     warn_if_readable(path)?;
-    Ok(AnySecretKey::Guix(key))
+    Ok(key)
 }
 
 /// Read public keys from files: Nix keys (white-space separated `NAME:base64`), or Guix keys
@@ -141,11 +133,11 @@ pub fn sign(key_files: &[PathBuf], host: Option<String>, narinfos: &[impl AsRef<
     let (mut nix, mut guix) = (Vec::new(), None);
     for path in key_files {
         match load_any_secret_key(path)? {
-            AnySecretKey::Nix(k) => nix.push(k),
-            AnySecretKey::Guix(_) if guix.is_some() => {
+            HostSecretKey::Nix(k) => nix.push(k),
+            HostSecretKey::Guix(_) if guix.is_some() => {
                 bail!("{}: a second Guix key: a narinfo has one Signature: line", path.display())
             }
-            AnySecretKey::Guix(k) => guix = Some(k),
+            HostSecretKey::Guix(k) => guix = Some(k),
         }
     }
     let host = host.unwrap_or_else(|| rustix::system::uname().nodename().to_string_lossy().into_owned());

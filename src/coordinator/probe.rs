@@ -87,7 +87,8 @@ pub async fn probe(spec: &MachineSpec) -> Vec<Step> {
         return steps;
     }
 
-    let key_ok = spec.trusted.is_empty() || spec.trusted.iter().any(|k| k.to_string() == f.signing_key);
+    let agent_key = crate::formats::host_key::HostPublicKey::parse(&f.signing_key).ok();
+    let key_ok = spec.trusted.is_empty() || agent_key.is_some_and(|a| spec.trusted.contains(&a));
     let signing = if key_ok {
         Ok(format!("{} (trusted)", f.signing_key))
     } else {

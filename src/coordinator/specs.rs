@@ -11,15 +11,15 @@ use super::core::Command;
 use super::machine::Backoff;
 use super::queue::Capabilities;
 use super::transport::{self, Transport};
-use crate::formats::signing::{KeyError, PublicKey};
+use crate::formats::host_key::{HostKeyError, HostPublicKey};
 
 /// Why a machines file's entry can't be run.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("trusted key {key:?}: {source}")]
-    TrustedKey { key: String, source: KeyError },
+    TrustedKey { key: String, source: HostKeyError },
     #[error("machine {machine}: signing_key: {source}")]
-    SigningKey { machine: String, source: KeyError },
+    SigningKey { machine: String, source: HostKeyError },
     #[error("machine {0}: no signing_key and no trusted_keys")]
     NoKey(String),
     #[error("machine {0}: no user given and $USER is not set")]
@@ -41,7 +41,7 @@ pub struct MachineSpec {
     pub min_free_disk: Option<u64>,
     pub transport: Transport,
     /// Keys accepted on its outputs; empty: the key its agent announces (local machine only).
-    pub trusted: Vec<PublicKey>,
+    pub trusted: Vec<HostPublicKey>,
     pub backoff: Backoff,
 }
 
@@ -95,20 +95,20 @@ pub fn host_machines_where(
     let trusted_all = file
         .trusted_keys
         .iter()
-        .map(|k| PublicKey::parse(k).map_err(|source| SpecError::TrustedKey { key: k.clone(), source }))
+        .map(|k| HostPublicKey::parse(k).map_err(|source| SpecError::TrustedKey { key: k.clone(), source }))
         .collect::<Result<Vec<_>, _>>()?;
     file.machines.0.iter().filter(|m| keep(m)).map(|m| host_machine(m, &trusted_all, config)).collect()
 }
 
 fn host_machine(
     m: &crate::machines::Machine,
-    trusted_all: &[PublicKey],
+    trusted_all: &[HostPublicKey],
     config: &Config,
 ) -> Result<MachineSpec, SpecError> {
     use crate::ssh::{HostKeyCheck, Target};
     let trusted = match &m.signing_key {
         Some(k) => {
-            vec![PublicKey::parse(k).map_err(|source| SpecError::SigningKey { machine: m.name.clone(), source })?]
+            vec![HostPublicKey::parse(k).map_err(|source| SpecError::SigningKey { machine: m.name.clone(), source })?]
         }
         None => trusted_all.to_vec(),
     };

@@ -298,13 +298,8 @@ pub fn narinfo_signature(signed: &str, key: &SecretKey, host: &str) -> String {
     format!("1;{host};{}", base64::engine::general_purpose::STANDARD.encode(sig.to_text()))
 }
 
-/// Check a narinfo's `Signature:` field `value` against `signed` (its text up to the field) and
-/// the `trusted` keys, as `guix substitute` does; returns the key that signed it.
-pub fn verify_narinfo_signature<'k>(
-    signed: &str,
-    value: &str,
-    trusted: &'k [PublicKey],
-) -> Result<&'k PublicKey, String> {
+/// The signature s-expression in a `Signature:` value `1;HOST;BASE64`, and the key it names.
+fn decode_signature(value: &str) -> Result<(Sx, PublicKey), String> {
     let mut parts = value.split(';');
     let (Some("1"), Some(_host), Some(b64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(format!("Signature: {value:?} is not '1;HOST;BASE64'"));
@@ -313,6 +308,22 @@ pub fn verify_narinfo_signature<'k>(
         base64::engine::general_purpose::STANDARD.decode(b64.trim()).map_err(|e| format!("Signature: base64: {e}"))?;
     let sx = parse(&text).map_err(|e| format!("Signature: {e}"))?;
     let signer = public_key_in(&sx).map_err(|e| format!("Signature: {e}"))?;
+    Ok((sx, signer))
+}
+
+/// The key a `Signature:` value says made it (not checked).
+pub fn signature_key(value: &str) -> Option<PublicKey> {
+    decode_signature(value).ok().map(|(_, k)| k)
+}
+
+/// Check a narinfo's `Signature:` field `value` against `signed` (its text up to the field) and
+/// the `trusted` keys, as `guix substitute` does; returns the key that signed it.
+pub fn verify_narinfo_signature<'k>(
+    signed: &str,
+    value: &str,
+    trusted: &'k [PublicKey],
+) -> Result<&'k PublicKey, String> {
+    let (sx, signer) = decode_signature(value)?;
     let key = trusted.iter().find(|k| **k == signer).ok_or("Signature: signed by a key that is not trusted")?;
     let hash = super::hash::sha256(signed.as_bytes());
     if sx.find("data").and_then(|d| d.find("hash")).and_then(|h| match h {

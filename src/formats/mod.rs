@@ -9,6 +9,7 @@ pub mod derivation;
 pub mod gcrypt;
 pub mod guix_ecdsa;
 pub mod hash;
+pub mod host_key;
 pub mod nar;
 pub mod narinfo;
 pub mod nix32;

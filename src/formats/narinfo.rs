@@ -332,7 +332,10 @@ Deriver: h51sg24fc6mmgwnihsipf9ylc1w31byk-b.drv
         ni.sign(&nix).unwrap_or_else(|e| unreachable!("{e}"));
         ni.sign_guix(&key, "h").unwrap_or_else(|e| unreachable!("{e}"));
         let text = ni.to_string();
-        assert!(text.ends_with('\n') && text.lines().last().is_some_and(|l| l.starts_with("Signature: 1;h;")), "{text}");
+        assert!(
+            text.ends_with('\n') && text.lines().last().is_some_and(|l| l.starts_with("Signature: 1;h;")),
+            "{text}"
+        );
         assert_eq!(NarInfo::parse(&text).as_ref(), Ok(&ni), "round trip");
         let trusted = TrustedKeys::default().with_guix(vec![key.public().clone()]);
         assert!(matches!(verify_text(&text, &trusted), Ok(Signer::Guix(_))));

@@ -14,8 +14,8 @@ use crate::api::AttemptStatus;
 use crate::build::refs::RefScanner;
 use crate::cache::{self, Cache, StagedNar};
 use crate::formats::hash::HashSink;
+use crate::formats::host_key::HostPublicKey;
 use crate::formats::narinfo;
-use crate::formats::signing::{PublicKey, Signature};
 use crate::pipe::{Both, ChunkReader};
 use crate::protocol::{BuildStatus, BuiltOutput, PathMeta};
 
@@ -123,7 +123,7 @@ pub(super) fn finished(
     a: &mut Active,
     status: BuildStatus,
     outputs: Vec<BuiltOutput>,
-    trusted: &[PublicKey],
+    trusted: &[HostPublicKey],
 ) -> Option<AttemptResult> {
     let failed = |status, reason: String| Some(AttemptResult::Failed { status, reason });
     if let Some(max) = a.log_exceeded {
@@ -160,7 +160,7 @@ pub(super) fn finished(
 fn check_outputs(
     expected: &BTreeMap<String, String>,
     outputs: &[BuiltOutput],
-    trusted: &[PublicKey],
+    trusted: &[HostPublicKey],
 ) -> Result<(), AttemptResult> {
     if outputs.len() != expected.len() {
         let reason = format!("the agent reported {} outputs, the derivation has {}", outputs.len(), expected.len());
@@ -174,10 +174,9 @@ fn check_outputs(
         let hash = crate::formats::hash::Hash::parse(&o.meta.nar_hash)
             .map_err(|e| rejected(format!("output {}: bad NAR hash {}: {e}", o.name, o.meta.nar_hash)))?;
         let fp = narinfo::fingerprint(&o.meta.path, &hash, o.meta.nar_size, &o.meta.references);
-        let sig =
-            Signature::parse(&o.signature).map_err(|e| rejected(format!("output {}: bad signature: {e}", o.name)))?;
-        if !trusted.iter().any(|k| k.name() == sig.key_name() && k.verify(fp.as_bytes(), &sig)) {
-            let reason = format!("output {}: not signed by a trusted key (signature by {})", o.name, sig.key_name());
+        if !trusted.iter().any(|k| k.verify_fingerprint(&fp, &o.signature)) {
+            let by = crate::formats::host_key::describe_signature(&o.signature);
+            let reason = format!("output {}: not signed by a trusted key (signature by {by})", o.name);
             return Err(rejected(reason));
         }
     }

@@ -18,7 +18,7 @@ use super::transport::Transport;
 use crate::api::{AttemptStatus, OutputInfo};
 use crate::cache::Cache;
 use crate::db::Job;
-use crate::formats::signing::PublicKey;
+use crate::formats::host_key::HostPublicKey;
 use crate::protocol::HostFacts;
 
 /// Core → driver.
@@ -101,7 +101,7 @@ pub struct Driver {
     pub state_dir: PathBuf,
     /// Keys whose signatures on outputs are accepted; empty: the key the agent announces (only for
     /// the local machine, whose agent the coordinator started itself).
-    pub trusted: Vec<PublicKey>,
+    pub trusted: Vec<HostPublicKey>,
     /// Where verified outputs are published.
     pub cache: Option<Arc<Cache>>,
     pub backoff: Backoff,
@@ -393,7 +393,7 @@ mod tests {
             name: "m".into(),
             transport: Transport::Local { program: dir.path().join("unused"), args: vec![] },
             state_dir: dir.path().to_owned(),
-            trusted: vec![host.0.public()],
+            trusted: vec![HostPublicKey::Nix(host.0.public())],
             cache: Some(cache.clone()),
             backoff: Backoff::local(),
             ping: Duration::from_millis(200),

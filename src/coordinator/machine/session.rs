@@ -23,8 +23,9 @@ use crate::coordinator::transport;
 use crate::db::Job;
 use crate::formats::derivation::Derivation;
 use crate::formats::hash::Hash;
+use crate::formats::host_key::HostPublicKey;
 use crate::formats::narinfo::NarInfo;
-use crate::formats::signing::{PublicKey, Signature};
+use crate::formats::signing::Signature;
 use crate::protocol::{BuiltOutput, Frame, Message, NAR_CHUNK, PathMeta};
 
 /// One attempt in flight on this machine.
@@ -73,7 +74,7 @@ fn closed() -> SessionEnd {
 pub(super) struct Live<'d> {
     d: &'d Driver,
     tx: transport::Outbox,
-    trusted: Vec<PublicKey>,
+    trusted: Vec<HostPublicKey>,
     store_dirs: Vec<String>,
     active: HashMap<String, Active>,
     by_build: HashMap<BuildId, String>,
@@ -99,7 +100,7 @@ impl Driver {
         }
         let facts = session.facts.clone();
         let trusted = if self.trusted.is_empty() {
-            match PublicKey::parse(&facts.signing_key) {
+            match HostPublicKey::parse(&facts.signing_key) {
                 Ok(k) => vec![k],
                 Err(e) => return super::lost(format!("the agent's signing key: {e}")),
             }
@@ -494,9 +495,12 @@ async fn publish(
     let mut staged = Vec::new();
     for (o, s) in received {
         let Some(s) = s else { continue };
-        let (Ok(nar_hash), Ok(sig)) = (Hash::parse(&o.nar_hash), Signature::parse(&o.signature)) else {
-            return rejected(format!("output {}: unreadable hash or signature", o.name));
+        let Ok(nar_hash) = Hash::parse(&o.nar_hash) else {
+            return rejected(format!("output {}: unreadable hash", o.name));
         };
+        // A Nix key's signature (checked with the others) is kept beside the cache's; a Guix key's
+        // has no place in a narinfo (its one `Signature:` is the cache's).
+        let host_signature = Signature::parse(&o.signature).ok();
         let out = cache::Output {
             path: o.path,
             nar_hash,
@@ -504,7 +508,7 @@ async fn publish(
             references: o.references,
             deriver: Some(drv_path.clone()),
             system: Some(system.clone()),
-            host_signature: Some(sig),
+            host_signature,
             ca: None,
         };
         staged.push((out, s));
