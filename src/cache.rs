@@ -33,6 +33,8 @@ pub enum Compression {
 }
 
 impl Compression {
+    pub const ALL: [Compression; 4] = [Compression::None, Compression::Zstd, Compression::Xz, Compression::Lzip];
+
     /// The narinfo's `Compression:` value.
     pub fn name(self) -> &'static str {
         match self {
@@ -43,7 +45,8 @@ impl Compression {
         }
     }
 
-    fn extension(self) -> &'static str {
+    /// The NAR file's name ends with this.
+    pub fn extension(self) -> &'static str {
         match self {
             Compression::None => ".nar",
             Compression::Zstd => ".nar.zst",
@@ -704,7 +707,7 @@ mod tests {
 
     #[test]
     fn every_compression_reads_back_as_the_nar() {
-        for compression in [Compression::None, Compression::Zstd, Compression::Xz, Compression::Lzip] {
+        for compression in Compression::ALL {
             let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
             let c = cache(dir.path(), compression);
             let contents = b"some contents ".repeat(1000);

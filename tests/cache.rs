@@ -172,7 +172,8 @@ fn the_cache_over_http_serves_nix_and_prometheus() {
 #[test]
 fn xz_lzip_and_uncompressed_caches_are_read_by_nix_too() {
     for compression in ["xz", "lzip", "none"] {
-        let c = Coordinator::start(&["--local-builds", "1", "--compression", compression]);
+        let (_, addr) = common::free_addr();
+        let c = Coordinator::start(&["--local-builds", "1", "--compression", compression, "--http", &addr]);
         let drvs = common::instantiate("tests/nix/queue.nix", None, &["right"], &salt());
         let out = run(&mut c.gbc(&["build", &drvs[0].1]));
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -181,6 +182,14 @@ fn xz_lzip_and_uncompressed_caches_are_read_by_nix_too() {
         assert!(info.contains(&format!("Compression: {compression}\n")), "{info}");
         let out = nix_copy_from_cache(&c, &right);
         assert!(out.status.success(), "{compression}: {}", String::from_utf8_lossy(&out.stderr));
+        // And over HTTP, as clients usually substitute.
+        let key = run_ok_str(&mut c.gbc(&["cache", "public-key"])).trim().to_owned();
+        let dir = common::tempdir();
+        let out = run(nix("nix")
+            .args(["copy", "--from", &format!("http://{addr}"), "--to"])
+            .arg(dir.path().join("fresh"))
+            .args(["--option", "trusted-public-keys", &key, &right]));
+        assert!(out.status.success(), "{compression} over HTTP: {}", String::from_utf8_lossy(&out.stderr));
     }
     let bad = run(common::gbc().args(["coordinator", "--compression", "lz4"]));
     assert_eq!(bad.status.code(), Some(2));

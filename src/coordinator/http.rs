@@ -280,7 +280,7 @@ async fn narinfo(State(http): State<Arc<Http>>, Path(file): Path<String>) -> Res
 }
 
 async fn nar(State(http): State<Arc<Http>>, Path(file): Path<String>, request: Request) -> Response {
-    let hash = [".nar.zst", ".nar.xz", ".nar"].iter().find_map(|ext| file.strip_suffix(ext));
+    let hash = crate::cache::Compression::ALL.iter().find_map(|c| file.strip_suffix(c.extension()));
     if !hash.is_some_and(|h| is_nix32(h, 52)) {
         return not_found();
     }
