@@ -11,6 +11,7 @@ pub mod build;
 pub mod cache;
 pub mod cli;
 pub mod coordinator;
+pub mod coordinator_file;
 pub mod db;
 pub mod examples;
 pub mod formats;

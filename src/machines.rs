@@ -329,7 +329,7 @@ pub fn load(path: &Path) -> Result<MachinesFile, ConfigError> {
 }
 
 /// Line and column (1-based) of the first occurrence of `needle`, or 0:0.
-fn locate(text: &str, needle: &str) -> (usize, usize) {
+pub(crate) fn locate(text: &str, needle: &str) -> (usize, usize) {
     let Some(at) = text.find(needle) else { return (0, 0) };
     let before = &text[..at];
     let line = before.matches('\n').count() + 1;

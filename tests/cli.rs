@@ -121,7 +121,7 @@ fn a_narinfo_signed_for_guix_is_not_silently_unsigned() {
     assert_one_line_error(&run(gbc().arg("sign").arg("--key").arg(&gp).arg(&ni)), 2, "g.pub: not a secret key");
     fs::write(tmp.path().join("bad.pub"), "(public-key (ecc (curve NIST P-256) (q #04#)))").unwrap();
     let out = run(gbc().arg("verify").arg("--trusted").arg(tmp.path().join("bad.pub")).arg(&ni));
-    assert_one_line_error(&out, 1, "bad.pub: not a Guix public key: expected (curve Ed25519)");
+    assert_one_line_error(&out, 2, "bad.pub: not a public key: not a Guix public key: expected (curve Ed25519)");
 }
 
 const NARINFO: &str = "StorePath: /gnu/store/6vza80pmr3wck2yvv8nwaphbnj11vrql-b

@@ -787,3 +787,41 @@ fn kill_9_at_random_moments_loses_nothing() {
     let files = walk(&c.state.join("logs"));
     assert!(files.iter().all(|f| f.ends_with(".log.zst")), "{files:?}");
 }
+
+/// coordinator.ron: an error stops the coordinator before it starts, naming file, line and column;
+/// flags override the file; while running, a broken edit is logged and changes nothing, and a good
+/// one is taken.
+#[test]
+fn coordinator_ron_is_checked_at_start_and_re_read_while_running() {
+    let dir = common::tempdir();
+    let conf = dir.path().join("coordinator.ron");
+    let key = "cache.example.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+    let good = |n: usize| {
+        let urls: Vec<String> = (0..n).map(|i| format!("\"http://127.0.0.1:{}\"", 9000 + i)).collect();
+        format!("(\n  substituters: [{}],\n  substituter_keys: [\"{key}\"],\n)\n", urls.join(", "))
+    };
+    let start = |conf: &std::path::Path, extra: &[&str]| {
+        let mut cmd = common::gbc();
+        cmd.arg("coordinator").arg("--state-dir").arg(dir.path().join("state")).arg("--config").arg(conf).args(extra);
+        common::run_within(&mut cmd, 20).expect("a coordinator with a bad file stops at once")
+    };
+    std::fs::write(&conf, "(\n  substituters: [\"ftp://x\"],\n)\n").unwrap();
+    let out = start(&conf, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("coordinator.ron:2:18: substituter \"ftp://x\": expected an http"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // A flag replaces the file's list, and keys are still required.
+    std::fs::write(&conf, "(substituter_keys: [])\n").unwrap();
+    let out = start(&conf, &["--substituter", "http://127.0.0.1:9"]);
+    assert!(stderr(&out).contains("no substituter_keys"), "{}", stderr(&out));
+
+    std::fs::write(&conf, good(2)).unwrap();
+    let c = Coordinator::start(&["--config", conf.to_str().unwrap()]);
+    c.wait_until("it says what it uses", 20, || c.log().contains("2 substituters, 1 substituter keys"));
+    std::fs::write(&conf, good(3).replace("substituters", "substituterz")).unwrap();
+    c.wait_until("the broken edit is logged", 20, || c.log().contains("keeping the previous settings"));
+    assert!(c.log().contains("coordinator.ron:2:3: Unexpected field named `substituterz`"), "{}", c.log());
+    std::fs::write(&conf, good(3)).unwrap();
+    c.wait_until("the good edit is taken", 20, || c.log().contains("re-read: 3 substituters"));
+}

@@ -129,7 +129,7 @@ pub enum Command {
     /// process. SIGINT or SIGTERM stops it: no new build starts, running builds get --grace (30 s)
     /// to finish, the others go back to the queue. Killed outright, it loses nothing: builds that
     /// were running are queued again at the next start.
-    Coordinator(CoordinatorOpts),
+    Coordinator(Box<CoordinatorOpts>),
     /// The coordinator's binary cache.
     Cache {
         #[command(subcommand)]
@@ -353,6 +353,27 @@ pub struct CoordinatorOpts {
     /// With one, the built-in localhost machine is used only if --local-builds is given.
     #[arg(long, value_name = "FILE")]
     pub machines: Option<PathBuf>,
+    /// The coordinator's settings, a coordinator.ron file (default: <state dir>/coordinator.ron
+    /// when it exists; see coordinator.ron(5)). The flags below override what it says.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A binary cache inputs may be taken from instead of being built (repeatable, in priority
+    /// order; replaces the file's `substituters`).
+    #[arg(long = "substituter", value_name = "URL")]
+    pub substituters: Vec<String>,
+    /// A key upstream narinfos must be signed by: Nix's NAME:base64, a Guix (public-key …), or a
+    /// file holding them (repeatable; replaces the file's `substituter_keys`).
+    #[arg(long = "substituter-key", value_name = "KEY")]
+    pub substituter_keys: Vec<String>,
+    /// How long a substituter's "has it" is remembered (default 30 days).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub narinfo_ttl: Option<Duration>,
+    /// How long a substituter's "doesn't have it" is remembered (default 1 hour).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub narinfo_negative_ttl: Option<Duration>,
+    /// Sign what is taken from substituters with the cache's own key too.
+    #[arg(long)]
+    pub sign_substitutes: bool,
     /// How long to wait before reconnecting to a lost host; tripled after each failure in a row
     /// (plus up to 10% at random, at most an hour).
     #[arg(long, value_name = "DURATION", default_value = "60", value_parser = parse_duration)]

@@ -15,6 +15,19 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
         Some(f) => Some(f),
         None => Some(state_dir.join("machines.ron")).filter(|f| f.exists()),
     };
+    let settings_file = match opts.config {
+        Some(f) => Some(f),
+        None => Some(state_dir.join("coordinator.ron")).filter(|f| f.exists()),
+    };
+    let overrides = crate::coordinator_file::Overrides {
+        substituters: (!opts.substituters.is_empty()).then_some(opts.substituters),
+        substituter_keys: (!opts.substituter_keys.is_empty()).then_some(opts.substituter_keys),
+        narinfo_ttl: opts.narinfo_ttl,
+        narinfo_negative_ttl: opts.narinfo_negative_ttl,
+        sign_substitutes: opts.sign_substitutes,
+    };
+    let settings = crate::coordinator_file::Settings::load(settings_file.as_deref(), &overrides)
+        .map_err(|e| super::check_failed("coordinator settings", e))?;
     let file = match &machines_file {
         Some(f) => Some(crate::machines::load(f).map_err(|e| super::check_failed("machines file", e))?),
         None => None,
@@ -35,6 +48,9 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
         max_log_size: (opts.max_log_size > 0).then_some(opts.max_log_size),
         agent_program: std::env::current_exe().context("finding the gbc binary")?,
         machines_file,
+        settings_file,
+        overrides,
+        settings,
         reconnect_delay: opts.reconnect_delay,
         ssh_keepalive: opts.ssh_keepalive,
         ping_interval: opts.ping_interval,

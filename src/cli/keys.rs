@@ -11,7 +11,7 @@ use super::args::KeyFormat;
 use super::{check_failed, warn};
 use crate::formats::gcrypt;
 use crate::formats::guix_ecdsa::SecretKey as GuixSecretKey;
-use crate::formats::host_key::HostSecretKey;
+use crate::formats::host_key::{HostSecretKey, parse_trusted_keys};
 use crate::formats::narinfo::{NarInfo, VerifyError, verify_text};
 use crate::formats::signing::{PublicKey, SecretKey, TrustedKeys};
 
@@ -85,23 +85,17 @@ fn load_any_secret_key(path: &Path) -> anyhow::Result<HostSecretKey> {
 /// Read public keys from files: Nix keys (white-space separated `NAME:base64`), or Guix keys
 /// (a `(public-key …)` s-expression, or an ACL of them as /etc/guix/acl holds).
 pub fn load_trusted_keys(paths: &[impl AsRef<Path>]) -> anyhow::Result<TrustedKeys> {
-    let (mut nix, mut guix) = (Vec::new(), Vec::new());
+    let mut keys = TrustedKeys::default();
     for path in paths {
         let path = path.as_ref();
         let text = fs::read_to_string(path).with_context(|| path.display().to_string())?;
-        let before = nix.len() + guix.len();
-        if text.trim_start().starts_with('(') {
-            guix.extend(gcrypt::parse_public_keys(text.as_bytes()).map_err(|e| check_failed(path.display(), e))?);
-        } else {
-            for word in text.split_whitespace() {
-                nix.push(PublicKey::parse(word).with_context(|| format!("{}: not a public key", path.display()))?);
-            }
-        }
-        if nix.len() + guix.len() == before {
+        let these = parse_trusted_keys(&text).with_context(|| format!("{}: not a public key", path.display()))?;
+        if these.is_empty() {
             bail!("{}: holds no public key", path.display());
         }
+        keys.extend(these);
     }
-    Ok(TrustedKeys::new(nix).with_guix(guix))
+    Ok(keys)
 }
 
 fn read_narinfo(path: &Path) -> anyhow::Result<(String, NarInfo)> {

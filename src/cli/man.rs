@@ -1,5 +1,5 @@
 //! Man pages generated from the clap definitions: `gbc.1` and one page per subcommand; and
-//! machines.ron(5), written by hand, with the example file included.
+//! machines.ron(5) and coordinator.ron(5), written by hand, with the example files included.
 
 use std::fs;
 use std::path::Path;
@@ -12,14 +12,21 @@ use super::args::Cli;
 pub fn generate(dir: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
     write_pages(&Cli::command(), "", dir)?;
-    let file = dir.join("machines.ron.5");
-    fs::write(&file, machines_ron_5()).with_context(|| format!("{}", file.display()))
+    let pages = [
+        ("machines.ron.5", include_str!("machines.ron.5.in"), include_str!("../../machines.example.ron")),
+        ("coordinator.ron.5", include_str!("coordinator.ron.5.in"), include_str!("../../coordinator.example.ron")),
+    ];
+    for (name, page, example) in pages {
+        let file = dir.join(name);
+        fs::write(&file, file_page(page, example)).with_context(|| format!("{}", file.display()))?;
+    }
+    Ok(())
 }
 
-/// machines.ron(5): the hand-written page with the example file included, so that it can't go stale.
-fn machines_ron_5() -> String {
+/// A hand-written page of a file format with its example file included, so that it can't go stale.
+fn file_page(page: &str, example: &str) -> String {
     // In roff, a line starting with `.` or `'` is a request, and `\` starts an escape.
-    let example: String = include_str!("../../machines.example.ron")
+    let example: String = example
         .lines()
         .map(|l| {
             let l = l.replace('\\', "\\e");
@@ -27,7 +34,7 @@ fn machines_ron_5() -> String {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    include_str!("machines.ron.5.in").replace("@VERSION@", env!("CARGO_PKG_VERSION")).replace("@EXAMPLE@", &example)
+    page.replace("@VERSION@", env!("CARGO_PKG_VERSION")).replace("@EXAMPLE@", &example)
 }
 
 fn write_pages(cmd: &clap::Command, prefix: &str, dir: &Path) -> anyhow::Result<()> {

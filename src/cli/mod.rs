@@ -116,7 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             &realise::Options { store_root, cores, max_silent: max_silent_time, timeout, sandbox_paths },
         ),
         Command::Agent(opts) => agent::run(opts),
-        Command::Coordinator(opts) => coordinator::run(opts),
+        Command::Coordinator(opts) => coordinator::run(*opts),
         Command::Cache { command: CacheCommand::PublicKey { state_dir, signing_key, format } } => match format {
             args::KeyFormat::Nix => keys::cache_public_key(state_dir, signing_key),
             args::KeyFormat::Guix => keys::cache_guix_public_key(state_dir, signing_key),

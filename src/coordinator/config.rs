@@ -27,6 +27,11 @@ pub struct Config {
     pub agent_program: PathBuf,
     /// The machines file, re-read when it changes.
     pub machines_file: Option<PathBuf>,
+    /// The coordinator.ron file, re-read when it changes, and the flags over it.
+    pub settings_file: Option<PathBuf>,
+    pub overrides: crate::coordinator_file::Overrides,
+    /// The settings in force at start.
+    pub settings: crate::coordinator_file::Settings,
     /// First wait before reconnecting to a lost SSH host (then × 3 per failure).
     pub reconnect_delay: Duration,
     /// SSH keepalive interval; a connection is dropped after 4 unanswered in a row.

@@ -63,6 +63,37 @@ impl Listeners {
     }
 }
 
+/// Re-read coordinator.ron whenever it changes: settings that check out replace the ones in force;
+/// an edit with an error is logged and changes nothing.
+fn watch_settings(
+    path: std::path::PathBuf,
+    overrides: crate::coordinator_file::Overrides,
+    settings: tokio::sync::watch::Sender<Arc<crate::coordinator_file::Settings>>,
+) -> Result<notify::RecommendedWatcher> {
+    specs::watch_file(path, move |path| {
+        let (overrides, settings) = (overrides.clone(), settings.clone());
+        async move {
+            let p = path.clone();
+            let reread =
+                tokio::task::spawn_blocking(move || crate::coordinator_file::Settings::load(Some(&p), &overrides));
+            match reread.await {
+                Ok(Ok(s)) => {
+                    tracing::info!(
+                        "{}: re-read: {} substituters, {} substituter keys",
+                        path.display(),
+                        s.substituters.len(),
+                        s.substituter_keys.len()
+                    );
+                    return settings.send(Arc::new(s)).is_ok();
+                }
+                Ok(Err(e)) => tracing::error!("{e}; keeping the previous settings"),
+                Err(e) => tracing::error!("{}: {e}; keeping the previous settings", path.display()),
+            }
+            true
+        }
+    })
+}
+
 /// Run a coordinator on `listeners` until `shutdown` completes: then no new build starts, running
 /// builds get the grace period to finish, and the rest go back to the queue.
 pub async fn run(
@@ -97,6 +128,17 @@ pub async fn run(
 
     let _watcher = match &config.machines_file {
         Some(path) => Some(specs::watch_machines(path.clone(), config.clone(), cmd_tx.clone())?),
+        None => None,
+    };
+    // The settings in force, re-read when coordinator.ron changes (the flags stay over it).
+    tracing::info!(
+        "settings: {} substituters, {} substituter keys",
+        config.settings.substituters.len(),
+        config.settings.substituter_keys.len()
+    );
+    let (settings_tx, _settings) = tokio::sync::watch::channel(Arc::new(config.settings.clone()));
+    let _settings_watcher = match &config.settings_file {
+        Some(path) => Some(watch_settings(path.clone(), config.overrides.clone(), settings_tx)?),
         None => None,
     };
     let http_task = listeners.http.map(|listener| {

@@ -151,13 +151,39 @@ fn host_machine(
     })
 }
 
-/// Re-read the machines file whenever its directory changes (editors save by renaming), and
-/// hand the new machine list to the core; a file with an error keeps the previous machines.
+/// Re-read the machines file whenever it changes, and hand the new machine list to the core; a
+/// file with an error keeps the previous machines.
 pub(super) fn watch_machines(
     path: PathBuf,
     config: Config,
     commands: mpsc::Sender<Command>,
 ) -> super::error::Result<notify::RecommendedWatcher> {
+    watch_file(path, move |path| {
+        let (c, commands) = (config.clone(), commands.clone());
+        async move {
+            let p = path.clone();
+            let reread = tokio::task::spawn_blocking(move || crate::machines::load(&p).map(|f| host_machines(&f, &c)));
+            match reread.await {
+                Ok(Ok(Ok(specs))) => {
+                    tracing::info!("{}: re-read, {} machines", path.display(), specs.len());
+                    return commands.send(Command::Reload(specs)).await.is_ok();
+                }
+                Ok(Err(e)) => tracing::error!("{e}; keeping the previous machines"),
+                Ok(Ok(Err(e))) => tracing::error!("{}: {e}; keeping the previous machines", path.display()),
+                Err(e) => tracing::error!("{}: {e}; keeping the previous machines", path.display()),
+            }
+            true
+        }
+    })
+}
+
+/// Call `changed` whenever the file at `path` changes (its directory is watched: editors save by
+/// renaming), until it returns false.
+pub(super) fn watch_file<F, Fut>(path: PathBuf, changed: F) -> super::error::Result<notify::RecommendedWatcher>
+where
+    F: Fn(PathBuf) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let watch_error = |source| super::Error::Watch { path: path.clone(), source };
     use notify::Watcher as _;
     let dir = path.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
@@ -183,18 +209,8 @@ pub(super) fn watch_machines(
                 continue;
             }
             last = now;
-            let (p, c) = (path.clone(), config.clone());
-            let reread = tokio::task::spawn_blocking(move || crate::machines::load(&p).map(|f| host_machines(&f, &c)));
-            match reread.await {
-                Ok(Ok(Ok(specs))) => {
-                    tracing::info!("{}: re-read, {} machines", path.display(), specs.len());
-                    if commands.send(Command::Reload(specs)).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(Err(e)) => tracing::error!("{e}; keeping the previous machines"),
-                Ok(Ok(Err(e))) => tracing::error!("{}: {e}; keeping the previous machines", path.display()),
-                Err(e) => tracing::error!("{}: {e}; keeping the previous machines", path.display()),
+            if !changed(path.clone()).await {
+                break;
             }
         }
     });

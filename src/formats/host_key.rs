@@ -11,7 +11,7 @@ use std::fmt;
 
 use super::gcrypt::{self, GuixKeyError};
 use super::guix_ecdsa;
-use super::signing::{KeyError, PublicKey, SecretKey, Signature};
+use super::signing::{KeyError, PublicKey, SecretKey, Signature, TrustedKeys};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HostKeyError {
@@ -100,6 +100,16 @@ impl fmt::Display for HostPublicKey {
             HostPublicKey::Guix(k) => f.write_str(&gcrypt::public_key_sx(k).to_text()),
         }
     }
+}
+
+/// Read the public keys a text holds: Nix keys (`NAME:base64`, separated by white space), or Guix
+/// keys (one `(public-key …)`, or an ACL of them as /etc/guix/acl holds).
+pub fn parse_trusted_keys(text: &str) -> Result<TrustedKeys, HostKeyError> {
+    if is_guix(text.as_bytes()) {
+        return Ok(TrustedKeys::default().with_guix(gcrypt::parse_public_keys(text.as_bytes())?));
+    }
+    let keys = text.split_whitespace().map(PublicKey::parse).collect::<Result<Vec<_>, _>>()?;
+    Ok(TrustedKeys::new(keys))
 }
 
 /// Who made a host signature, for messages: a Nix key's name, or a Guix key's q in hex.

@@ -187,6 +187,16 @@ impl TrustedKeys {
         &self.1
     }
 
+    /// Every key of both sets.
+    pub fn extend(&mut self, other: TrustedKeys) {
+        self.0.extend(other.0);
+        self.1.extend(other.1);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len() + self.1.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty() && self.1.is_empty()
     }
