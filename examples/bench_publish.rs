@@ -66,7 +66,8 @@ fn publish(nar_file: &Path, root: &Path, host: &SecretKey, path: &str) -> Durati
         references: vec![],
         deriver: None,
         system: Some("x86_64-linux".into()),
-        host_signature: Some(sig),
+        signatures: vec![sig],
+        cache_signs: true,
         ca: None,
     };
     let published = cache.publish(vec![(out, staged)]).unwrap();
@@ -127,7 +128,8 @@ fn fill(nar_file: &Path, state: &Path, count: usize) {
             references: vec![],
             deriver: None,
             system: None,
-            host_signature: None,
+            signatures: Vec::new(),
+            cache_signs: true,
             ca: None,
         };
         cache.publish(vec![(out, staged)]).unwrap();

@@ -65,8 +65,11 @@ pub struct Output {
     pub references: Vec<String>,
     pub deriver: Option<String>,
     pub system: Option<String>,
-    /// The building host's signature, kept beside the cache's own.
-    pub host_signature: Option<Signature>,
+    /// Signatures kept beside the cache's own: the building host's, or upstream's.
+    pub signatures: Vec<Signature>,
+    /// Whether the cache signs it too (everything but what came from a substituter that the
+    /// cache is not told to sign).
+    pub cache_signs: bool,
     /// How a content-addressed path (an uploaded source) was made, for the narinfo's `CA`.
     pub ca: Option<ContentAddress>,
 }
@@ -398,12 +401,14 @@ impl Cache {
             references,
             deriver: out.deriver.as_deref().map(parse).transpose()?,
             system: out.system.clone(),
-            sigs: out.host_signature.iter().cloned().collect(),
+            sigs: out.signatures.clone(),
             ca: out.ca.as_ref().map(ToString::to_string),
             extra: Vec::new(),
             guix_signature: None,
         };
-        info.sign(&self.key).map_err(|e| invalid(e.to_string()))?;
+        if out.cache_signs {
+            info.sign(&self.key).map_err(|e| invalid(e.to_string()))?;
+        }
         Ok(info)
     }
 }
@@ -635,7 +640,8 @@ mod tests {
             references: references.iter().map(|r| (*r).to_owned()).collect(),
             deriver: None,
             system: Some("x86_64-linux".into()),
-            host_signature: None,
+            signatures: Vec::new(),
+            cache_signs: true,
             ca: None,
         };
         (out, staged)

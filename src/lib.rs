@@ -20,3 +20,4 @@ pub mod pipe;
 pub mod protocol;
 pub mod ssh;
 pub mod store;
+pub mod substituter;

@@ -9,7 +9,7 @@
 //! ([`refs`]); apply the derivation's reference checks ([`checks`]); move it into the store and
 //! record it valid.
 
-mod builtins;
+pub(crate) mod builtins;
 pub mod canon;
 mod checks;
 pub mod refs;

@@ -88,7 +88,8 @@ impl Uploads {
             references,
             deriver: deriver.map(|(d, _)| d.clone()),
             system: deriver.map(|(_, s)| s.clone()),
-            host_signature: None,
+            signatures: Vec::new(),
+            cache_signs: true,
             ca,
         };
         self.staged.insert(path.to_owned(), (out, staged));

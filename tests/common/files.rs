@@ -1,7 +1,9 @@
 //! A small HTTP/1.1 file server on loopback for download tests: serves a fixed set of paths (the
 //! query ignored, as a static server does: enough for git's "dumb" HTTP protocol),
-//! answers 404 for the rest, `/redirect/PATH` with a 302 to `/PATH`, and `/flaky/PATH` with a 503
-//! the first time, then as `/PATH`; as a proxy, it opens a
+//! answers 404 for the rest, `/redirect/PATH` with a 302 to `/PATH`, `/flaky/PATH` with a 503
+//! the first time, then as `/PATH`, and `/cut/PATH` as `/PATH` but for a file under a `nar/`
+//! directory, whose connection is closed halfway through (a server dying mid-transfer); as a
+//! proxy, it opens a
 //! `CONNECT` tunnel to itself. One thread per connection; each connection serves one request.
 
 use std::collections::BTreeMap;
@@ -66,15 +68,21 @@ impl Files {
                                 conn,
                                 "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                             )
-                        } else if let Some(body) =
-                            files.get(path.trim_start_matches("/flaky").split('?').next().unwrap_or(""))
-                        {
+                        } else if let Some(body) = files.get(
+                            path.trim_start_matches("/flaky")
+                                .trim_start_matches("/cut")
+                                .split('?')
+                                .next()
+                                .unwrap_or(""),
+                        ) {
+                            let cut = path.starts_with("/cut/") && path.contains("/nar/");
+                            let sent = if cut { &body[..body.len() / 2] } else { &body[..] };
                             write!(
                                 conn,
                                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                                 body.len()
                             )
-                            .and_then(|()| conn.write_all(body))
+                            .and_then(|()| conn.write_all(sent))
                         } else {
                             write!(
                                 conn,
@@ -91,5 +99,23 @@ impl Files {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Serve every file under `dir`, at its path below it.
+    pub fn serve_dir(dir: &std::path::Path) -> Files {
+        fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut BTreeMap<String, Vec<u8>>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(root, &path, out);
+                } else {
+                    let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                    out.insert(format!("/{rel}"), std::fs::read(&path).unwrap());
+                }
+            }
+        }
+        let mut files = BTreeMap::new();
+        walk(dir, dir, &mut files);
+        Files::start(files)
     }
 }

@@ -101,7 +101,7 @@ impl Job {
 
 /// The host's CA bundle: `NIX_SSL_CERT_FILE` or `SSL_CERT_FILE` when set (as Nix reads them),
 /// else Debian's and Fedora's usual places.
-fn ca_file() -> Option<PathBuf> {
+pub(crate) fn ca_file() -> Option<PathBuf> {
     let from_env = ["NIX_SSL_CERT_FILE", "SSL_CERT_FILE"].iter().filter_map(std::env::var_os).map(PathBuf::from);
     let usual = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"].map(PathBuf::from);
     from_env.chain(usual).find(|p| p.is_file())

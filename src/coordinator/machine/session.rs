@@ -500,7 +500,7 @@ async fn publish(
         };
         // A Nix key's signature (checked with the others) is kept beside the cache's; a Guix key's
         // has no place in a narinfo (its one `Signature:` is the cache's).
-        let host_signature = Signature::parse(&o.signature).ok();
+        let signatures = Signature::parse(&o.signature).into_iter().collect();
         let out = cache::Output {
             path: o.path,
             nar_hash,
@@ -508,7 +508,8 @@ async fn publish(
             references: o.references,
             deriver: Some(drv_path.clone()),
             system: Some(system.clone()),
-            host_signature,
+            signatures,
+            cache_signs: true,
             ca: None,
         };
         staged.push((out, s));

@@ -1,0 +1,436 @@
+//! Upstream binary caches (substituters): which store paths they have, and their NARs, taken into
+//! gbc's cache only once checked. Blocking (ureq over rustls, kept-alive connections shared by
+//! every thread); the coordinator runs it on blocking threads.
+//!
+//! An upstream narinfo counts when it parses, names the store path asked for, comes from a cache
+//! whose `nix-cache-info` gives the cache's own store dir, has a compression gbc reads, and carries
+//! a valid signature by a trusted key (a Nix `Sig:` or a Guix `Signature:`, see
+//! [`narinfo::verify_text`]). Its NAR counts when it decompresses to a well-formed NAR with the
+//! narinfo's NarHash and NarSize; only then is it published in the cache, with upstream's `Sig:`
+//! lines (and the cache's own signature when asked). Answers are remembered, hits for the
+//! positive TTL and misses for the negative one, as Nix's narinfo cache does. An upstream that
+//! fails (connection, server error, a bad NAR) is skipped for a while (60 s × 3ⁿ, at most an
+//! hour), said once in the log.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::cache::{Cache, Output};
+use crate::formats::narinfo::{self, NarInfo};
+use crate::formats::signing::TrustedKeys;
+use crate::formats::store_path::StoreDir;
+
+/// How many narinfo lookups, and NAR downloads, run at once.
+const LOOKUP_THREADS: usize = 16;
+const FETCH_THREADS: usize = 4;
+const FIRST_BACKOFF: Duration = Duration::from_secs(60);
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// A path an upstream has: its checked narinfo.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The upstream's URL.
+    pub upstream: String,
+    pub info: NarInfo,
+}
+
+impl Found {
+    /// The full store path.
+    pub fn path(&self) -> String {
+        self.info.store_dir.display(&self.info.store_path)
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub lookups: AtomicU64,
+    pub hits: AtomicU64,
+    pub refused: AtomicU64,
+    pub failures: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    /// None until `nix-cache-info` was read; then whether its store dir is the cache's.
+    store_dir_ok: Option<bool>,
+    failures: u32,
+    skip_until: Option<Instant>,
+}
+
+struct Upstream {
+    url: String,
+    health: Mutex<Health>,
+}
+
+/// What one upstream said about one path.
+enum Answer {
+    Has(Box<Found>),
+    /// It does not have it, or what it has does not check out (remembered like a miss).
+    Lacks,
+    /// It could not be asked (not remembered).
+    Failed,
+}
+
+/// (upstream index, hash part) → when it was asked, and what it said.
+type Memo = HashMap<(usize, String), (Instant, Option<Arc<Found>>)>;
+
+pub struct Substituter {
+    upstreams: Vec<Upstream>,
+    keys: TrustedKeys,
+    store_dir: StoreDir,
+    positive_ttl: Duration,
+    negative_ttl: Duration,
+    sign: bool,
+    agent: ureq::Agent,
+    memo: Mutex<Memo>,
+    pub stats: Stats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Substituter {
+    /// Substituters `urls` (in priority order) for a cache of `store_dir`, trusting `keys`.
+    pub fn new(settings: &crate::coordinator_file::Settings, store_dir: StoreDir) -> Substituter {
+        let certs: Vec<ureq::tls::Certificate<'static>> = crate::build::builtins::ca_file()
+            .and_then(|p| std::fs::read(p).ok())
+            .map(|pem| {
+                ureq::tls::parse_pem(&pem)
+                    .filter_map(|item| match item {
+                        Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .max_redirects(5)
+            .max_idle_connections_per_host(LOOKUP_THREADS)
+            .timeout_connect(Some(Duration::from_secs(15)))
+            .timeout_per_read(Some(Duration::from_secs(60)))
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .user_agent(concat!("gbc/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Substituter {
+            upstreams: settings
+                .substituters
+                .iter()
+                .map(|u| Upstream { url: u.clone(), health: Mutex::new(Health::default()) })
+                .collect(),
+            keys: settings.substituter_keys.clone(),
+            store_dir,
+            positive_ttl: settings.narinfo_ttl,
+            negative_ttl: settings.narinfo_negative_ttl,
+            sign: settings.sign_substitutes,
+            agent,
+            memo: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.upstreams.is_empty()
+    }
+
+    /// Which of `paths` some upstream has (the first in priority order that does), asked in
+    /// parallel. Paths outside the cache's store dir are never found.
+    pub fn query(&self, paths: &[String]) -> BTreeMap<String, Arc<Found>> {
+        let next = AtomicUsize::new(0);
+        let found = Mutex::new(BTreeMap::new());
+        std::thread::scope(|s| {
+            for _ in 0..LOOKUP_THREADS.min(paths.len()) {
+                s.spawn(|| {
+                    while let Some(path) = paths.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        if let Some(f) = self.lookup(path) {
+                            lock(&found).insert(path.clone(), f);
+                        }
+                    }
+                });
+            }
+        });
+        found.into_inner().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One path, upstream by upstream.
+    fn lookup(&self, path: &str) -> Option<Arc<Found>> {
+        let store_path = self.store_dir.parse_path(path).ok()?;
+        let hash = store_path.hash_part().to_owned();
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let key = (i, hash.clone());
+            if let Some((at, said)) = lock(&self.memo).get(&key) {
+                let ttl = if said.is_some() { self.positive_ttl } else { self.negative_ttl };
+                if at.elapsed() < ttl {
+                    match said {
+                        Some(f) => return Some(f.clone()),
+                        None => continue,
+                    }
+                }
+            }
+            match self.ask(up, path, &hash) {
+                Answer::Has(f) => {
+                    let f = Arc::new(*f);
+                    lock(&self.memo).insert(key, (Instant::now(), Some(f.clone())));
+                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    return Some(f);
+                }
+                Answer::Lacks => {
+                    lock(&self.memo).insert(key, (Instant::now(), None));
+                }
+                Answer::Failed => {}
+            }
+        }
+        None
+    }
+
+    /// Whether `up` may be asked now (not backed off, its store dir checked).
+    fn usable(&self, up: &Upstream) -> bool {
+        let (checked, skipped) = {
+            let h = lock(&up.health);
+            (h.store_dir_ok, h.skip_until.is_some_and(|t| Instant::now() < t))
+        };
+        if skipped {
+            return false;
+        }
+        if let Some(ok) = checked {
+            return ok;
+        }
+        let url = format!("{}/nix-cache-info", up.url);
+        let text = match self.get_text(&url) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                self.failed(up, "it has no nix-cache-info");
+                return false;
+            }
+            Err(e) => {
+                self.failed(up, &e);
+                return false;
+            }
+        };
+        let theirs = text.lines().find_map(|l| l.strip_prefix("StoreDir:")).map(str::trim).unwrap_or("/nix/store");
+        let ok = theirs == self.store_dir.as_str();
+        if !ok {
+            tracing::warn!(
+                "substituter {}: its store dir is {theirs}, the cache's {}: not used",
+                up.url,
+                self.store_dir.as_str()
+            );
+        }
+        lock(&up.health).store_dir_ok = Some(ok);
+        ok
+    }
+
+    fn ask(&self, up: &Upstream, path: &str, hash: &str) -> Answer {
+        if !self.usable(up) {
+            return Answer::Failed;
+        }
+        self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+        let text = match self.get_text(&format!("{}/{hash}.narinfo", up.url)) {
+            Ok(Some(t)) => t,
+            Ok(None) => return Answer::Lacks,
+            Err(e) => {
+                self.failed(up, &e);
+                return Answer::Failed;
+            }
+        };
+        self.recovered(up);
+        match self.check(&text, path) {
+            Ok(info) => Answer::Has(Box::new(Found { upstream: up.url.clone(), info })),
+            Err(why) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("substituter {}: {path}: {why}; not used", up.url);
+                Answer::Lacks
+            }
+        }
+    }
+
+    /// Whether an upstream narinfo counts for `path`.
+    fn check(&self, text: &str, path: &str) -> Result<NarInfo, String> {
+        let info = NarInfo::parse(text).map_err(|e| format!("narinfo: {e}"))?;
+        if info.store_dir != self.store_dir || info.store_dir.display(&info.store_path) != path {
+            return Err(format!("the narinfo is for {}", info.store_dir.display(&info.store_path)));
+        }
+        narinfo::verify_text(text, &self.keys).map_err(|e| e.to_string())?;
+        decompressor(info.compression.as_deref(), io::empty())?;
+        Ok(info)
+    }
+
+    /// GET a small text: Ok(None) on 404, 403 and 410.
+    fn get_text(&self, url: &str) -> Result<Option<String>, String> {
+        let response = self.agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
+        let status = response.status().as_u16();
+        if matches!(status, 403 | 404 | 410) {
+            return Ok(None);
+        }
+        if status != 200 {
+            return Err(format!("{url}: HTTP {status}"));
+        }
+        let mut body = response.into_body();
+        body.with_config().limit(1 << 20).read_to_string().map(Some).map_err(|e| format!("{url}: {e}"))
+    }
+
+    fn failed(&self, up: &Upstream, why: &str) {
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        let mut h = lock(&up.health);
+        let backoff = FIRST_BACKOFF.saturating_mul(3u32.saturating_pow(h.failures)).min(MAX_BACKOFF);
+        h.failures = h.failures.saturating_add(1);
+        h.skip_until = Some(Instant::now() + backoff);
+        tracing::warn!("substituter {}: {why}; not asked for {}s", up.url, backoff.as_secs());
+    }
+
+    fn recovered(&self, up: &Upstream) {
+        let mut h = lock(&up.health);
+        h.failures = 0;
+        h.skip_until = None;
+    }
+
+    /// Which upstream paths the closure of `paths` needs that the cache lacks: `paths` and,
+    /// through upstream references, every path they refer to. Err names a path no upstream has.
+    pub fn closure(&self, paths: &[String], cache: &Cache) -> Result<Vec<Arc<Found>>, String> {
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut out = Vec::new();
+        let mut level: Vec<String> = paths.iter().filter(|p| !cache.has(p)).cloned().collect();
+        while !level.is_empty() {
+            level.retain(|p| seen.insert(p.clone()));
+            let found = self.query(&level);
+            let mut next = Vec::new();
+            for p in &level {
+                let f = found.get(p).ok_or_else(|| format!("{p}: no substituter has it"))?;
+                for r in &f.info.references {
+                    let r = f.info.store_dir.display(r);
+                    if r != *p && !seen.contains(&r) && !cache.has(&r) {
+                        next.push(r);
+                    }
+                }
+                out.push(f.clone());
+            }
+            level = next;
+        }
+        Ok(out)
+    }
+
+    /// Take the closure of `paths` from upstream into `cache`: every NAR downloaded, decompressed
+    /// and checked, then published together. Returns the paths published. Nothing of a path
+    /// whose NAR fails is kept, and then nothing is published.
+    pub fn substitute(&self, paths: &[String], cache: &Cache) -> Result<Vec<String>, String> {
+        let wanted = self.closure(paths, cache)?;
+        let next = AtomicUsize::new(0);
+        let staged = Mutex::new(Vec::new());
+        let failed = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..FETCH_THREADS.min(wanted.len()) {
+                s.spawn(|| {
+                    while let Some(f) = wanted.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        if lock(&failed).is_some() {
+                            return;
+                        }
+                        match self.fetch(f, cache) {
+                            Ok(one) => lock(&staged).push(one),
+                            Err(e) => {
+                                lock(&failed).get_or_insert(e);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            return Err(e);
+        }
+        let staged = staged.into_inner().unwrap_or_else(PoisonError::into_inner);
+        cache.publish(staged).map_err(|e| format!("publishing substitutes: {e}"))
+    }
+
+    /// Download one NAR into the cache's staging area, checked against its narinfo.
+    fn fetch(&self, f: &Found, cache: &Cache) -> Result<(Output, crate::cache::StagedNar), String> {
+        let info = &f.info;
+        let path = f.path();
+        let url = if info.url.starts_with("http://") || info.url.starts_with("https://") {
+            info.url.clone()
+        } else if info.url.contains("://") {
+            return Err(format!("{path}: NAR URL {:?} is neither http nor https", info.url));
+        } else {
+            format!("{}/{}", f.upstream, info.url.trim_start_matches('/'))
+        };
+        let up = self.upstreams.iter().find(|u| u.url == f.upstream);
+        let fail = |why: String| {
+            if let Some(up) = up {
+                self.failed(up, &why);
+            }
+            why
+        };
+        let response = self.agent.get(&url).call().map_err(|e| fail(format!("{url}: {e}")))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Err(fail(format!("{url}: HTTP {status}")));
+        }
+        let body = CountingReader { inner: response.into_body().into_reader(), count: &self.stats.fetched_bytes };
+        let nar = decompressor(info.compression.as_deref(), body).map_err(|e| format!("{url}: {e}"))?;
+        let (staged, _) = cache.stage_checked(nar).map_err(|e| fail(format!("{url}: {e}")))?;
+        if staged.nar_hash != info.nar_hash || staged.nar_size != info.nar_size {
+            return Err(fail(format!(
+                "{url}: the NAR is not the one its narinfo describes ({} bytes, {}; the narinfo says {} bytes, {})",
+                staged.nar_size,
+                staged.nar_hash.to_nix32_string(),
+                info.nar_size,
+                info.nar_hash.to_nix32_string()
+            )));
+        }
+        let out = Output {
+            path,
+            nar_hash: info.nar_hash.clone(),
+            nar_size: info.nar_size,
+            references: info.references.iter().map(|r| info.store_dir.display(r)).collect(),
+            deriver: info.deriver.as_ref().map(|d| info.store_dir.display(d)),
+            system: info.system.clone(),
+            signatures: info.sigs.clone(),
+            cache_signs: self.sign,
+            ca: None,
+        };
+        Ok((out, staged))
+    }
+}
+
+/// Counts bytes as they are read.
+struct CountingReader<'a, R> {
+    inner: R,
+    count: &'a AtomicU64,
+}
+
+impl<R: Read> Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// A reader of the NAR inside a body compressed with `compression` (a narinfo's `Compression:`).
+fn decompressor<'a>(
+    compression: Option<&str>,
+    body: impl Read + Send + 'a,
+) -> Result<Box<dyn Read + Send + 'a>, String> {
+    let body = io::BufReader::with_capacity(256 * 1024, body);
+    Ok(match compression {
+        None | Some("none") => Box::new(body),
+        Some("xz") => Box::new(liblzma::read::XzDecoder::new_multi_decoder(body)),
+        Some("zstd") => Box::new(zstd::stream::read::Decoder::with_buffer(body).map_err(|e| e.to_string())?),
+        Some("bzip2") => Box::new(bzip2::bufread::MultiBzDecoder::new(body)),
+        Some("lzip") => Box::new(lzma_rust2::LzipReader::new(body)),
+        Some("gzip") => Box::new(flate2::bufread::MultiGzDecoder::new(body)),
+        Some(other) => return Err(format!("compression {other:?} is not one gbc reads")),
+    })
+}

@@ -1,0 +1,178 @@
+//! Upstream binary caches made by real Nix (`nix copy --to file://…`, xz as Nix compresses by
+//! default, signed with a key from `nix-store --generate-binary-cache-key`), served on loopback:
+//! what gbc's substituter takes from them, and what it refuses.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::files::Files;
+use common::{nix, nix_realise, run, run_ok_str, salt, stderr};
+use gbc::cache::{Cache, Compression};
+use gbc::coordinator_file::{CoordinatorFile, Overrides, Settings};
+use gbc::formats::narinfo::NarInfo;
+use gbc::formats::signing::SecretKey;
+use gbc::formats::store_path::StoreDir;
+use gbc::substituter::Substituter;
+
+/// An upstream: the outputs of `attrs` of tests/nix/queue.nix, built by Nix and copied with their
+/// closure into a file:// cache in `dir`, signed by a fresh key. Returns the output paths (by
+/// attribute) and the public key.
+fn upstream(dir: &Path, attrs: &[&str], salt: &str) -> (Vec<String>, String) {
+    let drvs = common::instantiate("tests/nix/queue.nix", None, attrs, salt);
+    let outs: Vec<String> =
+        nix_realise(&drvs.iter().map(|d| d.1.as_str()).collect::<Vec<_>>(), &[]).lines().map(str::to_owned).collect();
+    let (sec, public) = (dir.join("up.sec"), dir.join("up.pub"));
+    let out = run(nix("nix-store").args(["--generate-binary-cache-key", "up-1"]).arg(&sec).arg(&public));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let url = format!("file://{}?secret-key={}", dir.join("cache").display(), sec.display());
+    let out = run(nix("nix").args(["copy", "--to", &url]).args(&outs));
+    assert!(out.status.success(), "nix copy: {}", stderr(&out));
+    (outs, std::fs::read_to_string(public).unwrap().trim().to_owned())
+}
+
+fn settings(url: &str, key: &str) -> Settings {
+    let overrides = Overrides {
+        substituters: Some(vec![url.to_owned()]),
+        substituter_keys: Some(vec![key.to_owned()]),
+        narinfo_ttl: Some(Duration::from_secs(60)),
+        ..Overrides::default()
+    };
+    Settings::resolve(&CoordinatorFile::default(), &overrides, Path::new(".")).unwrap()
+}
+
+fn gbc_cache(dir: &Path) -> Cache {
+    let key = SecretKey::generate("gbc-test-1").unwrap();
+    Cache::open(&dir.join("gbc-cache"), StoreDir::new("/nix/store").unwrap(), key, Compression::Zstd).unwrap()
+}
+
+fn nar_files(root: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(root.join("nar")).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default()
+}
+
+/// What the cache holds besides its directories: narinfos, NARs, and anything staged.
+fn cache_contents(root: &Path) -> usize {
+    let narinfos = std::fs::read_dir(root)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "narinfo"))
+        .count();
+    narinfos + nar_files(root).len() + std::fs::read_dir(root.join(".tmp")).unwrap().count()
+}
+
+/// The paths an upstream has are found (and those it lacks are not); their closure is taken into
+/// gbc's cache with upstream's signatures, NAR hashes equal to Nix's, and Nix copies them from
+/// there trusting only the upstream key.
+#[test]
+fn a_nix_made_cache_s_paths_are_taken_with_their_closure() {
+    let tmp = common::tempdir();
+    let salt = salt();
+    let (outs, key) = upstream(tmp.path(), &["left", "refsBase"], &salt);
+    let top = common::instantiate("tests/nix/queue.nix", None, &["top"], &salt);
+    let top_out =
+        gbc::formats::derivation::Derivation::parse(&std::fs::read(&top[0].1).unwrap()).unwrap().outputs["out"]
+            .path
+            .clone();
+    let files = Files::serve_dir(&tmp.path().join("cache"));
+    let cache = gbc_cache(tmp.path());
+    let sub = Substituter::new(&settings(&files.url(""), &key), StoreDir::new("/nix/store").unwrap());
+
+    let asked: Vec<String> = outs.iter().cloned().chain([top_out.clone()]).collect();
+    let found = sub.query(&asked);
+    assert_eq!(
+        found.keys().cloned().collect::<Vec<_>>(),
+        {
+            let mut o = outs.clone();
+            o.sort();
+            o
+        },
+        "left and refs-base, not top"
+    );
+    let published = sub.substitute(&outs, &cache).unwrap();
+    assert_eq!(published.len(), 3, "left, refs-base and base (its reference): {published:?}");
+    for p in &published {
+        let hash = &p["/nix/store/".len()..][..32];
+        let text = std::fs::read_to_string(tmp.path().join(format!("gbc-cache/{hash}.narinfo"))).unwrap();
+        let info = NarInfo::parse(&text).unwrap();
+        let theirs = run_ok_str(nix("nix-store").args(["-q", "--hash", p]));
+        assert_eq!(info.nar_hash.to_nix32_string(), theirs.trim(), "{p}");
+        assert_eq!(
+            info.sigs.iter().map(|s| s.key_name().to_owned()).collect::<Vec<_>>(),
+            ["up-1"],
+            "upstream's only: {text}"
+        );
+    }
+    // Remembered: asking again costs no lookup.
+    let lookups = sub.stats.lookups.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(sub.query(&outs).len(), 2);
+    assert_eq!(sub.stats.lookups.load(std::sync::atomic::Ordering::Relaxed), lookups);
+
+    let fresh = tmp.path().join("fresh");
+    let out = run(nix("nix")
+        .args(["copy", "--from", &format!("file://{}", tmp.path().join("gbc-cache").display()), "--to"])
+        .arg(&fresh)
+        .args(["--option", "trusted-public-keys", &key])
+        .args(&outs));
+    assert!(out.status.success(), "nix copy from gbc's cache: {}", stderr(&out));
+}
+
+/// A narinfo signed by a key that is not trusted counts as missing; a NAR that is not the one its
+/// narinfo describes, and one whose server dies halfway, fail the substitution and leave nothing
+/// in the cache.
+#[test]
+fn untrusted_narinfos_bad_nars_and_cut_transfers_leave_nothing() {
+    let tmp = common::tempdir();
+    let salt = salt();
+    let (outs, key) = upstream(tmp.path(), &["left", "right"], &salt);
+    let store_dir = || StoreDir::new("/nix/store").unwrap();
+    let other = SecretKey::generate("other-1").unwrap().public().to_string();
+
+    let files = Files::serve_dir(&tmp.path().join("cache"));
+    let sub = Substituter::new(&settings(&files.url(""), &other), store_dir());
+    assert!(sub.query(&outs).is_empty(), "signed by up-1, which is not trusted");
+
+    // left's NAR file replaced by right's: a valid NAR, not left's.
+    let narinfo = |p: &str| {
+        let text =
+            std::fs::read_to_string(tmp.path().join(format!("cache/{}.narinfo", &p["/nix/store/".len()..][..32])))
+                .unwrap();
+        NarInfo::parse(&text).unwrap()
+    };
+    let (left, right) = (narinfo(&outs[0]), narinfo(&outs[1]));
+    let swapped = tmp.path().join("swapped");
+    copy_dir(&tmp.path().join("cache"), &swapped);
+    std::fs::copy(tmp.path().join("cache").join(&right.url), swapped.join(&left.url)).unwrap();
+    let files = Files::serve_dir(&swapped);
+    let cache_dir = tmp.path().join("one");
+    let cache = gbc_cache(&cache_dir);
+    let sub = Substituter::new(&settings(&files.url(""), &key), store_dir());
+    let e = sub.substitute(&outs[..1], &cache).unwrap_err();
+    assert!(e.contains("is not the one its narinfo describes"), "{e}");
+    assert_eq!(cache_contents(&cache_dir.join("gbc-cache")), 0, "nothing kept");
+
+    // The server dies halfway through each NAR.
+    let files = Files::serve_dir(&tmp.path().join("cache"));
+    let cache_dir = tmp.path().join("two");
+    let cache = gbc_cache(&cache_dir);
+    let sub = Substituter::new(&settings(&files.url("/cut"), &key), store_dir());
+    let e = sub.substitute(&outs[..1], &cache).unwrap_err();
+    assert!(e.contains("/cut/nar/"), "{e}");
+    assert_eq!(cache_contents(&cache_dir.join("gbc-cache")), 0, "nothing kept");
+    // The upstream is now skipped for a while: asked again, it is not asked.
+    let before = files.requests.lock().unwrap().len();
+    assert!(sub.query(&outs[1..]).is_empty());
+    assert_eq!(files.requests.lock().unwrap().len(), before, "backed off");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(p.file_name().unwrap()));
+        } else {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
