@@ -157,6 +157,9 @@ pub enum Request {
         ignore_if_built: bool,
         #[serde(default)]
         upload: bool,
+        /// Whether inputs may come from the coordinator's substituters (default: yes).
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        substitutes: bool,
     },
     /// Which of these store paths the binary cache lacks.
     Missing {
@@ -391,6 +394,9 @@ pub enum Reply {
         /// New builds no machine can take now: they wait until the machines change.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         no_machine: Vec<NoMachine>,
+        /// Input paths that will come from substituters instead of being built.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        substitutable: Vec<String>,
     },
     Event {
         #[serde(flatten)]
@@ -433,6 +439,14 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,6 +460,7 @@ mod tests {
             tags: vec![("k".into(), "v".into())],
             ignore_if_built: true,
             upload: false,
+            substitutes: false,
         };
         let line = serde_json::to_string(&r).unwrap_or_default();
         assert!(line.starts_with(r#"{"type":"submit""#), "{line}");

@@ -88,6 +88,9 @@ pub struct Substituter {
     sign: bool,
     agent: ureq::Agent,
     memo: Mutex<Memo>,
+    /// Paths being substituted now, and a wake-up for who waits for them.
+    inflight: Mutex<BTreeSet<String>>,
+    settled: std::sync::Condvar,
     pub stats: Stats,
 }
 
@@ -138,6 +141,8 @@ impl Substituter {
             sign: settings.sign_substitutes,
             agent,
             memo: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(BTreeSet::new()),
+            settled: std::sync::Condvar::new(),
             stats: Stats::default(),
         }
     }
@@ -327,6 +332,26 @@ impl Substituter {
     /// whose NAR fails is kept, and then nothing is published.
     pub fn substitute(&self, paths: &[String], cache: &Cache) -> Result<Vec<String>, String> {
         let wanted = self.closure(paths, cache)?;
+        // Claim them all at once (never some while waiting for others: no deadlock), waiting while
+        // another call substitutes any of them; then skip what it published meanwhile.
+        let names: Vec<String> = wanted.iter().map(|f| f.path()).collect();
+        {
+            let mut inflight = lock(&self.inflight);
+            while names.iter().any(|n| inflight.contains(n)) {
+                inflight = self.settled.wait(inflight).unwrap_or_else(PoisonError::into_inner);
+            }
+            inflight.extend(names.iter().cloned());
+        }
+        let result = self.fetch_all(wanted.into_iter().filter(|f| !cache.has(&f.path())).collect(), cache);
+        let mut inflight = lock(&self.inflight);
+        for n in &names {
+            inflight.remove(n);
+        }
+        self.settled.notify_all();
+        result
+    }
+
+    fn fetch_all(&self, wanted: Vec<Arc<Found>>, cache: &Cache) -> Result<Vec<String>, String> {
         let next = AtomicUsize::new(0);
         let staged = Mutex::new(Vec::new());
         let failed = Mutex::new(None);
@@ -401,6 +426,31 @@ impl Substituter {
             ca: None,
         };
         Ok((out, staged))
+    }
+}
+
+/// The substituters in force, replaced when the settings change.
+pub struct Substituters {
+    current: std::sync::RwLock<Arc<Substituter>>,
+    store_dir: StoreDir,
+}
+
+impl Substituters {
+    pub fn new(settings: &crate::coordinator_file::Settings, store_dir: StoreDir) -> Substituters {
+        Substituters {
+            current: std::sync::RwLock::new(Arc::new(Substituter::new(settings, store_dir.clone()))),
+            store_dir,
+        }
+    }
+
+    pub fn get(&self) -> Arc<Substituter> {
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// New settings: a new substituter (what the old one remembered is forgotten).
+    pub fn update(&self, settings: &crate::coordinator_file::Settings) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) =
+            Arc::new(Substituter::new(settings, self.store_dir.clone()));
     }
 }
 

@@ -21,7 +21,11 @@ use gbc::substituter::Substituter;
 /// closure into a file:// cache in `dir`, signed by a fresh key. Returns the output paths (by
 /// attribute) and the public key.
 fn upstream(dir: &Path, attrs: &[&str], salt: &str) -> (Vec<String>, String) {
-    let drvs = common::instantiate("tests/nix/queue.nix", None, attrs, salt);
+    upstream_from("tests/nix/queue.nix", dir, attrs, salt)
+}
+
+fn upstream_from(file: &str, dir: &Path, attrs: &[&str], salt: &str) -> (Vec<String>, String) {
+    let drvs = common::instantiate(file, None, attrs, salt);
     let outs: Vec<String> =
         nix_realise(&drvs.iter().map(|d| d.1.as_str()).collect::<Vec<_>>(), &[]).lines().map(str::to_owned).collect();
     let (sec, public) = (dir.join("up.sec"), dir.join("up.pub"));
@@ -175,4 +179,76 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
         }
     }
+}
+
+/// chain-c's inputs (chain-b, and multi's dev output) built by Nix into an upstream cache: the
+/// coordinator, given that upstream and its key, builds chain-c only, taking the inputs from
+/// upstream into its cache and sending them to the build host; chain-c's NarHash is Nix's, and Nix
+/// copies it from gbc's cache.
+#[test]
+fn a_submission_builds_only_what_upstream_lacks() {
+    let tmp = common::tempdir();
+    let salt = salt();
+    let (_, key) = upstream_of(tmp.path(), &["chainB", "multi"], &salt);
+    let files = Files::serve_dir(&tmp.path().join("cache"));
+    let url = files.url("");
+    let c = common::Coordinator::start(&["--local-builds", "1", "--substituter", &url, "--substituter-key", &key]);
+    let drv = common::instantiate("tests/nix/derivations.nix", None, &["chainC"], &salt).remove(0).1;
+    let out = run(&mut c.gbc(&["submit", "--json", "--no-upload", &drv]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["dependencies"].as_array().unwrap().len(), 0, "nothing below chain-c is built: {reply}");
+    let substitutable: Vec<&str> =
+        reply["substitutable"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(substitutable.len(), 2, "chain-b and multi's dev: {reply}");
+    let uuid = reply["builds"][0].as_str().unwrap().to_owned();
+    c.watch_ok(std::slice::from_ref(&uuid));
+    assert_eq!(c.builds().len(), 1, "one build only");
+    for p in &substitutable {
+        assert!(
+            c.state.join(format!("cache/{}.narinfo", &p["/nix/store/".len()..][..32])).exists(),
+            "{p} in the cache"
+        );
+    }
+    let d = c.show(&uuid);
+    let ours = &d["attempt_list"][0]["outputs"][0];
+    let theirs = nix_realise(&[&drv], &[]);
+    assert_eq!(ours["path"].as_str().unwrap(), theirs.trim());
+    let nix_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", theirs.trim()]));
+    assert_eq!(ours["nar_hash"].as_str().unwrap(), nix_hash.trim());
+    let cache_key = run_ok_str(&mut c.gbc(&["cache", "public-key"])).trim().to_owned();
+    let out = run(nix("nix")
+        .args(["copy", "--from", &format!("file://{}", c.state.join("cache").display()), "--to"])
+        .arg(tmp.path().join("fresh"))
+        .args(["--option", "trusted-public-keys", &format!("{cache_key} {key}"), theirs.trim()]));
+    assert!(out.status.success(), "nix copy: {}", stderr(&out));
+}
+
+/// Upstream failures are not build failures: an untrusted upstream is not used (and says so), and
+/// an upstream that dies mid-transfer at build time makes the coordinator build the inputs
+/// instead; chain-c succeeds both times.
+#[test]
+fn when_upstream_fails_the_inputs_are_built() {
+    let tmp = common::tempdir();
+    let salt = salt();
+    let (_, key) = upstream_of(tmp.path(), &["chainB", "multi"], &salt);
+    let files = Files::serve_dir(&tmp.path().join("cache"));
+    let drv = common::instantiate("tests/nix/derivations.nix", None, &["chainC"], &salt).remove(0).1;
+    let other = SecretKey::generate("other-1").unwrap().public().to_string();
+    for (url, key, said) in [
+        (files.url(""), other.as_str(), "no valid signature by a trusted key"),
+        (files.url("/cut"), key.as_str(), "they will be built"),
+    ] {
+        let c = common::Coordinator::start(&["--local-builds", "1", "--substituter", &url, "--substituter-key", key]);
+        let out = run(&mut c.gbc(&["build", "--no-upload", &drv]));
+        assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
+        c.wait_until("the log says why upstream was not used", 10, || c.log().contains(said));
+        let built: Vec<String> = c.builds().iter().map(|b| b["drv"].as_str().unwrap().to_owned()).collect();
+        assert!(built.iter().any(|d| d.ends_with("-chain-b.drv")), "chain-b was built: {built:?}");
+    }
+}
+
+/// [`upstream`] of tests/nix/derivations.nix.
+fn upstream_of(dir: &Path, attrs: &[&str], salt: &str) -> (Vec<String>, String) {
+    upstream_from("tests/nix/derivations.nix", dir, attrs, salt)
 }

@@ -439,6 +439,10 @@ pub struct SubmitOpts {
     /// Upload nothing: inputs the cache lacks are built, or the builds that need them fail.
     #[arg(long)]
     pub no_upload: bool,
+    /// Take no input from the coordinator's substituters: build the whole graph here (what its
+    /// cache lacks).
+    #[arg(long)]
+    pub no_substitutes: bool,
     #[arg(required = true, value_name = "DRV")]
     pub drvs: Vec<PathBuf>,
 }

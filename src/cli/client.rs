@@ -130,6 +130,7 @@ struct Submitted {
     builds: Vec<String>,
     dependencies: Vec<String>,
     no_machine: Vec<NoMachine>,
+    substitutable: Vec<String>,
 }
 
 /// Send a submission, uploading first what the coordinator's cache lacks and this machine has.
@@ -145,6 +146,7 @@ fn submit_with_uploads(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result
         tags: opts.tags.clone(),
         ignore_if_built: opts.ignore_if_built,
         upload,
+        substitutes: !opts.no_substitutes,
     };
     let mut reply = c.call(&request)?;
     if let (Reply::Wanted { paths }, Some((files, inputs))) = (&reply, &local) {
@@ -152,8 +154,8 @@ fn submit_with_uploads(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result
         reply = c.call(&Request::Uploaded)?;
     }
     match reply {
-        Reply::Submitted { builds, dependencies, no_machine } => {
-            Ok(Submitted { client: c, builds, dependencies, no_machine })
+        Reply::Submitted { builds, dependencies, no_machine, substitutable } => {
+            Ok(Submitted { client: c, builds, dependencies, no_machine, substitutable })
         }
         r => Err(unexpected(&r)),
     }
@@ -228,15 +230,23 @@ impl<W: Write> Write for Exactly<W> {
 }
 
 pub fn submit(client: &ClientOpts, opts: &SubmitOpts, json: bool) -> anyhow::Result<()> {
-    let Submitted { builds, dependencies, no_machine, .. } = submit_with_uploads(client, opts)?;
+    let Submitted { builds, dependencies, no_machine, substitutable, .. } = submit_with_uploads(client, opts)?;
     let mut out = io::stdout().lock();
     if json {
-        let all = serde_json::json!({ "builds": builds, "dependencies": dependencies, "no_machine": no_machine });
+        let all = serde_json::json!({
+            "builds": builds,
+            "dependencies": dependencies,
+            "no_machine": no_machine,
+            "substitutable": substitutable,
+        });
         writeln!(out, "{all}")?;
         return Ok(());
     }
     for b in builds {
         writeln!(out, "{b}")?;
+    }
+    if !substitutable.is_empty() {
+        writeln!(io::stderr(), "gbc: {} inputs will come from substituters", substitutable.len())?;
     }
     warn_no_machine(&no_machine)
 }
@@ -402,7 +412,7 @@ pub fn watch(client: &ClientOpts, uuids: Vec<String>, json: bool) -> anyhow::Res
 }
 
 pub fn build(client: &ClientOpts, opts: &SubmitOpts, json: bool, wait_for_machine: bool) -> anyhow::Result<()> {
-    let Submitted { client: mut c, builds, dependencies: deps, no_machine } = submit_with_uploads(client, opts)?;
+    let Submitted { client: mut c, builds, dependencies: deps, no_machine, .. } = submit_with_uploads(client, opts)?;
     if let Some(first) = no_machine.first() {
         if !wait_for_machine {
             let more = match no_machine.len() {

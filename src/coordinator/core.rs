@@ -118,6 +118,7 @@ pub(super) struct RealDrivers {
     pub config: Config,
     pub log_written: Arc<tokio::sync::Notify>,
     pub cache: Arc<crate::cache::Cache>,
+    pub substituters: Arc<crate::substituter::Substituters>,
     pub events: mpsc::UnboundedSender<DriverEvent>,
 }
 
@@ -130,6 +131,7 @@ impl Drivers for RealDrivers {
             state_dir: self.config.state_dir.clone(),
             trusted: spec.trusted.clone(),
             cache: Some(self.cache.clone()),
+            substituters: Some(self.substituters.clone()),
             backoff: spec.backoff,
             ping: self.config.ping_interval,
             timeout_secs: self.config.timeout_secs,

@@ -68,10 +68,10 @@ impl Listeners {
 fn watch_settings(
     path: std::path::PathBuf,
     overrides: crate::coordinator_file::Overrides,
-    settings: tokio::sync::watch::Sender<Arc<crate::coordinator_file::Settings>>,
+    substituters: Arc<crate::substituter::Substituters>,
 ) -> Result<notify::RecommendedWatcher> {
     specs::watch_file(path, move |path| {
-        let (overrides, settings) = (overrides.clone(), settings.clone());
+        let (overrides, substituters) = (overrides.clone(), substituters.clone());
         async move {
             let p = path.clone();
             let reread =
@@ -84,7 +84,7 @@ fn watch_settings(
                         s.substituters.len(),
                         s.substituter_keys.len()
                     );
-                    return settings.send(Arc::new(s)).is_ok();
+                    substituters.update(&s);
                 }
                 Ok(Err(e)) => tracing::error!("{e}; keeping the previous settings"),
                 Err(e) => tracing::error!("{}: {e}; keeping the previous settings", path.display()),
@@ -115,13 +115,19 @@ pub async fn run(
         cache = cache.with_guix_key(config::guix_key(&config)?, host);
     }
     let cache = Arc::new(cache);
+    let substituters = Arc::new(crate::substituter::Substituters::new(&config.settings, cache.store_dir().clone()));
 
     let (events, _) = broadcast::channel(16 * 1024);
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(1024);
     let (drv_tx, drv_rx) = mpsc::unbounded_channel::<DriverEvent>();
     let log_written = Arc::new(tokio::sync::Notify::new());
-    let drivers =
-        RealDrivers { config: config.clone(), log_written: log_written.clone(), cache: cache.clone(), events: drv_tx };
+    let drivers = RealDrivers {
+        config: config.clone(),
+        log_written: log_written.clone(),
+        cache: cache.clone(),
+        substituters: substituters.clone(),
+        events: drv_tx,
+    };
     let mut core =
         Core::new(config.clone(), db.clone(), cache.clone(), events.clone(), Box::new(drivers), machines).await?;
     tracing::info!("coordinator: {} builds queued; listening on {}", core.queued_len(), config.socket.display());
@@ -136,9 +142,8 @@ pub async fn run(
         config.settings.substituters.len(),
         config.settings.substituter_keys.len()
     );
-    let (settings_tx, _settings) = tokio::sync::watch::channel(Arc::new(config.settings.clone()));
     let _settings_watcher = match &config.settings_file {
-        Some(path) => Some(watch_settings(path.clone(), config.overrides.clone(), settings_tx)?),
+        Some(path) => Some(watch_settings(path.clone(), config.overrides.clone(), substituters.clone())?),
         None => None,
     };
     let http_task = listeners.http.map(|listener| {
@@ -158,6 +163,7 @@ pub async fn run(
         requests: tokio::sync::Semaphore::new(server::REQUEST_MEMORY / server::REQUEST_PIECE),
         db,
         cache,
+        substituters,
         commands: cmd_tx.clone(),
         events,
         log_written,

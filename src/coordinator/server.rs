@@ -2,6 +2,7 @@
 //! Reads go straight to the database's read connection; changes go through the core. A bad request
 //! gets an `error` reply and the connection (and the coordinator) go on.
 
+use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub(super) struct Server {
     pub requests: Semaphore,
     pub db: Arc<Db>,
     pub cache: Arc<crate::cache::Cache>,
+    /// Asked, at submission, which outputs upstream caches have.
+    pub substituters: Arc<crate::substituter::Substituters>,
     pub commands: mpsc::Sender<Command>,
     pub events: broadcast::Sender<Event>,
     /// Woken whenever a build log grows or is closed.
@@ -165,22 +168,34 @@ impl Server {
 
     async fn handle(&self, request: Request, input: &mut In, out: &mut Out) -> Result<()> {
         match request {
-            Request::Submit { derivations, inputs, priority, tags, ignore_if_built, upload } => {
+            Request::Submit { derivations, inputs, priority, tags, ignore_if_built, upload, substitutes } => {
                 let checked = tokio::task::spawn_blocking(move || super::submit::check(&derivations, &inputs)).await?;
                 let checked = checked?;
                 if upload {
                     self.uploads(&checked, input, out).await?;
                 }
                 let cache = self.cache.clone();
-                let (checked, needed, unpublished) = tokio::task::spawn_blocking(move || {
-                    let needed = checked.needed(|p| cache.has(p));
+                let substituter = Some(self.substituters.get()).filter(|s| substitutes && !s.is_empty());
+                let (checked, needed, unpublished, substitutable) = tokio::task::spawn_blocking(move || {
+                    // Available: in the cache, or (asked a level at a time) upstream.
+                    let mut upstream = BTreeSet::new();
+                    let needed = checked.needed_in_rounds(|paths| {
+                        let (have, lack): (Vec<String>, Vec<String>) = paths.into_iter().partition(|p| cache.has(p));
+                        let mut have: BTreeSet<String> = have.into_iter().collect();
+                        if let Some(s) = &substituter {
+                            let found: Vec<String> = s.query(&lack).into_keys().collect();
+                            upstream.extend(found.iter().cloned());
+                            have.extend(found);
+                        }
+                        have
+                    });
                     let unpublished = checked
                         .derivations
                         .iter()
                         .filter(|d| d.outputs.values().any(|o| cache.store_dir().parse_path(o).is_err()))
                         .map(|d| d.path.clone())
                         .collect();
-                    (checked, needed, unpublished)
+                    (checked, needed, unpublished, upstream.into_iter().collect())
                 })
                 .await?;
                 let sub = Submission {
@@ -194,8 +209,12 @@ impl Server {
                     unpublished,
                 };
                 let (outcome, no_machine) = self.ask(|tx| Command::Submit(Box::new(sub), tx)).await??;
-                let reply =
-                    Reply::Submitted { builds: outcome.requested, dependencies: outcome.dependencies, no_machine };
+                let reply = Reply::Submitted {
+                    builds: outcome.requested,
+                    dependencies: outcome.dependencies,
+                    no_machine,
+                    substitutable,
+                };
                 send(out, &reply).await
             }
             Request::Missing { paths } => {

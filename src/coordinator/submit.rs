@@ -48,14 +48,34 @@ impl Checked {
     /// needed derivation takes an output of that is not available. An input whose outputs are all
     /// there is not built, and neither is what only it needed.
     pub fn needed(&self, mut available: impl FnMut(&str) -> bool) -> BTreeSet<String> {
+        self.needed_in_rounds(|paths| paths.into_iter().filter(|p| available(p)).collect())
+    }
+
+    /// [`Checked::needed`], asking about availability a level of the graph at a time (`available`
+    /// gets the paths of one level and returns those available), so that slow answers (upstream
+    /// caches) are asked for together and only where they matter: below an available input,
+    /// nothing is asked.
+    pub fn needed_in_rounds(&self, mut available: impl FnMut(Vec<String>) -> BTreeSet<String>) -> BTreeSet<String> {
         let mut needed: BTreeSet<String> = self.requested.iter().cloned().collect();
-        let mut stack: Vec<&str> = self.requested.iter().map(String::as_str).collect();
-        while let Some(d) = stack.pop() {
-            for (input, outputs) in self.uses.get(d).into_iter().flatten() {
-                if !outputs.iter().all(|o| available(o)) && needed.insert(input.clone()) {
-                    stack.push(input);
+        let mut frontier: Vec<&str> = self.requested.iter().map(String::as_str).collect();
+        let mut known: HashMap<&str, bool> = HashMap::new();
+        while !frontier.is_empty() {
+            let uses = || frontier.iter().flat_map(|d| self.uses.get(*d).into_iter().flatten());
+            let ask: BTreeSet<&str> = uses()
+                .flat_map(|(_, outs)| outs.iter().map(String::as_str))
+                .filter(|o| !known.contains_key(o))
+                .collect();
+            let have = available(ask.iter().map(|s| (*s).to_owned()).collect());
+            for o in ask {
+                known.insert(o, have.contains(o));
+            }
+            let mut next = Vec::new();
+            for (input, outputs) in uses() {
+                if !outputs.iter().all(|o| known.get(o.as_str()) == Some(&true)) && needed.insert(input.clone()) {
+                    next.push(input.as_str());
                 }
             }
+            frontier = next;
         }
         needed
     }

@@ -104,6 +104,8 @@ pub struct Driver {
     pub trusted: Vec<HostPublicKey>,
     /// Where verified outputs are published.
     pub cache: Option<Arc<Cache>>,
+    /// Where inputs the cache lacks may come from before they count as missing.
+    pub substituters: Option<Arc<crate::substituter::Substituters>>,
     pub backoff: Backoff,
     /// How often the agent is asked for its load.
     pub ping: Duration,
@@ -257,6 +259,7 @@ mod tests {
             state_dir: dir.path().to_owned(),
             trusted: vec![],
             cache: None,
+            substituters: None,
             backoff: Backoff::local(),
             ping: Duration::from_secs(30),
             timeout_secs: None,
@@ -395,6 +398,7 @@ mod tests {
             state_dir: dir.path().to_owned(),
             trusted: vec![HostPublicKey::Nix(host.0.public())],
             cache: Some(cache.clone()),
+            substituters: None,
             backoff: Backoff::local(),
             ping: Duration::from_millis(200),
             timeout_secs: None,

@@ -327,11 +327,30 @@ impl Live<'_> {
         match &self.d.cache {
             Some(c) if !missing.is_empty() => {
                 let (c, work, name) = (c.clone(), self.work.clone(), self.d.name.clone());
+                let substituter = self.d.substituters.as_ref().map(|s| s.get()).filter(|s| !s.is_empty());
                 tokio::task::spawn_blocking(move || {
-                    let (infos, lacking) = c.closure(&missing).unwrap_or_else(|e| {
-                        tracing::error!(machine = %name, "reading the cache: {e}");
-                        (Vec::new(), missing.clone())
-                    });
+                    let closure = |missing: &[String]| {
+                        c.closure(missing).unwrap_or_else(|e| {
+                            tracing::error!(machine = %name, "reading the cache: {e}");
+                            (Vec::new(), missing.to_vec())
+                        })
+                    };
+                    let (mut infos, mut lacking) = closure(&missing);
+                    // What the cache lacks may come from upstream; if not, it counts as missing (and
+                    // is built).
+                    let upstream: Vec<String> =
+                        lacking.iter().filter(|p| c.store_dir().parse_path(p).is_ok()).cloned().collect();
+                    if let (Some(s), false) = (&substituter, upstream.is_empty()) {
+                        match s.substitute(&upstream, &c) {
+                            Ok(got) => {
+                                tracing::info!(machine = %name, "{} paths from substituters", got.len());
+                                (infos, lacking) = closure(&missing);
+                            }
+                            Err(e) => {
+                                tracing::warn!(machine = %name, "inputs from substituters: {e}; they will be built")
+                            }
+                        }
+                    }
                     let _ = work.send(Work::Resolved { key, missing, infos, lacking });
                 });
                 Ok(())
