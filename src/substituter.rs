@@ -91,7 +91,8 @@ pub struct Substituter {
     /// Paths being substituted now, and a wake-up for who waits for them.
     inflight: Mutex<BTreeSet<String>>,
     settled: std::sync::Condvar,
-    pub stats: Stats,
+    /// Shared by the substituters that replace each other when the settings change.
+    pub stats: Arc<Stats>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -101,6 +102,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Substituter {
     /// Substituters `urls` (in priority order) for a cache of `store_dir`, trusting `keys`.
     pub fn new(settings: &crate::coordinator_file::Settings, store_dir: StoreDir) -> Substituter {
+        Substituter::with_stats(settings, store_dir, Arc::default())
+    }
+
+    fn with_stats(settings: &crate::coordinator_file::Settings, store_dir: StoreDir, stats: Arc<Stats>) -> Substituter {
         let certs: Vec<ureq::tls::Certificate<'static>> = crate::build::builtins::ca_file()
             .and_then(|p| std::fs::read(p).ok())
             .map(|pem| {
@@ -143,12 +148,25 @@ impl Substituter {
             memo: Mutex::new(HashMap::new()),
             inflight: Mutex::new(BTreeSet::new()),
             settled: std::sync::Condvar::new(),
-            stats: Stats::default(),
+            stats,
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.upstreams.is_empty()
+    }
+
+    /// Each upstream's URL, and whether it is being asked (false while backed off, or when its
+    /// store dir is not the cache's).
+    pub fn health(&self) -> Vec<(String, bool)> {
+        let now = Instant::now();
+        self.upstreams
+            .iter()
+            .map(|u| {
+                let h = lock(&u.health);
+                (u.url.clone(), h.store_dir_ok != Some(false) && h.skip_until.is_none_or(|t| t <= now))
+            })
+            .collect()
     }
 
     /// Which of `paths` some upstream has (the first in priority order that does), asked in
@@ -449,8 +467,9 @@ impl Substituters {
 
     /// New settings: a new substituter (what the old one remembered is forgotten).
     pub fn update(&self, settings: &crate::coordinator_file::Settings) {
+        let stats = self.get().stats.clone();
         *self.current.write().unwrap_or_else(PoisonError::into_inner) =
-            Arc::new(Substituter::new(settings, self.store_dir.clone()));
+            Arc::new(Substituter::with_stats(settings, self.store_dir.clone(), stats));
     }
 }
 

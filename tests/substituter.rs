@@ -235,16 +235,38 @@ fn when_upstream_fails_the_inputs_are_built() {
     let files = Files::serve_dir(&tmp.path().join("cache"));
     let drv = common::instantiate("tests/nix/derivations.nix", None, &["chainC"], &salt).remove(0).1;
     let other = SecretKey::generate("other-1").unwrap().public().to_string();
-    for (url, key, said) in [
-        (files.url(""), other.as_str(), "no valid signature by a trusted key"),
-        (files.url("/cut"), key.as_str(), "they will be built"),
+    for (url, key, said, up) in [
+        (files.url(""), other.as_str(), "no valid signature by a trusted key", 1),
+        (files.url("/cut"), key.as_str(), "they will be built", 0),
     ] {
-        let c = common::Coordinator::start(&["--local-builds", "1", "--substituter", &url, "--substituter-key", key]);
+        let (port, addr) = common::free_addr();
+        let c = common::Coordinator::start(&[
+            "--local-builds",
+            "1",
+            "--substituter",
+            &url,
+            "--substituter-key",
+            key,
+            "--http",
+            &addr,
+        ]);
         let out = run(&mut c.gbc(&["build", "--no-upload", &drv]));
         assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
         c.wait_until("the log says why upstream was not used", 10, || c.log().contains(said));
         let built: Vec<String> = c.builds().iter().map(|b| b["drv"].as_str().unwrap().to_owned()).collect();
         assert!(built.iter().any(|d| d.ends_with("-chain-b.drv")), "chain-b was built: {built:?}");
+        // /metrics says whether the upstream is still asked (a refused narinfo is no failure; a
+        // dying server is, and backs it off).
+        let (_, _, body) = common::http(port, "GET", "/metrics", "");
+        let metrics = String::from_utf8_lossy(&body);
+        assert!(metrics.contains(&format!("gbc_substituter_up{{url=\"{url}\"}} {up}")), "{metrics}");
+        let refused = metrics.lines().find(|l| l.starts_with("gbc_substituter_refused_total ")).unwrap_or_default();
+        let failures = metrics.lines().find(|l| l.starts_with("gbc_substituter_failures_total ")).unwrap_or_default();
+        if up == 1 {
+            assert!(!refused.ends_with(" 0") && failures.ends_with(" 0"), "{refused} {failures}");
+        } else {
+            assert!(!failures.ends_with(" 0"), "{failures}");
+        }
     }
 }
 

@@ -73,6 +73,7 @@ pub(super) struct Http {
     limits: HttpLimits,
     /// Read-ahead in KiB, shared by all connections.
     read_ahead: Arc<Semaphore>,
+    substituters: Arc<crate::substituter::Substituters>,
 }
 
 impl Http {
@@ -82,9 +83,10 @@ impl Http {
         db: Arc<Db>,
         commands: mpsc::Sender<Command>,
         limits: HttpLimits,
+        substituters: Arc<crate::substituter::Substituters>,
     ) -> Http {
         let read_ahead = Arc::new(Semaphore::new(limits.read_ahead.div_ceil(KIB).max(1)));
-        Http { cache, store_dir, db, commands, limits, read_ahead }
+        Http { cache, store_dir, db, commands, limits, read_ahead, substituters }
     }
 }
 
@@ -420,6 +422,31 @@ async fn metrics(State(http): State<Arc<Http>>) -> Response {
     let age = Gauge::<i64>::default();
     age.set(oldest.map_or(0, |t| (now_ms() - t).max(0) / 1000));
     registry.register("oldest_queued_age_seconds", "Age of the oldest queued build", age);
+    let substituter = http.substituters.get();
+    let asked = Family::<Vec<(String, String)>, Gauge>::default();
+    for (url, ok) in substituter.health() {
+        asked.get_or_create(&vec![("url".to_owned(), url)]).set(i64::from(ok));
+    }
+    registry.register(
+        "substituter_up",
+        "Whether each substituter is asked (0 while it is backed off after a failure, or serves another store dir)",
+        asked,
+    );
+    let s = &substituter.stats;
+    let load = |c: &std::sync::atomic::AtomicU64| counter(c.load(std::sync::atomic::Ordering::Relaxed));
+    registry.register("substituter_lookups", "Narinfos asked of substituters", load(&s.lookups));
+    registry.register("substituter_hits", "Narinfos found upstream and accepted", load(&s.hits));
+    registry.register(
+        "substituter_refused",
+        "Upstream narinfos refused (signature, store path, compression)",
+        load(&s.refused),
+    );
+    registry.register("substituter_failures", "Substituter requests that failed (then backed off)", load(&s.failures));
+    registry.register(
+        "substituter_fetched_bytes",
+        "Compressed NAR bytes downloaded from substituters",
+        load(&s.fetched_bytes),
+    );
     let mut text = String::new();
     if let Err(e) = encode(&mut text, &registry) {
         return internal("metrics", e);

@@ -156,6 +156,7 @@ pub async fn run(
             db.clone(),
             cmd_tx.clone(),
             config.http_limits,
+            substituters.clone(),
         );
         tokio::spawn(http::serve(Arc::new(h), listener))
     });
