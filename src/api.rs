@@ -160,6 +160,10 @@ pub enum Request {
         /// Whether inputs may come from the coordinator's substituters (default: yes).
         #[serde(default = "yes", skip_serializing_if = "is_true")]
         substitutes: bool,
+        /// Build no submitted derivation whose outputs are all available (in the cache or
+        /// upstream): report it in `available` instead.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        skip_substitutable: bool,
     },
     /// Which of these store paths the binary cache lacks.
     Missing {
@@ -285,6 +289,14 @@ pub struct BuildDetail {
     pub attempt_list: Vec<AttemptInfo>,
 }
 
+/// A submitted derivation that was not built: every output of it is available (`gbc submit
+/// --skip-substitutable`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Available {
+    pub drv: String,
+    pub outputs: BTreeMap<String, String>,
+}
+
 /// A build that no machine can take, and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NoMachine {
@@ -397,6 +409,9 @@ pub enum Reply {
         /// Input paths that will come from substituters instead of being built.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         substitutable: Vec<String>,
+        /// With `skip_substitutable`: the submitted derivations not built (`builds` has the others).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        available: Vec<Available>,
     },
     Event {
         #[serde(flatten)]
@@ -461,6 +476,7 @@ mod tests {
             ignore_if_built: true,
             upload: false,
             substitutes: false,
+            skip_substitutable: true,
         };
         let line = serde_json::to_string(&r).unwrap_or_default();
         assert!(line.starts_with(r#"{"type":"submit""#), "{line}");

@@ -193,7 +193,18 @@ fn a_submission_builds_only_what_upstream_lacks() {
     let files = Files::serve_dir(&tmp.path().join("cache"));
     let url = files.url("");
     let c = common::Coordinator::start(&["--local-builds", "1", "--substituter", &url, "--substituter-key", &key]);
-    let drv = common::instantiate("tests/nix/derivations.nix", None, &["chainC"], &salt).remove(0).1;
+    let drvs = common::instantiate("tests/nix/derivations.nix", None, &["chainC", "chainB"], &salt);
+    let (drv, chain_b) = (drvs[0].1.clone(), drvs[1].1.clone());
+    // chain-b itself is upstream: with --skip-substitutable it is not built, and its output is
+    // printed.
+    let out = run(&mut c.gbc(&["build", "--skip-substitutable", "--no-upload", &chain_b]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let b_out = gbc::formats::derivation::Derivation::parse(&std::fs::read(&chain_b).unwrap()).unwrap().outputs["out"]
+        .path
+        .clone();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), b_out);
+    assert!(stderr(&out).contains("-chain-b.drv: available, not built"), "{}", stderr(&out));
+    assert!(c.builds().is_empty(), "nothing built");
     let out = run(&mut c.gbc(&["submit", "--json", "--no-upload", &drv]));
     assert!(out.status.success(), "{}", stderr(&out));
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -222,6 +233,14 @@ fn a_submission_builds_only_what_upstream_lacks() {
         .arg(tmp.path().join("fresh"))
         .args(["--option", "trusted-public-keys", &format!("{cache_key} {key}"), theirs.trim()]));
     assert!(out.status.success(), "nix copy: {}", stderr(&out));
+
+    // --no-substitutes: the whole graph is built here.
+    let c = common::Coordinator::start(&["--local-builds", "1", "--substituter", &url, "--substituter-key", &key]);
+    let out = run(&mut c.gbc(&["submit", "--json", "--no-upload", "--no-substitutes", &drv]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["dependencies"].as_array().unwrap().len(), 3, "chain-a, chain-b and multi: {reply}");
+    assert!(reply["substitutable"].as_array().unwrap().is_empty(), "{reply}");
 }
 
 /// Upstream failures are not build failures: an untrusted upstream is not used (and says so), and

@@ -443,6 +443,11 @@ pub struct SubmitOpts {
     /// cache lacks).
     #[arg(long)]
     pub no_substitutes: bool,
+    /// Build none of the given derivations whose outputs are all available, in the cache or from
+    /// a substituter (only the cache with --no-substitutes): report them as available instead
+    /// (`gbc build` prints their outputs first).
+    #[arg(long)]
+    pub skip_substitutable: bool,
     #[arg(required = true, value_name = "DRV")]
     pub drvs: Vec<PathBuf>,
 }

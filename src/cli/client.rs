@@ -131,6 +131,7 @@ struct Submitted {
     dependencies: Vec<String>,
     no_machine: Vec<NoMachine>,
     substitutable: Vec<String>,
+    available: Vec<crate::api::Available>,
 }
 
 /// Send a submission, uploading first what the coordinator's cache lacks and this machine has.
@@ -147,6 +148,7 @@ fn submit_with_uploads(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result
         ignore_if_built: opts.ignore_if_built,
         upload,
         substitutes: !opts.no_substitutes,
+        skip_substitutable: opts.skip_substitutable,
     };
     let mut reply = c.call(&request)?;
     if let (Reply::Wanted { paths }, Some((files, inputs))) = (&reply, &local) {
@@ -154,8 +156,8 @@ fn submit_with_uploads(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result
         reply = c.call(&Request::Uploaded)?;
     }
     match reply {
-        Reply::Submitted { builds, dependencies, no_machine, substitutable } => {
-            Ok(Submitted { client: c, builds, dependencies, no_machine, substitutable })
+        Reply::Submitted { builds, dependencies, no_machine, substitutable, available } => {
+            Ok(Submitted { client: c, builds, dependencies, no_machine, substitutable, available })
         }
         r => Err(unexpected(&r)),
     }
@@ -230,7 +232,8 @@ impl<W: Write> Write for Exactly<W> {
 }
 
 pub fn submit(client: &ClientOpts, opts: &SubmitOpts, json: bool) -> anyhow::Result<()> {
-    let Submitted { builds, dependencies, no_machine, substitutable, .. } = submit_with_uploads(client, opts)?;
+    let Submitted { builds, dependencies, no_machine, substitutable, available, .. } =
+        submit_with_uploads(client, opts)?;
     let mut out = io::stdout().lock();
     if json {
         let all = serde_json::json!({
@@ -238,6 +241,7 @@ pub fn submit(client: &ClientOpts, opts: &SubmitOpts, json: bool) -> anyhow::Res
             "dependencies": dependencies,
             "no_machine": no_machine,
             "substitutable": substitutable,
+            "available": available,
         });
         writeln!(out, "{all}")?;
         return Ok(());
@@ -247,6 +251,9 @@ pub fn submit(client: &ClientOpts, opts: &SubmitOpts, json: bool) -> anyhow::Res
     }
     if !substitutable.is_empty() {
         writeln!(io::stderr(), "gbc: {} inputs will come from substituters", substitutable.len())?;
+    }
+    for a in &available {
+        writeln!(io::stderr(), "gbc: {}: available, not built", a.drv)?;
     }
     warn_no_machine(&no_machine)
 }
@@ -412,7 +419,8 @@ pub fn watch(client: &ClientOpts, uuids: Vec<String>, json: bool) -> anyhow::Res
 }
 
 pub fn build(client: &ClientOpts, opts: &SubmitOpts, json: bool, wait_for_machine: bool) -> anyhow::Result<()> {
-    let Submitted { client: mut c, builds, dependencies: deps, no_machine, .. } = submit_with_uploads(client, opts)?;
+    let Submitted { client: mut c, builds, dependencies: deps, no_machine, available, .. } =
+        submit_with_uploads(client, opts)?;
     if let Some(first) = no_machine.first() {
         if !wait_for_machine {
             let more = match no_machine.len() {
@@ -435,6 +443,12 @@ pub fn build(client: &ClientOpts, opts: &SubmitOpts, json: bool, wait_for_machin
     drop(progress);
     let mut failed = Vec::new();
     let mut out = io::stdout().lock();
+    for a in &available {
+        writeln!(io::stderr(), "gbc: {}: available, not built", a.drv)?;
+        for path in a.outputs.values() {
+            writeln!(out, "{path}")?;
+        }
+    }
     for uuid in &builds {
         let detail = show_detail(&mut c, uuid)?;
         if detail.summary.state == BuildState::Succeeded {

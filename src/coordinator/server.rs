@@ -168,7 +168,16 @@ impl Server {
 
     async fn handle(&self, request: Request, input: &mut In, out: &mut Out) -> Result<()> {
         match request {
-            Request::Submit { derivations, inputs, priority, tags, ignore_if_built, upload, substitutes } => {
+            Request::Submit {
+                derivations,
+                inputs,
+                priority,
+                tags,
+                ignore_if_built,
+                upload,
+                substitutes,
+                skip_substitutable,
+            } => {
                 let checked = tokio::task::spawn_blocking(move || super::submit::check(&derivations, &inputs)).await?;
                 let checked = checked?;
                 if upload {
@@ -176,10 +185,11 @@ impl Server {
                 }
                 let cache = self.cache.clone();
                 let substituter = Some(self.substituters.get()).filter(|s| substitutes && !s.is_empty());
-                let (checked, needed, unpublished, substitutable) = tokio::task::spawn_blocking(move || {
+                let (checked, needed, unpublished, substitutable, skipped) = tokio::task::spawn_blocking(move || {
+                    let mut checked = checked;
                     // Available: in the cache, or (asked a level at a time) upstream.
                     let mut upstream = BTreeSet::new();
-                    let needed = checked.needed_in_rounds(|paths| {
+                    let mut available = |paths: Vec<String>| {
                         let (have, lack): (Vec<String>, Vec<String>) = paths.into_iter().partition(|p| cache.has(p));
                         let mut have: BTreeSet<String> = have.into_iter().collect();
                         if let Some(s) = &substituter {
@@ -188,14 +198,28 @@ impl Server {
                             have.extend(found);
                         }
                         have
-                    });
+                    };
+                    let mut skipped = Vec::new();
+                    if skip_substitutable {
+                        let requested: BTreeSet<&String> = checked.requested.iter().collect();
+                        let asked: Vec<&crate::db::NewDerivation> =
+                            checked.derivations.iter().filter(|d| requested.contains(&d.path)).collect();
+                        let have = available(asked.iter().flat_map(|d| d.outputs.values().cloned()).collect());
+                        skipped = asked
+                            .into_iter()
+                            .filter(|d| d.outputs.values().all(|o| have.contains(o)))
+                            .map(|d| api::Available { drv: d.path.clone(), outputs: d.outputs.clone() })
+                            .collect::<Vec<_>>();
+                        checked.requested.retain(|r| !skipped.iter().any(|a| a.drv == *r));
+                    }
+                    let needed = checked.needed_in_rounds(&mut available);
                     let unpublished = checked
                         .derivations
                         .iter()
                         .filter(|d| d.outputs.values().any(|o| cache.store_dir().parse_path(o).is_err()))
                         .map(|d| d.path.clone())
                         .collect();
-                    (checked, needed, unpublished, upstream.into_iter().collect())
+                    (checked, needed, unpublished, upstream.into_iter().collect(), skipped)
                 })
                 .await?;
                 let sub = Submission {
@@ -214,6 +238,7 @@ impl Server {
                     dependencies: outcome.dependencies,
                     no_machine,
                     substitutable,
+                    available: skipped,
                 };
                 send(out, &reply).await
             }
