@@ -114,13 +114,16 @@ impl Cache {
     /// A narinfo's text as published: Nix's fields and signatures, then Guix's signature of all of
     /// that when the cache has a Guix key.
     fn narinfo_text(&self, info: &NarInfo) -> io::Result<String> {
+        // The cache vouches in Guix's format for what it vouches for in Nix's: not for a substitute
+        // it was not told to sign (whose upstream `Signature:` covered upstream's text, not this).
+        let vouched = info.sigs.iter().any(|s| s.key_name() == self.key.name());
         match &self.guix {
-            Some((key, host)) => {
+            Some((key, host)) if vouched => {
                 let mut info = info.clone();
                 info.sign_guix(key, host).map_err(|e| invalid(e.to_string()))?;
                 Ok(info.to_string())
             }
-            None => Ok(info.to_string()),
+            _ => Ok(info.to_string()),
         }
     }
 

@@ -428,3 +428,83 @@ fn a_libgcrypt_key_signs_a_nix_cache_that_nix_still_reads() {
     assert!(out.status.success(), "nix copy: {}", common::stderr(&out));
     assert!(tmp.path().join("fresh").join(path.trim_start_matches('/')).exists());
 }
+
+/// A Guix upstream: /gnu/store narinfos whose only signature is a `Signature:` made by libgcrypt
+/// (as guix publish signs), over lzip NARs. A coordinator given it and that Guix key builds the
+/// diamond's top only: left and right come from upstream, checked as `guix substitute` would.
+#[test]
+fn a_guix_upstream_s_paths_are_taken_and_only_the_rest_is_built() {
+    use gbc::formats::narinfo::NarInfo;
+    let tmp = common::tempdir();
+    let Some((sec, public)) = libgcrypt_key_pair(tmp.path(), "upstream") else {
+        return common::skip("guile with guile-gcrypt is not installed (scripts/install-test-deps installs them)");
+    };
+    let drv = |name: &str| {
+        std::fs::read_dir(common::repo_path("examples/diamond"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with(&format!("-example-{name}.drv")))
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    // The upstream's contents: left and right (and base), built by another coordinator with lzip
+    // NARs, then signed by libgcrypt alone.
+    let up = common::Coordinator::start(&[
+        "--local-builds",
+        "2",
+        "--cache-store-dir",
+        "/gnu/store",
+        "--compression",
+        "lzip",
+    ]);
+    let out = common::run(&mut up.gbc(&["build", &drv("left"), &drv("right")]));
+    assert!(out.status.success(), "{}\n{}", common::stderr(&out), up.log());
+    let upstream_dir = up.state.join("cache");
+    for entry in std::fs::read_dir(&upstream_dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_none_or(|e| e != "narinfo") {
+            continue;
+        }
+        let mut info = NarInfo::parse(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(info.compression.as_deref(), Some("lzip"));
+        info.sigs.clear();
+        info.guix_signature = None;
+        std::fs::write(&p, libgcrypt_signed_narinfo(&info.to_string(), &sec, &public)).unwrap();
+    }
+    let files = common::files::Files::serve_dir(&upstream_dir);
+
+    let c = common::Coordinator::start(&[
+        "--local-builds",
+        "1",
+        "--cache-store-dir",
+        "/gnu/store",
+        "--substituter",
+        &files.url(""),
+        "--substituter-key",
+        public.to_str().unwrap(),
+    ]);
+    let out = common::run(&mut c.gbc(&["submit", "--json", "--no-upload", &drv("top")]));
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["dependencies"].as_array().unwrap().len(), 0, "left and right come from upstream: {reply}");
+    assert_eq!(reply["substitutable"].as_array().unwrap().len(), 2, "{reply}");
+    let uuid = reply["builds"][0].as_str().unwrap().to_owned();
+    let w = common::run(&mut c.gbc(&["watch", &uuid]));
+    assert!(w.status.success(), "{}\n{}", common::stderr(&w), c.log());
+    // The substitutes are in the cache, and top is signed for Guix clients by the cache's key.
+    let guix_pub = std::fs::read_to_string(c.state.join("keys/guix-signing-key.pub")).unwrap();
+    for p in reply["substitutable"].as_array().unwrap() {
+        let p = p.as_str().unwrap();
+        let text = std::fs::read_to_string(c.state.join(format!("cache/{}.narinfo", &p["/gnu/store/".len()..][..32])));
+        // Not signed by the cache (it was not told to sign substitutes): Guix's signature covered
+        // upstream's text, which is not this one.
+        let text = text.unwrap_or_else(|e| panic!("{p}: {e}"));
+        assert!(!text.contains("Sig:") && !text.contains("Signature:"), "{text}");
+    }
+    let top = c.show(&uuid)["attempt_list"][0]["outputs"][0]["path"].as_str().unwrap().to_owned();
+    let text =
+        std::fs::read_to_string(c.state.join(format!("cache/{}.narinfo", &top["/gnu/store/".len()..][..32]))).unwrap();
+    assert_eq!(guix_signature_status(&text, &acl(&[&guix_pub])).unwrap(), "valid-signature", "{text}");
+}
