@@ -382,6 +382,33 @@ fn a_host_signing_with_a_guix_key_is_checked_against_its_guix_key() {
     assert_eq!(narinfo.matches("\nSig: ").count(), 1, "{narinfo}");
 }
 
+/// Inputs an upstream cache has (built by Nix) reach an SSH host through the coordinator: only
+/// chain-c is built, on the host, with Nix's NarHash.
+#[test]
+fn a_host_gets_inputs_from_upstream_through_the_coordinator() {
+    let farm = Farm::start();
+    let salt = salt();
+    let (_, key) = common::upstream("tests/nix/derivations.nix", farm.dir.path(), &["chainB", "multi"], &salt);
+    let files = common::files::Files::serve_dir(&farm.dir.path().join("cache"));
+    farm.write(&[farm.alpha_entry()]);
+    let url = files.url("");
+    let c = farm.coordinator(&["--substituter", &url, "--substituter-key", &key]);
+    let drv = common::instantiate("tests/nix/derivations.nix", None, &["chainC"], &salt).remove(0).1;
+    let out = run(&mut c.gbc(&["submit", "--json", "--no-upload", &drv]));
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(reply["dependencies"].as_array().unwrap().is_empty(), "{reply}");
+    let uuid = reply["builds"][0].as_str().unwrap().to_owned();
+    c.watch_ok(std::slice::from_ref(&uuid));
+    let d = c.show(&uuid);
+    assert_eq!(d["attempt_list"][0]["machine"], "alpha", "{d}");
+    let ours = &d["attempt_list"][0]["outputs"][0];
+    let theirs = nix_realise(&[&drv], &[]);
+    let nix_hash = run_ok_str(nix("nix-store").args(["-q", "--hash", theirs.trim()]));
+    assert_eq!((ours["path"].as_str().unwrap(), ours["nar_hash"].as_str().unwrap()), (theirs.trim(), nix_hash.trim()));
+    assert_eq!(c.builds().len(), 1);
+}
+
 #[test]
 fn auto_deploy_uploads_gbc_to_a_host_without_it() {
     let farm = Farm::start();

@@ -17,24 +17,9 @@ use gbc::formats::signing::SecretKey;
 use gbc::formats::store_path::StoreDir;
 use gbc::substituter::Substituter;
 
-/// An upstream: the outputs of `attrs` of tests/nix/queue.nix, built by Nix and copied with their
-/// closure into a file:// cache in `dir`, signed by a fresh key. Returns the output paths (by
-/// attribute) and the public key.
+/// An upstream built by Nix from tests/nix/queue.nix (see [`common::upstream`]).
 fn upstream(dir: &Path, attrs: &[&str], salt: &str) -> (Vec<String>, String) {
-    upstream_from("tests/nix/queue.nix", dir, attrs, salt)
-}
-
-fn upstream_from(file: &str, dir: &Path, attrs: &[&str], salt: &str) -> (Vec<String>, String) {
-    let drvs = common::instantiate(file, None, attrs, salt);
-    let outs: Vec<String> =
-        nix_realise(&drvs.iter().map(|d| d.1.as_str()).collect::<Vec<_>>(), &[]).lines().map(str::to_owned).collect();
-    let (sec, public) = (dir.join("up.sec"), dir.join("up.pub"));
-    let out = run(nix("nix-store").args(["--generate-binary-cache-key", "up-1"]).arg(&sec).arg(&public));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let url = format!("file://{}?secret-key={}", dir.join("cache").display(), sec.display());
-    let out = run(nix("nix").args(["copy", "--to", &url]).args(&outs));
-    assert!(out.status.success(), "nix copy: {}", stderr(&out));
-    (outs, std::fs::read_to_string(public).unwrap().trim().to_owned())
+    common::upstream("tests/nix/queue.nix", dir, attrs, salt)
 }
 
 fn settings(url: &str, key: &str) -> Settings {
@@ -291,5 +276,5 @@ fn when_upstream_fails_the_inputs_are_built() {
 
 /// [`upstream`] of tests/nix/derivations.nix.
 fn upstream_of(dir: &Path, attrs: &[&str], salt: &str) -> (Vec<String>, String) {
-    upstream_from("tests/nix/derivations.nix", dir, attrs, salt)
+    common::upstream("tests/nix/derivations.nix", dir, attrs, salt)
 }

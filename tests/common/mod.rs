@@ -416,3 +416,20 @@ pub fn rss(pid: u32) -> u64 {
         .unwrap();
     kb * 1024
 }
+
+/// An upstream binary cache: the outputs of `attrs` of the Nix file `file`, built by Nix and copied
+/// with their closure into a file:// cache in `dir/cache` (xz, as Nix compresses by default),
+/// signed by a fresh key from `nix-store --generate-binary-cache-key`. Returns the output paths
+/// and the public key.
+pub fn upstream(file: &str, dir: &Path, attrs: &[&str], salt: &str) -> (Vec<String>, String) {
+    let drvs = instantiate(file, None, attrs, salt);
+    let outs: Vec<String> =
+        nix_realise(&drvs.iter().map(|d| d.1.as_str()).collect::<Vec<_>>(), &[]).lines().map(str::to_owned).collect();
+    let (sec, public) = (dir.join("up.sec"), dir.join("up.pub"));
+    let out = run(nix("nix-store").args(["--generate-binary-cache-key", "up-1"]).arg(&sec).arg(&public));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let url = format!("file://{}?secret-key={}", dir.join("cache").display(), sec.display());
+    let out = run(nix("nix").args(["copy", "--to", &url]).args(&outs));
+    assert!(out.status.success(), "nix copy: {}", stderr(&out));
+    (outs, std::fs::read_to_string(public).unwrap().trim().to_owned())
+}
