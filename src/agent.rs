@@ -294,6 +294,14 @@ fn session<R: BufRead + Send + 'static>(config: &Arc<AgentConfig>, input: R, tx:
                 let msg = format!("fetch {path}: {MAX_TRANSFERS} transfers are under way already");
                 reply_error(tx, msg, None, Some(transfer));
             }
+            Message::Substitute { build, paths, substituters, keys } => {
+                // On its own thread: downloads take a while, the session goes on meanwhile.
+                let (config, tx) = (Arc::clone(config), tx.clone());
+                transfer_threads.push(std::thread::spawn(move || {
+                    let (added, error) = substitute(&config, &paths, substituters, keys);
+                    send(&tx, Message::Substituted { build, added, error });
+                }));
+            }
             Message::Fetch { transfer, path } => {
                 // On its own thread, like a build's outputs: the session goes on meanwhile.
                 let (config, tx) = (Arc::clone(config), tx.clone());
@@ -531,13 +539,63 @@ fn receive_nar(
     Ok((chunks_tx, handle))
 }
 
+/// Take `paths` and the closure of each that the store lacks from the binary caches `urls`,
+/// trusting `keys`, each NAR checked as it is unpacked; stops at the first failure. Returns what
+/// was added, and why the rest was not.
+fn substitute(
+    config: &AgentConfig,
+    paths: &[String],
+    urls: Vec<String>,
+    keys: Vec<String>,
+) -> (Vec<String>, Option<String>) {
+    use crate::coordinator_file::{CoordinatorFile, Overrides, Settings};
+    let mut added = Vec::new();
+    let overrides = Overrides { substituters: Some(urls), substituter_keys: Some(keys), ..Overrides::default() };
+    let settings = match Settings::resolve(&CoordinatorFile::default(), &overrides, Path::new("/")) {
+        Ok(s) => s,
+        Err(e) => return (added, Some(e)),
+    };
+    let mut by_dir: std::collections::BTreeMap<String, (StoreDir, Vec<String>)> = Default::default();
+    for p in paths {
+        match store_dir_of(config, p) {
+            Ok((sd, _)) => by_dir.entry(sd.as_str().to_owned()).or_insert_with(|| (sd, Vec::new())).1.push(p.clone()),
+            Err(e) => return (added, Some(format!("{p}: {e}"))),
+        }
+    }
+    for (sd, paths) in by_dir.into_values() {
+        let sub = crate::substituter::Substituter::new(&settings, sd.clone());
+        let wanted = match sub.closure(&paths, |p| config.store.is_valid(&sd, p).unwrap_or(false)) {
+            Ok(w) => w,
+            Err(e) => return (added, Some(e)),
+        };
+        for f in wanted {
+            let meta = PathMeta {
+                path: f.path(),
+                nar_hash: f.info.nar_hash.to_nix32_string(),
+                nar_size: f.info.nar_size,
+                references: f.info.references.iter().map(|r| sd.display(r)).collect(),
+                deriver: f.info.deriver.as_ref().map(|d| sd.display(d)),
+            };
+            let result = sub.open_nar(&f).and_then(|(nar, url)| {
+                add_path(config, &sd, &f.info.store_path, &f.info.nar_hash, &meta, nar)
+                    .map_err(|e| sub.failed_at(&f, format!("{url}: {e}")))
+            });
+            match result {
+                Ok(()) => added.push(meta.path),
+                Err(e) => return (added, Some(e)),
+            }
+        }
+    }
+    (added, None)
+}
+
 fn add_path(
     config: &AgentConfig,
     sd: &StoreDir,
     sp: &StorePath,
     want: &Hash,
     meta: &PathMeta,
-    mut reader: ChunkReader<mpsc::Receiver<Vec<u8>>>,
+    mut reader: impl io::Read,
 ) -> io::Result<()> {
     let store = &config.store;
     if store.is_valid(sd, &meta.path)? {

@@ -64,6 +64,9 @@ pub struct Machine {
     pub enabled: bool,
     /// Upload the coordinator's own `gbc` when the host's agent is missing or incompatible.
     pub auto_deploy: bool,
+    /// Binary caches the host takes inputs from itself (checked against the coordinator's
+    /// substituter keys), before the coordinator sends what it still lacks.
+    pub substituters: Vec<String>,
 }
 
 fn default_port() -> u16 {
@@ -123,6 +126,8 @@ struct RawMachine {
     enabled: bool,
     #[serde(default)]
     auto_deploy: bool,
+    #[serde(default)]
+    substituters: Vec<String>,
 }
 
 /// What is wrong with one machine's entry.
@@ -190,6 +195,11 @@ impl TryFrom<RawMachine> for Machine {
             Ok(paths) => paths,
             Err(e) => return bad(format!("sandbox_paths: {e}")),
         };
+        let substituters = r.substituters.iter().map(|u| crate::coordinator_file::check_url(u));
+        let substituters = match substituters.collect::<Result<Vec<_>, _>>() {
+            Ok(urls) => urls,
+            Err(e) => return bad(e),
+        };
         Ok(Machine {
             name: r.name,
             host: r.host,
@@ -211,6 +221,7 @@ impl TryFrom<RawMachine> for Machine {
             signing_key: r.signing_key,
             enabled: r.enabled,
             auto_deploy: r.auto_deploy,
+            substituters,
         })
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Bumped on any incompatible change. Peers with different versions refuse each other in `hello`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Longest JSON line accepted, newline included.
 pub const MAX_LINE: usize = 4 << 20;
 /// Largest binary payload of one frame.
@@ -168,6 +168,23 @@ pub enum Message {
     Fetch {
         transfer: u64,
         path: String,
+    },
+    /// Coordinator → agent: take `paths` (with the closure of each that the store lacks) from
+    /// these binary caches yourself, trusting only these keys (Nix `NAME:base64` or a Guix
+    /// `(public-key …)`); answered by `substituted`. For hosts with a good network of their own.
+    Substitute {
+        build: String,
+        paths: Vec<String>,
+        substituters: Vec<String>,
+        keys: Vec<String>,
+    },
+    /// Agent → coordinator: the paths now valid (the closure included); `error` says why the rest
+    /// are not (the coordinator then sends them itself).
+    Substituted {
+        build: String,
+        added: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// Coordinator → agent: how loaded is the host now? Answered by `pong`.
     Ping {},

@@ -156,6 +156,11 @@ impl Substituter {
         self.upstreams.is_empty()
     }
 
+    /// The keys upstream narinfos must be signed by.
+    pub fn keys(&self) -> &TrustedKeys {
+        &self.keys
+    }
+
     /// Each upstream's URL, and whether it is being asked (false while backed off, or when its
     /// store dir is not the cache's).
     pub fn health(&self) -> Vec<(String, bool)> {
@@ -320,12 +325,13 @@ impl Substituter {
         h.skip_until = None;
     }
 
-    /// Which upstream paths the closure of `paths` needs that the cache lacks: `paths` and,
-    /// through upstream references, every path they refer to. Err names a path no upstream has.
-    pub fn closure(&self, paths: &[String], cache: &Cache) -> Result<Vec<Arc<Found>>, String> {
+    /// Which upstream paths the closure of `paths` needs that the target lacks (`has` says what
+    /// it has): `paths` and, through upstream references, every path they refer to; references
+    /// before what refers to them. Err names a path no upstream has.
+    pub fn closure(&self, paths: &[String], has: impl Fn(&str) -> bool) -> Result<Vec<Arc<Found>>, String> {
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut out = Vec::new();
-        let mut level: Vec<String> = paths.iter().filter(|p| !cache.has(p)).cloned().collect();
+        let mut level: Vec<String> = paths.iter().filter(|p| !has(p)).cloned().collect();
         while !level.is_empty() {
             level.retain(|p| seen.insert(p.clone()));
             let found = self.query(&level);
@@ -334,7 +340,7 @@ impl Substituter {
                 let f = found.get(p).ok_or_else(|| format!("{p}: no substituter has it"))?;
                 for r in &f.info.references {
                     let r = f.info.store_dir.display(r);
-                    if r != *p && !seen.contains(&r) && !cache.has(&r) {
+                    if r != *p && !seen.contains(&r) && !has(&r) {
                         next.push(r);
                     }
                 }
@@ -342,14 +348,14 @@ impl Substituter {
             }
             level = next;
         }
-        Ok(out)
+        Ok(references_first(out))
     }
 
     /// Take the closure of `paths` from upstream into `cache`: every NAR downloaded, decompressed
     /// and checked, then published together. Returns the paths published. Nothing of a path
     /// whose NAR fails is kept, and then nothing is published.
     pub fn substitute(&self, paths: &[String], cache: &Cache) -> Result<Vec<String>, String> {
-        let wanted = self.closure(paths, cache)?;
+        let wanted = self.closure(paths, |p| cache.has(p))?;
         // Claim them all at once (never some while waiting for others: no deadlock), waiting while
         // another call substitutes any of them; then skip what it published meanwhile.
         let names: Vec<String> = wanted.iter().map(|f| f.path()).collect();
@@ -397,40 +403,52 @@ impl Substituter {
         cache.publish(staged).map_err(|e| format!("publishing substitutes: {e}"))
     }
 
+    /// The NAR of `f`, decompressed as it is read (not checked: the reader's consumer compares
+    /// what it gets with the narinfo), and its URL for messages.
+    pub fn open_nar(&self, f: &Found) -> Result<(Box<dyn Read + Send + '_>, String), String> {
+        let info = &f.info;
+        let url = if info.url.starts_with("http://") || info.url.starts_with("https://") {
+            info.url.clone()
+        } else if info.url.contains("://") {
+            return Err(format!("{}: NAR URL {:?} is neither http nor https", f.path(), info.url));
+        } else {
+            format!("{}/{}", f.upstream, info.url.trim_start_matches('/'))
+        };
+        let response = self.agent.get(&url).call().map_err(|e| self.failed_at(f, format!("{url}: {e}")))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Err(self.failed_at(f, format!("{url}: HTTP {status}")));
+        }
+        let body = CountingReader { inner: response.into_body().into_reader(), count: &self.stats.fetched_bytes };
+        let nar = decompressor(info.compression.as_deref(), body).map_err(|e| format!("{url}: {e}"))?;
+        Ok((nar, url))
+    }
+
+    /// Note that the upstream `f` came from failed (it is backed off); returns `why`.
+    pub fn failed_at(&self, f: &Found, why: String) -> String {
+        if let Some(up) = self.upstreams.iter().find(|u| u.url == f.upstream) {
+            self.failed(up, &why);
+        }
+        why
+    }
+
     /// Download one NAR into the cache's staging area, checked against its narinfo.
     fn fetch(&self, f: &Found, cache: &Cache) -> Result<(Output, crate::cache::StagedNar), String> {
         let info = &f.info;
         let path = f.path();
-        let url = if info.url.starts_with("http://") || info.url.starts_with("https://") {
-            info.url.clone()
-        } else if info.url.contains("://") {
-            return Err(format!("{path}: NAR URL {:?} is neither http nor https", info.url));
-        } else {
-            format!("{}/{}", f.upstream, info.url.trim_start_matches('/'))
-        };
-        let up = self.upstreams.iter().find(|u| u.url == f.upstream);
-        let fail = |why: String| {
-            if let Some(up) = up {
-                self.failed(up, &why);
-            }
-            why
-        };
-        let response = self.agent.get(&url).call().map_err(|e| fail(format!("{url}: {e}")))?;
-        let status = response.status().as_u16();
-        if status != 200 {
-            return Err(fail(format!("{url}: HTTP {status}")));
-        }
-        let body = CountingReader { inner: response.into_body().into_reader(), count: &self.stats.fetched_bytes };
-        let nar = decompressor(info.compression.as_deref(), body).map_err(|e| format!("{url}: {e}"))?;
-        let (staged, _) = cache.stage_checked(nar).map_err(|e| fail(format!("{url}: {e}")))?;
+        let (nar, url) = self.open_nar(f)?;
+        let (staged, _) = cache.stage_checked(nar).map_err(|e| self.failed_at(f, format!("{url}: {e}")))?;
         if staged.nar_hash != info.nar_hash || staged.nar_size != info.nar_size {
-            return Err(fail(format!(
-                "{url}: the NAR is not the one its narinfo describes ({} bytes, {}; the narinfo says {} bytes, {})",
-                staged.nar_size,
-                staged.nar_hash.to_nix32_string(),
-                info.nar_size,
-                info.nar_hash.to_nix32_string()
-            )));
+            return Err(self.failed_at(
+                f,
+                format!(
+                    "{url}: the NAR is not the one its narinfo describes ({} bytes, {}; the narinfo says {} bytes, {})",
+                    staged.nar_size,
+                    staged.nar_hash.to_nix32_string(),
+                    info.nar_size,
+                    info.nar_hash.to_nix32_string()
+                ),
+            ));
         }
         let out = Output {
             path,
@@ -445,6 +463,32 @@ impl Substituter {
         };
         Ok((out, staged))
     }
+}
+
+/// Order found paths so that each comes after those of the set it refers to.
+fn references_first(found: Vec<Arc<Found>>) -> Vec<Arc<Found>> {
+    let mut by_path: BTreeMap<String, Arc<Found>> = found.into_iter().map(|f| (f.path(), f)).collect();
+    let roots: Vec<String> = by_path.keys().cloned().collect();
+    let mut out = Vec::with_capacity(roots.len());
+    let mut entered = BTreeSet::new();
+    for root in roots {
+        let mut stack = vec![(root, false)];
+        while let Some((p, done)) = stack.pop() {
+            if done {
+                out.extend(by_path.remove(&p));
+                continue;
+            }
+            if !entered.insert(p.clone()) {
+                continue;
+            }
+            stack.push((p.clone(), true));
+            if let Some(f) = by_path.get(&p) {
+                let refs = f.info.references.iter().map(|r| f.info.store_dir.display(r));
+                stack.extend(refs.filter(|r| by_path.contains_key(r)).map(|r| (r, false)));
+            }
+        }
+    }
+    out
 }
 
 /// The substituters in force, replaced when the settings change.

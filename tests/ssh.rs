@@ -409,6 +409,44 @@ fn a_host_gets_inputs_from_upstream_through_the_coordinator() {
     assert_eq!(c.builds().len(), 1);
 }
 
+/// A host with `substituters` of its own takes its inputs from upstream itself (the coordinator's
+/// cache never gets them); when its substituter fails mid-transfer, the coordinator sends them
+/// instead (from its own substituter), and says so.
+#[test]
+fn a_host_with_its_own_substituters_takes_inputs_itself_and_falls_back() {
+    let farm = Farm::start();
+    let salt = salt();
+    let (_, key) = common::upstream("tests/nix/derivations.nix", farm.dir.path(), &["chainB", "multi"], &salt);
+    let files = common::files::Files::serve_dir(&farm.dir.path().join("cache"));
+    let drv = common::instantiate("tests/nix/derivations.nix", None, &["chainC"], &salt).remove(0).1;
+    let b_out = gbc::formats::derivation::Derivation::parse(
+        &std::fs::read(common::instantiate("tests/nix/derivations.nix", None, &["chainB"], &salt).remove(0).1).unwrap(),
+    )
+    .unwrap()
+    .outputs["out"]
+        .path
+        .clone();
+    let in_cache =
+        |c: &Coordinator| c.state.join(format!("cache/{}.narinfo", &b_out["/nix/store/".len()..][..32])).exists();
+    for (host_url, fallback) in [(files.url(""), false), (files.url("/cut"), true)] {
+        farm.write(&[farm.alpha_with(&format!("substituters: [{host_url:?}], "))]);
+        let c = farm.coordinator(&["--substituter", &files.url(""), "--substituter-key", &key]);
+        let out = run(&mut c.gbc(&["build", "--no-upload", &drv]));
+        assert!(out.status.success(), "{}\n{}", common::stderr(&out), c.log());
+        assert_eq!(c.builds().len(), 1, "only chain-c is built");
+        if fallback {
+            assert!(c.log().contains("its substituters: "), "{}", c.log());
+            assert!(in_cache(&c), "the coordinator took chain-b into its cache to send it");
+        } else {
+            assert!(!in_cache(&c), "the host took chain-b itself: the coordinator never had it");
+        }
+        // The next round's host starts with an empty store.
+        drop(c);
+        std::fs::remove_dir_all(&farm.alpha.agent_dir).unwrap();
+        std::fs::create_dir_all(&farm.alpha.agent_dir).unwrap();
+    }
+}
+
 #[test]
 fn auto_deploy_uploads_gbc_to_a_host_without_it() {
     let farm = Farm::start();

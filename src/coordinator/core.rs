@@ -132,6 +132,7 @@ impl Drivers for RealDrivers {
             trusted: spec.trusted.clone(),
             cache: Some(self.cache.clone()),
             substituters: Some(self.substituters.clone()),
+            host_substituters: spec.substituters.clone(),
             backoff: spec.backoff,
             ping: self.config.ping_interval,
             timeout_secs: self.config.timeout_secs,

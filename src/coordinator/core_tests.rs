@@ -65,6 +65,7 @@ fn machine(name: &str) -> MachineSpec {
         transport: super::super::transport::Transport::Local { program: "/nonexistent/gbc".into(), args: vec![] },
         trusted: vec![],
         backoff: super::super::machine::Backoff::local(),
+        substituters: Vec::new(),
     }
 }
 

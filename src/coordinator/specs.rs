@@ -43,12 +43,17 @@ pub struct MachineSpec {
     /// Keys accepted on its outputs; empty: the key its agent announces (local machine only).
     pub trusted: Vec<HostPublicKey>,
     pub backoff: Backoff,
+    /// Binary caches the host takes inputs from itself.
+    pub substituters: Vec<String>,
 }
 
 impl MachineSpec {
     /// Whether a change from `self` to `new` needs a new session (else it applies in place).
     pub(super) fn same_session(&self, new: &MachineSpec) -> bool {
-        self.transport == new.transport && self.trusted == new.trusted && self.backoff == new.backoff
+        self.transport == new.transport
+            && self.trusted == new.trusted
+            && self.backoff == new.backoff
+            && self.substituters == new.substituters
     }
 }
 
@@ -72,6 +77,7 @@ pub fn local_machine(config: &Config) -> MachineSpec {
         min_free_disk: None,
         transport: Transport::Local { program: config.agent_program.clone(), args },
         trusted: Vec::new(),
+        substituters: Vec::new(),
         backoff: Backoff::local(),
     }
 }
@@ -148,6 +154,7 @@ fn host_machine(
         })),
         trusted,
         backoff: Backoff::hosts(config.reconnect_delay),
+        substituters: m.substituters.clone(),
     })
 }
 

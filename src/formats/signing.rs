@@ -197,6 +197,12 @@ impl TrustedKeys {
         self.0.len() + self.1.len()
     }
 
+    /// Each key as its format writes it (a Guix key as its s-expression on one line).
+    pub fn to_strings(&self) -> Vec<String> {
+        let guix = self.1.iter().map(|k| super::gcrypt::public_key_sx(k).to_text());
+        self.0.iter().map(ToString::to_string).chain(guix).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty() && self.1.is_empty()
     }

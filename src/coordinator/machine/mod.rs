@@ -106,6 +106,9 @@ pub struct Driver {
     pub cache: Option<Arc<Cache>>,
     /// Where inputs the cache lacks may come from before they count as missing.
     pub substituters: Option<Arc<crate::substituter::Substituters>>,
+    /// Binary caches the host takes inputs from itself (machines.ron `substituters`), before
+    /// the coordinator sends what it still lacks.
+    pub host_substituters: Vec<String>,
     pub backoff: Backoff,
     /// How often the agent is asked for its load.
     pub ping: Duration,
@@ -260,6 +263,7 @@ mod tests {
             trusted: vec![],
             cache: None,
             substituters: None,
+            host_substituters: Vec::new(),
             backoff: Backoff::local(),
             ping: Duration::from_secs(30),
             timeout_secs: None,
@@ -399,6 +403,7 @@ mod tests {
             trusted: vec![HostPublicKey::Nix(host.0.public())],
             cache: Some(cache.clone()),
             substituters: None,
+            host_substituters: Vec::new(),
             backoff: Backoff::local(),
             ping: Duration::from_millis(200),
             timeout_secs: None,

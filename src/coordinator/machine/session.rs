@@ -45,6 +45,8 @@ pub(super) struct Active {
     /// The input closure as far as the cache knows it, all named in `build`: of these, the agent
     /// gets only the ones it says it lacks.
     pub announced: BTreeSet<String>,
+    /// Set while the host takes inputs from its own substituters: what it lacked.
+    substituting: Option<Vec<String>>,
     /// Log bytes written so far.
     log_bytes: u64,
     /// Set when the log passed the limit and the build was stopped for it.
@@ -201,6 +203,7 @@ impl Live<'_> {
                 sent: false,
                 awaiting_inputs: 0,
                 announced: BTreeSet::new(),
+                substituting: None,
                 log_bytes: 0,
                 log_exceeded: None,
             },
@@ -266,6 +269,7 @@ impl Live<'_> {
     async fn frame(&mut self, frame: Frame) -> Step {
         match frame.message {
             Message::Inputs { build, missing } => self.inputs(build, missing).await,
+            Message::Substituted { build, added, error } => self.substituted(build, added, error).await,
             Message::PathAdded { transfer, .. } => self.path_added(transfer).await,
             Message::Error { message, transfer: Some(transfer), .. } if self.uploads.contains_key(&transfer) => {
                 self.input_refused(transfer, message).await
@@ -318,9 +322,39 @@ impl Live<'_> {
         }
     }
 
-    /// The agent lacks `missing`: what the cache can give it gets (with the references it lacks),
-    /// looked up beside the loop.
+    /// The agent lacks `missing`: a host with substituters of its own takes them from there
+    /// first; the rest comes from the coordinator.
     async fn inputs(&mut self, key: String, missing: Vec<String>) -> Step {
+        let own = &self.d.host_substituters;
+        let keys = self.d.substituters.as_ref().map(|s| s.get().keys().to_strings()).unwrap_or_default();
+        match self.active.get_mut(&key) {
+            Some(a) if !own.is_empty() && !missing.is_empty() && !keys.is_empty() => {
+                a.substituting = Some(missing.clone());
+                let (substituters, paths) = (own.clone(), missing);
+                self.send(Message::Substitute { build: key, paths, substituters, keys })
+            }
+            Some(_) => self.inputs_from_coordinator(key, missing).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The host took what it could from its substituters: the coordinator sends the rest.
+    async fn substituted(&mut self, key: String, added: Vec<String>, error: Option<String>) -> Step {
+        let Some(missing) = self.active.get_mut(&key).and_then(|a| a.substituting.take()) else { return Ok(()) };
+        if let Some(e) = error {
+            tracing::warn!(machine = %self.d.name, "its substituters: {e}; the coordinator sends the rest");
+        }
+        let added: HashSet<&str> = added.iter().map(String::as_str).collect();
+        let rest: Vec<String> = missing.into_iter().filter(|p| !added.contains(p.as_str())).collect();
+        if rest.is_empty() {
+            return self.send(Message::Start { build: key });
+        }
+        self.inputs_from_coordinator(key, rest).await
+    }
+
+    /// What the cache can give the agent it gets (with the references it lacks), looked up beside
+    /// the loop; what the cache lacks may come from upstream first.
+    async fn inputs_from_coordinator(&mut self, key: String, missing: Vec<String>) -> Step {
         if !self.active.contains_key(&key) {
             return Ok(());
         }
