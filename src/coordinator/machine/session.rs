@@ -372,8 +372,11 @@ impl Live<'_> {
                     let (mut infos, mut lacking) = closure(&missing);
                     // What the cache lacks may come from upstream; if not, it counts as missing (and
                     // is built).
-                    let upstream: Vec<String> =
+                    let in_dir: Vec<String> =
                         lacking.iter().filter(|p| c.store_dir().parse_path(p).is_ok()).cloned().collect();
+                    // Only what upstream has (the rest is built whatever happens here).
+                    let upstream: Vec<String> =
+                        substituter.as_ref().map(|s| s.query(&in_dir).into_keys().collect()).unwrap_or_default();
                     if let (Some(s), false) = (&substituter, upstream.is_empty()) {
                         match s.substitute(&upstream, &c) {
                             Ok(got) => {
