@@ -419,24 +419,33 @@ impl Cache {
 /// Order narinfos so that each comes after those of the batch it refers to (cycles broken
 /// anywhere).
 fn references_first(infos: Vec<NarInfo>) -> Vec<NarInfo> {
-    let mut by_path: std::collections::BTreeMap<StorePath, NarInfo> =
-        infos.into_iter().map(|i| (i.store_path.clone(), i)).collect();
-    let roots: Vec<StorePath> = by_path.keys().cloned().collect();
+    references_first_by(infos, |i| i.store_path.clone(), |i| i.references.clone())
+}
+
+/// Order `items` so that each comes after those of them it refers to (`refs`, by `key`; cycles
+/// broken anywhere).
+pub(crate) fn references_first_by<T, K: Ord + Clone>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> K,
+    refs: impl Fn(&T) -> Vec<K>,
+) -> Vec<T> {
+    let mut by_key: std::collections::BTreeMap<K, T> = items.into_iter().map(|i| (key(&i), i)).collect();
+    let roots: Vec<K> = by_key.keys().cloned().collect();
     let mut out = Vec::with_capacity(roots.len());
     let mut entered = BTreeSet::new();
     for root in roots {
         let mut stack = vec![(root, false)];
-        while let Some((p, done)) = stack.pop() {
+        while let Some((k, done)) = stack.pop() {
             if done {
-                out.extend(by_path.remove(&p));
+                out.extend(by_key.remove(&k));
                 continue;
             }
-            if !entered.insert(p.clone()) {
+            if !entered.insert(k.clone()) {
                 continue;
             }
-            stack.push((p.clone(), true));
-            if let Some(info) = by_path.get(&p) {
-                stack.extend(info.references.iter().filter(|r| by_path.contains_key(*r)).map(|r| (r.clone(), false)));
+            stack.push((k.clone(), true));
+            if let Some(item) = by_key.get(&k) {
+                stack.extend(refs(item).into_iter().filter(|r| by_key.contains_key(r)).map(|r| (r, false)));
             }
         }
     }

@@ -193,13 +193,7 @@ pub fn parse(text: &str, file: &str) -> Result<CoordinatorFile, ConfigError> {
 
 /// Read and check a coordinator file, with the key files it names.
 pub fn load(path: &Path) -> Result<CoordinatorFile, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        line: 0,
-        column: 0,
-        message: format!("cannot read: {e}"),
-    })?;
+    let (file, text) = crate::machines::read_config(path)?;
     let parsed = parse(&text, &file)?;
     let base = path.parent().unwrap_or(Path::new("."));
     for k in parsed.substituter_keys.iter().filter(|k| is_file(k)) {

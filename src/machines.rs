@@ -299,13 +299,7 @@ pub fn parse(text: &str, file: &str) -> Result<MachinesFile, ConfigError> {
 /// Read and check a machines file: its syntax and values, and that the files it names can be
 /// read. Relative paths in it are taken from the file's directory.
 pub fn load(path: &Path) -> Result<MachinesFile, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        line: 0,
-        column: 0,
-        message: format!("cannot read: {e}"),
-    })?;
+    let (file, text) = read_config(path)?;
     let mut parsed = parse(&text, &file)?;
     let base = path.parent().unwrap_or(Path::new("."));
     for m in &mut parsed.machines.0 {
@@ -337,6 +331,15 @@ pub fn load(path: &Path) -> Result<MachinesFile, ConfigError> {
         }
     }
     Ok(parsed)
+}
+
+/// A configuration file's name (for errors) and text.
+pub(crate) fn read_config(path: &Path) -> Result<(String, String), ConfigError> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((file, text)),
+        Err(e) => Err(ConfigError { file, line: 0, column: 0, message: format!("cannot read: {e}") }),
+    }
 }
 
 /// Line and column (1-based) of the first occurrence of `needle`, or 0:0.

@@ -467,28 +467,11 @@ impl Substituter {
 
 /// Order found paths so that each comes after those of the set it refers to.
 fn references_first(found: Vec<Arc<Found>>) -> Vec<Arc<Found>> {
-    let mut by_path: BTreeMap<String, Arc<Found>> = found.into_iter().map(|f| (f.path(), f)).collect();
-    let roots: Vec<String> = by_path.keys().cloned().collect();
-    let mut out = Vec::with_capacity(roots.len());
-    let mut entered = BTreeSet::new();
-    for root in roots {
-        let mut stack = vec![(root, false)];
-        while let Some((p, done)) = stack.pop() {
-            if done {
-                out.extend(by_path.remove(&p));
-                continue;
-            }
-            if !entered.insert(p.clone()) {
-                continue;
-            }
-            stack.push((p.clone(), true));
-            if let Some(f) = by_path.get(&p) {
-                let refs = f.info.references.iter().map(|r| f.info.store_dir.display(r));
-                stack.extend(refs.filter(|r| by_path.contains_key(r)).map(|r| (r, false)));
-            }
-        }
-    }
-    out
+    crate::cache::references_first_by(
+        found,
+        |f| f.path(),
+        |f| f.info.references.iter().map(|r| f.info.store_dir.display(r)).collect(),
+    )
 }
 
 /// The substituters in force, replaced when the settings change.

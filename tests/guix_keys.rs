@@ -325,6 +325,11 @@ fn lzlib_decompressed_sha256(file: &std::path::Path) -> Option<(String, u64)> {
     Some((hash.to_owned(), size.parse().unwrap()))
 }
 
+/// A coordinator with a /gnu/store cache of lzip NARs, as guix publish serves them.
+fn lzip_gnu_store_coordinator() -> common::Coordinator {
+    common::Coordinator::start(&["--local-builds", "2", "--cache-store-dir", "/gnu/store", "--compression", "lzip"])
+}
+
 /// A coordinator with a /gnu/store cache signs every narinfo for Guix clients too, with a Guix key
 /// of its own: Nix's `Sig:` lines, then `Signature:` last; the key `gbc cache public-key --format
 /// guix` prints is the one in the signatures, and libgcrypt verifies them. Its NARs, lzip-compressed
@@ -334,14 +339,7 @@ fn lzlib_decompressed_sha256(file: &std::path::Path) -> Option<(String, u64)> {
 fn a_gnu_store_cache_signs_its_narinfos_for_guix() {
     use gbc::formats::gcrypt::{parse_public_key, verify_narinfo_signature};
     use gbc::formats::narinfo::NarInfo;
-    let c = common::Coordinator::start(&[
-        "--local-builds",
-        "2",
-        "--cache-store-dir",
-        "/gnu/store",
-        "--compression",
-        "lzip",
-    ]);
+    let c = lzip_gnu_store_coordinator();
     let diamond = common::repo_path("examples/diamond");
     let top = std::fs::read_dir(&diamond)
         .unwrap()
@@ -451,14 +449,7 @@ fn a_guix_upstream_s_paths_are_taken_and_only_the_rest_is_built() {
     };
     // The upstream's contents: left and right (and base), built by another coordinator with lzip
     // NARs, then signed by libgcrypt alone.
-    let up = common::Coordinator::start(&[
-        "--local-builds",
-        "2",
-        "--cache-store-dir",
-        "/gnu/store",
-        "--compression",
-        "lzip",
-    ]);
+    let up = lzip_gnu_store_coordinator();
     let out = common::run(&mut up.gbc(&["build", &drv("left"), &drv("right")]));
     assert!(out.status.success(), "{}\n{}", common::stderr(&out), up.log());
     let upstream_dir = up.state.join("cache");
