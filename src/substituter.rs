@@ -100,28 +100,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Substituter {
-    /// Substituters `urls` (in priority order) for a cache of `store_dir`, trusting `keys`.
+    /// The substituters of `settings` (in priority order, trusting its keys) for a store of
+    /// `store_dir`.
     pub fn new(settings: &crate::coordinator_file::Settings, store_dir: StoreDir) -> Substituter {
         Substituter::with_stats(settings, store_dir, Arc::default())
     }
 
     fn with_stats(settings: &crate::coordinator_file::Settings, store_dir: StoreDir, stats: Arc<Stats>) -> Substituter {
-        let certs: Vec<ureq::tls::Certificate<'static>> = crate::build::builtins::ca_file()
-            .and_then(|p| std::fs::read(p).ok())
-            .map(|pem| {
-                ureq::tls::parse_pem(&pem)
-                    .filter_map(|item| match item {
-                        Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)))
-            .build();
+        // Certificates are always checked (without a CA bundle, HTTPS substituters fail).
+        let ca = crate::build::builtins::ca_file().and_then(|p| std::fs::read(p).ok());
+        let (tls, _) = crate::build::builtins::http::tls_config(ca.as_deref(), true);
         let agent = ureq::Agent::config_builder()
             .tls_config(tls)
             .http_status_as_error(false)
@@ -292,6 +280,7 @@ impl Substituter {
             return Err(format!("the narinfo is for {}", info.store_dir.display(&info.store_path)));
         }
         narinfo::verify_text(text, &self.keys).map_err(|e| e.to_string())?;
+        // A compression gbc can't read makes the narinfo useless: ask for the reader now.
         decompressor(info.compression.as_deref(), io::empty())?;
         Ok(info)
     }

@@ -90,23 +90,7 @@ impl Client {
     /// one, certificates are not checked: every download is checked against its derivation's
     /// hash, as in Guix, which never checks them for fixed-output downloads.
     pub fn new(ca: Option<&[u8]>, proxies: Proxies) -> Result<Client, String> {
-        let certs: Vec<Certificate<'static>> = ca
-            .map(|pem| {
-                ureq::tls::parse_pem(pem)
-                    .filter_map(|item| match item {
-                        Ok(PemItem::Certificate(c)) => Some(c),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let verifying = !certs.is_empty();
-        let tls = TlsConfig::builder()
-            .provider(TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .root_certs(RootCerts::Specific(Arc::new(certs)))
-            .disable_verification(!verifying)
-            .build();
+        let (tls, verifying) = tls_config(ca, false);
         let mut agents = Vec::new();
         for proxy in [None, proxies.http.clone(), proxies.https.clone()] {
             if agents.iter().any(|(p, _)| *p == proxy) {
@@ -203,6 +187,30 @@ impl Client {
         let _ = writeln!(log, "{} from '{url}'", progress(got, total, start.elapsed()));
         Ok(got)
     }
+}
+
+/// TLS over rustls with aws-lc, trusting the certificates of the PEM bundle `ca`; and whether
+/// certificates are checked: always when `ca` holds some; without any, only when `strict` (then
+/// every HTTPS connection fails; else none is checked).
+pub(crate) fn tls_config(ca: Option<&[u8]>, strict: bool) -> (TlsConfig, bool) {
+    let certs: Vec<Certificate<'static>> = ca
+        .map(|pem| {
+            ureq::tls::parse_pem(pem)
+                .filter_map(|item| match item {
+                    Ok(PemItem::Certificate(c)) => Some(c.to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let verifying = strict || !certs.is_empty();
+    let tls = TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .root_certs(RootCerts::Specific(Arc::new(certs)))
+        .disable_verification(!verifying)
+        .build();
+    (tls, verifying)
 }
 
 /// Only HTTP and HTTPS: anything else (`file://` above all) could read the build host's files.

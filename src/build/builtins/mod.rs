@@ -9,7 +9,7 @@
 
 pub mod git;
 mod guix;
-mod http;
+pub(crate) mod http;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
