@@ -286,6 +286,9 @@ pub struct BuildDetail {
     pub outputs: BTreeMap<String, String>,
     /// Builds this one waits for or waited for.
     pub dependencies: Vec<String>,
+    /// Inputs a substituter had when it was submitted: taken from upstream, not built.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_substituters: Vec<String>,
     pub attempt_list: Vec<AttemptInfo>,
 }
 

@@ -207,6 +207,13 @@ fn a_submission_builds_only_what_upstream_lacks() {
         );
     }
     let d = c.show(&uuid);
+    let mut from: Vec<&str> = d["from_substituters"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    from.sort_unstable();
+    let mut want = substitutable.clone();
+    want.sort_unstable();
+    assert_eq!(from, want, "gbc show names the inputs that came from upstream: {d}");
+    let human = run_ok_str(&mut c.gbc(&["show", &uuid]));
+    assert_eq!(human.lines().filter(|l| l.starts_with("upstream   /nix/store/")).count(), 2, "{human}");
     let ours = &d["attempt_list"][0]["outputs"][0];
     let theirs = nix_realise(&[&drv], &[]);
     assert_eq!(ours["path"].as_str().unwrap(), theirs.trim());

@@ -545,6 +545,9 @@ pub fn show(client: &ClientOpts, uuid: &str, json: bool) -> anyhow::Result<()> {
     for dep in &d.dependencies {
         writeln!(out, "depends on {dep}")?;
     }
+    for path in &d.from_substituters {
+        writeln!(out, "upstream   {path}")?;
+    }
     for a in &d.attempt_list {
         let status = a.status.map_or("running", |s| s.as_str());
         write!(out, "attempt {}  on {}, {}, {status}", a.n, a.machine, datetime(a.started_ms))?;

@@ -111,6 +111,7 @@ fn submission(drvs: Vec<NewDerivation>, wanted: &[&str], needed: &[&str]) -> Sub
         now: now_ms(),
         needed: needed.iter().map(|n| path(&format!("{n}.drv"))).collect(),
         unpublished: BTreeSet::new(),
+        substitutable: BTreeSet::new(),
     }
 }
 

@@ -219,7 +219,7 @@ impl Server {
                         .filter(|d| d.outputs.values().any(|o| cache.store_dir().parse_path(o).is_err()))
                         .map(|d| d.path.clone())
                         .collect();
-                    (checked, needed, unpublished, upstream.into_iter().collect(), skipped)
+                    (checked, needed, unpublished, upstream.into_iter().collect::<Vec<String>>(), skipped)
                 })
                 .await?;
                 let sub = Submission {
@@ -231,6 +231,7 @@ impl Server {
                     now: api::now_ms(),
                     needed,
                     unpublished,
+                    substitutable: substitutable.iter().cloned().collect(),
                 };
                 let (outcome, no_machine) = self.ask(|tx| Command::Submit(Box::new(sub), tx)).await??;
                 let reply = Reply::Submitted {

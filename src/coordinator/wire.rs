@@ -27,6 +27,7 @@ pub(super) fn detail(r: BuildRecord) -> BuildDetail {
         waiting_for_machine: None,
         outputs: r.outputs,
         dependencies: r.dependencies,
+        from_substituters: r.substitutes,
         attempt_list: r.attempts.into_iter().map(attempt).collect(),
     }
 }

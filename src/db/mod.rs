@@ -45,6 +45,8 @@ pub struct Submission {
     /// Derivations whose outputs the cache cannot hold (another store dir): for these, a build
     /// that succeeded counts as their outputs being available.
     pub unpublished: BTreeSet<String>,
+    /// Input paths a substituter has: recorded with each new build that uses them directly.
+    pub substitutable: BTreeSet<String>,
 }
 
 /// A build the queue must learn about.
@@ -178,6 +180,8 @@ pub struct BuildRecord {
     pub outputs: BTreeMap<String, String>,
     /// UUIDs of the builds this one waits or waited for.
     pub dependencies: Vec<String>,
+    /// Inputs a substituter had when it was submitted.
+    pub substitutes: Vec<String>,
     pub attempts: Vec<AttemptRow>,
 }
 
@@ -185,7 +189,9 @@ pub struct BuildRecord {
 pub type BuildId = i64;
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(include_str!("schema.sql")), M::up(include_str!("migrate-2.sql")).foreign_key_check()])
+    Migrations::new(vec![M::up(include_str!("schema.sql")), M::up(include_str!("migrate-2.sql")).foreign_key_check(),
+        M::up(include_str!("migrate-3.sql")),
+    ])
 }
 
 fn configure(conn: &rusqlite::Connection) -> rusqlite::Result<()> {

@@ -126,6 +126,10 @@ pub(super) fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<B
         .prepare("SELECT b.uuid FROM build_deps x JOIN builds b ON b.id = x.dep WHERE x.build = ?1 ORDER BY b.id")?
         .query_map([id], |r| r.get(0))?
         .collect::<DbResult<_>>()?;
+    let substitutes = conn
+        .prepare("SELECT path FROM build_substitutes WHERE build = ?1 ORDER BY path")?
+        .query_map([id], |r| r.get(0))?
+        .collect::<DbResult<_>>()?;
     let mut attempt_list: Vec<(i64, AttemptRow)> = conn
         .prepare(
             "SELECT id, n, machine, started_at, ended_at, status, reason FROM attempts WHERE build = ?1 ORDER BY n",
@@ -169,6 +173,7 @@ pub(super) fn show(conn: &rusqlite::Connection, uuid: &str) -> DbResult<Option<B
         features,
         outputs,
         dependencies,
+        substitutes,
         attempts: attempt_list.into_iter().map(|(_, a)| a).collect(),
     }))
 }

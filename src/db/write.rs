@@ -128,6 +128,10 @@ pub(super) fn new_build(
     for dep in deps {
         ins.execute(params![id, dep])?;
     }
+    let mut ins = tx.prepare_cached("INSERT OR IGNORE INTO build_substitutes (build, path) VALUES (?1, ?2)")?;
+    for path in d.inputs.iter().filter(|p| sub.substitutable.contains(*p)) {
+        ins.execute(params![id, path])?;
+    }
     Ok(QueuedBuild {
         id,
         uuid,
