@@ -382,13 +382,14 @@ fn a_host_signing_with_a_guix_key_is_checked_against_its_guix_key() {
     assert_eq!(narinfo.matches("\nSig: ").count(), 1, "{narinfo}");
 }
 
-/// Inputs an upstream cache has (built by Nix) reach an SSH host through the coordinator: only
-/// chain-c is built, on the host, with Nix's NarHash.
+/// Inputs an upstream cache has (chain-a, chain-b and multi, built by Nix) reach an SSH host
+/// through the coordinator: only chain-c is built, on the host, with Nix's NarHash.
 #[test]
 fn a_host_gets_inputs_from_upstream_through_the_coordinator() {
     let farm = Farm::start();
     let salt = salt();
-    let (_, key) = common::upstream("tests/nix/derivations.nix", farm.dir.path(), &["chainB", "multi"], &salt);
+    let attrs = ["chainA", "chainB", "multi"];
+    let (_, key) = common::upstream("tests/nix/derivations.nix", farm.dir.path(), &attrs, &salt);
     let files = common::files::Files::serve_dir(&farm.dir.path().join("cache"));
     farm.write(&[farm.alpha_entry()]);
     let url = files.url("");

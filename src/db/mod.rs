@@ -189,7 +189,9 @@ pub struct BuildRecord {
 pub type BuildId = i64;
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(include_str!("schema.sql")), M::up(include_str!("migrate-2.sql")).foreign_key_check(),
+    Migrations::new(vec![
+        M::up(include_str!("schema.sql")),
+        M::up(include_str!("migrate-2.sql")).foreign_key_check(),
         M::up(include_str!("migrate-3.sql")),
     ])
 }
