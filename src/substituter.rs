@@ -26,6 +26,8 @@ use crate::formats::store_path::StoreDir;
 /// How many narinfo lookups, and NAR downloads, run at once.
 const LOOKUP_THREADS: usize = 16;
 const FETCH_THREADS: usize = 4;
+/// Answers remembered before the expired ones are dropped.
+const MEMO_PRUNE_AT: usize = 200_000;
 const FIRST_BACKOFF: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
@@ -181,6 +183,16 @@ impl Substituter {
         found.into_inner().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Remember an answer, dropping the expired ones once there are many.
+    fn remember(&self, key: (usize, String), said: Option<Arc<Found>>) {
+        let mut memo = lock(&self.memo);
+        if memo.len() >= MEMO_PRUNE_AT {
+            let (positive, negative) = (self.positive_ttl, self.negative_ttl);
+            memo.retain(|_, (at, said)| at.elapsed() < if said.is_some() { positive } else { negative });
+        }
+        memo.insert(key, (Instant::now(), said));
+    }
+
     /// One path, upstream by upstream.
     fn lookup(&self, path: &str) -> Option<Arc<Found>> {
         let store_path = self.store_dir.parse_path(path).ok()?;
@@ -199,13 +211,11 @@ impl Substituter {
             match self.ask(up, path, &hash) {
                 Answer::Has(f) => {
                     let f = Arc::new(*f);
-                    lock(&self.memo).insert(key, (Instant::now(), Some(f.clone())));
+                    self.remember(key, Some(f.clone()));
                     self.stats.hits.fetch_add(1, Ordering::Relaxed);
                     return Some(f);
                 }
-                Answer::Lacks => {
-                    lock(&self.memo).insert(key, (Instant::now(), None));
-                }
+                Answer::Lacks => self.remember(key, None),
                 Answer::Failed => {}
             }
         }
@@ -410,7 +420,9 @@ impl Substituter {
         }
         let body = CountingReader { inner: response.into_body().into_reader(), count: &self.stats.fetched_bytes };
         let nar = decompressor(info.compression.as_deref(), body).map_err(|e| format!("{url}: {e}"))?;
-        Ok((nar, url))
+        // One byte more than the narinfo says is enough to know the NAR is not it: an endless
+        // stream fills no disk.
+        Ok((Box::new(nar.take(info.nar_size.saturating_add(1))), url))
     }
 
     /// Note that the upstream `f` came from failed (it is backed off); returns `why`.
