@@ -420,9 +420,8 @@ impl Substituter {
         }
         let body = CountingReader { inner: response.into_body().into_reader(), count: &self.stats.fetched_bytes };
         let nar = decompressor(info.compression.as_deref(), body).map_err(|e| format!("{url}: {e}"))?;
-        // One byte more than the narinfo says is enough to know the NAR is not it: an endless
-        // stream fills no disk.
-        Ok((Box::new(nar.take(info.nar_size.saturating_add(1))), url))
+        // Nothing past the narinfo's NarSize is read: an endless stream fills no disk.
+        Ok((Box::new(AtMost { inner: nar, left: info.nar_size }), url))
     }
 
     /// Note that the upstream `f` came from failed (it is backed off); returns `why`.
@@ -498,6 +497,28 @@ impl Substituters {
         let stats = self.get().stats.clone();
         *self.current.write().unwrap_or_else(PoisonError::into_inner) =
             Arc::new(Substituter::with_stats(settings, self.store_dir.clone(), stats));
+    }
+}
+
+/// Reads `left` bytes at most; a byte more is an error.
+struct AtMost<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for AtMost<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(io::Error::new(io::ErrorKind::InvalidData, "the NAR is longer than its narinfo's NarSize")),
+            };
+        }
+        let most = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..most])?;
+        self.left -= n as u64;
+        Ok(n)
     }
 }
 
