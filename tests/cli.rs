@@ -242,3 +242,19 @@ fn keys_dir_holds_only_clearly_named_test_keys() {
     }
     assert!(seen >= 2);
 }
+
+#[test]
+fn check_config_reads_coordinator_ron_too() {
+    let tmp = tempdir();
+    let conf = tmp.path().join("coordinator.ron");
+    fs::write(&conf, "(\n  substituters: [\"https://cache.example.org\"],\n  substituter_keys: [\"nokey\"],\n)\n")
+        .unwrap();
+    assert_one_line_error(
+        &run(gbc().arg("check-config").arg(&conf)),
+        1,
+        "coordinator.ron:3:22: substituter key \"nokey\"",
+    );
+    fs::write(&conf, include_str!("../coordinator.example.ron")).unwrap();
+    let ok = run_ok_str(gbc().arg("check-config").arg(&conf));
+    assert!(ok.ends_with("coordinator.ron: 2 substituters, 2 substituter keys, ok\n"), "{ok}");
+}

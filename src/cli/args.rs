@@ -135,10 +135,12 @@ pub enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
-    /// Check a machines.ron file (default: <state dir>/machines.ron) as the coordinator would.
+    /// Check a machines.ron or coordinator.ron file as the coordinator would.
     ///
-    /// Prints one line per machine when the file is good; else one error naming the file, line and
-    /// column, and exits with status 1.
+    /// Without FILE: <state dir>/machines.ron, and <state dir>/coordinator.ron when it exists. A
+    /// FILE whose name contains "coordinator" is read as a coordinator.ron. Prints one line per
+    /// machine (and one for the settings) when the files are good; else one error naming the file,
+    /// line and column, and exits with status 1.
     CheckConfig {
         #[arg(value_name = "FILE")]
         file: Option<PathBuf>,

@@ -25,6 +25,12 @@ fn load(path: &std::path::Path) -> anyhow::Result<MachinesFile> {
 }
 
 pub fn check_config(file: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(f) = &file
+        && f.file_name().is_some_and(|n| n.to_string_lossy().contains("coordinator"))
+    {
+        return check_coordinator_file(f);
+    }
+    let beside = file.is_none();
     let path = machines_path(file, state_dir)?;
     let parsed = load(&path)?;
     let mut out = std::io::stdout().lock();
@@ -43,6 +49,24 @@ pub fn check_config(file: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow
         )?;
     }
     writeln!(out, "{}: {} machines, ok", path.display(), parsed.machines.0.len())?;
+    drop(out);
+    let coordinator = path.with_file_name("coordinator.ron");
+    if beside && coordinator.exists() {
+        return check_coordinator_file(&coordinator);
+    }
+    Ok(())
+}
+
+/// Check a coordinator.ron as the coordinator would (its key files read too).
+fn check_coordinator_file(path: &std::path::Path) -> anyhow::Result<()> {
+    use crate::coordinator_file::{Overrides, Settings};
+    let s = Settings::load(Some(path), &Overrides::default()).map_err(|e| check_failed("coordinator settings", e))?;
+    println!(
+        "{}: {} substituters, {} substituter keys, ok",
+        path.display(),
+        s.substituters.len(),
+        s.substituter_keys.len()
+    );
     Ok(())
 }
 
