@@ -55,7 +55,7 @@ fn publish(nar_file: &Path, root: &Path, host: &SecretKey, path: &str) -> Durati
         .collect();
     let scanner = RefScanner::new(candidates.iter().map(String::as_str));
     let chunks = Chunks { file: std::fs::File::open(nar_file).unwrap(), chunk: vec![0u8; NAR_CHUNK] };
-    let (Both(w, scanner), _) = gbc::cache::check_nar(chunks, Both(cache.begin().unwrap(), scanner)).unwrap();
+    let (Both(w, scanner), _) = gbc::cache::check_nar(chunks, Both(cache.begin().unwrap(), scanner), false).unwrap();
     assert!(scanner.finish().is_empty());
     let staged = w.finish().unwrap();
     assert_eq!(staged.nar_hash, nar_hash);

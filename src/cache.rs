@@ -170,12 +170,19 @@ impl Cache {
         Ok(NarWriter { inner: Some(inner), nar: Some(PipelinedHashSink::new()?), tmp: Some(tmp) })
     }
 
+    /// Receive a NAR from a party that is not trusted to send a well-formed one, when its contents'
+    /// own hash does not matter (an upstream's NAR): checked against the NAR grammar as it is staged.
+    pub fn stage_nar(&self, r: impl io::Read) -> io::Result<StagedNar> {
+        let (writer, _) = check_nar(r, self.begin()?, false)?;
+        writer.finish()
+    }
+
     /// Receive a NAR from a party that is not trusted to send a well-formed one (a client's upload):
     /// every byte is checked against the NAR grammar while it is staged. Also returns the SHA-256 of
     /// the file's contents when the NAR is one non-executable regular file (what a text path is
     /// made from).
     pub fn stage_checked(&self, r: impl io::Read) -> io::Result<(StagedNar, Option<[u8; 32]>)> {
-        let (writer, flat) = check_nar(r, self.begin()?)?;
+        let (writer, flat) = check_nar(r, self.begin()?, true)?;
         Ok((writer.finish()?, flat))
     }
 
@@ -454,13 +461,14 @@ pub(crate) fn references_first_by<T, K: Ord + Clone>(
 
 /// Pass a NAR from a party not trusted to send a well-formed one (a client's upload, a build
 /// host's output) through `sink`, checking every byte against the NAR grammar on the way. Returns
-/// the sink, and the SHA-256 of the file's contents when the NAR is one non-executable regular file
-/// (what a text path is made from). A NAR that breaks the grammar is an `InvalidData` error; an
-/// error of the sink (a full disk) keeps its own kind.
-pub fn check_nar<W: Write>(r: impl io::Read, sink: W) -> io::Result<(W, Option<[u8; 32]>)> {
+/// the sink, and, when `flat` asks for it, the SHA-256 of the file's contents when the NAR is one
+/// non-executable regular file (what a text path is made from: only uploads need it, and it costs
+/// a pass over the contents). A NAR that breaks the grammar is an `InvalidData` error; an error of
+/// the sink (a full disk) keeps its own kind.
+pub fn check_nar<W: Write>(r: impl io::Read, sink: W, flat: bool) -> io::Result<(W, Option<[u8; 32]>)> {
     let mut nar = NarReader::new(Tee { r, w: sink });
-    let mut flat = None;
-    let mut first = true;
+    let mut flat_hash = None;
+    let mut first = flat;
     loop {
         let event = match nar.next_event() {
             Ok(Some(event)) => event,
@@ -474,11 +482,11 @@ pub fn check_nar<W: Write>(r: impl io::Read, sink: W) -> io::Result<(W, Option<[
                 io::ErrorKind::UnexpectedEof => invalid(e.to_string()),
                 _ => e,
             })?;
-            flat = h.finish().0.digest().try_into().ok();
+            flat_hash = h.finish().0.digest().try_into().ok();
         }
         first = false;
     }
-    Ok((nar.into_inner().w, flat))
+    Ok((nar.into_inner().w, flat_hash))
 }
 
 /// A reader that writes what it reads.

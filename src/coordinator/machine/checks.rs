@@ -55,12 +55,12 @@ pub(super) fn receive(
             let scanner = RefScanner::new(candidates.iter().map(String::as_str));
             let (nar_hash, nar_size, staged, scanner) = match staging {
                 Some(c) => {
-                    let (Both(writer, scanner), _) = cache::check_nar(nar, Both(c.begin()?, scanner))?;
+                    let (Both(writer, scanner), _) = cache::check_nar(nar, Both(c.begin()?, scanner), false)?;
                     let s = writer.finish()?;
                     (s.nar_hash.clone(), s.nar_size, Some(s), scanner)
                 }
                 None => {
-                    let (Both(hash, scanner), _) = cache::check_nar(nar, Both(HashSink::new(), scanner))?;
+                    let (Both(hash, scanner), _) = cache::check_nar(nar, Both(HashSink::new(), scanner), false)?;
                     let (h, n) = hash.finish();
                     (h, n, None, scanner)
                 }
