@@ -177,6 +177,25 @@ pub fn verify(trusted: &[impl AsRef<Path>], narinfos: &[impl AsRef<Path>]) -> an
     }
 }
 
+/// The state dir given, else the default one.
+fn state_or_default(state_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match state_dir {
+        Some(s) => Ok(s),
+        None => super::realise::default_state_dir(),
+    }
+}
+
+/// A key file the coordinator makes on first start; its absence is explained by `missing`.
+fn read_made_key(path: &Path, missing: &str) -> anyhow::Result<Vec<u8>> {
+    fs::read(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            anyhow::anyhow!("{}: {missing}", path.display())
+        } else {
+            anyhow::Error::new(e).context(path.display().to_string())
+        }
+    })
+}
+
 /// `gbc cache public-key`.
 /// `gbc cache public-key --format guix`: the Guix key of a /gnu/store cache, as `guix archive
 /// --authorize` reads it.
@@ -187,22 +206,12 @@ pub fn cache_guix_public_key(
     use crate::formats::gcrypt;
     let path = match signing_key {
         Some(path) => path,
-        None => match state_dir {
-            Some(s) => s,
-            None => super::realise::default_state_dir()?,
-        }
-        .join("keys/guix-signing-key.sec"),
+        None => state_or_default(state_dir)?.join("keys/guix-signing-key.sec"),
     };
-    let text = fs::read(&path).map_err(|e| {
-        if e.kind() == io::ErrorKind::NotFound {
-            anyhow::anyhow!(
-                "{}: no Guix key yet: a coordinator makes it when it first starts with a /gnu/store cache",
-                path.display()
-            )
-        } else {
-            anyhow::Error::new(e).context(path.display().to_string())
-        }
-    })?;
+    let text = read_made_key(
+        &path,
+        "no Guix key yet: a coordinator makes it when it first starts with a /gnu/store cache (or --guix-signatures)",
+    )?;
     let key = gcrypt::parse_secret_key(&text).map_err(|e| check_failed(path.display(), e))?;
     println!("{}", gcrypt::public_key_sx(key.public()).to_text());
     Ok(())
@@ -215,21 +224,9 @@ pub fn cache_public_key(
     let public = match signing_key {
         Some(path) => load_secret_key(&path)?.public().to_string(),
         None => {
-            let state = match state_dir {
-                Some(s) => s,
-                None => super::realise::default_state_dir()?,
-            };
-            let path = state.join("keys/cache.public");
-            let text = fs::read_to_string(&path).map_err(|e| {
-                if e.kind() == io::ErrorKind::NotFound {
-                    anyhow::anyhow!(
-                        "{}: no cache key yet: it is made when the coordinator first starts",
-                        path.display()
-                    )
-                } else {
-                    anyhow::Error::new(e).context(path.display().to_string())
-                }
-            })?;
+            let path = state_or_default(state_dir)?.join("keys/cache.public");
+            let text = read_made_key(&path, "no cache key yet: it is made when the coordinator first starts")?;
+            let text = String::from_utf8_lossy(&text);
             PublicKey::parse(text.trim()).map_err(|e| check_failed(path.display(), e))?.to_string()
         }
     };
