@@ -45,6 +45,11 @@ impl Compression {
         }
     }
 
+    /// The compression a narinfo's `Compression:` value names, if the cache serves it.
+    pub fn from_name(name: &str) -> Option<Compression> {
+        Compression::ALL.into_iter().find(|c| c.name() == name)
+    }
+
     /// The NAR file's name ends with this.
     pub fn extension(self) -> &'static str {
         match self {
@@ -152,12 +157,7 @@ impl Cache {
 
     /// Start receiving a NAR: compressed to a temporary file as it is written.
     pub fn begin(&self) -> io::Result<NarWriter> {
-        let mut r = [0u8; 8];
-        getrandom::fill(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
-        let tmp = self.root.join(".tmp").join(format!("{}.nar", hex::encode(&r)));
-        let file = File::create(&tmp).map_err(|e| with_path(e, &tmp))?;
-        let sink =
-            FileSink { file: io::BufWriter::with_capacity(256 * 1024, file), hash: HashSink::new(), path: tmp.clone() };
+        let (sink, tmp) = self.temp_file(true)?;
         let inner = match self.compression {
             Compression::None => Inner::Plain(sink),
             Compression::Zstd => Inner::Zstd(zstd::stream::write::Encoder::new(sink, 3)?),
@@ -167,7 +167,37 @@ impl Cache {
             }
         };
         // The NAR is hashed on a helper thread while this one compresses.
-        Ok(NarWriter { inner: Some(inner), nar: Some(PipelinedHashSink::new()?), tmp: Some(tmp) })
+        Ok(NarWriter {
+            inner: Some(inner),
+            nar: Some(PipelinedHashSink::new()?),
+            tmp: Some(tmp),
+            compression: self.compression,
+        })
+    }
+
+    /// A new file in `.tmp/` (removed by the caller's drop), hashed as it is written when `hashed`.
+    fn temp_file(&self, hashed: bool) -> io::Result<(FileSink, PathBuf)> {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
+        let tmp = self.root.join(".tmp").join(format!("{}.nar", hex::encode(&r)));
+        let file = File::create(&tmp).map_err(|e| with_path(e, &tmp))?;
+        let hash = hashed.then(HashSink::new);
+        Ok((
+            FileSink { file: io::BufWriter::with_capacity(256 * 1024, file), hash, written: 0, path: tmp.clone() },
+            tmp,
+        ))
+    }
+
+    /// Keep a NAR as an upstream cache served it, compressed with `compression`, when the cache
+    /// can serve that (no second compression): the compressed bytes are written to the returned
+    /// writer as they come, while the caller decompresses them and checks the NAR inside (its
+    /// hash and size go to [`ServedWriter::finish`]). `None`: the cache recompresses it
+    /// ([`Cache::stage_nar`]).
+    pub fn begin_as_served(&self, compression: Option<&str>) -> io::Result<Option<ServedWriter>> {
+        let Some(compression) = Compression::from_name(compression.unwrap_or("none")) else { return Ok(None) };
+        // An uncompressed file is the NAR: its hash is the NAR's, computed anyway.
+        let (sink, tmp) = self.temp_file(compression != Compression::None)?;
+        Ok(Some(ServedWriter { sink: Some(sink), tmp: Some(tmp), compression }))
     }
 
     /// Receive a NAR from a party that is not trusted to send a well-formed one, when its contents'
@@ -342,14 +372,8 @@ impl Cache {
         let name = info.url.strip_prefix("nar/").filter(|n| !n.contains('/') && !n.starts_with('.'));
         let Some(name) = name else { return Err(invalid(format!("narinfo URL {:?} is not in nar/", info.url))) };
         let file = self.root.join("nar").join(name);
-        let f = io::BufReader::with_capacity(256 * 1024, File::open(&file).map_err(|e| with_path(e, &file))?);
-        Ok(match info.compression.as_deref() {
-            None | Some("none") => Box::new(f),
-            Some("zstd") => Box::new(zstd::stream::read::Decoder::with_buffer(f)?),
-            Some("xz") => Box::new(liblzma::read::XzDecoder::new(f)),
-            Some("lzip") => Box::new(lzma_rust2::LzipReader::new(f)),
-            Some(other) => return Err(invalid(format!("{}: compression {other} is not supported", file.display()))),
-        })
+        let f = File::open(&file).map_err(|e| with_path(e, &file))?;
+        decompressing(info.compression.as_deref(), f).map_err(|e| invalid(format!("{}: {e}", file.display())))
     }
 
     fn references_present(&self, info: &NarInfo, alongside: &BTreeSet<String>) -> bool {
@@ -386,7 +410,8 @@ impl Cache {
     /// Move a staged NAR into `nar/` and describe it.
     fn store_nar(&self, out: &Output, mut staged: StagedNar) -> io::Result<NarInfo> {
         let path = self.store_dir.parse_path(&out.path).map_err(|e| invalid(e.to_string()))?;
-        let name = format!("{}{}", staged.file_hash.to_nix32(), self.compression.extension());
+        let compression = staged.compression;
+        let name = format!("{}{}", staged.file_hash.to_nix32(), compression.extension());
         let dest = self.root.join("nar").join(&name);
         let tmp = staged.tmp.take().ok_or_else(|| invalid("NAR already published".into()))?;
         if dest.exists() {
@@ -403,7 +428,7 @@ impl Cache {
             store_dir: self.store_dir.clone(),
             store_path: path,
             url: format!("nar/{name}"),
-            compression: Some(self.compression.name().to_owned()),
+            compression: Some(compression.name().to_owned()),
             file_hash: Some(staged.file_hash.clone()),
             file_size: Some(staged.file_size),
             nar_hash: out.nar_hash.clone(),
@@ -505,7 +530,9 @@ impl<R: io::Read, W: Write> io::Read for Tee<R, W> {
 
 struct FileSink {
     file: io::BufWriter<File>,
-    hash: HashSink,
+    /// None when the file's hash is known otherwise (an uncompressed NAR's is the NAR's).
+    hash: Option<HashSink>,
+    written: u64,
     /// For errors: a full disk names the file it could not write.
     path: PathBuf,
 }
@@ -513,12 +540,66 @@ struct FileSink {
 impl Write for FileSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write(buf).map_err(|e| with_path(e, &self.path))?;
-        self.hash.write_all(&buf[..n])?;
+        if let Some(h) = &mut self.hash {
+            h.write_all(&buf[..n])?;
+        }
+        self.written += n as u64;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush().map_err(|e| with_path(e, &self.path))
+    }
+}
+
+impl FileSink {
+    /// Complete and sync the file; its hash (`None` when it was not hashed) and size.
+    fn finish(self) -> io::Result<(Option<(Hash, u64)>, u64)> {
+        let FileSink { file, hash, written, path } = self;
+        let file = file.into_inner().map_err(|e| with_path(e.into_error(), &path))?;
+        file.sync_all().map_err(|e| with_path(e, &path))?;
+        Ok((hash.map(HashSink::finish), written))
+    }
+}
+
+/// A NAR being kept as an upstream served it (see [`Cache::begin_as_served`]).
+pub struct ServedWriter {
+    sink: Option<FileSink>,
+    tmp: Option<PathBuf>,
+    compression: Compression,
+}
+
+impl Write for ServedWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sink.as_mut().ok_or_else(|| io::Error::other("NAR writer finished"))?.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ServedWriter {
+    /// End it, given the hash and size of the NAR its bytes decompress to (the caller checked).
+    pub fn finish(mut self, nar_hash: Hash, nar_size: u64) -> io::Result<StagedNar> {
+        let sink = self.sink.take().ok_or_else(|| io::Error::other("NAR writer finished"))?;
+        let (file_hash, file_size) = match sink.finish()? {
+            (Some(hashed), _) => hashed,
+            (None, size) if size == nar_size => (nar_hash.clone(), size),
+            (None, size) => {
+                return Err(invalid(format!("{size} bytes were kept of an uncompressed NAR of {nar_size} bytes")));
+            }
+        };
+        let compression = self.compression;
+        Ok(StagedNar { tmp: self.tmp.take(), nar_hash, nar_size, file_hash, file_size, compression })
+    }
+}
+
+impl Drop for ServedWriter {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = fs::remove_file(tmp);
+        }
     }
 }
 
@@ -534,6 +615,7 @@ pub struct NarWriter {
     inner: Option<Inner>,
     nar: Option<PipelinedHashSink>,
     tmp: Option<PathBuf>,
+    compression: Compression,
 }
 
 impl Write for NarWriter {
@@ -567,12 +649,11 @@ impl NarWriter {
             Some(Inner::Lzip(l)) => (*l).finish()?,
             None => return Err(io::Error::other("NAR writer finished")),
         };
-        let FileSink { file, hash, path } = sink;
-        let file = file.into_inner().map_err(|e| with_path(e.into_error(), &path))?;
-        file.sync_all().map_err(|e| with_path(e, &path))?;
-        let (file_hash, file_size) = hash.finish();
+        let (hashed, _) = sink.finish()?;
+        let (file_hash, file_size) = hashed.ok_or_else(|| io::Error::other("the NAR file was not hashed"))?;
         let (nar_hash, nar_size) = self.nar.take().ok_or_else(|| io::Error::other("NAR writer finished"))?.finish()?;
-        Ok(StagedNar { tmp: self.tmp.take(), nar_hash, nar_size, file_hash, file_size })
+        let compression = self.compression;
+        Ok(StagedNar { tmp: self.tmp.take(), nar_hash, nar_size, file_hash, file_size, compression })
     }
 }
 
@@ -592,6 +673,8 @@ pub struct StagedNar {
     pub nar_size: u64,
     pub file_hash: Hash,
     pub file_size: u64,
+    /// The file's compression: the cache's, or what an upstream served.
+    pub compression: Compression,
 }
 
 impl Drop for StagedNar {
@@ -600,6 +683,24 @@ impl Drop for StagedNar {
             let _ = fs::remove_file(tmp);
         }
     }
+}
+
+/// A reader of the NAR inside `body`, compressed as a narinfo's `Compression:` says (what Nix and
+/// Guix caches use: none, xz, zstd, bzip2, lzip, gzip; concatenated streams are read through).
+pub fn decompressing<'a>(
+    compression: Option<&str>,
+    body: impl io::Read + Send + 'a,
+) -> io::Result<Box<dyn io::Read + Send + 'a>> {
+    let body = io::BufReader::with_capacity(256 * 1024, body);
+    Ok(match compression {
+        None | Some("none") => Box::new(body),
+        Some("xz") => Box::new(liblzma::read::XzDecoder::new_multi_decoder(body)),
+        Some("zstd") => Box::new(zstd::stream::read::Decoder::with_buffer(body)?),
+        Some("bzip2") => Box::new(bzip2::bufread::MultiBzDecoder::new(body)),
+        Some("lzip") => Box::new(lzma_rust2::LzipReader::new(body)),
+        Some("gzip") => Box::new(flate2::bufread::MultiGzDecoder::new(body)),
+        Some(other) => return Err(invalid(format!("compression {other:?} is not one gbc reads"))),
+    })
 }
 
 /// Read `r` to its end in pieces of `size` bytes (the last may be shorter), handing each to

@@ -13,12 +13,13 @@
 //! hour), said once in the log.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::cache::{Cache, Output};
+use crate::cache::{Cache, Output, StagedNar};
+use crate::formats::hash::PipelinedHashSink;
 use crate::formats::narinfo::{self, NarInfo};
 use crate::formats::signing::TrustedKeys;
 use crate::formats::store_path::StoreDir;
@@ -291,7 +292,7 @@ impl Substituter {
         }
         narinfo::verify_text(text, &self.keys).map_err(|e| e.to_string())?;
         // A compression gbc can't read makes the narinfo useless: ask for the reader now.
-        decompressor(info.compression.as_deref(), io::empty())?;
+        crate::cache::decompressing(info.compression.as_deref(), io::empty()).map_err(|e| e.to_string())?;
         Ok(info)
     }
 
@@ -355,23 +356,63 @@ impl Substituter {
     /// whose NAR fails is kept, and then nothing is published.
     pub fn substitute(&self, paths: &[String], cache: &Cache) -> Result<Vec<String>, String> {
         let wanted = self.closure(paths, |p| cache.has(p))?;
-        // Claim them all at once (never some while waiting for others: no deadlock), waiting while
-        // another call substitutes any of them; then skip what it published meanwhile.
-        let names: Vec<String> = wanted.iter().map(|f| f.path()).collect();
-        {
-            let mut inflight = lock(&self.inflight);
-            while names.iter().any(|n| inflight.contains(n)) {
-                inflight = self.settled.wait(inflight).unwrap_or_else(PoisonError::into_inner);
+        let _claim = self.claim(wanted.iter().map(|f| f.path()).collect());
+        // Skip what another call published while this one waited.
+        self.fetch_all(wanted.into_iter().filter(|f| !cache.has(&f.path())).collect(), cache)
+    }
+
+    /// Take one path from upstream into `cache`, every byte of its NAR also written to `tee` as it
+    /// arrives (a build host's transfer: the host checks the NAR against its hash itself, so it
+    /// need not wait for the cache's check). The cache publishes it once its references are there
+    /// (they come first, in a closure's order). Ok(false): another call took it into the cache
+    /// while this one waited, and nothing was written to `tee`. Err: the upstream failed (it is
+    /// backed off) or the cache could not stage it; what `tee` got is then not the NAR.
+    pub fn substitute_teeing(&self, f: &Found, cache: &Cache, tee: &mut (dyn Write + Send)) -> Result<bool, String> {
+        let path = f.path();
+        let _claim = self.claim(vec![path.clone()]);
+        if cache.has(&path) {
+            return Ok(false);
+        }
+        let one = self.stage(f, cache, tee)?;
+        cache.publish(vec![one]).map_err(|e| format!("publishing {path}: {e}"))?;
+        Ok(true)
+    }
+
+    /// Download `f`'s NAR into the cache's staging area, checked against its narinfo, every byte
+    /// of the NAR also written to `tee`. Kept compressed as upstream served it when the cache can
+    /// serve that (no second compression, and the compressed file's hash is the only extra work);
+    /// recompressed otherwise.
+    fn stage(&self, f: &Found, cache: &Cache, tee: &mut (dyn Write + Send)) -> Result<(Output, StagedNar), String> {
+        let served = cache.begin_as_served(f.info.compression.as_deref()).map_err(|e| format!("staging a NAR: {e}"))?;
+        let Some(mut kept) = served else {
+            let (nar, url) = self.open_nar(f)?;
+            return self.check_staged(f, &url, cache.stage_nar(TeeReader { inner: nar, tee }));
+        };
+        let (body, url) = self.open_body(f)?;
+        let mut body = TeeReader { inner: body, tee: &mut kept };
+        let nar = (|| {
+            let nar = crate::cache::decompressing(f.info.compression.as_deref(), &mut body)?;
+            let nar = TeeReader { inner: AtMost { inner: nar, left: f.info.nar_size }, tee };
+            let (hash, _) = crate::cache::check_nar(nar, PipelinedHashSink::new()?, false)?;
+            // The file must hold exactly the compressed NAR: nothing after it.
+            if body.read(&mut [0u8; 1])? != 0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "bytes follow the compressed NAR"));
             }
-            inflight.extend(names.iter().cloned());
-        }
-        let result = self.fetch_all(wanted.into_iter().filter(|f| !cache.has(&f.path())).collect(), cache);
+            hash.finish()
+        })();
+        let staged = nar.and_then(|(nar_hash, nar_size)| kept.finish(nar_hash, nar_size));
+        self.check_staged(f, &url, staged)
+    }
+
+    /// Claim `names` all at once (never some while waiting for others: no deadlock), waiting while
+    /// another call substitutes any of them; released when the claim is dropped.
+    fn claim(&self, names: Vec<String>) -> Claim<'_> {
         let mut inflight = lock(&self.inflight);
-        for n in &names {
-            inflight.remove(n);
+        while names.iter().any(|n| inflight.contains(n)) {
+            inflight = self.settled.wait(inflight).unwrap_or_else(PoisonError::into_inner);
         }
-        self.settled.notify_all();
-        result
+        inflight.extend(names.iter().cloned());
+        Claim { s: self, names }
     }
 
     fn fetch_all(&self, wanted: Vec<Arc<Found>>, cache: &Cache) -> Result<Vec<String>, String> {
@@ -402,9 +443,8 @@ impl Substituter {
         cache.publish(staged).map_err(|e| format!("publishing substitutes: {e}"))
     }
 
-    /// The NAR of `f`, decompressed as it is read (not checked: the reader's consumer compares
-    /// what it gets with the narinfo), and its URL for messages.
-    pub fn open_nar(&self, f: &Found) -> Result<(Box<dyn Read + Send + '_>, String), String> {
+    /// The body of `f`'s NAR as upstream serves it (compressed as its narinfo says), and its URL.
+    fn open_body(&self, f: &Found) -> Result<(impl Read + Send + '_, String), String> {
         let info = &f.info;
         let url = if info.url.starts_with("http://") || info.url.starts_with("https://") {
             info.url.clone()
@@ -418,10 +458,17 @@ impl Substituter {
         if status != 200 {
             return Err(self.failed_at(f, format!("{url}: HTTP {status}")));
         }
-        let body = CountingReader { inner: response.into_body().into_reader(), count: &self.stats.fetched_bytes };
-        let nar = decompressor(info.compression.as_deref(), body).map_err(|e| format!("{url}: {e}"))?;
+        Ok((CountingReader { inner: response.into_body().into_reader(), count: &self.stats.fetched_bytes }, url))
+    }
+
+    /// The NAR of `f`, decompressed as it is read (not checked: the reader's consumer compares
+    /// what it gets with the narinfo), and its URL for messages.
+    pub fn open_nar(&self, f: &Found) -> Result<(Box<dyn Read + Send + '_>, String), String> {
+        let (body, url) = self.open_body(f)?;
+        let nar =
+            crate::cache::decompressing(f.info.compression.as_deref(), body).map_err(|e| format!("{url}: {e}"))?;
         // Nothing past the narinfo's NarSize is read: an endless stream fills no disk.
-        Ok((Box::new(AtMost { inner: nar, left: info.nar_size }), url))
+        Ok((Box::new(AtMost { inner: nar, left: f.info.nar_size }), url))
     }
 
     /// Note that the upstream `f` came from failed (it is backed off); returns `why`.
@@ -433,11 +480,15 @@ impl Substituter {
     }
 
     /// Download one NAR into the cache's staging area, checked against its narinfo.
-    fn fetch(&self, f: &Found, cache: &Cache) -> Result<(Output, crate::cache::StagedNar), String> {
-        let info = &f.info;
-        let path = f.path();
-        let (nar, url) = self.open_nar(f)?;
-        let staged = cache.stage_nar(nar).map_err(|e| self.failed_at(f, format!("{url}: {e}")))?;
+    fn fetch(&self, f: &Found, cache: &Cache) -> Result<(Output, StagedNar), String> {
+        self.stage(f, cache, &mut io::sink())
+    }
+
+    /// The outcome of staging `f`'s NAR from `url`: checked against its narinfo, with the output
+    /// record to publish it under.
+    fn check_staged(&self, f: &Found, url: &str, staged: io::Result<StagedNar>) -> Result<(Output, StagedNar), String> {
+        let (info, path) = (&f.info, f.path());
+        let staged = staged.map_err(|e| self.failed_at(f, format!("{url}: {e}")))?;
         if staged.nar_hash != info.nar_hash || staged.nar_size != info.nar_size {
             return Err(self.failed_at(
                 f,
@@ -500,6 +551,36 @@ impl Substituters {
     }
 }
 
+/// A claim on paths being substituted (see [`Substituter::claim`]).
+struct Claim<'a> {
+    s: &'a Substituter,
+    names: Vec<String>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut inflight = lock(&self.s.inflight);
+        for n in &self.names {
+            inflight.remove(n);
+        }
+        self.s.settled.notify_all();
+    }
+}
+
+/// Writes what it reads to `tee` too.
+struct TeeReader<'a, R> {
+    inner: R,
+    tee: &'a mut (dyn Write + Send),
+}
+
+impl<R: Read> Read for TeeReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.tee.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
 /// Reads `left` bytes at most; a byte more is an error.
 struct AtMost<R> {
     inner: R,
@@ -534,21 +615,4 @@ impl<R: Read> Read for CountingReader<'_, R> {
         self.count.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
-}
-
-/// A reader of the NAR inside a body compressed with `compression` (a narinfo's `Compression:`).
-fn decompressor<'a>(
-    compression: Option<&str>,
-    body: impl Read + Send + 'a,
-) -> Result<Box<dyn Read + Send + 'a>, String> {
-    let body = io::BufReader::with_capacity(256 * 1024, body);
-    Ok(match compression {
-        None | Some("none") => Box::new(body),
-        Some("xz") => Box::new(liblzma::read::XzDecoder::new_multi_decoder(body)),
-        Some("zstd") => Box::new(zstd::stream::read::Decoder::with_buffer(body).map_err(|e| e.to_string())?),
-        Some("bzip2") => Box::new(bzip2::bufread::MultiBzDecoder::new(body)),
-        Some("lzip") => Box::new(lzma_rust2::LzipReader::new(body)),
-        Some("gzip") => Box::new(flate2::bufread::MultiGzDecoder::new(body)),
-        Some(other) => return Err(format!("compression {other:?} is not one gbc reads")),
-    })
 }

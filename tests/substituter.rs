@@ -251,7 +251,7 @@ fn when_upstream_fails_the_inputs_are_built() {
     let other = SecretKey::generate("other-1").unwrap().public().to_string();
     for (url, key, said, up) in [
         (files.url(""), other.as_str(), "no valid signature by a trusted key", 1),
-        (files.url("/cut"), key.as_str(), "they will be built", 0),
+        (files.url("/cut"), key.as_str(), "it will be built", 0),
     ] {
         let (port, addr) = common::free_addr();
         let c = common::Coordinator::start(&[
@@ -328,6 +328,23 @@ fn every_compression_nix_writes_is_read() {
             let mut signers: Vec<&str> = info.sigs.iter().map(|s| s.key_name()).collect();
             signers.sort_unstable();
             assert_eq!(signers, ["c-1", "gbc-test-1"], "upstream's and, told to, the cache's: {text}");
+            // What the cache serves too (zstd, lzip) is kept as upstream served it, byte for byte;
+            // the rest is recompressed with the cache's compression (zstd).
+            let theirs = NarInfo::parse(
+                &std::fs::read_to_string(dir.join(format!("cache/{}.narinfo", &p["/nix/store/".len()..][..32])))
+                    .unwrap(),
+            )
+            .unwrap();
+            let kept = matches!(compression, "zstd" | "lzip");
+            assert_eq!(info.compression.as_deref(), Some(if kept { compression } else { "zstd" }), "{text}");
+            assert_eq!(info.file_hash == theirs.file_hash, kept, "{compression}: {text}\n{theirs:?}");
         }
+        // And Nix reads every NAR back from gbc's cache.
+        let mut copy = nix("nix");
+        copy.args(["copy", "--from", &format!("file://{}", dir.join("gbc-cache").display()), "--to"])
+            .arg(dir.join("fresh"))
+            .args(["--option", "trusted-public-keys", &key]);
+        let out = run(copy.args(&published));
+        assert!(out.status.success(), "{compression}: {}", stderr(&out));
     }
 }

@@ -5,6 +5,7 @@
 //! process; SSH machines run it over an exec channel.
 
 mod checks;
+mod inputs;
 mod session;
 
 use std::path::PathBuf;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::checks::{self, Received, Transfer};
+use super::inputs::{Input, Inputs};
 use super::{AttemptResult, Driver, DriverCmd, DriverEvent, SessionEnd, rejected, store_failure};
 use crate::api::{AttemptStatus, OutputInfo};
 use crate::cache::{self, Cache, StagedNar};
@@ -26,7 +27,8 @@ use crate::formats::hash::Hash;
 use crate::formats::host_key::HostPublicKey;
 use crate::formats::narinfo::NarInfo;
 use crate::formats::signing::Signature;
-use crate::protocol::{BuiltOutput, Frame, Message, NAR_CHUNK, PathMeta};
+use crate::protocol::{BuiltOutput, Frame, Message, PathMeta};
+use crate::substituter::{Found, Substituter};
 
 /// One attempt in flight on this machine.
 pub(super) struct Active {
@@ -59,7 +61,15 @@ pub(super) enum Work {
     Announced { key: String, announced: BTreeSet<String> },
     /// What the cache has of the inputs the agent lacks (in order, references first) and what it
     /// has not.
-    Resolved { key: String, missing: Vec<String>, infos: Vec<NarInfo>, lacking: Vec<String> },
+    /// `upstream`: what the cache lacks that a substituter has (in order, references first), to be
+    /// sent as it is taken into the cache.
+    Resolved {
+        key: String,
+        missing: Vec<String>,
+        infos: Vec<NarInfo>,
+        lacking: Vec<String>,
+        upstream: Option<(Arc<Substituter>, Vec<Arc<Found>>)>,
+    },
     /// An output's NAR arrived whole (or not).
     Received { key: String, meta: PathMeta, result: std::io::Result<Received> },
     /// The attempt's outputs are published (or not).
@@ -126,7 +136,7 @@ impl Driver {
             next_upload: 0,
             work,
             logs: Logs::start(self.name.clone(), self.events.clone(), self.log_written.clone()),
-            inputs: self.cache.clone().map(|c| Inputs::start(c, session.tx.clone())),
+            inputs: self.cache.clone().map(|c| Inputs::start(c, session.tx.clone(), self.name.clone())),
         };
         let mut ping = tokio::time::interval(self.ping);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -254,7 +264,9 @@ impl Live<'_> {
     async fn work(&mut self, work: Work) -> Step {
         match work {
             Work::Announced { key, announced } => self.announced(key, announced).await,
-            Work::Resolved { key, missing, infos, lacking } => self.resolved(key, missing, infos, lacking).await,
+            Work::Resolved { key, missing, infos, lacking, upstream } => {
+                self.resolved(key, missing, infos, lacking, upstream).await
+            }
             Work::Received { key, meta, result } => {
                 self.received(key, meta, result).await;
                 Ok(())
@@ -370,38 +382,74 @@ impl Live<'_> {
                         })
                     };
                     let (mut infos, mut lacking) = closure(&missing);
+                    let mut upstream = None;
                     // What the cache lacks may come from upstream; if not, it counts as missing (and
                     // is built).
                     let in_dir: Vec<String> =
                         lacking.iter().filter(|p| c.store_dir().parse_path(p).is_ok()).cloned().collect();
-                    // Only what upstream has (the rest is built whatever happens here).
-                    let upstream: Vec<String> =
-                        substituter.as_ref().map(|s| s.query(&in_dir).into_keys().collect()).unwrap_or_default();
-                    if let (Some(s), false) = (&substituter, upstream.is_empty()) {
-                        match s.substitute(&upstream, &c) {
-                            Ok(got) => {
-                                tracing::info!(machine = %name, "{} paths from substituters", got.len());
-                                (infos, lacking) = closure(&missing);
+                    if let (Some(s), false) = (substituter, in_dir.is_empty()) {
+                        match s.closure(&in_dir, |p| c.has(p)) {
+                            // All of it is upstream: sent to the host as it is taken into the cache,
+                            // with what the cache has of its references.
+                            Ok(found) if in_dir.len() == lacking.len() => {
+                                let theirs: HashSet<String> = found.iter().map(|f| f.path()).collect();
+                                let refs: BTreeSet<String> = found
+                                    .iter()
+                                    .flat_map(|f| f.info.references.iter().map(|r| f.info.store_dir.display(r)))
+                                    .filter(|r| !theirs.contains(r))
+                                    .collect();
+                                let (more, still) = closure(&refs.into_iter().collect::<Vec<_>>());
+                                if still.is_empty() {
+                                    let sd = c.store_dir();
+                                    let known: HashSet<String> =
+                                        infos.iter().map(|i| sd.display(&i.store_path)).collect();
+                                    infos.extend(
+                                        more.into_iter().filter(|i| !known.contains(&sd.display(&i.store_path))),
+                                    );
+                                    lacking.clear();
+                                    upstream = Some((s, found));
+                                }
                             }
-                            Err(e) => {
-                                tracing::warn!(machine = %name, "inputs from substituters: {e}; they will be built")
+                            // Some of it no upstream has (it is built): what upstream has is taken
+                            // into the cache meanwhile, for next time.
+                            _ => {
+                                let have: Vec<String> = s.query(&in_dir).into_keys().collect();
+                                if !have.is_empty() {
+                                    match s.substitute(&have, &c) {
+                                        Ok(got) => {
+                                            tracing::info!(machine = %name, "{} paths from substituters", got.len());
+                                            (infos, lacking) = closure(&missing);
+                                        }
+                                        Err(e) => tracing::warn!(
+                                            machine = %name,
+                                            "inputs from substituters: {e}; they will be built"
+                                        ),
+                                    }
+                                }
                             }
                         }
                     }
-                    let _ = work.send(Work::Resolved { key, missing, infos, lacking });
+                    let _ = work.send(Work::Resolved { key, missing, infos, lacking, upstream });
                 });
                 Ok(())
             }
             _ => {
                 let lacking = missing.clone();
-                self.resolved(key, missing, Vec::new(), lacking).await
+                self.resolved(key, missing, Vec::new(), lacking, None).await
             }
         }
     }
 
-    /// Send what the cache has; the build starts once every one is added. What the agent was asked
-    /// about and did not list, it has.
-    async fn resolved(&mut self, key: String, missing: Vec<String>, infos: Vec<NarInfo>, lacking: Vec<String>) -> Step {
+    /// Send what the cache has, then what comes from upstream; the build starts once every one is
+    /// added. What the agent was asked about and did not list, it has.
+    async fn resolved(
+        &mut self,
+        key: String,
+        missing: Vec<String>,
+        infos: Vec<NarInfo>,
+        lacking: Vec<String>,
+        upstream: Option<(Arc<Substituter>, Vec<Arc<Found>>)>,
+    ) -> Step {
         let Some(a) = self.active.get_mut(&key) else { return Ok(()) };
         let listed: HashSet<&str> = missing.iter().map(String::as_str).collect();
         let unneeded = |p: &str| a.announced.contains(p) && !listed.contains(p);
@@ -409,25 +457,47 @@ impl Live<'_> {
         let infos: Vec<NarInfo> =
             infos.into_iter().filter(|i| sd.as_ref().is_none_or(|sd| !unneeded(&sd.display(&i.store_path)))).collect();
         let lacking: Vec<String> = lacking.into_iter().filter(|p| !unneeded(p)).collect();
+        // Upstream paths the host has are still taken into the cache (it keeps whole closures).
+        let (from, upstream): (_, Vec<(Arc<Found>, bool)>) = match upstream {
+            Some((from, found)) => (Some(from), found.into_iter().map(|f| (f.clone(), !unneeded(&f.path()))).collect()),
+            None => (None, Vec::new()),
+        };
         if !lacking.is_empty() {
             let _ = self.send(Message::Cancel { build: key.clone() });
             self.end(&key, AttemptResult::MissingInputs { paths: lacking }).await;
             return Ok(());
         }
-        let (Some(inputs), Some(sd), false) = (&self.inputs, sd, infos.is_empty()) else {
+        let sends = infos.len() + upstream.iter().filter(|(_, send)| *send).count();
+        let (Some(inputs), Some(sd), false) = (&self.inputs, sd, sends == 0) else {
             return self.send(Message::Start { build: key });
         };
-        a.awaiting_inputs = infos.len();
-        let _ = self.d.events.send(DriverEvent::Sending { bytes: infos.iter().map(|i| i.nar_size).sum() });
+        a.awaiting_inputs = sends;
+        let bytes = infos.iter().map(|i| i.nar_size).sum::<u64>()
+            + upstream.iter().filter(|(_, send)| *send).map(|(f, _)| f.info.nar_size).sum::<u64>();
+        let _ = self.d.events.send(DriverEvent::Sending { bytes });
         for info in infos {
             self.next_upload += 1;
             self.uploads.insert(self.next_upload, (key.clone(), sd.display(&info.store_path)));
-            inputs.send(info, self.next_upload);
+            inputs.send(Input::Cached(Box::new(info), self.next_upload));
+        }
+        if let Some(from) = from {
+            for (found, send) in upstream {
+                let transfer = send.then(|| {
+                    self.next_upload += 1;
+                    self.uploads.insert(self.next_upload, (key.clone(), found.path()));
+                    self.next_upload
+                });
+                inputs.send(Input::Upstream { found, from: from.clone(), transfer });
+            }
         }
         Ok(())
     }
 
     async fn path_added(&mut self, transfer: u64) -> Step {
+        if let Some(inputs) = &self.inputs {
+            // Its bytes were right after all (the host had it, or only the cache failed).
+            inputs.abandoned.take(transfer);
+        }
         if let Some((key, _)) = self.uploads.remove(&transfer)
             && let Some(a) = self.active.get_mut(&key)
         {
@@ -440,10 +510,17 @@ impl Live<'_> {
     }
 
     async fn input_refused(&mut self, transfer: u64, message: String) -> Step {
+        let abandoned = self.inputs.as_ref().and_then(|i| i.abandoned.take(transfer));
         if let Some((key, path)) = self.uploads.remove(&transfer)
             && self.active.contains_key(&key)
         {
             let _ = self.send(Message::Cancel { build: key.clone() });
+            if let Some(why) = abandoned {
+                // Upstream failed while sending it: not the host's fault; it is built instead.
+                tracing::info!(machine = %self.d.name, "{path}: not from substituters ({why}): it goes to be built");
+                self.end(&key, AttemptResult::MissingInputs { paths: vec![path] }).await;
+                return Ok(());
+            }
             let reason = format!("the agent refused input {path}: {message}");
             self.end(&key, AttemptResult::Retry { status: AttemptStatus::SetupFailure, reason, count: true }).await;
         }
@@ -678,54 +755,4 @@ impl Logs {
             let _ = done.await;
         }
     }
-}
-
-/// The session's input thread: sends paths from the cache to the agent one after the other, in
-/// the order given (a closure's references before the paths that refer to them). Should a NAR be
-/// unreadable, what arrives does not match its hash, and the agent says so.
-struct Inputs {
-    tx: std::sync::mpsc::Sender<(NarInfo, u64)>,
-}
-
-impl Inputs {
-    fn start(cache: Arc<Cache>, frames: transport::Outbox) -> Inputs {
-        let (tx, rx) = std::sync::mpsc::channel::<(NarInfo, u64)>();
-        std::thread::spawn(move || {
-            while let Ok((info, transfer)) = rx.recv() {
-                if !send_input(&cache, &info, transfer, &frames) {
-                    return;
-                }
-            }
-        });
-        Inputs { tx }
-    }
-
-    fn send(&self, info: NarInfo, transfer: u64) {
-        let _ = self.tx.send((info, transfer));
-    }
-}
-
-/// Send one path as transfer `transfer`; false once the session is gone.
-fn send_input(cache: &Cache, info: &NarInfo, transfer: u64, tx: &transport::Outbox) -> bool {
-    let sd = cache.store_dir();
-    let meta = PathMeta {
-        path: sd.display(&info.store_path),
-        nar_hash: format!("sha256:{}", info.nar_hash.to_nix32()),
-        nar_size: info.nar_size,
-        references: info.references.iter().map(|r| sd.display(r)).collect(),
-        deriver: info.deriver.as_ref().map(|d| sd.display(d)),
-    };
-    if tx.blocking_send_bulk(Frame::new(Message::NarStart { transfer, build: None, meta })).is_err() {
-        return false;
-    }
-    let sent = cache.open_nar(info).and_then(|mut nar| {
-        cache::for_each_chunk(&mut nar, NAR_CHUNK, |chunk| {
-            let message = Message::NarChunk { transfer, payload: chunk.len() as u64 };
-            tx.blocking_send_bulk(Frame { message, payload: chunk }).is_ok()
-        })
-    });
-    if let Err(e) = sent {
-        tracing::error!("reading {} from the cache: {e}", info.url);
-    }
-    tx.blocking_send_bulk(Frame::new(Message::NarEnd { transfer })).is_ok()
 }
