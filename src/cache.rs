@@ -18,6 +18,7 @@ use crate::formats::nar::{Event, NarError, NarReader};
 use crate::formats::narinfo::NarInfo;
 use crate::formats::signing::{SecretKey, Signature};
 use crate::formats::store_path::{ContentAddress, StoreDir, StorePath};
+use crate::fsio::DropBehind;
 use crate::store::{with_path, write_atomically};
 
 /// How NARs are compressed in the cache.
@@ -182,10 +183,8 @@ impl Cache {
         let tmp = self.root.join(".tmp").join(format!("{}.nar", hex::encode(&r)));
         let file = File::create(&tmp).map_err(|e| with_path(e, &tmp))?;
         let hash = hashed.then(HashSink::new);
-        Ok((
-            FileSink { file: io::BufWriter::with_capacity(256 * 1024, file), hash, written: 0, path: tmp.clone() },
-            tmp,
-        ))
+        let file = io::BufWriter::with_capacity(256 * 1024, DropBehind::new(file));
+        Ok((FileSink { file, hash, written: 0, path: tmp.clone() }, tmp))
     }
 
     /// Keep a NAR as an upstream cache served it, compressed with `compression`, when the cache
@@ -529,7 +528,7 @@ impl<R: io::Read, W: Write> io::Read for Tee<R, W> {
 }
 
 struct FileSink {
-    file: io::BufWriter<File>,
+    file: io::BufWriter<DropBehind<File>>,
     /// None when the file's hash is known otherwise (an uncompressed NAR's is the NAR's).
     hash: Option<HashSink>,
     written: u64,
@@ -556,7 +555,7 @@ impl FileSink {
     /// Complete and sync the file; its hash (`None` when it was not hashed) and size.
     fn finish(self) -> io::Result<(Option<(Hash, u64)>, u64)> {
         let FileSink { file, hash, written, path } = self;
-        let file = file.into_inner().map_err(|e| with_path(e.into_error(), &path))?;
+        let file = file.into_inner().map_err(|e| with_path(e.into_error(), &path))?.into_inner();
         file.sync_all().map_err(|e| with_path(e, &path))?;
         Ok((hash.map(HashSink::finish), written))
     }

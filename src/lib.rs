@@ -15,6 +15,7 @@ pub mod coordinator_file;
 pub mod db;
 pub mod examples;
 pub mod formats;
+pub mod fsio;
 pub mod machines;
 pub mod pipe;
 pub mod protocol;

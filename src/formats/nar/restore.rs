@@ -127,7 +127,9 @@ fn unpack<R: Read>(
                     let mode = rustix::fs::fstat(&fd).map_err(|e| err(e.into()))?.st_mode;
                     rustix::fs::fchmod(&fd, Mode::from_bits_truncate(mode | 0o111)).map_err(|e| err(e.into()))?;
                 }
-                let mut file = File::from(fd);
+                // Drop-behind: a large file's pages are written back as it goes, not all at the
+                // fsync that comes before the path is registered.
+                let mut file = crate::fsio::DropBehind::new(File::from(fd));
                 contents.copy_to(&mut file).map_err(|e| match e.into_inner() {
                     Some(inner) => match inner.downcast::<NarError>() {
                         Ok(nar) => RestoreError::Nar(*nar),
