@@ -220,6 +220,12 @@ pub enum Request {
     CacheGc {
         keep_since_ms: i64,
     },
+    /// The hooks, their backlogs and last errors.
+    Hooks,
+    /// Run again the events `hook` gave up on.
+    HooksRetry {
+        hook: String,
+    },
 }
 
 /// A build as listed by `builds`.
@@ -353,6 +359,141 @@ pub struct Event {
     pub snapshot: bool,
 }
 
+/// What hooks are told of (docs/hooks.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    BuildSubmitted,
+    BuildStarted,
+    BuildSucceeded,
+    BuildFailed,
+    BuildCanceled,
+    BuildMissingInputs,
+    MachineUp,
+    MachineDown,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 8] = [
+        EventKind::BuildSubmitted,
+        EventKind::BuildStarted,
+        EventKind::BuildSucceeded,
+        EventKind::BuildFailed,
+        EventKind::BuildCanceled,
+        EventKind::BuildMissingInputs,
+        EventKind::MachineUp,
+        EventKind::MachineDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::BuildSubmitted => "build-submitted",
+            EventKind::BuildStarted => "build-started",
+            EventKind::BuildSucceeded => "build-succeeded",
+            EventKind::BuildFailed => "build-failed",
+            EventKind::BuildCanceled => "build-canceled",
+            EventKind::BuildMissingInputs => "build-missing-inputs",
+            EventKind::MachineUp => "machine-up",
+            EventKind::MachineDown => "machine-down",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// The version of [`HookEvent`]'s shape: a change that could break a hook reading it is a new one.
+pub const HOOK_EVENT_VERSION: u32 = 1;
+
+/// One event as a hook gets it (docs/hooks.md). The build fields are those of [`Event`] (what
+/// `gbc watch --json` prints) where the two meet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HookEvent {
+    pub version: u32,
+    /// Increasing; the same event delivered twice has the same id.
+    pub id: i64,
+    pub event: EventKind,
+    /// Unix ms.
+    pub at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drv: Option<String>,
+    /// The build's state after the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<BuildState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// The attempt's number (from 1), for events that end or start one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// How the attempt ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<AttemptStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `build-failed`: the build goes back to the queue (another attempt comes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
+    /// `build-succeeded`: the outputs, as published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<OutputInfo>,
+    /// `build-submitted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<(String, String)>,
+    /// `machine-up`: the systems it builds for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub systems: Vec<String>,
+}
+
+impl HookEvent {
+    /// An event of `kind` at `at_ms`, its id to be given when it is stored.
+    pub fn new(kind: EventKind, at_ms: i64) -> HookEvent {
+        HookEvent {
+            version: HOOK_EVENT_VERSION,
+            id: 0,
+            event: kind,
+            at_ms,
+            build: None,
+            drv: None,
+            state: None,
+            machine: None,
+            attempt: None,
+            status: None,
+            reason: None,
+            retry: false,
+            outputs: Vec::new(),
+            priority: None,
+            tags: Vec::new(),
+            systems: Vec::new(),
+        }
+    }
+}
+
+/// A hook as `gbc hooks` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HookInfo {
+    pub name: String,
+    /// Its events (every one when empty).
+    pub events: Vec<EventKind>,
+    /// Events waiting for it (running or backing off included, given up excluded).
+    pub backlog: u64,
+    pub running: u64,
+    /// Events it gave up on (`gbc hooks retry` runs them again).
+    pub given_up: u64,
+    /// Since the coordinator started.
+    pub runs: u64,
+    pub failures: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// False for a hook the configuration no longer has, with events still stored for it.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub configured: bool,
+}
+
 /// Coordinator counters and timings.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
@@ -441,6 +582,14 @@ pub enum Reply {
     },
     CacheGc {
         gc: GcReport,
+    },
+    Hooks {
+        hooks: Vec<HookInfo>,
+    },
+    /// `hooks_retry`: how many given-up events go again.
+    HooksRetried {
+        hook: String,
+        events: u64,
     },
     /// End of a `watch` or `log` stream.
     End,

@@ -40,6 +40,121 @@ pub struct CoordinatorFile {
     /// keeps only the upstream signatures: its clients trust upstream's keys for those paths).
     #[serde(default)]
     pub sign_substitutes: bool,
+    /// Programs and URLs that events are delivered to (see docs/hooks.md).
+    #[serde(default)]
+    pub hooks: Vec<HookFile>,
+}
+
+/// One hook as written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookFile {
+    pub name: String,
+    /// Event names ([`crate::api::EventKind`]); every event when empty.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// A program and its arguments (the event JSON on its stdin)...
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// ...or an http(s) URL the event JSON is POSTed to.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Events run at once (default 1).
+    #[serde(default = "one")]
+    pub parallelism: u32,
+    /// A run taking longer is killed and counts as failed (default 600).
+    #[serde(default = "default_hook_timeout")]
+    pub timeout_secs: u64,
+    /// Runs after the first before an event is given up (kept for `gbc hooks retry`; default 5).
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// The first retry's delay (default 60): the n-th waits this × 3ⁿ⁻¹, jittered, at most an hour.
+    #[serde(default = "default_retry_delay")]
+    pub retry_delay_secs: u64,
+    /// Deliver the events of one build in order: one waits while an earlier one is undelivered.
+    #[serde(default)]
+    pub ordered: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_hook_timeout() -> u64 {
+    600
+}
+
+fn default_max_retries() -> u32 {
+    5
+}
+
+fn default_retry_delay() -> u64 {
+    60
+}
+
+/// How a hook takes an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookTarget {
+    Command(Vec<String>),
+    Url(String),
+}
+
+/// A checked hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookSpec {
+    pub name: String,
+    /// Empty: every event.
+    pub events: std::collections::BTreeSet<crate::api::EventKind>,
+    pub target: HookTarget,
+    pub parallelism: u32,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub retry_delay: Duration,
+    pub ordered: bool,
+}
+
+impl HookSpec {
+    pub fn wants(&self, kind: crate::api::EventKind) -> bool {
+        self.events.is_empty() || self.events.contains(&kind)
+    }
+}
+
+/// Check one hook; the error is a one-line reason.
+pub fn check_hook(h: &HookFile) -> Result<HookSpec, String> {
+    let what = format!("hook {:?}", h.name);
+    if h.name.is_empty() || h.name.chars().any(|c| !(c.is_ascii_alphanumeric() || "-_.".contains(c))) {
+        return Err(format!("{what}: a name is letters, digits, '-', '_' and '.'"));
+    }
+    let mut events = std::collections::BTreeSet::new();
+    for e in &h.events {
+        let kind = crate::api::EventKind::parse(e).ok_or_else(|| {
+            let known: Vec<&str> = crate::api::EventKind::ALL.iter().map(|k| k.as_str()).collect();
+            format!("{what}: no event is called {e:?} (there are: {})", known.join(", "))
+        })?;
+        events.insert(kind);
+    }
+    let target = match (&h.command, &h.url) {
+        (Some(c), None) if c.first().is_some_and(|p| !p.is_empty()) => HookTarget::Command(c.clone()),
+        (Some(_), None) => return Err(format!("{what}: command is empty")),
+        (None, Some(u)) => HookTarget::Url(check_url(u).map_err(|_| format!("{what}: url {u:?} is not http(s)"))?),
+        _ => return Err(format!("{what}: give one of command and url")),
+    };
+    if h.parallelism == 0 {
+        return Err(format!("{what}: parallelism must be at least 1"));
+    }
+    if h.timeout_secs == 0 {
+        return Err(format!("{what}: timeout_secs must be at least 1"));
+    }
+    Ok(HookSpec {
+        name: h.name.clone(),
+        events,
+        target,
+        parallelism: h.parallelism,
+        timeout: Duration::from_secs(h.timeout_secs),
+        max_retries: h.max_retries,
+        retry_delay: Duration::from_secs(h.retry_delay_secs),
+        ordered: h.ordered,
+    })
 }
 
 fn default_positive_ttl() -> u64 {
@@ -58,6 +173,7 @@ impl Default for CoordinatorFile {
             narinfo_ttl_secs: default_positive_ttl(),
             narinfo_negative_ttl_secs: default_negative_ttl(),
             sign_substitutes: false,
+            hooks: Vec::new(),
         }
     }
 }
@@ -80,6 +196,7 @@ pub struct Settings {
     pub narinfo_ttl: Duration,
     pub narinfo_negative_ttl: Duration,
     pub sign_substitutes: bool,
+    pub hooks: Vec<HookSpec>,
 }
 
 impl Default for Settings {
@@ -91,6 +208,7 @@ impl Default for Settings {
             narinfo_ttl: Duration::from_secs(file.narinfo_ttl_secs),
             narinfo_negative_ttl: Duration::from_secs(file.narinfo_negative_ttl_secs),
             sign_substitutes: false,
+            hooks: Vec::new(),
         }
     }
 }
@@ -130,6 +248,7 @@ impl Settings {
                 .narinfo_negative_ttl
                 .unwrap_or(Duration::from_secs(file.narinfo_negative_ttl_secs)),
             sign_substitutes: overrides.sign_substitutes || file.sign_substitutes,
+            hooks: file.hooks.iter().map(check_hook).collect::<Result<_, _>>()?,
         })
     }
 }
@@ -188,6 +307,24 @@ pub fn parse(text: &str, file: &str) -> Result<CoordinatorFile, ConfigError> {
     for k in parsed.substituter_keys.iter().filter(|k| !is_file(k)) {
         read_key(k, Path::new(".")).map_err(|m| at(k, m))?;
     }
+    let mut names = std::collections::BTreeSet::new();
+    for h in &parsed.hooks {
+        check_hook(h).map_err(|m| at(&h.name, m))?;
+        if !names.insert(h.name.as_str()) {
+            // Where it is declared again: the name's second appearance.
+            let needle = format!("{:?}", h.name);
+            let first = text.find(&needle).map_or(0, |i| i + needle.len());
+            let (line, column) = crate::machines::locate(&text[first..], &needle);
+            let line_before = text[..first].matches('\n').count();
+            let column = if line == 1 {
+                column + text[..first].rsplit('\n').next().map_or(0, |l| l.chars().count())
+            } else {
+                column
+            };
+            let message = format!("hook {:?} is declared twice", h.name);
+            return Err(ConfigError { file: file.to_owned(), line: line + line_before, column, message });
+        }
+    }
     Ok(parsed)
 }
 
@@ -217,6 +354,11 @@ mod tests {
         let s = Settings::resolve(&f, &Overrides::default(), Path::new(".")).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(s.substituter_keys.len(), 2, "a Nix key and a Guix key");
         assert_eq!(s.narinfo_negative_ttl, Duration::from_secs(600));
+        assert_eq!(s.hooks.len(), 2);
+        assert_eq!(s.hooks[0].parallelism, 8);
+        assert_eq!(s.hooks[1].target, HookTarget::Url("https://hooks.example.org/gbc".into()));
+        assert!(s.hooks[1].ordered && s.hooks[1].wants(crate::api::EventKind::MachineDown));
+        assert!(!s.hooks[1].wants(crate::api::EventKind::BuildSucceeded));
         assert!(parse("()", "empty").is_ok_and(|f| f == CoordinatorFile::default()));
     }
 
@@ -245,6 +387,29 @@ mod tests {
             ("(\n  substituter_keys: [\"(public-key (ecc (curve Ed448) (q #00#)))\"],\n)", "c.ron:2:22: "),
             ("(\n  substituterz: [],\n)", "c.ron:2:3: Unexpected field named `substituterz`"),
             ("(\n  narinfo_ttl_secs: -1,\n)", "c.ron:2:"),
+            (
+                "(hooks: [\n  (name: \"a\", events: [\"build-done\"], command: [\"x\"]),\n])",
+                "c.ron:2:10: hook \"a\": no event is called \"build-done\" (there are: build-submitted,",
+            ),
+            (
+                "(hooks: [\n  (name: \"a\", command: [\"x\"], url: \"http://h\"),\n])",
+                "c.ron:2:10: hook \"a\": give one of",
+            ),
+            (
+                "(hooks: [\n  (name: \"a\", url: \"ftp://h\"),\n])",
+                "c.ron:2:10: hook \"a\": url \"ftp://h\" is not http(s)",
+            ),
+            ("(hooks: [\n  (name: \"a\", command: []),\n])", "c.ron:2:10: hook \"a\": command is empty"),
+            ("(hooks: [\n  (name: \"a b\", command: [\"x\"]),\n])", "c.ron:2:10: hook \"a b\": a name is"),
+            (
+                "(hooks: [\n  (name: \"a\", command: [\"x\"], parallelism: 0),\n])",
+                "c.ron:2:10: hook \"a\": parallelism",
+            ),
+            (
+                "(hooks: [\n  (name: \"a\", command: [\"x\"]),\n  (name: \"a\", url: \"http://h\"),\n])",
+                "c.ron:3:10: hook \"a\" is declared twice",
+            ),
+            ("(hooks: [\n  (name: \"a\", comand: [\"x\"]),\n])", "c.ron:2:15: Unexpected field named `comand`"),
         ];
         for (text, want) in cases {
             let e = parse(text, "c.ron").err().map(|e| e.to_string()).unwrap_or_default();

@@ -245,6 +245,16 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Show the hooks (coordinator.ron `hooks`): events waiting for each, given up, runs, failures,
+    /// the last error. `gbc hooks retry NAME` runs again the events NAME gave up on.
+    Hooks {
+        #[command(subcommand)]
+        command: Option<HooksCommand>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Coordinator counters and allocation timings, as JSON.
     #[command(hide = true)]
     Stats {
@@ -544,6 +554,17 @@ pub enum DrvCommand {
     /// variable of the same name) is not the one the contents give. Input derivations are read from
     /// the file's own directory, else from their store path.
     Path { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HooksCommand {
+    /// Run again the events hook NAME gave up on (after its max_retries), from the oldest.
+    Retry {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -628,6 +628,51 @@ pub fn machines(client: &ClientOpts, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn hooks(client: &ClientOpts, json: bool) -> anyhow::Result<()> {
+    let mut c = Client::connect(client)?;
+    let list = match c.call(&Request::Hooks)? {
+        Reply::Hooks { hooks } => hooks,
+        r => return Err(unexpected(&r)),
+    };
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, &list)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    if list.is_empty() {
+        writeln!(out, "no hooks (coordinator.ron's hooks: see coordinator.ron(5))")?;
+    }
+    for h in &list {
+        let events: Vec<&str> = h.events.iter().map(|e| e.as_str()).collect();
+        let events = if events.is_empty() { "every event".to_owned() } else { events.join(",") };
+        write!(
+            out,
+            "{}  {}  backlog {}  running {}  given up {}  runs {}  failures {}",
+            h.name, events, h.backlog, h.running, h.given_up, h.runs, h.failures
+        )?;
+        if !h.configured {
+            write!(out, "  (no longer configured)")?;
+        }
+        if let Some(e) = &h.last_error {
+            write!(out, "  last error: {e}")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+pub fn hooks_retry(client: &ClientOpts, name: &str) -> anyhow::Result<()> {
+    let mut c = Client::connect(client)?;
+    match c.call(&Request::HooksRetry { hook: name.to_owned() })? {
+        Reply::HooksRetried { hook, events } => {
+            println!("{hook}: {events} events to run again");
+            Ok(())
+        }
+        r => Err(unexpected(&r)),
+    }
+}
+
 pub fn stats(client: &ClientOpts, reset: bool) -> anyhow::Result<()> {
     let mut c = Client::connect(client)?;
     match c.call(&Request::Stats { reset })? {

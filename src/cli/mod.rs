@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use args::{CacheCommand, Cli, Command, DrvCommand, MachinesCommand, NarCommand};
+use args::{CacheCommand, Cli, Command, DrvCommand, HooksCommand, MachinesCommand, NarCommand};
 
 /// An error that means a check failed (exit 1) rather than a usage or I/O problem (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +133,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log { uuid, attempt, no_follow, client } => client::log(&client, &uuid, attempt, no_follow),
         Command::Cancel { uuids, client } => client::cancel(&client, &uuids),
         Command::Machines { command: None, json, client } => client::machines(&client, json),
+        Command::Hooks { command: None, json, client } => client::hooks(&client, json),
+        Command::Hooks { command: Some(HooksCommand::Retry { name, client }), .. } => {
+            client::hooks_retry(&client, &name)
+        }
         Command::Machines { command: Some(MachinesCommand::Test { name, machines, state_dir }), .. } => {
             machines::test(machines, state_dir, name)
         }

@@ -98,6 +98,8 @@ struct Batch {
     /// Attempts that ended for lack of inputs: (machine, build, attempt, paths), decided before
     /// the batch commits.
     missing: Vec<(usize, BuildId, i64, Vec<String>)>,
+    /// Machines that came up or went down, for the hooks.
+    machine_events: Vec<crate::api::HookEvent>,
 }
 
 struct Pending {
@@ -432,6 +434,9 @@ impl Core {
 
     /// Record a batch of attempt ends in one transaction, then tell the watchers.
     async fn commit(&mut self, mut batch: Batch) -> Result<()> {
+        for ev in std::mem::take(&mut batch.machine_events) {
+            self.db.record_event(ev).await?;
+        }
         self.resolve_missing(&mut batch).await?;
         if batch.ends.is_empty() {
             return Ok(());
@@ -453,6 +458,10 @@ impl Core {
             DriverEvent::Up { machine, facts } => {
                 let m = &mut self.machines[machine];
                 tracing::info!(machine = %m.spec.name, "up: {} (load {:.2})", facts.systems.join(" "), facts.load1);
+                let mut ev = crate::api::HookEvent::new(crate::api::EventKind::MachineUp, now_ms());
+                ev.machine = Some(m.spec.name.clone());
+                ev.systems = facts.systems.clone();
+                batch.machine_events.push(ev);
                 m.link = Link::Up;
                 m.since_ms = now_ms();
                 m.facts = Some(facts);
@@ -469,6 +478,12 @@ impl Core {
                 let m = &mut self.machines[machine];
                 if m.link != Link::Down {
                     m.since_ms = now_ms();
+                }
+                if m.link == Link::Up {
+                    let mut ev = crate::api::HookEvent::new(crate::api::EventKind::MachineDown, now_ms());
+                    ev.machine = Some(m.spec.name.clone());
+                    ev.reason = Some(error.clone());
+                    batch.machine_events.push(ev);
                 }
                 m.link = Link::Down;
                 m.last_error = Some(error.clone());

@@ -74,6 +74,7 @@ pub(super) struct Http {
     /// Read-ahead in KiB, shared by all connections.
     read_ahead: Arc<Semaphore>,
     substituters: Arc<crate::substituter::Substituters>,
+    hooks: Arc<super::hooks::Hooks>,
 }
 
 impl Http {
@@ -84,9 +85,10 @@ impl Http {
         commands: mpsc::Sender<Command>,
         limits: HttpLimits,
         substituters: Arc<crate::substituter::Substituters>,
+        hooks: Arc<super::hooks::Hooks>,
     ) -> Http {
         let read_ahead = Arc::new(Semaphore::new(limits.read_ahead.div_ceil(KIB).max(1)));
-        Http { cache, store_dir, db, commands, limits, read_ahead, substituters }
+        Http { cache, store_dir, db, commands, limits, read_ahead, substituters, hooks }
     }
 }
 
@@ -447,6 +449,44 @@ async fn metrics(State(http): State<Arc<Http>>) -> Response {
         "Compressed NAR bytes downloaded from substituters",
         load(&s.fetched_bytes),
     );
+    match http.hooks.infos(&http.db).await {
+        Ok(infos) => {
+            let stats = http.hooks.stats();
+            let gauge = || Family::<Vec<(String, String)>, Gauge>::default();
+            let count = || Family::<Vec<(String, String)>, Counter>::default();
+            let (backlog, given_up, runs, failures, latency, delivered) =
+                (gauge(), gauge(), count(), count(), count(), count());
+            for h in &infos {
+                let label = vec![("hook".to_owned(), h.name.clone())];
+                backlog.get_or_create(&label).set(h.backlog as i64);
+                given_up.get_or_create(&label).set(h.given_up as i64);
+                runs.get_or_create(&label).inc_by(h.runs);
+                failures.get_or_create(&label).inc_by(h.failures);
+                let s = stats.get(&h.name).cloned().unwrap_or_default();
+                latency.get_or_create(&label).inc_by(s.latency_ms_sum);
+                delivered.get_or_create(&label).inc_by(s.delivered);
+            }
+            registry.register(
+                "hook_backlog",
+                "Events waiting for each hook (running and backing off included)",
+                backlog,
+            );
+            registry.register(
+                "hook_given_up",
+                "Events each hook gave up on (gbc hooks retry runs them again)",
+                given_up,
+            );
+            registry.register("hook_runs", "Runs of each hook since the coordinator started", runs);
+            registry.register("hook_failures", "Runs of each hook that failed (then retried or given up)", failures);
+            registry.register("hook_delivered", "Events each hook took since the coordinator started", delivered);
+            registry.register(
+                "hook_latency_milliseconds",
+                "Summed time from each delivered event to its delivery (divide by gbc_hook_delivered)",
+                latency,
+            );
+        }
+        Err(e) => tracing::error!("metrics: reading the hooks' backlogs: {e}"),
+    }
     let mut text = String::new();
     if let Err(e) = encode(&mut text, &registry) {
         return internal("metrics", e);

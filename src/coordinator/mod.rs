@@ -12,6 +12,7 @@
 mod config;
 mod core;
 mod error;
+mod hooks;
 mod http;
 pub mod logs;
 pub mod machine;
@@ -69,9 +70,10 @@ fn watch_settings(
     path: std::path::PathBuf,
     overrides: crate::coordinator_file::Overrides,
     substituters: Arc<crate::substituter::Substituters>,
+    hooks: Arc<hooks::Hooks>,
 ) -> Result<notify::RecommendedWatcher> {
     specs::watch_file(path, move |path| {
-        let (overrides, substituters) = (overrides.clone(), substituters.clone());
+        let (overrides, substituters, hooks) = (overrides.clone(), substituters.clone(), hooks.clone());
         async move {
             let p = path.clone();
             let reread =
@@ -79,12 +81,14 @@ fn watch_settings(
             match reread.await {
                 Ok(Ok(s)) => {
                     tracing::info!(
-                        "{}: re-read: {} substituters, {} substituter keys",
+                        "{}: re-read: {} substituters, {} substituter keys, {} hooks",
                         path.display(),
                         s.substituters.len(),
-                        s.substituter_keys.len()
+                        s.substituter_keys.len(),
+                        s.hooks.len()
                     );
                     substituters.update(&s);
+                    hooks.update(s.hooks.clone());
                 }
                 Ok(Err(e)) => tracing::error!("{e}; keeping the previous settings"),
                 Err(e) => tracing::error!("{}: {e}; keeping the previous settings", path.display()),
@@ -117,6 +121,11 @@ pub async fn run(
     let cache = Arc::new(cache);
     let substituters = Arc::new(crate::substituter::Substituters::new(&config.settings, cache.store_dir().clone()));
 
+    // Events are stored for the hooks from the first change on; they run beside the core.
+    let hooks = hooks::Hooks::new(config.settings.hooks.clone());
+    db.set_subscribers(hooks.subscribers());
+    let hooks_task = tokio::spawn(hooks::run(db.clone(), hooks.clone(), config.socket.clone()));
+
     let (events, _) = broadcast::channel(16 * 1024);
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(1024);
     let (drv_tx, drv_rx) = mpsc::unbounded_channel::<DriverEvent>();
@@ -138,12 +147,15 @@ pub async fn run(
     };
     // The settings in force, re-read when coordinator.ron changes (the flags stay over it).
     tracing::info!(
-        "settings: {} substituters, {} substituter keys",
+        "settings: {} substituters, {} substituter keys, {} hooks",
         config.settings.substituters.len(),
-        config.settings.substituter_keys.len()
+        config.settings.substituter_keys.len(),
+        config.settings.hooks.len()
     );
     let _settings_watcher = match &config.settings_file {
-        Some(path) => Some(watch_settings(path.clone(), config.overrides.clone(), substituters.clone())?),
+        Some(path) => {
+            Some(watch_settings(path.clone(), config.overrides.clone(), substituters.clone(), hooks.clone())?)
+        }
         None => None,
     };
     let http_task = listeners.http.map(|listener| {
@@ -157,6 +169,7 @@ pub async fn run(
             cmd_tx.clone(),
             config.http_limits,
             substituters.clone(),
+            hooks.clone(),
         );
         tokio::spawn(http::serve(Arc::new(h), listener))
     });
@@ -169,6 +182,7 @@ pub async fn run(
         events,
         log_written,
         state_dir: config.state_dir.clone(),
+        hooks,
     };
     let server_task = tokio::spawn(server::serve(Arc::new(srv), listeners.socket));
     let grace = config.grace;
@@ -180,6 +194,7 @@ pub async fn run(
     let result = core.run(cmd_rx, drv_rx).await;
     server_task.abort();
     stopper.abort();
+    hooks_task.abort();
     if let Some(t) = http_task {
         t.abort();
     }

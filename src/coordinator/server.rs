@@ -39,6 +39,7 @@ pub(super) struct Server {
     /// Woken whenever a build log grows or is closed.
     pub log_written: Arc<tokio::sync::Notify>,
     pub state_dir: PathBuf,
+    pub hooks: Arc<super::hooks::Hooks>,
 }
 
 /// Bind the socket, replacing a stale one (nobody listening) but never a live coordinator's.
@@ -291,6 +292,18 @@ impl Server {
                     Err(e) => Reply::Error { message: format!("cache gc: {e}") },
                 };
                 send(out, &reply).await
+            }
+            Request::Hooks => {
+                let hooks = self.hooks.infos(&self.db).await?;
+                send(out, &Reply::Hooks { hooks }).await
+            }
+            Request::HooksRetry { hook } => {
+                let known = self.hooks.infos(&self.db).await?.iter().any(|h| h.name == hook);
+                if !known {
+                    return Err(RequestError::Refused(format!("no hook is called {hook:?}")));
+                }
+                let events = self.db.retry_given_up(hook.clone()).await?;
+                send(out, &Reply::HooksRetried { hook, events }).await
             }
         }
     }

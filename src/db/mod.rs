@@ -11,12 +11,15 @@ use std::path::Path;
 use rusqlite::{OptionalExtension as _, Transaction, params};
 use rusqlite_migration::{M, Migrations};
 
-use crate::api::{AttemptStatus, BuildState};
+use crate::api::{AttemptStatus, BuildState, EventKind, HookEvent, OutputInfo};
 use read::{BRIEF_SELECT, brief, brief_row, list, show};
 use write::{end_attempt, fail_all, insert_build, submit};
 
+mod events;
 mod read;
 mod write;
+
+pub use events::{Backlog, Delivery, Pending, Subscriber};
 
 /// A checked derivation, ready to store.
 #[derive(Debug, Clone)]
@@ -193,6 +196,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("schema.sql")),
         M::up(include_str!("migrate-2.sql")).foreign_key_check(),
         M::up(include_str!("migrate-3.sql")),
+        M::up(include_str!("migrate-4.sql")),
     ])
 }
 
@@ -211,6 +215,10 @@ type DbResult<T> = std::result::Result<T, rusqlite::Error>;
 pub struct Db {
     writer: tokio_rusqlite::Connection,
     reader: tokio_rusqlite::Connection,
+    /// The hooks events are stored for ([`Db::set_subscribers`]).
+    subscribers: std::sync::Mutex<std::sync::Arc<Vec<Subscriber>>>,
+    /// Woken after a write that may have stored events.
+    pub outbox: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// What went wrong with the database.
@@ -274,7 +282,65 @@ impl Db {
                 conn.pragma_update(None, "foreign_keys", "ON")
             })
             .await?;
-        Ok(Db { writer, reader })
+        Ok(Db {
+            writer,
+            reader,
+            subscribers: std::sync::Mutex::new(std::sync::Arc::new(Vec::new())),
+            outbox: std::sync::Arc::new(tokio::sync::Notify::new()),
+        })
+    }
+
+    /// From now on, store events for these hooks (the configuration's, as it is re-read).
+    pub fn set_subscribers(&self, subs: Vec<Subscriber>) {
+        *self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(subs);
+    }
+
+    fn subscribers(&self) -> std::sync::Arc<Vec<Subscriber>> {
+        self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// A write that may store events: the hook runner is woken after it commits.
+    async fn write_events<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>, &[Subscriber]) -> DbResult<R> + Send + 'static,
+    ) -> Result<R> {
+        let subs = self.subscribers();
+        let any = !subs.is_empty();
+        let r = self.write(move |tx| f(tx, &subs)).await?;
+        if any {
+            self.outbox.notify_one();
+        }
+        Ok(r)
+    }
+
+    /// Store one event outside any other change (a machine's coming and going).
+    pub async fn record_event(&self, ev: HookEvent) -> Result<()> {
+        if !events::wanted(&self.subscribers(), ev.event) {
+            return Ok(());
+        }
+        self.write_events(move |tx, subs| events::emit(tx, subs, &ev)).await
+    }
+
+    /// The events waiting for `hook`, oldest first, at most `limit`.
+    pub async fn pending_events(&self, hook: String, limit: u32) -> Result<Vec<Pending>> {
+        self.read(move |conn| events::pending(conn, &hook, limit)).await
+    }
+
+    /// Record what hook runs did (hook, event, outcome), in one transaction.
+    pub async fn record_deliveries(&self, done: Vec<(String, i64, Delivery)>) -> Result<()> {
+        self.write(move |tx| events::record(tx, &done)).await
+    }
+
+    /// Per hook with stored deliveries, what they are.
+    pub async fn hook_counts(&self) -> Result<Vec<Backlog>> {
+        self.read(events::counts).await
+    }
+
+    /// Make the events `hook` gave up on wait for it again; how many.
+    pub async fn retry_given_up(&self, hook: String) -> Result<u64> {
+        let n = self.write(move |tx| events::retry_given_up(tx, &hook)).await?;
+        self.outbox.notify_one();
+        Ok(n)
     }
 
     async fn write<R: Send + 'static>(
@@ -367,12 +433,33 @@ impl Db {
     /// Store a submission: its derivations (once each), a build per requested derivation, and a
     /// build for each input derivation that has neither an active nor a successful one.
     pub async fn submit(&self, sub: Submission) -> Result<SubmitOutcome> {
-        self.write(move |tx| submit(tx, &sub)).await
+        self.write_events(move |tx, subs| {
+            let out = submit(tx, &sub)?;
+            if events::wanted(subs, EventKind::BuildSubmitted) {
+                let requested: BTreeSet<&str> = out.requested.iter().map(String::as_str).collect();
+                for b in &out.created {
+                    let mut ev = HookEvent::new(EventKind::BuildSubmitted, sub.now);
+                    ev.build = Some(b.uuid.clone());
+                    ev.drv = Some(b.drv.clone());
+                    ev.state = Some(BuildState::Queued);
+                    ev.priority = Some(b.priority);
+                    if requested.contains(b.uuid.as_str()) {
+                        ev.tags = sub.tags.clone();
+                    } else {
+                        ev.reason = Some("an input of a submitted build".into());
+                    }
+                    events::emit(tx, subs, &ev)?;
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// Record the start of attempts (build, machine) and return what to send.
     pub async fn start_attempts(&self, picks: Vec<(BuildId, String)>, now: i64) -> Result<Vec<Job>> {
-        self.write(move |tx| {
+        self.write_events(move |tx, subs| {
+            let tell = events::wanted(subs, EventKind::BuildStarted);
             let mut jobs = Vec::with_capacity(picks.len());
             let mut get = tx.prepare_cached(
                 "SELECT b.uuid, b.attempts, d.path, d.aterm, d.inputs FROM builds b
@@ -392,6 +479,15 @@ impl Db {
                 ins.execute(params![build, n, machine, now])?;
                 let attempt = tx.last_insert_rowid();
                 let inputs = inputs.lines().map(str::to_owned).collect();
+                if tell {
+                    let mut ev = HookEvent::new(EventKind::BuildStarted, now);
+                    ev.build = Some(uuid.clone());
+                    ev.drv = Some(drv_path.clone());
+                    ev.state = Some(BuildState::Running);
+                    ev.machine = Some(machine.clone());
+                    ev.attempt = Some(n);
+                    events::emit(tx, subs, &ev)?;
+                }
                 jobs.push(Job { build, uuid, attempt, n, drv_path, aterm, inputs });
             }
             Ok(jobs)
@@ -401,9 +497,12 @@ impl Db {
 
     /// Record the end of attempts, and what they decide for their builds, in one transaction.
     pub async fn end_attempts(&self, ends: Vec<AttemptEnd>) -> Result<()> {
-        self.write(move |tx| {
+        self.write_events(move |tx, subs| {
             for end in &ends {
-                end_attempt(tx, end)?;
+                let (changed, cascade) = end_attempt(tx, end)?;
+                if !subs.is_empty() {
+                    attempt_events(tx, subs, end, changed, &cascade)?;
+                }
             }
             Ok(())
         })
@@ -429,7 +528,8 @@ impl Db {
     /// Make `build` wait for a build of each of `drvs`: a queued or running one, else a new one at
     /// its priority. Returns the builds created and every build it now waits for.
     pub async fn wait_for(&self, build: BuildId, drvs: Vec<i64>, now: i64) -> Result<(Vec<QueuedBuild>, Vec<BuildId>)> {
-        self.write(move |tx| {
+        self.write_events(move |tx, subs| {
+            let subs = subs.to_vec();
             let priority: i64 = tx.query_row("SELECT priority FROM builds WHERE id = ?1", [build], |r| r.get(0))?;
             let mut active = tx.prepare_cached(
                 "SELECT id FROM builds WHERE drv = ?1 AND state IN ('queued', 'running') ORDER BY id DESC LIMIT 1",
@@ -437,6 +537,12 @@ impl Db {
             let mut describe = tx.prepare_cached("SELECT path, system, features FROM derivations WHERE id = ?1")?;
             let mut dep = tx.prepare_cached("INSERT OR IGNORE INTO build_deps (build, dep) VALUES (?1, ?2)")?;
             let (mut created, mut deps) = (Vec::new(), Vec::new());
+            let tell = events::wanted(&subs, EventKind::BuildSubmitted);
+            let waiting: Option<String> = if tell {
+                tx.query_row("SELECT uuid FROM builds WHERE id = ?1", [build], |r| r.get(0)).optional()?
+            } else {
+                None
+            };
             for drv in drvs {
                 let id = match active.query_row([drv], |r| r.get::<_, BuildId>(0)).optional()? {
                     Some(id) => id,
@@ -444,6 +550,15 @@ impl Db {
                         let (path, system, features): (String, String, String) =
                             describe.query_row([drv], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
                         let (id, uuid) = insert_build(tx, drv, priority, now)?;
+                        if tell {
+                            let mut ev = HookEvent::new(EventKind::BuildSubmitted, now);
+                            ev.build = Some(uuid.clone());
+                            ev.drv = Some(path.clone());
+                            ev.state = Some(BuildState::Queued);
+                            ev.priority = Some(priority);
+                            ev.reason = Some(format!("makes inputs build {} lacks", waiting.as_deref().unwrap_or("?")));
+                            events::emit(tx, &subs, &ev)?;
+                        }
                         created.push(QueuedBuild {
                             id,
                             uuid,
@@ -468,13 +583,20 @@ impl Db {
     /// Cancel a queued or running build, failing its dependents (`cascade`). False when it had
     /// already ended.
     pub async fn cancel(&self, build: BuildId, cascade: Vec<(BuildId, String)>, now: i64) -> Result<bool> {
-        self.write(move |tx| {
+        self.write_events(move |tx, subs| {
             let n = tx.execute(
                 "UPDATE builds SET state = 'canceled', reason = 'canceled', ended_at = ?2
                  WHERE id = ?1 AND state IN ('queued', 'running')",
                 params![build, now],
             )?;
-            fail_all(tx, &cascade, now)?;
+            let failed = fail_all(tx, &cascade, now)?;
+            if n == 1 && events::wanted(subs, EventKind::BuildCanceled) {
+                let mut ev = events::build_event(tx, EventKind::BuildCanceled, build, now)?;
+                ev.state = Some(BuildState::Canceled);
+                ev.reason = Some("canceled".into());
+                events::emit(tx, subs, &ev)?;
+            }
+            cascade_events(tx, subs, &failed, now)?;
             Ok(n == 1)
         })
         .await
@@ -562,6 +684,69 @@ impl Db {
         let uuid = uuid.to_owned();
         self.read(move |conn| show(conn, &uuid)).await
     }
+}
+
+/// The events of an attempt's end: its build's (when it changed) and its failed dependents'.
+fn attempt_events(
+    tx: &Transaction<'_>,
+    subs: &[Subscriber],
+    end: &AttemptEnd,
+    changed: bool,
+    cascade: &[&(BuildId, String)],
+) -> DbResult<()> {
+    if changed {
+        let (kind, state, retry) = match &end.change {
+            BuildChange::Succeed => (EventKind::BuildSucceeded, BuildState::Succeeded, false),
+            BuildChange::Fail { .. } => (EventKind::BuildFailed, BuildState::Failed, false),
+            BuildChange::Requeue { .. } if end.status == AttemptStatus::MissingInputs => {
+                (EventKind::BuildMissingInputs, BuildState::Queued, false)
+            }
+            BuildChange::Requeue { .. } => (EventKind::BuildFailed, BuildState::Queued, true),
+            BuildChange::Nothing => return cascade_events(tx, subs, cascade, end.now),
+        };
+        if events::wanted(subs, kind) {
+            let mut ev = events::build_event(tx, kind, end.build, end.now)?;
+            ev.state = Some(state);
+            ev.retry = retry;
+            ev.status = Some(end.status);
+            ev.reason = match &end.change {
+                BuildChange::Fail { reason, .. } => Some(reason.clone()),
+                _ => end.reason.clone(),
+            };
+            if let Some((n, machine)) = events::attempt_of(tx, end.attempt)? {
+                ev.attempt = Some(n);
+                ev.machine = Some(machine);
+            }
+            ev.outputs = end
+                .outputs
+                .iter()
+                .map(|o| OutputInfo {
+                    name: o.name.clone(),
+                    path: o.path.clone(),
+                    nar_hash: o.nar_hash.clone(),
+                    nar_size: o.nar_size,
+                    references: o.references.clone(),
+                    signature: o.signature.clone(),
+                })
+                .collect();
+            events::emit(tx, subs, &ev)?;
+        }
+    }
+    cascade_events(tx, subs, cascade, end.now)
+}
+
+/// `build-failed` for each dependent failed along with another build.
+fn cascade_events(tx: &Transaction<'_>, subs: &[Subscriber], failed: &[&(BuildId, String)], now: i64) -> DbResult<()> {
+    if !events::wanted(subs, EventKind::BuildFailed) {
+        return Ok(());
+    }
+    for (id, reason) in failed {
+        let mut ev = events::build_event(tx, EventKind::BuildFailed, *id, now)?;
+        ev.state = Some(BuildState::Failed);
+        ev.reason = Some(reason.clone());
+        events::emit(tx, subs, &ev)?;
+    }
+    Ok(())
 }
 
 fn split_words(s: &str) -> BTreeSet<String> {

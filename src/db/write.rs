@@ -152,17 +152,30 @@ pub(super) fn insert_build(tx: &Transaction<'_>, drv_id: i64, priority: i64, now
     Ok((tx.last_insert_rowid(), uuid))
 }
 
-pub(super) fn fail_all(tx: &Transaction<'_>, builds: &[(BuildId, String)], now: i64) -> DbResult<()> {
+/// Fail these queued builds; returns those that were queued (now failed), with their reasons.
+pub(super) fn fail_all<'a>(
+    tx: &Transaction<'_>,
+    builds: &'a [(BuildId, String)],
+    now: i64,
+) -> DbResult<Vec<&'a (BuildId, String)>> {
     let mut upd = tx.prepare_cached(
         "UPDATE builds SET state = 'failed', reason = ?2, ended_at = ?3 WHERE id = ?1 AND state = 'queued'",
     )?;
-    for (id, reason) in builds {
-        upd.execute(params![id, reason, now])?;
+    let mut failed = Vec::new();
+    for b @ (id, reason) in builds {
+        if upd.execute(params![id, reason, now])? == 1 {
+            failed.push(b);
+        }
     }
-    Ok(())
+    Ok(failed)
 }
 
-pub(super) fn end_attempt(tx: &Transaction<'_>, end: &AttemptEnd) -> DbResult<()> {
+/// Record an attempt's end and what it does to its build; returns whether the build changed (it
+/// had not ended meanwhile) and the dependents that failed with it.
+pub(super) fn end_attempt<'a>(
+    tx: &Transaction<'_>,
+    end: &'a AttemptEnd,
+) -> DbResult<(bool, Vec<&'a (BuildId, String)>)> {
     tx.prepare_cached(
         "UPDATE attempts SET ended_at = ?2, status = ?3, reason = ?4 WHERE id = ?1 AND ended_at IS NULL",
     )?
@@ -182,27 +195,26 @@ pub(super) fn end_attempt(tx: &Transaction<'_>, end: &AttemptEnd) -> DbResult<()
             o.signature
         ])?;
     }
-    match &end.change {
-        BuildChange::Succeed => {
-            tx.prepare_cached(
+    let changed = match &end.change {
+        BuildChange::Succeed => tx
+            .prepare_cached(
                 "UPDATE builds SET state = 'succeeded', reason = NULL, ended_at = ?2 WHERE id = ?1 AND state = 'running'",
             )?
-            .execute(params![end.build, end.now])?;
-        }
+            .execute(params![end.build, end.now])?,
         BuildChange::Fail { reason, cascade } => {
-            tx.prepare_cached(
-                "UPDATE builds SET state = 'failed', reason = ?2, ended_at = ?3 WHERE id = ?1 AND state = 'running'",
-            )?
-            .execute(params![end.build, reason, end.now])?;
-            fail_all(tx, cascade, end.now)?;
+            let n = tx
+                .prepare_cached(
+                    "UPDATE builds SET state = 'failed', reason = ?2, ended_at = ?3 WHERE id = ?1 AND state = 'running'",
+                )?
+                .execute(params![end.build, reason, end.now])?;
+            return Ok((n == 1, fail_all(tx, cascade, end.now)?));
         }
-        BuildChange::Requeue { count_retry } => {
-            tx.prepare_cached(
+        BuildChange::Requeue { count_retry } => tx
+            .prepare_cached(
                 "UPDATE builds SET state = 'queued', retries = retries + ?2 WHERE id = ?1 AND state = 'running'",
             )?
-            .execute(params![end.build, i64::from(*count_retry)])?;
-        }
-        BuildChange::Nothing => {}
-    }
-    Ok(())
+            .execute(params![end.build, i64::from(*count_retry)])?,
+        BuildChange::Nothing => 0,
+    };
+    Ok((changed == 1, Vec::new()))
 }

@@ -1,0 +1,357 @@
+//! Hooks: the events of the database's outbox delivered to programs and URLs (docs/hooks.md),
+//! beside the core: a slow hook delays only itself. One task reads each hook's waiting events
+//! (oldest first), runs up to its parallelism at once, and records what the runs did in one
+//! transaction per batch; an event leaves the outbox only once its hook has taken it, so after a
+//! crash the events whose runs were under way are run again (at least once, never lost).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+
+use crate::api::{HookEvent, HookInfo, now_ms};
+use crate::coordinator_file::{HookSpec, HookTarget};
+use crate::db::{Db, Delivery, Pending, Subscriber};
+
+/// The longest wait before another retry, whatever the hook's delay.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+/// How much of a failing command's stderr its error keeps.
+const STDERR_KEPT: usize = 2048;
+
+/// Counters of one hook since the coordinator started.
+#[derive(Debug, Default, Clone)]
+pub struct HookStats {
+    pub runs: u64,
+    pub failures: u64,
+    pub running: u64,
+    /// From each taken event's time to its delivery: sum (ms) and count.
+    pub latency_ms_sum: u64,
+    pub delivered: u64,
+    pub last_error: Option<String>,
+}
+
+/// The hooks in force and their counters, shared with the client server and /metrics.
+#[derive(Default)]
+pub struct Hooks {
+    specs: Mutex<Vec<HookSpec>>,
+    stats: Mutex<BTreeMap<String, HookStats>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Hooks {
+    pub fn new(specs: Vec<HookSpec>) -> Arc<Hooks> {
+        let hooks = Arc::new(Hooks::default());
+        hooks.update(specs);
+        hooks
+    }
+
+    pub fn specs(&self) -> Vec<HookSpec> {
+        self.specs.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Take a new configuration (it applies to events stored from now on, and to the runs to come).
+    pub fn update(&self, specs: Vec<HookSpec>) {
+        *self.specs.lock().unwrap_or_else(PoisonError::into_inner) = specs;
+        self.changed.notify_one();
+    }
+
+    pub fn subscribers(&self) -> Vec<Subscriber> {
+        self.specs().into_iter().map(|h| Subscriber { name: h.name, events: h.events }).collect()
+    }
+
+    pub fn stats(&self) -> BTreeMap<String, HookStats> {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn with_stats(&self, hook: &str, f: impl FnOnce(&mut HookStats)) {
+        f(self.stats.lock().unwrap_or_else(PoisonError::into_inner).entry(hook.to_owned()).or_default());
+    }
+
+    /// What `gbc hooks` shows: every configured hook, and any other that still has events stored.
+    pub async fn infos(&self, db: &Db) -> crate::db::Result<Vec<HookInfo>> {
+        let stored: HashMap<String, crate::db::Backlog> =
+            db.hook_counts().await?.into_iter().map(|b| (b.hook.clone(), b)).collect();
+        let stats = self.stats();
+        let specs = self.specs();
+        let mut names: Vec<(String, bool)> = specs.iter().map(|h| (h.name.clone(), true)).collect();
+        let mut others: Vec<&String> = stored.keys().filter(|n| !specs.iter().any(|h| &h.name == *n)).collect();
+        others.sort();
+        names.extend(others.into_iter().map(|n| (n.clone(), false)));
+        Ok(names
+            .into_iter()
+            .map(|(name, configured)| {
+                let crate::db::Backlog { waiting: backlog, given_up, last_error: stored_error, .. } =
+                    stored.get(&name).cloned().unwrap_or_default();
+                let s = stats.get(&name).cloned().unwrap_or_default();
+                let events = specs.iter().find(|h| h.name == name).map(|h| h.events.iter().copied().collect());
+                HookInfo {
+                    events: events.unwrap_or_default(),
+                    backlog,
+                    running: s.running,
+                    given_up,
+                    runs: s.runs,
+                    failures: s.failures,
+                    last_error: s.last_error.or(stored_error),
+                    configured,
+                    name,
+                }
+            })
+            .collect())
+    }
+}
+
+/// What a finished run reports to the loop.
+struct Ran {
+    hook: String,
+    pending: Pending,
+    result: Result<(), String>,
+}
+
+/// Deliver events until the coordinator stops. `socket` is given to commands as
+/// `GBC_COORDINATOR`, so that they can act back (submit, cancel).
+pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Ran>();
+    // Per hook: the events being run.
+    let mut running: HashMap<String, HashSet<i64>> = HashMap::new();
+    loop {
+        db.set_subscribers(hooks.subscribers());
+        let specs = hooks.specs();
+        let mut wake: Option<i64> = None;
+        for spec in &specs {
+            let now_running = running.entry(spec.name.clone()).or_default();
+            let free = (spec.parallelism as usize).saturating_sub(now_running.len());
+            if free == 0 {
+                continue;
+            }
+            let window = (spec.parallelism * 8).max(64) + now_running.len() as u32;
+            let pending = match db.pending_events(spec.name.clone(), window).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(hook = %spec.name, "reading its events: {e}");
+                    wake = Some(now_ms() + 1000);
+                    continue;
+                }
+            };
+            let now = now_ms();
+            let mut started = 0;
+            // For ordered hooks: builds with an earlier event still undelivered.
+            let mut held: HashSet<String> = HashSet::new();
+            for p in pending {
+                let build = p.build.clone();
+                let blocked = spec.ordered && build.as_ref().is_some_and(|b| held.contains(b));
+                if spec.ordered
+                    && let Some(b) = build
+                {
+                    held.insert(b);
+                }
+                if blocked || now_running.contains(&p.event) {
+                    continue;
+                }
+                if p.next_at > now {
+                    wake = Some(wake.map_or(p.next_at, |w| w.min(p.next_at)));
+                    continue;
+                }
+                if started == free {
+                    break;
+                }
+                started += 1;
+                now_running.insert(p.event);
+                hooks.with_stats(&spec.name, |s| s.running += 1);
+                let (spec, socket, done) = (spec.clone(), socket.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    let result = run_one(&spec, &p, &socket).await;
+                    let _ = done.send(Ran { hook: spec.name.clone(), pending: p, result });
+                });
+            }
+        }
+        let sleep = async {
+            match wake {
+                Some(at) => tokio::time::sleep(Duration::from_millis((at - now_ms()).max(1) as u64)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            first = done_rx.recv() => {
+                let Some(first) = first else { return };
+                let mut batch = vec![first];
+                while let Ok(more) = done_rx.try_recv() {
+                    batch.push(more);
+                }
+                record(&db, &hooks, &specs, batch, &mut running).await;
+            }
+            _ = db.outbox.notified() => {}
+            _ = hooks.changed.notified() => {}
+            _ = sleep => {}
+        }
+    }
+}
+
+/// Write what runs did; their events stay "running" here until it is written (so none is run
+/// twice by this coordinator).
+async fn record(
+    db: &Db,
+    hooks: &Hooks,
+    specs: &[HookSpec],
+    batch: Vec<Ran>,
+    running: &mut HashMap<String, HashSet<i64>>,
+) {
+    let mut rows = Vec::with_capacity(batch.len());
+    let now = now_ms();
+    for ran in &batch {
+        let spec = specs.iter().find(|h| h.name == ran.hook);
+        let delivery = match &ran.result {
+            Ok(()) => {
+                hooks.with_stats(&ran.hook, |s| {
+                    s.runs += 1;
+                    s.delivered += 1;
+                    s.latency_ms_sum += (now - ran.pending.at_ms).max(0) as u64;
+                });
+                Delivery::Taken
+            }
+            Err(error) => {
+                let tries = ran.pending.tries + 1;
+                let (max, delay) = spec.map_or((0, Duration::ZERO), |h| (h.max_retries, h.retry_delay));
+                let next_at = (tries <= max).then(|| now + backoff(delay, tries).as_millis() as i64);
+                match next_at {
+                    Some(at) => tracing::warn!(
+                        hook = %ran.hook,
+                        "event {} ({}): {error}; run again in {} s",
+                        ran.pending.event,
+                        ran.pending.kind,
+                        (at - now) / 1000
+                    ),
+                    None => tracing::error!(
+                        hook = %ran.hook,
+                        "event {} ({}): {error}; given up after {tries} runs (gbc hooks retry {} runs it again)",
+                        ran.pending.event,
+                        ran.pending.kind,
+                        ran.hook
+                    ),
+                }
+                hooks.with_stats(&ran.hook, |s| {
+                    s.runs += 1;
+                    s.failures += 1;
+                    s.last_error = Some(error.clone());
+                });
+                Delivery::Failed { tries, next_at, error: error.clone() }
+            }
+        };
+        rows.push((ran.hook.clone(), ran.pending.event, delivery));
+    }
+    // Until this is written the events count as running: retried with the next batch if it fails.
+    let mut wait = Duration::from_millis(100);
+    while let Err(e) = db.record_deliveries(rows.clone()).await {
+        tracing::error!("recording hook runs: {e}; trying again");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+    for ran in batch {
+        if let Some(r) = running.get_mut(&ran.hook) {
+            r.remove(&ran.pending.event);
+        }
+        hooks.with_stats(&ran.hook, |s| s.running = s.running.saturating_sub(1));
+    }
+}
+
+/// The delay before the `tries`-th run after failures: `delay` × 3^(tries−1), at most an hour,
+/// jittered by ±25% (so that events that failed together don't all come back together).
+fn backoff(delay: Duration, tries: u32) -> Duration {
+    let base = delay.saturating_mul(3u32.saturating_pow(tries.saturating_sub(1))).min(MAX_RETRY_DELAY);
+    let mut r = [0u8; 2];
+    let jitter = if getrandom::fill(&mut r).is_ok() { f64::from(u16::from_le_bytes(r)) / 65535.0 } else { 0.5 };
+    base.mul_f64(0.75 + jitter / 2.0)
+}
+
+/// One run of `spec` on one event.
+async fn run_one(spec: &HookSpec, p: &Pending, socket: &std::path::Path) -> Result<(), String> {
+    match &spec.target {
+        HookTarget::Command(argv) => run_command(argv, spec.timeout, p, socket).await,
+        HookTarget::Url(url) => {
+            let (url, body, timeout, kind) = (url.clone(), p.body.clone(), spec.timeout, p.kind.clone());
+            tokio::task::spawn_blocking(move || post(&url, &body, timeout, &kind))
+                .await
+                .unwrap_or_else(|e| Err(format!("the request's thread: {e}")))
+        }
+    }
+}
+
+async fn run_command(argv: &[String], timeout: Duration, p: &Pending, socket: &std::path::Path) -> Result<(), String> {
+    let Some((program, args)) = argv.split_first() else { return Err("no command".into()) };
+    let ev: Option<HookEvent> = serde_json::from_str(&p.body).ok();
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env("GBC_EVENT", &p.kind)
+        .env("GBC_EVENT_ID", p.event.to_string())
+        .env("GBC_BUILD", p.build.as_deref().unwrap_or(""))
+        .env("GBC_DERIVATION", ev.as_ref().and_then(|e| e.drv.as_deref()).unwrap_or(""))
+        .env("GBC_COORDINATOR", socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        // Its own process group: a timeout kills whatever it started too.
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| format!("{program}: {e}"))?;
+    let pid = child.id();
+    let mut stdin = child.stdin.take();
+    let mut stderr = child.stderr.take();
+    let body = p.body.clone();
+    let work = async {
+        if let Some(mut i) = stdin.take() {
+            // A hook that does not read its stdin is fine: a broken pipe is not its failure.
+            let _ = i.write_all(body.as_bytes()).await;
+            let _ = i.write_all(b"\n").await;
+        }
+        let mut err = Vec::new();
+        if let Some(e) = stderr.as_mut() {
+            let _ = e.read_to_end(&mut err).await;
+        }
+        (child.wait().await, err)
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok((Ok(status), _)) if status.success() => Ok(()),
+        Ok((Ok(status), err)) => {
+            let text = String::from_utf8_lossy(&err[err.len().saturating_sub(STDERR_KEPT)..]).into_owned();
+            let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
+            Err(if last.is_empty() { format!("{program}: {status}") } else { format!("{program}: {status}: {last}") })
+        }
+        Ok((Err(e), _)) => Err(format!("{program}: {e}")),
+        Err(_) => {
+            if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+            Err(format!("{program}: killed after its timeout of {} s", timeout.as_secs()))
+        }
+    }
+}
+
+fn post(url: &str, body: &str, timeout: Duration, kind: &str) -> Result<(), String> {
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
+    let response = agent
+        .post(url)
+        .header("Content-Type", "application/json")
+        .header("X-Gbc-Event", kind)
+        .send(body)
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status().as_u16();
+    if (200..300).contains(&status) { Ok(()) } else { Err(format!("{url}: HTTP {status}")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_by_three_jittered_and_capped() {
+        let d = Duration::from_secs(60);
+        for (tries, base) in [(1, 60.0), (2, 180.0), (3, 540.0), (9, 3600.0)] {
+            let b = backoff(d, tries).as_secs_f64();
+            assert!(b >= base * 0.75 - 0.01 && b <= base * 1.25 + 0.01, "try {tries}: {b} s");
+        }
+    }
+}
