@@ -321,3 +321,69 @@ fn no_event_is_lost_across_kill_9() {
         }
     }
 }
+
+/// `--retry-failed 2`: a builder that fails twice then succeeds ends succeeded, its three attempts
+/// recorded. The builder is Nix's builtin:fetchurl against a loopback server that answers 404 to
+/// the first two requests (a failure the fetcher does not retry itself); another URL always
+/// answers 404, and its build fails after its two tries again.
+#[test]
+fn retry_failed_tries_a_failed_build_again() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let contents = format!("fetched {}\n", salt());
+    let body = contents.clone();
+    std::thread::spawn(move || {
+        let mut asked = 0;
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut line = String::new();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            r.read_line(&mut line).unwrap();
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap() == 0 || h.trim().is_empty() {
+                    break;
+                }
+            }
+            let ok = line.starts_with("GET /flaky ") && {
+                asked += 1;
+                asked > 2
+            };
+            let _ = if ok {
+                write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+            } else {
+                write!(s, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            };
+        }
+    });
+    let dir = common::tempdir();
+    let file = dir.path().join("contents");
+    std::fs::write(&file, &contents).unwrap();
+    let hash =
+        run_ok_str(nix("nix-hash").args(["--type", "sha256", "--flat", "--base32"]).arg(&file)).trim().to_owned();
+    let drv = |path: &str, name: &str| {
+        let expr = format!(
+            r#"import <nix/fetchurl.nix> {{ url = "http://127.0.0.1:{port}/{path}"; sha256 = "{hash}"; name = "{name}"; }}"#
+        );
+        run_ok_str(nix("nix-instantiate").args(["-E", &expr])).trim().to_owned()
+    };
+    let (flaky, gone) = (drv("flaky", "flaky-retried"), drv("gone", "gone-retried"));
+    let c = Coordinator::start(&["--local-builds", "1", "--retry-failed", "2", "--retry-failed-delay", "0"]);
+    let out = run(&mut c.gbc(&["build", "--no-upload", &flaky]));
+    assert!(out.status.success(), "{}\n{}", stderr(&out), c.log());
+    let show = |drv: &str| -> Value {
+        let uuid = c.builds().iter().find(|b| b["drv"] == drv).unwrap()["uuid"].as_str().unwrap().to_owned();
+        serde_json::from_str(&run_ok_str(&mut c.gbc(&["show", "--json", &uuid]))).unwrap()
+    };
+    let statuses = |v: &Value| -> Vec<String> {
+        v["attempt_list"].as_array().unwrap().iter().map(|a| a["status"].as_str().unwrap().to_owned()).collect()
+    };
+    let v = show(&flaky);
+    assert_eq!(statuses(&v), ["build_failure", "build_failure", "success"], "{v}");
+    assert_eq!(v["state"], "succeeded");
+    let out = run(&mut c.gbc(&["build", "--no-upload", &gone]));
+    assert!(!out.status.success());
+    let v = show(&gone);
+    assert_eq!(statuses(&v), ["build_failure", "build_failure", "build_failure"], "{v}");
+    assert_eq!(v["state"], "failed");
+}

@@ -348,6 +348,15 @@ pub struct CoordinatorOpts {
     /// Attempts a build gets when its setup fails or its machine is lost, before it fails.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
+    /// Queue a build whose builder failed (or timed out, or was silent too long) again, up to N
+    /// times (default 0). Each try is an attempt, recorded as any other; a refused output is not
+    /// tried again.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub retry_failed: u32,
+    /// The wait before the first such try (seconds, or a duration like 5m); each next one waits 3
+    /// times longer, at most an hour.
+    #[arg(long, value_name = "DURATION", default_value = "60", value_parser = parse_duration)]
+    pub retry_failed_delay: Duration,
     /// How long running builds may go on after SIGINT/SIGTERM (seconds, or a duration like 5m).
     #[arg(long, value_name = "DURATION", default_value = "30", value_parser = parse_duration)]
     pub grace: Duration,

@@ -42,6 +42,8 @@ pub fn run(opts: CoordinatorOpts) -> anyhow::Result<()> {
         local_builds: opts.local_builds,
         sandbox_paths: opts.sandbox_paths.clone(),
         max_attempts: opts.max_attempts,
+        retry_failed: opts.retry_failed,
+        retry_failed_delay: opts.retry_failed_delay,
         grace: opts.grace,
         timeout_secs: opts.timeout.map(|d| d.as_secs()),
         max_silent_secs: opts.max_silent_time.map(|d| d.as_secs()),

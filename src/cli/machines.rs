@@ -123,6 +123,8 @@ fn probe_config() -> anyhow::Result<Config> {
         local_builds: None,
         sandbox_paths: Vec::new(),
         max_attempts: 1,
+        retry_failed: 0,
+        retry_failed_delay: std::time::Duration::ZERO,
         grace: Duration::ZERO,
         timeout_secs: None,
         max_silent_secs: None,

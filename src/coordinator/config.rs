@@ -17,6 +17,10 @@ pub struct Config {
     pub sandbox_paths: Vec<crate::build::sandbox::SandboxPath>,
     /// Attempts a build gets when setups fail or machines are lost, before it fails.
     pub max_attempts: u32,
+    /// Times a build whose builder failed (or timed out, or fell silent) goes back to the queue,
+    /// and the wait before the first (then × 3 each).
+    pub retry_failed: u32,
+    pub retry_failed_delay: Duration,
     /// How long running builds may go on after SIGINT/SIGTERM before they are put back in the queue.
     pub grace: Duration,
     pub timeout_secs: Option<u64>,

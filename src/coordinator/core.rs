@@ -159,6 +159,8 @@ pub(super) struct Core {
     stopping: Option<Instant>,
     stats: Stats,
     alloc_samples: VecDeque<u64>,
+    /// Builds waiting to be tried again after their builder failed (`--retry-failed`), by when.
+    held: std::collections::BTreeSet<(Instant, BuildId)>,
 }
 
 impl Core {
@@ -183,13 +185,17 @@ impl Core {
             stopping: None,
             stats: Stats::default(),
             alloc_samples: VecDeque::new(),
+            held: std::collections::BTreeSet::new(),
         };
         for spec in machines {
             core.add_machine(spec);
         }
         for b in core.db.load_queue().await? {
             core.queue.insert(b.id, b.priority, &b.system, &b.features, &b.deps);
-            core.known.insert(b.id, Known { uuid: b.uuid.into(), drv: b.drv.into(), retries: b.retries });
+            core.known.insert(
+                b.id,
+                Known { uuid: b.uuid.into(), drv: b.drv.into(), retries: b.retries, failures: b.failures },
+            );
         }
         Ok(core)
     }
@@ -207,7 +213,15 @@ impl Core {
     ) -> Result<()> {
         loop {
             let deadline = self.stopping.map(|s| s + self.config.grace);
+            let release = self.held.first().map(|&(at, _)| at);
             tokio::select! {
+                _ = sleep_until_opt(release) => {
+                    let now = Instant::now();
+                    while let Some(&(at, build)) = self.held.first() && at <= now {
+                        self.held.pop_first();
+                        self.queue.release(build);
+                    }
+                }
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => self.command(cmd).await?,
                     None => return Ok(()),
@@ -254,7 +268,7 @@ impl Core {
                         self.queue.insert(b.id, b.priority, &b.system, &b.features, &b.deps);
                         self.known.insert(
                             b.id,
-                            Known { uuid: b.uuid.as_str().into(), drv: b.drv.as_str().into(), retries: 0 },
+                            Known { uuid: b.uuid.as_str().into(), drv: b.drv.as_str().into(), retries: 0, failures: 0 },
                         );
                         self.emit(b.id, BuildState::Queued, now, None, None, false);
                     }
@@ -425,7 +439,10 @@ impl Core {
         let waiting = self.known.get(&build).map(|k| k.uuid.to_string()).unwrap_or_default();
         for b in &created {
             self.queue.insert(b.id, b.priority, &b.system, &b.features, &b.deps);
-            self.known.insert(b.id, Known { uuid: b.uuid.as_str().into(), drv: b.drv.as_str().into(), retries: 0 });
+            self.known.insert(
+                b.id,
+                Known { uuid: b.uuid.as_str().into(), drv: b.drv.as_str().into(), retries: 0, failures: 0 },
+            );
             self.emit(b.id, BuildState::Queued, now, None, Some(format!("makes inputs build {waiting} lacks")), false);
         }
         let reason = format!("waiting for builds of its {}", missing_reason(&cacheable));
@@ -606,7 +623,7 @@ impl Core {
         let o = outcome::decide(
             &mut self.queue,
             &mut self.known,
-            self.config.max_attempts,
+            outcome::Policy { max_attempts: self.config.max_attempts, retry_failed: self.config.retry_failed },
             &machine_name,
             build,
             run.canceled,
@@ -614,6 +631,10 @@ impl Core {
         );
         if o.requeued {
             self.stats.retries += 1;
+        }
+        if let Some(failures) = o.held {
+            let wait = retry_wait(self.config.retry_failed_delay, failures);
+            self.held.insert((Instant::now() + wait, build));
         }
         let now = now_ms();
         batch.ends.push(AttemptEnd {
@@ -717,6 +738,12 @@ impl Core {
             })
             .collect()
     }
+}
+
+/// The wait before a failed build's `failures`-th try again: `delay` × 3^(failures−1), at most an
+/// hour.
+fn retry_wait(delay: std::time::Duration, failures: u32) -> std::time::Duration {
+    delay.saturating_mul(3u32.saturating_pow(failures.saturating_sub(1))).min(std::time::Duration::from_secs(3600))
 }
 
 fn percentile(sorted: &[u64], p: usize) -> u64 {

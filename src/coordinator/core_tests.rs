@@ -28,6 +28,8 @@ fn config(dir: &std::path::Path) -> Config {
         local_builds: None,
         sandbox_paths: Vec::new(),
         max_attempts: 3,
+        retry_failed: 0,
+        retry_failed_delay: std::time::Duration::ZERO,
         grace: Duration::from_secs(60),
         timeout_secs: None,
         max_silent_secs: None,

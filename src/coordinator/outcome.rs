@@ -16,6 +16,8 @@ pub(super) struct Known {
     pub drv: Box<str>,
     /// Attempts so far that counted towards `max_attempts`.
     pub retries: u32,
+    /// Attempts so far whose builder failed (towards `--retry-failed`).
+    pub failures: u32,
 }
 
 /// A change of a build's state, to be told to watchers once recorded.
@@ -39,20 +41,32 @@ pub(super) struct Outcome {
     pub changes: Vec<Change>,
     /// The build goes back to the queue (a retry, in the statistics).
     pub requeued: bool,
+    /// It is held out of allocation until released: its builder failed this many times so far.
+    pub held: Option<u32>,
 }
 
 /// Decide what `result` means for `build`, whose attempt ran on `machine`: update the queue (and
 /// the build's retry count in `known`) and say what to record. A canceled build's attempt is only
 /// recorded: the cancel already decided the build.
+/// How many times builds are tried.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Policy {
+    /// Attempts that fail to set up or lose their machine, before the build fails.
+    pub max_attempts: u32,
+    /// Tries again after the builder failed (`--retry-failed`).
+    pub retry_failed: u32,
+}
+
 pub(super) fn decide(
     queue: &mut Queue,
     known: &mut HashMap<BuildId, Known>,
-    max_attempts: u32,
+    policy: Policy,
     machine: &str,
     build: BuildId,
     canceled: bool,
     result: AttemptResult,
 ) -> Outcome {
+    let Policy { max_attempts, retry_failed } = policy;
     let outcome = |status, reason: Option<String>, change, changes, requeued| Outcome {
         status,
         reason,
@@ -60,6 +74,7 @@ pub(super) fn decide(
         change,
         changes,
         requeued,
+        held: None,
     };
     if canceled {
         let (status, reason) = describe(&result);
@@ -75,6 +90,22 @@ pub(super) fn decide(
             queue.succeeded(build);
             let changes = vec![Change { build, state: BuildState::Succeeded, reason: None, retry: false }];
             Outcome { outputs, ..outcome(AttemptStatus::Success, None, BuildChange::Succeed, changes, false) }
+        }
+        AttemptResult::Failed { status, reason }
+            if matches!(
+                status,
+                AttemptStatus::BuildFailure | AttemptStatus::TimedOut | AttemptStatus::SilentTooLong
+            ) && known.get(&build).is_some_and(|k| k.failures < retry_failed) =>
+        {
+            let failures = known.get_mut(&build).map_or(1, |k| {
+                k.failures += 1;
+                k.failures
+            });
+            queue.requeue_held(build, Some(machine));
+            let why = format!("{reason}; tried again (--retry-failed: {failures} of {retry_failed})");
+            let changes = vec![Change { build, state: BuildState::Queued, reason: Some(why), retry: true }];
+            let o = outcome(status, Some(reason), BuildChange::Requeue { count_retry: false }, changes, true);
+            Outcome { held: Some(failures), ..o }
         }
         AttemptResult::Failed { status, reason } => {
             let (change, changes) = fail(queue, known, build, &reason);
@@ -194,7 +225,15 @@ mod tests {
         assert_eq!(q.pick(&[slot]).map(|p| p.build), Some(1));
         let known = (1..=4)
             .map(|id| {
-                (id, Known { uuid: format!("u{id}").into(), drv: format!("/nix/store/d{id}.drv").into(), retries: 0 })
+                (
+                    id,
+                    Known {
+                        uuid: format!("u{id}").into(),
+                        drv: format!("/nix/store/d{id}.drv").into(),
+                        retries: 0,
+                        failures: 0,
+                    },
+                )
             })
             .collect();
         (q, known)
@@ -210,6 +249,10 @@ mod tests {
                 None => return out,
             };
         }
+    }
+
+    fn p(max_attempts: u32, retry_failed: u32) -> Policy {
+        Policy { max_attempts, retry_failed }
     }
 
     fn states(o: &Outcome) -> Vec<(BuildId, BuildState)> {
@@ -231,7 +274,8 @@ mod tests {
             references: vec![],
             signature: "k:s".into(),
         };
-        let o = decide(&mut q, &mut known, 3, "m", 1, false, AttemptResult::Success { outputs: vec![out.clone()] });
+        let o =
+            decide(&mut q, &mut known, p(3, 0), "m", 1, false, AttemptResult::Success { outputs: vec![out.clone()] });
         assert_eq!((o.status, &o.outputs, &o.change), (AttemptStatus::Success, &vec![out], &BuildChange::Succeed));
         assert_eq!(states(&o), [(1, BuildState::Succeeded)]);
         assert_eq!(ready(&mut q), BTreeSet::from([2, 4]), "mid is ready now, top still waits for it");
@@ -241,7 +285,7 @@ mod tests {
     fn a_build_failure_fails_its_dependents_and_names_the_cause() {
         let (mut q, mut known) = graph();
         let failed = AttemptResult::Failed { status: AttemptStatus::BuildFailure, reason: "exit 1".into() };
-        let o = decide(&mut q, &mut known, 3, "m", 1, false, failed);
+        let o = decide(&mut q, &mut known, p(3, 0), "m", 1, false, failed);
         assert_eq!(o.status, AttemptStatus::BuildFailure);
         assert_eq!(states(&o), [(1, BuildState::Failed), (2, BuildState::Failed), (3, BuildState::Failed)]);
         let BuildChange::Fail { reason, cascade } = &o.change else { unreachable!("{:?}", o.change) };
@@ -258,9 +302,28 @@ mod tests {
     }
 
     #[test]
+    fn with_retry_failed_a_build_failure_is_held_then_tried_again_until_they_run_out() {
+        let (mut q, mut known) = graph();
+        let failed = || AttemptResult::Failed { status: AttemptStatus::BuildFailure, reason: "exit 1".into() };
+        let o = decide(&mut q, &mut known, p(3, 1), "m", 1, false, failed());
+        assert_eq!((o.held, &o.change), (Some(1), &BuildChange::Requeue { count_retry: false }));
+        assert_eq!(states(&o), [(1, BuildState::Queued)], "its dependents wait on");
+        assert_eq!(ready(&mut q), BTreeSet::from([4]), "held: 1 is not allocated");
+        q.release(1);
+        assert_eq!(ready(&mut q), BTreeSet::from([1]), "released: allocated again");
+        let o = decide(&mut q, &mut known, p(3, 1), "m", 1, false, failed());
+        assert_eq!(o.held, None);
+        assert_eq!(states(&o), [(1, BuildState::Failed), (2, BuildState::Failed), (3, BuildState::Failed)]);
+        // A refused output is not the builder's failure: not tried again.
+        let (mut q, mut known) = graph();
+        let refused = AttemptResult::Failed { status: AttemptStatus::MissingReference, reason: "no".into() };
+        assert_eq!(decide(&mut q, &mut known, p(3, 5), "m", 1, false, refused).held, None);
+    }
+
+    #[test]
     fn a_setup_failure_goes_back_to_the_queue_avoiding_the_machine_until_attempts_run_out() {
         let (mut q, mut known) = graph();
-        let o = decide(&mut q, &mut known, 2, "m", 1, false, retry(AttemptStatus::SetupFailure, true));
+        let o = decide(&mut q, &mut known, p(2, 0), "m", 1, false, retry(AttemptStatus::SetupFailure, true));
         assert_eq!((o.status, &o.change), (AttemptStatus::SetupFailure, &BuildChange::Requeue { count_retry: true }));
         assert_eq!(
             o.changes,
@@ -270,7 +333,7 @@ mod tests {
         assert_eq!(known[&1].retries, 1);
         // Picked again (by another machine), it fails once more: the second of two attempts.
         assert!(ready(&mut q).contains(&1));
-        let o = decide(&mut q, &mut known, 2, "n", 1, false, retry(AttemptStatus::SetupFailure, true));
+        let o = decide(&mut q, &mut known, p(2, 0), "n", 1, false, retry(AttemptStatus::SetupFailure, true));
         let BuildChange::Fail { reason, cascade } = &o.change else { unreachable!("{:?}", o.change) };
         assert_eq!(reason, "gave up after 2 attempts; the last: it broke");
         assert_eq!(cascade.len(), 2);
@@ -280,11 +343,11 @@ mod tests {
     #[test]
     fn a_lost_machine_counts_but_a_build_that_never_started_does_not() {
         let (mut q, mut known) = graph();
-        let o = decide(&mut q, &mut known, 1, "m", 1, false, retry(AttemptStatus::Interrupted, false));
+        let o = decide(&mut q, &mut known, p(1, 0), "m", 1, false, retry(AttemptStatus::Interrupted, false));
         assert_eq!(o.change, BuildChange::Requeue { count_retry: false });
         assert_eq!(known[&1].retries, 0);
         assert!(ready(&mut q).contains(&1));
-        let o = decide(&mut q, &mut known, 1, "m", 1, false, retry(AttemptStatus::Interrupted, true));
+        let o = decide(&mut q, &mut known, p(1, 0), "m", 1, false, retry(AttemptStatus::Interrupted, true));
         assert!(matches!(o.change, BuildChange::Fail { .. }), "{:?}", o.change);
     }
 
@@ -294,11 +357,11 @@ mod tests {
         q.insert(5, 0, "x86_64-linux", &BTreeSet::new(), &[]);
         let wait =
             AttemptResult::WaitFor { deps: vec![5], reason: "waiting for builds of its missing inputs: p".into() };
-        let o = decide(&mut q, &mut known, 1, "m", 1, false, wait);
+        let o = decide(&mut q, &mut known, p(1, 0), "m", 1, false, wait);
         assert_eq!((o.status, &o.change), (AttemptStatus::MissingInputs, &BuildChange::Requeue { count_retry: false }));
         assert_eq!(states(&o), [(1, BuildState::Queued)]);
         assert_eq!(ready(&mut q), BTreeSet::from([4, 5]), "base waits for build 5 now");
-        let o = decide(&mut q, &mut known, 1, "m", 5, false, AttemptResult::Success { outputs: vec![] });
+        let o = decide(&mut q, &mut known, p(1, 0), "m", 5, false, AttemptResult::Success { outputs: vec![] });
         assert_eq!(o.status, AttemptStatus::Success);
         assert_eq!(ready(&mut q), BTreeSet::from([1]));
     }
@@ -306,16 +369,16 @@ mod tests {
     #[test]
     fn a_canceled_build_s_attempt_is_only_recorded() {
         let (mut q, mut known) = graph();
-        let o = decide(&mut q, &mut known, 3, "m", 1, true, AttemptResult::Success { outputs: vec![] });
+        let o = decide(&mut q, &mut known, p(3, 0), "m", 1, true, AttemptResult::Success { outputs: vec![] });
         assert_eq!((o.status, &o.change, o.changes.len()), (AttemptStatus::Success, &BuildChange::Nothing, 0));
-        let o = decide(&mut q, &mut known, 3, "m", 1, true, AttemptResult::Canceled);
+        let o = decide(&mut q, &mut known, p(3, 0), "m", 1, true, AttemptResult::Canceled);
         assert_eq!((o.status, o.reason.as_deref()), (AttemptStatus::Canceled, Some("canceled")));
     }
 
     #[test]
     fn the_agent_canceling_a_build_fails_it() {
         let (mut q, mut known) = graph();
-        let o = decide(&mut q, &mut known, 3, "m", 1, false, AttemptResult::Canceled);
+        let o = decide(&mut q, &mut known, p(3, 0), "m", 1, false, AttemptResult::Canceled);
         assert_eq!(o.status, AttemptStatus::Canceled);
         assert_eq!(states(&o)[0], (1, BuildState::Failed));
         assert_eq!(o.changes.len(), 3);

@@ -70,6 +70,8 @@ struct Entry {
     waiting: u32,
     /// Machines this build failed to set up on, tried last.
     avoid: Vec<String>,
+    /// Kept out of allocation until released (a retry's wait).
+    held: bool,
 }
 
 type ReadyKey = (Reverse<i64>, BuildId);
@@ -146,7 +148,7 @@ impl Queue {
         if waiting == 0 {
             self.ready[class].insert((Reverse(priority), id));
         }
-        self.queued.insert(id, Entry { priority, class, waiting, avoid: Vec::new() });
+        self.queued.insert(id, Entry { priority, class, waiting, avoid: Vec::new(), held: false });
     }
 
     /// Choose the next build to start and the machine to start it on: the best ready build that
@@ -204,6 +206,34 @@ impl Queue {
                 self.ready[entry.class].insert((Reverse(entry.priority), id));
             }
             self.queued.insert(id, entry);
+        }
+    }
+
+    /// Put a running build back, but out of allocation until [`Queue::release`] (a retry after a
+    /// wait), preferring other machines than `avoid`.
+    pub fn requeue_held(&mut self, id: BuildId, avoid: Option<&str>) {
+        if let Some(mut entry) = self.running.remove(&id) {
+            if let Some(m) = avoid
+                && !entry.avoid.iter().any(|a| a == m)
+            {
+                entry.avoid.push(m.to_owned());
+            }
+            entry.held = true;
+            entry.waiting += 1;
+            self.queued.insert(id, entry);
+        }
+    }
+
+    /// A held build may be allocated again (once its dependencies are done).
+    pub fn release(&mut self, id: BuildId) {
+        if let Some(e) = self.queued.get_mut(&id)
+            && e.held
+        {
+            e.held = false;
+            e.waiting -= 1;
+            if e.waiting == 0 {
+                self.ready[e.class].insert((Reverse(e.priority), id));
+            }
         }
     }
 

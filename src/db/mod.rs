@@ -64,6 +64,8 @@ pub struct QueuedBuild {
     pub deps: Vec<BuildId>,
     /// Attempts so far that failed to set up or lost their machine.
     pub retries: u32,
+    /// Attempts so far whose builder failed (for `--retry-failed`).
+    pub failures: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -400,7 +402,10 @@ impl Db {
                 deps.entry(r.get(0)?).or_default().push(r.get(1)?);
             }
             let mut stmt = conn.prepare(
-                "SELECT b.id, b.uuid, d.path, b.priority, d.system, d.features, b.retries FROM builds b
+                "SELECT b.id, b.uuid, d.path, b.priority, d.system, d.features, b.retries,
+                        (SELECT COUNT(*) FROM attempts a WHERE a.build = b.id
+                         AND a.status IN ('build_failure', 'timed_out', 'silent_too_long'))
+                 FROM builds b
                  JOIN derivations d ON d.id = b.drv WHERE b.state = 'queued' ORDER BY b.id",
             )?;
             let builds = stmt
@@ -416,6 +421,7 @@ impl Db {
                         features: split_words(&features),
                         deps: Vec::new(),
                         retries: r.get(6)?,
+                        failures: r.get(7)?,
                     })
                 })?
                 .collect::<DbResult<Vec<_>>>()?;
@@ -568,6 +574,7 @@ impl Db {
                             features: features.split_whitespace().map(str::to_owned).collect(),
                             deps: Vec::new(),
                             retries: 0,
+                            failures: 0,
                         });
                         id
                     }

@@ -141,6 +141,7 @@ pub(super) fn new_build(
         features: d.features.clone(),
         deps: deps.to_vec(),
         retries: 0,
+        failures: 0,
     })
 }
 
