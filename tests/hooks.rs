@@ -281,12 +281,13 @@ fn webhooks_and_hooks_that_submit() {
 
 /// Kill -9 at random moments while 200 builds run and their events are delivered: every build's
 /// `build-submitted` and `build-succeeded` arrive at least once, and no event of a build that did
-/// not happen.
+/// not happen. The hook is ordered (with parallelism 4): each build's events arrive in the order
+/// they happened, the first time each arrives.
 #[test]
 fn no_event_is_lost_across_kill_9() {
     let dir = common::tempdir();
     let log = dir.path().join("events");
-    let conf = config(dir.path(), &[recorder("record", &log, ", parallelism: 4")]);
+    let conf = config(dir.path(), &[recorder("record", &log, ", parallelism: 4, ordered: true")]);
     let drvs = many(200, &salt());
     let mut c = Coordinator::start(&["--local-builds", "2", "--config", &conf]);
     let mut uuids = c.submit(&drvs[..120], &[]);
@@ -315,10 +316,21 @@ fn no_event_is_lost_across_kill_9() {
         };
         wanted.iter().all(|u| done("build-submitted").contains(*u) && done("build-succeeded").contains(*u))
     });
+    let mut firsts: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut ids: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for e in events(&log) {
         if let Some(b) = e["build"].as_str() {
             assert!(wanted.contains(b), "an event of a build nobody submitted: {e}");
+            let kind = e["event"].as_str().unwrap().to_owned();
+            let seen = firsts.entry(b.to_owned()).or_default();
+            if !seen.contains(&kind) {
+                seen.push(kind);
+                ids.entry(b.to_owned()).or_default().push(e["id"].as_i64().unwrap());
+            }
         }
+    }
+    for (build, order) in &ids {
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{build}: events out of order: {:?}", firsts[build]);
     }
 }
 
@@ -386,4 +398,31 @@ fn retry_failed_tries_a_failed_build_again() {
     let v = show(&gone);
     assert_eq!(statuses(&v), ["build_failure", "build_failure", "build_failure"], "{v}");
     assert_eq!(v["state"], "failed");
+}
+
+/// Hooks are re-read with coordinator.ron: a hook added while running gets the events from then
+/// on; a broken edit is logged and changes nothing.
+#[test]
+fn hooks_are_re_read_while_running() {
+    let dir = common::tempdir();
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    let conf = config(dir.path(), &[recorder("first", &first, r#", events: ["build-succeeded"]"#)]);
+    let c = Coordinator::start(&["--local-builds", "1", "--config", &conf]);
+    let drvs = common::drvs(QUEUE, &["base", "left"], &salt());
+    assert!(run(&mut c.gbc(&["build", "--no-upload", &drvs["base"]])).status.success());
+    c.wait_until("the first hook has base", 30, || events(&first).len() == 1);
+    std::fs::write(&conf, "(hooks: [(name: \"x\", events: [\"nope\"], command: [\"x\"])])").unwrap();
+    c.wait_until("the broken edit is logged", 20, || c.log().contains("keeping the previous settings"));
+    assert!(c.log().contains("no event is called \"nope\""), "{}", c.log());
+    config(
+        dir.path(),
+        &[
+            recorder("first", &first, r#", events: ["build-succeeded"]"#),
+            recorder("second", &second, r#", events: ["build-succeeded"]"#),
+        ],
+    );
+    c.wait_until("the good edit is taken", 20, || c.log().contains("2 hooks"));
+    assert!(run(&mut c.gbc(&["build", "--no-upload", &drvs["left"]])).status.success());
+    c.wait_until("both hooks have left", 30, || events(&first).len() == 2 && events(&second).len() == 1);
+    assert_eq!(events(&second)[0]["drv"], drvs["left"].as_str());
 }
