@@ -115,19 +115,24 @@ struct Ran {
 /// `GBC_COORDINATOR`, so that they can act back (submit, cancel).
 pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Ran>();
-    // Per hook: the events being run.
+    // Per hook: the events being run (they count against its parallelism), and those whose runs
+    // ended but are not recorded yet (neither is run again meanwhile).
     let mut running: HashMap<String, HashSet<i64>> = HashMap::new();
+    let mut ended: HashMap<String, HashSet<i64>> = HashMap::new();
+    let mut unrecorded: Vec<Ran> = Vec::new();
+    let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
         db.set_subscribers(hooks.subscribers());
         let specs = hooks.specs();
         let mut wake: Option<i64> = None;
         for spec in &specs {
             let now_running = running.entry(spec.name.clone()).or_default();
+            let now_ended = ended.entry(spec.name.clone()).or_default();
             let free = (spec.parallelism as usize).saturating_sub(now_running.len());
             if free == 0 {
                 continue;
             }
-            let window = (spec.parallelism * 8).max(64) + now_running.len() as u32;
+            let window = (spec.parallelism * 8).max(64) + (now_running.len() + now_ended.len()) as u32;
             let pending = match db.pending_events(spec.name.clone(), window).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -138,7 +143,7 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
             };
             let now = now_ms();
             let mut started = 0;
-            // For ordered hooks: builds with an earlier event still undelivered.
+            // For ordered hooks: builds with an earlier event still undelivered (or unrecorded).
             let mut held: HashSet<String> = HashSet::new();
             for p in pending {
                 let build = p.build.clone();
@@ -148,7 +153,7 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
                 {
                     held.insert(b);
                 }
-                if blocked || now_running.contains(&p.event) {
+                if blocked || now_running.contains(&p.event) || now_ended.contains(&p.event) {
                     continue;
                 }
                 if p.next_at > now {
@@ -174,14 +179,34 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
                 None => std::future::pending().await,
             }
         };
+        let flush = async {
+            match flush_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             first = done_rx.recv() => {
                 let Some(first) = first else { return };
-                let mut batch = vec![first];
+                let mut got = vec![first];
                 while let Ok(more) = done_rx.try_recv() {
-                    batch.push(more);
+                    got.push(more);
                 }
-                record(&db, &hooks, &specs, batch, &mut running).await;
+                // The slots are free at once; the record waits a moment to gather more runs into
+                // one transaction (the database's writer is the core's too).
+                for ran in got {
+                    if let Some(r) = running.get_mut(&ran.hook) {
+                        r.remove(&ran.pending.event);
+                    }
+                    ended.entry(ran.hook.clone()).or_default().insert(ran.pending.event);
+                    hooks.with_stats(&ran.hook, |s| s.running = s.running.saturating_sub(1));
+                    unrecorded.push(ran);
+                }
+                flush_at.get_or_insert(tokio::time::Instant::now() + RECORD_EVERY);
+            }
+            _ = flush => {
+                flush_at = None;
+                record(&db, &hooks, &specs, std::mem::take(&mut unrecorded), &mut ended).await;
             }
             _ = db.outbox.notified() => {}
             _ = hooks.changed.notified() => {}
@@ -190,14 +215,17 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
     }
 }
 
-/// Write what runs did; their events stay "running" here until it is written (so none is run
+/// How long ended runs wait to be recorded together.
+const RECORD_EVERY: Duration = Duration::from_millis(100);
+
+/// Write what runs did; their events stay "ended" here until it is written (so none is run
 /// twice by this coordinator).
 async fn record(
     db: &Db,
     hooks: &Hooks,
     specs: &[HookSpec],
     batch: Vec<Ran>,
-    running: &mut HashMap<String, HashSet<i64>>,
+    ended: &mut HashMap<String, HashSet<i64>>,
 ) {
     let mut rows = Vec::with_capacity(batch.len());
     let now = now_ms();
@@ -250,10 +278,9 @@ async fn record(
         wait = (wait * 2).min(Duration::from_secs(10));
     }
     for ran in batch {
-        if let Some(r) = running.get_mut(&ran.hook) {
+        if let Some(r) = ended.get_mut(&ran.hook) {
             r.remove(&ran.pending.event);
         }
-        hooks.with_stats(&ran.hook, |s| s.running = s.running.saturating_sub(1));
     }
 }
 
@@ -295,16 +322,18 @@ async fn run_command(argv: &[String], timeout: Duration, p: &Pending, socket: &s
         // Its own process group: a timeout kills whatever it started too.
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("{program}: {e}"))?;
+    // Forking a large process takes a while: not on a thread the core's task may be waiting for.
+    let spawned = tokio::task::spawn_blocking(move || cmd.spawn()).await;
+    let mut child = spawned.map_err(|e| format!("{program}: {e}"))?.map_err(|e| format!("{program}: {e}"))?;
     let pid = child.id();
     let mut stdin = child.stdin.take();
     let mut stderr = child.stderr.take();
-    let body = p.body.clone();
+    // One write (of a line up to the pipe's 4 KiB, atomic): a hook never sees half a line.
+    let line = format!("{}\n", p.body);
     let work = async {
         if let Some(mut i) = stdin.take() {
             // A hook that does not read its stdin is fine: a broken pipe is not its failure.
-            let _ = i.write_all(body.as_bytes()).await;
-            let _ = i.write_all(b"\n").await;
+            let _ = i.write_all(line.as_bytes()).await;
         }
         let mut err = Vec::new();
         if let Some(e) = stderr.as_mut() {

@@ -22,13 +22,41 @@ impl Subscriber {
     }
 }
 
-/// Whether any hook wants events of `kind` (else there is nothing to gather for them).
-pub(super) fn wanted(subs: &[Subscriber], kind: EventKind) -> bool {
-    subs.iter().any(|s| s.wants(kind))
+/// The hooks a transaction stores events for, and whether it stored any.
+pub(super) struct Outbox {
+    subs: std::sync::Arc<Vec<Subscriber>>,
+    stored: std::cell::Cell<bool>,
+}
+
+impl Outbox {
+    pub(super) fn new(subs: std::sync::Arc<Vec<Subscriber>>) -> Outbox {
+        Outbox { subs, stored: std::cell::Cell::new(false) }
+    }
+
+    /// Whether any hook wants events of `kind` (else there is nothing to gather for them).
+    pub(super) fn wants(&self, kind: EventKind) -> bool {
+        self.subs.iter().any(|s| s.wants(kind))
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.subs.is_empty()
+    }
+
+    /// Whether an event was stored.
+    pub(super) fn stored(&self) -> bool {
+        self.stored.get()
+    }
+
+    /// Store `ev` for every hook that wants it (nothing when none does).
+    pub(super) fn emit(&self, tx: &Transaction<'_>, ev: &HookEvent) -> DbResult<()> {
+        emit(tx, &self.subs, ev)?;
+        self.stored.set(self.stored.get() || self.wants(ev.event));
+        Ok(())
+    }
 }
 
 /// Store `ev` for every hook that wants it (nothing when none does).
-pub(super) fn emit(tx: &Transaction<'_>, subs: &[Subscriber], ev: &HookEvent) -> DbResult<()> {
+fn emit(tx: &Transaction<'_>, subs: &[Subscriber], ev: &HookEvent) -> DbResult<()> {
     let wanting: Vec<&str> = subs.iter().filter(|s| s.wants(ev.event)).map(|s| s.name.as_str()).collect();
     if wanting.is_empty() {
         return Ok(());
@@ -112,17 +140,10 @@ pub(super) fn pending(conn: &rusqlite::Connection, hook: &str, limit: u32) -> Db
     rows.collect()
 }
 
-/// The stored body with its id set (stored before the id was known).
+/// The stored body with its id set: it was serialised before the id was known, with `"id":0`
+/// right after `"version"` (the struct's field order), so the first `"id":0,` is the id.
 fn with_id(body: &str, id: i64) -> String {
-    match serde_json::from_str::<serde_json::Value>(body) {
-        Ok(mut v) => {
-            if let Some(o) = v.as_object_mut() {
-                o.insert("id".into(), id.into());
-            }
-            v.to_string()
-        }
-        Err(_) => body.to_owned(),
-    }
+    body.replacen("\"id\":0,", &format!("\"id\":{id},"), 1)
 }
 
 /// Record what runs did, and drop the events no hook waits for any more.
@@ -185,4 +206,19 @@ pub(super) fn retry_given_up(tx: &Transaction<'_>, hook: &str) -> DbResult<u64> 
         [hook],
     )?;
     Ok(n as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_id_is_set_in_the_stored_body() {
+        let mut ev = HookEvent::new(EventKind::BuildFailed, 5);
+        ev.reason = Some("\"id\":0, in a reason".into());
+        let body = serde_json::to_string(&ev).unwrap_or_default();
+        let back: HookEvent = serde_json::from_str(&with_id(&body, 42)).unwrap_or_else(|e| unreachable!("{e}"));
+        ev.id = 42;
+        assert_eq!(back, ev);
+    }
 }

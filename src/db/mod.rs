@@ -304,12 +304,17 @@ impl Db {
     /// A write that may store events: the hook runner is woken after it commits.
     async fn write_events<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Transaction<'_>, &[Subscriber]) -> DbResult<R> + Send + 'static,
+        f: impl FnOnce(&Transaction<'_>, &events::Outbox) -> DbResult<R> + Send + 'static,
     ) -> Result<R> {
         let subs = self.subscribers();
-        let any = !subs.is_empty();
-        let r = self.write(move |tx| f(tx, &subs)).await?;
-        if any {
+        let (r, stored) = self
+            .write(move |tx| {
+                let outbox = events::Outbox::new(subs);
+                let r = f(tx, &outbox)?;
+                Ok((r, outbox.stored()))
+            })
+            .await?;
+        if stored {
             self.outbox.notify_one();
         }
         Ok(r)
@@ -317,10 +322,10 @@ impl Db {
 
     /// Store one event outside any other change (a machine's coming and going).
     pub async fn record_event(&self, ev: HookEvent) -> Result<()> {
-        if !events::wanted(&self.subscribers(), ev.event) {
+        if !self.subscribers().iter().any(|s| s.events.is_empty() || s.events.contains(&ev.event)) {
             return Ok(());
         }
-        self.write_events(move |tx, subs| events::emit(tx, subs, &ev)).await
+        self.write_events(move |tx, outbox| outbox.emit(tx, &ev)).await
     }
 
     /// The events waiting for `hook`, oldest first, at most `limit`.
@@ -441,7 +446,7 @@ impl Db {
     pub async fn submit(&self, sub: Submission) -> Result<SubmitOutcome> {
         self.write_events(move |tx, subs| {
             let out = submit(tx, &sub)?;
-            if events::wanted(subs, EventKind::BuildSubmitted) {
+            if subs.wants(EventKind::BuildSubmitted) {
                 let requested: BTreeSet<&str> = out.requested.iter().map(String::as_str).collect();
                 for b in &out.created {
                     let mut ev = HookEvent::new(EventKind::BuildSubmitted, sub.now);
@@ -454,7 +459,7 @@ impl Db {
                     } else {
                         ev.reason = Some("an input of a submitted build".into());
                     }
-                    events::emit(tx, subs, &ev)?;
+                    subs.emit(tx, &ev)?;
                 }
             }
             Ok(out)
@@ -465,7 +470,7 @@ impl Db {
     /// Record the start of attempts (build, machine) and return what to send.
     pub async fn start_attempts(&self, picks: Vec<(BuildId, String)>, now: i64) -> Result<Vec<Job>> {
         self.write_events(move |tx, subs| {
-            let tell = events::wanted(subs, EventKind::BuildStarted);
+            let tell = subs.wants(EventKind::BuildStarted);
             let mut jobs = Vec::with_capacity(picks.len());
             let mut get = tx.prepare_cached(
                 "SELECT b.uuid, b.attempts, d.path, d.aterm, d.inputs FROM builds b
@@ -492,7 +497,7 @@ impl Db {
                     ev.state = Some(BuildState::Running);
                     ev.machine = Some(machine.clone());
                     ev.attempt = Some(n);
-                    events::emit(tx, subs, &ev)?;
+                    subs.emit(tx, &ev)?;
                 }
                 jobs.push(Job { build, uuid, attempt, n, drv_path, aterm, inputs });
             }
@@ -535,7 +540,6 @@ impl Db {
     /// its priority. Returns the builds created and every build it now waits for.
     pub async fn wait_for(&self, build: BuildId, drvs: Vec<i64>, now: i64) -> Result<(Vec<QueuedBuild>, Vec<BuildId>)> {
         self.write_events(move |tx, subs| {
-            let subs = subs.to_vec();
             let priority: i64 = tx.query_row("SELECT priority FROM builds WHERE id = ?1", [build], |r| r.get(0))?;
             let mut active = tx.prepare_cached(
                 "SELECT id FROM builds WHERE drv = ?1 AND state IN ('queued', 'running') ORDER BY id DESC LIMIT 1",
@@ -543,7 +547,7 @@ impl Db {
             let mut describe = tx.prepare_cached("SELECT path, system, features FROM derivations WHERE id = ?1")?;
             let mut dep = tx.prepare_cached("INSERT OR IGNORE INTO build_deps (build, dep) VALUES (?1, ?2)")?;
             let (mut created, mut deps) = (Vec::new(), Vec::new());
-            let tell = events::wanted(&subs, EventKind::BuildSubmitted);
+            let tell = subs.wants(EventKind::BuildSubmitted);
             let waiting: Option<String> = if tell {
                 tx.query_row("SELECT uuid FROM builds WHERE id = ?1", [build], |r| r.get(0)).optional()?
             } else {
@@ -563,7 +567,7 @@ impl Db {
                             ev.state = Some(BuildState::Queued);
                             ev.priority = Some(priority);
                             ev.reason = Some(format!("makes inputs build {} lacks", waiting.as_deref().unwrap_or("?")));
-                            events::emit(tx, &subs, &ev)?;
+                            subs.emit(tx, &ev)?;
                         }
                         created.push(QueuedBuild {
                             id,
@@ -597,11 +601,11 @@ impl Db {
                 params![build, now],
             )?;
             let failed = fail_all(tx, &cascade, now)?;
-            if n == 1 && events::wanted(subs, EventKind::BuildCanceled) {
+            if n == 1 && subs.wants(EventKind::BuildCanceled) {
                 let mut ev = events::build_event(tx, EventKind::BuildCanceled, build, now)?;
                 ev.state = Some(BuildState::Canceled);
                 ev.reason = Some("canceled".into());
-                events::emit(tx, subs, &ev)?;
+                subs.emit(tx, &ev)?;
             }
             cascade_events(tx, subs, &failed, now)?;
             Ok(n == 1)
@@ -696,7 +700,7 @@ impl Db {
 /// The events of an attempt's end: its build's (when it changed) and its failed dependents'.
 fn attempt_events(
     tx: &Transaction<'_>,
-    subs: &[Subscriber],
+    subs: &events::Outbox,
     end: &AttemptEnd,
     changed: bool,
     cascade: &[&(BuildId, String)],
@@ -711,7 +715,7 @@ fn attempt_events(
             BuildChange::Requeue { .. } => (EventKind::BuildFailed, BuildState::Queued, true),
             BuildChange::Nothing => return cascade_events(tx, subs, cascade, end.now),
         };
-        if events::wanted(subs, kind) {
+        if subs.wants(kind) {
             let mut ev = events::build_event(tx, kind, end.build, end.now)?;
             ev.state = Some(state);
             ev.retry = retry;
@@ -736,22 +740,27 @@ fn attempt_events(
                     signature: o.signature.clone(),
                 })
                 .collect();
-            events::emit(tx, subs, &ev)?;
+            subs.emit(tx, &ev)?;
         }
     }
     cascade_events(tx, subs, cascade, end.now)
 }
 
 /// `build-failed` for each dependent failed along with another build.
-fn cascade_events(tx: &Transaction<'_>, subs: &[Subscriber], failed: &[&(BuildId, String)], now: i64) -> DbResult<()> {
-    if !events::wanted(subs, EventKind::BuildFailed) {
+fn cascade_events(
+    tx: &Transaction<'_>,
+    subs: &events::Outbox,
+    failed: &[&(BuildId, String)],
+    now: i64,
+) -> DbResult<()> {
+    if !subs.wants(EventKind::BuildFailed) {
         return Ok(());
     }
     for (id, reason) in failed {
         let mut ev = events::build_event(tx, EventKind::BuildFailed, *id, now)?;
         ev.state = Some(BuildState::Failed);
         ev.reason = Some(reason.clone());
-        events::emit(tx, subs, &ev)?;
+        subs.emit(tx, &ev)?;
     }
     Ok(())
 }
