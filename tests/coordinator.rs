@@ -738,15 +738,7 @@ fn kill_9_at_random_moments_loses_nothing() {
     assert_eq!(drvs.len(), n);
     let mut c = Coordinator::start(&["--local-builds", "2"]);
     let mut uuids = c.submit(&drvs[..150], &[]);
-    // A seed from the clock; printed so that a failure can be replayed by hand.
-    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    eprintln!("seed {seed}");
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = common::clock_rng();
     for round in 0..4 {
         std::thread::sleep(Duration::from_millis(200 + next() % 1500));
         if round == 2 {

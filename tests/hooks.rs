@@ -293,14 +293,7 @@ fn no_event_is_lost_across_kill_9() {
     let drvs = many(200, &salt());
     let mut c = Coordinator::start(&["--local-builds", "2", "--config", &conf]);
     let mut uuids = c.submit(&drvs[..120], &[]);
-    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    eprintln!("seed {seed}");
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = common::clock_rng();
     for round in 0..4 {
         std::thread::sleep(Duration::from_millis(200 + next() % 1500));
         if round == 1 {

@@ -167,6 +167,19 @@ pub fn drvs(file: &str, attrs: &[&str], salt: &str) -> std::collections::BTreeMa
     instantiate(file, None, attrs, salt).into_iter().collect()
 }
 
+/// Pseudo-random numbers (xorshift) from a seed taken from the clock and printed, so that a failure
+/// can be replayed by hand: for kill -9 at random moments.
+pub fn clock_rng() -> impl FnMut() -> u64 {
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    eprintln!("seed {seed}");
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 /// A command's stderr, for messages.
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
