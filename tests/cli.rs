@@ -256,5 +256,12 @@ fn check_config_reads_coordinator_ron_too() {
     );
     fs::write(&conf, include_str!("../coordinator.example.ron")).unwrap();
     let ok = run_ok_str(gbc().arg("check-config").arg(&conf));
-    assert!(ok.ends_with("coordinator.ron: 2 substituters, 2 substituter keys, ok\n"), "{ok}");
+    assert!(ok.ends_with("coordinator.ron: 2 substituters, 2 substituter keys, 2 hooks, ok\n"), "{ok}");
+    // A hook that is wrong: where, and why.
+    fs::write(&conf, "(hooks: [\n  (name: \"h\", url: \"ftp://x\"),\n])\n").unwrap();
+    assert_one_line_error(
+        &run(gbc().arg("check-config").arg(&conf)),
+        1,
+        "coordinator.ron:2:10: hook \"h\": url \"ftp://x\" is not http(s)",
+    );
 }

@@ -62,10 +62,11 @@ fn check_coordinator_file(path: &std::path::Path) -> anyhow::Result<()> {
     use crate::coordinator_file::{Overrides, Settings};
     let s = Settings::load(Some(path), &Overrides::default()).map_err(|e| check_failed("coordinator settings", e))?;
     println!(
-        "{}: {} substituters, {} substituter keys, ok",
+        "{}: {} substituters, {} substituter keys, {} hooks, ok",
         path.display(),
         s.substituters.len(),
-        s.substituter_keys.len()
+        s.substituter_keys.len(),
+        s.hooks.len()
     );
     Ok(())
 }
