@@ -514,9 +514,9 @@ pub fn check_nar<W: Write>(r: impl io::Read, sink: W, flat: bool) -> io::Result<
 }
 
 /// A reader that writes what it reads.
-struct Tee<R, W> {
-    r: R,
-    w: W,
+pub(crate) struct Tee<R, W> {
+    pub r: R,
+    pub w: W,
 }
 
 impl<R: io::Read, W: Write> io::Read for Tee<R, W> {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::cache::{Cache, Output, StagedNar};
+use crate::cache::{Cache, Output, StagedNar, Tee};
 use crate::formats::hash::PipelinedHashSink;
 use crate::formats::narinfo::{self, NarInfo};
 use crate::formats::signing::TrustedKeys;
@@ -386,13 +386,13 @@ impl Substituter {
         let served = cache.begin_as_served(f.info.compression.as_deref()).map_err(|e| format!("staging a NAR: {e}"))?;
         let Some(mut kept) = served else {
             let (nar, url) = self.open_nar(f)?;
-            return self.check_staged(f, &url, cache.stage_nar(TeeReader { inner: nar, tee }));
+            return self.check_staged(f, &url, cache.stage_nar(Tee { r: nar, w: tee }));
         };
         let (body, url) = self.open_body(f)?;
-        let mut body = TeeReader { inner: body, tee: &mut kept };
+        let mut body = Tee { r: body, w: &mut kept };
         let nar = (|| {
             let nar = crate::cache::decompressing(f.info.compression.as_deref(), &mut body)?;
-            let nar = TeeReader { inner: AtMost { inner: nar, left: f.info.nar_size }, tee };
+            let nar = Tee { r: AtMost { inner: nar, left: f.info.nar_size }, w: tee };
             let (hash, _) = crate::cache::check_nar(nar, PipelinedHashSink::new()?, false)?;
             // The file must hold exactly the compressed NAR: nothing after it.
             if body.read(&mut [0u8; 1])? != 0 {
@@ -564,20 +564,6 @@ impl Drop for Claim<'_> {
             inflight.remove(n);
         }
         self.s.settled.notify_all();
-    }
-}
-
-/// Writes what it reads to `tee` too.
-struct TeeReader<'a, R> {
-    inner: R,
-    tee: &'a mut (dyn Write + Send),
-}
-
-impl<R: Read> Read for TeeReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.tee.write_all(&buf[..n])?;
-        Ok(n)
     }
 }
 
