@@ -35,16 +35,22 @@ pub struct HookStats {
 }
 
 /// The hooks in force and their counters, shared with the client server and /metrics.
-#[derive(Default)]
 pub struct Hooks {
     specs: Mutex<Vec<HookSpec>>,
     stats: Mutex<BTreeMap<String, HookStats>>,
     changed: tokio::sync::Notify,
+    /// Told which hooks to store events for, with each configuration.
+    db: Arc<Db>,
 }
 
 impl Hooks {
-    pub fn new(specs: Vec<HookSpec>) -> Arc<Hooks> {
-        let hooks = Arc::new(Hooks::default());
+    pub fn new(specs: Vec<HookSpec>, db: Arc<Db>) -> Arc<Hooks> {
+        let hooks = Arc::new(Hooks {
+            specs: Mutex::default(),
+            stats: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
+            db,
+        });
         hooks.update(specs);
         hooks
     }
@@ -56,6 +62,8 @@ impl Hooks {
     /// Take a new configuration (it applies to events stored from now on, and to the runs to come).
     pub fn update(&self, specs: Vec<HookSpec>) {
         *self.specs.lock().unwrap_or_else(PoisonError::into_inner) = specs;
+        // Events from now on are stored for these hooks.
+        self.db.set_subscribers(self.subscribers());
         self.changed.notify_one();
     }
 
@@ -122,7 +130,6 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
     let mut unrecorded: Vec<Ran> = Vec::new();
     let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
-        db.set_subscribers(hooks.subscribers());
         let specs = hooks.specs();
         let mut wake: Option<i64> = None;
         for spec in &specs {

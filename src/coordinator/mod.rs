@@ -122,8 +122,7 @@ pub async fn run(
     let substituters = Arc::new(crate::substituter::Substituters::new(&config.settings, cache.store_dir().clone()));
 
     // Events are stored for the hooks from the first change on; they run beside the core.
-    let hooks = hooks::Hooks::new(config.settings.hooks.clone());
-    db.set_subscribers(hooks.subscribers());
+    let hooks = hooks::Hooks::new(config.settings.hooks.clone(), db.clone());
     let hooks_task = tokio::spawn(hooks::run(db.clone(), hooks.clone(), config.socket.clone()));
 
     let (events, _) = broadcast::channel(16 * 1024);
