@@ -365,7 +365,14 @@ impl Core {
         }
         let now = now_ms();
         let request = picks.iter().map(|&(b, m)| (b, self.machines[m].spec.name.clone())).collect();
+        let picked = t0.elapsed();
         let jobs = self.db.start_attempts(request, now).await?;
+        tracing::trace!(
+            picks = picks.len(),
+            pick_us = picked.as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "allocated"
+        );
         let per_build = t0.elapsed().as_micros() as u64 / picks.len() as u64;
         for _ in &picks {
             if self.alloc_samples.len() == 10_000 {

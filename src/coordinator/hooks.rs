@@ -119,6 +119,20 @@ struct Ran {
     result: Result<(), String>,
 }
 
+/// One hook's view of its waiting events: the window last read (oldest first), and whether it
+/// must be read again. Each read costs the core's next commits a little (measured: reading after
+/// every event and every run made the core's allocations twice as slow), so the runner reads
+/// only when something changed or the window is used up, and at most once per [`READ_EVERY`].
+#[derive(Default)]
+struct Window {
+    events: Vec<Pending>,
+    /// The read returned as many as asked: more may wait beyond it.
+    full: bool,
+    /// New events were stored (or retries re-armed, or runs recorded as failed) since the read.
+    stale: bool,
+    read_at: Option<tokio::time::Instant>,
+}
+
 /// Deliver events until the coordinator stops. `socket` is given to commands as
 /// `GBC_COORDINATOR`, so that they can act back (submit, cancel).
 pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
@@ -127,11 +141,14 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
     // ended but are not recorded yet (neither is run again meanwhile).
     let mut running: HashMap<String, HashSet<i64>> = HashMap::new();
     let mut ended: HashMap<String, HashSet<i64>> = HashMap::new();
+    let mut windows: HashMap<String, Window> = HashMap::new();
     let mut unrecorded: Vec<Ran> = Vec::new();
     let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
         let specs = hooks.specs();
-        let mut wake: Option<i64> = None;
+        windows.retain(|name, _| specs.iter().any(|h| &h.name == name));
+        let mut wake: Option<tokio::time::Instant> = None;
+        let mut wake_at = |at: tokio::time::Instant| wake = Some(wake.map_or(at, |w: tokio::time::Instant| w.min(at)));
         for spec in &specs {
             let now_running = running.entry(spec.name.clone()).or_default();
             let now_ended = ended.entry(spec.name.clone()).or_default();
@@ -139,22 +156,38 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
             if free == 0 {
                 continue;
             }
-            let window = (spec.parallelism * 8).max(64) + (now_running.len() + now_ended.len()) as u32;
-            let pending = match db.pending_events(spec.name.clone(), window).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(hook = %spec.name, "reading its events: {e}");
-                    wake = Some(now_ms() + 1000);
-                    continue;
-                }
-            };
+            let window = windows.entry(spec.name.clone()).or_default();
             let now = now_ms();
+            let startable =
+                |p: &Pending| !now_running.contains(&p.event) && !now_ended.contains(&p.event) && p.next_at <= now;
+            let used_up = !window.events.iter().any(startable);
+            if window.read_at.is_none() || window.stale || (window.full && used_up) {
+                let due = window.read_at.map(|t| t + READ_EVERY).filter(|&due| due > tokio::time::Instant::now());
+                if let Some(due) = due {
+                    wake_at(due);
+                } else {
+                    let limit = (spec.parallelism * 8).max(64) + (now_running.len() + now_ended.len()) as u32;
+                    match db.pending_events(spec.name.clone(), limit).await {
+                        Ok(events) => {
+                            window.full = events.len() >= limit as usize;
+                            window.events = events;
+                            window.stale = false;
+                            window.read_at = Some(tokio::time::Instant::now());
+                        }
+                        Err(e) => {
+                            tracing::error!(hook = %spec.name, "reading its events: {e}");
+                            wake_at(tokio::time::Instant::now() + Duration::from_secs(1));
+                            continue;
+                        }
+                    }
+                }
+            }
             let mut started = 0;
             // For ordered hooks: builds with an earlier event still undelivered (or unrecorded).
-            let mut held: HashSet<String> = HashSet::new();
-            for p in pending {
-                let build = p.build.clone();
-                let blocked = spec.ordered && build.as_ref().is_some_and(|b| held.contains(b));
+            let mut held: HashSet<&str> = HashSet::new();
+            for p in &window.events {
+                let build = p.build.as_deref();
+                let blocked = spec.ordered && build.is_some_and(|b| held.contains(b));
                 if spec.ordered
                     && let Some(b) = build
                 {
@@ -164,7 +197,7 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
                     continue;
                 }
                 if p.next_at > now {
-                    wake = Some(wake.map_or(p.next_at, |w| w.min(p.next_at)));
+                    wake_at(tokio::time::Instant::now() + Duration::from_millis((p.next_at - now) as u64));
                     continue;
                 }
                 if started == free {
@@ -173,7 +206,7 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
                 started += 1;
                 now_running.insert(p.event);
                 hooks.with_stats(&spec.name, |s| s.running += 1);
-                let (spec, socket, done) = (spec.clone(), socket.clone(), done_tx.clone());
+                let (spec, socket, done, p) = (spec.clone(), socket.clone(), done_tx.clone(), p.clone());
                 tokio::spawn(async move {
                     let result = run_one(&spec, &p, &socket).await;
                     let _ = done.send(Ran { hook: spec.name.clone(), pending: p, result });
@@ -182,7 +215,7 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
         }
         let sleep = async {
             match wake {
-                Some(at) => tokio::time::sleep(Duration::from_millis((at - now_ms()).max(1) as u64)).await,
+                Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
@@ -213,17 +246,30 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
             }
             _ = flush => {
                 flush_at = None;
-                record(&db, &hooks, &specs, std::mem::take(&mut unrecorded), &mut ended).await;
+                let batch = std::mem::take(&mut unrecorded);
+                // What the windows show of these events is out of date: taken ones are gone,
+                // failed ones wait for their next run.
+                for ran in &batch {
+                    if let Some(w) = windows.get_mut(&ran.hook) {
+                        w.events.retain(|p| p.event != ran.pending.event);
+                        w.stale |= ran.result.is_err();
+                    }
+                }
+                record(&db, &hooks, &specs, batch, &mut ended).await;
             }
-            _ = db.outbox.notified() => {}
-            _ = hooks.changed.notified() => {}
+            _ = db.outbox.notified() => windows.values_mut().for_each(|w| w.stale = true),
+            _ = hooks.changed.notified() => windows.values_mut().for_each(|w| w.stale = true),
             _ = sleep => {}
         }
     }
 }
 
+/// The shortest time between two reads of a hook's events (what an event may wait for its run
+/// beyond its hook's being free).
+const READ_EVERY: Duration = Duration::from_millis(250);
+
 /// How long ended runs wait to be recorded together.
-const RECORD_EVERY: Duration = Duration::from_millis(100);
+const RECORD_EVERY: Duration = Duration::from_millis(250);
 
 /// Write what runs did; their events stay "ended" here until it is written (so none is run
 /// twice by this coordinator).

@@ -333,9 +333,22 @@ impl Db {
         self.read(move |conn| events::pending(conn, &hook, limit)).await
     }
 
-    /// Record what hook runs did (hook, event, outcome), in one transaction.
+    /// Record what hook runs did (hook, event, outcome), in one transaction. Its commit does not
+    /// wait for the disk (the next write's does): a record lost to a power cut only means an event
+    /// delivered again, and the core's writes don't queue behind this one's sync.
     pub async fn record_deliveries(&self, done: Vec<(String, i64, Delivery)>) -> Result<()> {
-        self.write(move |tx| events::record(tx, &done)).await
+        Ok(self
+            .writer
+            .call(move |conn| {
+                conn.pragma_update(None, "synchronous", "NORMAL")?;
+                let written = conn.transaction().and_then(|tx| {
+                    events::record(&tx, &done)?;
+                    tx.commit()
+                });
+                conn.pragma_update(None, "synchronous", "FULL")?;
+                written
+            })
+            .await?)
     }
 
     /// Per hook with stored deliveries, what they are.
