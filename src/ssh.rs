@@ -1,4 +1,5 @@
-//! SSH connections to build hosts: the only module that touches russh.
+//! SSH connections to build hosts (and to a coordinator's socket, for client commands run
+//! elsewhere): the only module that touches russh.
 //!
 //! One [`Connection`] per host carries any number of exec channels ([`Connection::exec`]). Every
 //! channel is drained by its own task as soon as it opens, because russh stops reading the whole
@@ -347,6 +348,26 @@ impl Connection {
             let _ = end_tx.send(info);
         });
         Ok(Exec { stdin, stdout: out_rx, end: end_rx, _write: write })
+    }
+
+    /// A byte stream to the Unix socket `socket` on the host (OpenSSH's
+    /// `direct-streamlocal@openssh.com`: sshd connects to it as the logged-in user, so the
+    /// socket's permissions decide). The caller must keep reading it: it is the connection's
+    /// only channel, and an unread one stops the connection.
+    pub async fn open_unix_socket(
+        &self,
+        socket: &str,
+    ) -> Result<impl tokio::io::AsyncRead + AsyncWrite + Unpin + Send + 'static, SshError> {
+        let channel = self.handle.channel_open_direct_streamlocal(socket).await.map_err(|e| SshError::Protocol {
+            addr: self.addr.clone(),
+            message: match e {
+                russh::Error::ChannelOpenFailure(reason) => {
+                    format!("sshd would not connect to the socket {socket} ({reason:?}): no such socket, no access, or forwarding not allowed")
+                }
+                e => format!("opening a channel to the socket {socket}: {e}"),
+            },
+        })?;
+        Ok(channel.into_stream())
     }
 
     /// Run a command to its end, feeding it `input`; its output, stderr and exit status.

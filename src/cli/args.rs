@@ -284,9 +284,22 @@ pub struct ClientOpts {
     /// ~/.local/state/gbc); its socket is <DIR>/gbc.sock.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// The coordinator's socket, overriding --state-dir [env: GBC_COORDINATOR].
-    #[arg(long, value_name = "SOCKET")]
-    pub coordinator: Option<PathBuf>,
+    /// The coordinator: its socket, or ssh://[USER@]HOST[:PORT][/SOCKET] for one on another host
+    /// (SOCKET absolute, or /~/PATH under the user's home; default ~/.local/state/gbc/gbc.sock),
+    /// overriding --state-dir [env: GBC_COORDINATOR].
+    #[arg(long, value_name = "SOCKET|URL")]
+    pub coordinator: Option<String>,
+    /// With ssh://: the private key to log in with [env: GBC_SSH_IDENTITY] (default: the
+    /// ssh-agent's keys if $SSH_AUTH_SOCK is set, else ~/.ssh/id_ed25519, id_ecdsa or id_rsa).
+    #[arg(long, value_name = "FILE")]
+    pub ssh_identity: Option<PathBuf>,
+    /// With ssh://: the host's public key line; any other key is refused before anything is sent
+    /// [env: GBC_SSH_HOST_KEY] (default: checked against the known_hosts file).
+    #[arg(long, value_name = "KEY")]
+    pub ssh_host_key: Option<String>,
+    /// With ssh://: the known_hosts file [env: GBC_SSH_KNOWN_HOSTS] (default: ~/.ssh/known_hosts).
+    #[arg(long, value_name = "FILE")]
+    pub ssh_known_hosts: Option<PathBuf>,
 }
 
 /// How `gbc agent` runs.

@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use super::args::{ClientOpts, SubmitOpts};
 use super::drv::{input_locations, read_first};
 use super::realise::default_state_dir;
+use super::remote;
 use super::upload;
 use super::{CheckFailed, check_failed};
 use crate::api::{self, BuildDetail, BuildState, BuildSummary, DrvFile, Event, NoMachine, Reply, Request};
@@ -23,38 +24,46 @@ pub struct Client {
     writer: UnixStream,
 }
 
-fn socket_path(opts: &ClientOpts) -> anyhow::Result<(PathBuf, String)> {
-    if let Some(s) = &opts.coordinator {
-        return Ok((s.clone(), "gbc coordinator --state-dir <its state dir>".into()));
-    }
-    if let Some(s) = std::env::var_os("GBC_COORDINATOR").filter(|s| !s.is_empty()) {
-        return Ok((PathBuf::from(s), "gbc coordinator --state-dir <its state dir>".into()));
+/// Where the coordinator is, and how to start one there (for the message when none listens).
+fn address(opts: &ClientOpts) -> anyhow::Result<(remote::Address, String)> {
+    let given =
+        opts.coordinator.clone().map(|s| (s, "--coordinator")).or_else(|| {
+            std::env::var("GBC_COORDINATOR").ok().filter(|s| !s.is_empty()).map(|s| (s, "GBC_COORDINATOR"))
+        });
+    if let Some((s, from)) = given {
+        let addr = remote::parse(&s).map_err(|e| anyhow::anyhow!("{from}: {e}"))?;
+        return Ok((addr, "gbc coordinator --state-dir <its state dir>".into()));
     }
     let dir = match &opts.state_dir {
         Some(d) => d.clone(),
         None => default_state_dir()?,
     };
-    Ok((dir.join("gbc.sock"), format!("gbc coordinator --state-dir {}", dir.display())))
+    Ok((remote::Address::Socket(dir.join("gbc.sock")), format!("gbc coordinator --state-dir {}", dir.display())))
 }
 
 impl Client {
     pub fn connect(opts: &ClientOpts) -> anyhow::Result<Client> {
-        let (path, start) = socket_path(opts)?;
-        let stream = UnixStream::connect(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                anyhow::anyhow!("no coordinator is listening on {}; start one with: {start}", path.display())
+        let (addr, start) = address(opts)?;
+        let (stream, name) = match &addr {
+            remote::Address::Socket(path) => {
+                let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                        anyhow::anyhow!("no coordinator is listening on {}; start one with: {start}", path.display())
+                    }
+                    _ => anyhow::Error::new(e).context(path.display().to_string()),
+                })?;
+                (stream, path.display().to_string())
             }
-            _ => anyhow::Error::new(e).context(path.display().to_string()),
-        })?;
+            remote::Address::Ssh(a) => (remote::connect(a, opts)?, a.to_string()),
+        };
         let mut client = Client { reader: BufReader::new(stream.try_clone()?), writer: stream };
-        match client.reply()? {
+        match client.reply().with_context(|| format!("{name}: no greeting"))? {
             Reply::Hello { protocol, .. } if protocol == api::CLIENT_PROTOCOL_VERSION => Ok(client),
             Reply::Hello { protocol, gbc_version } => anyhow::bail!(
-                "{}: the coordinator (gbc {gbc_version}) speaks client protocol {protocol}, this gbc speaks {}",
-                path.display(),
+                "{name}: the coordinator (gbc {gbc_version}) speaks client protocol {protocol}, this gbc speaks {}",
                 api::CLIENT_PROTOCOL_VERSION
             ),
-            other => anyhow::bail!("{}: unexpected greeting {other:?}", path.display()),
+            other => anyhow::bail!("{name}: unexpected greeting {other:?}"),
         }
     }
 

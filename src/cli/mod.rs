@@ -16,6 +16,7 @@ mod machines;
 mod man;
 mod nar;
 mod realise;
+mod remote;
 mod upload;
 
 use std::io::{self, Write as _};
