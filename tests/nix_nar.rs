@@ -176,3 +176,49 @@ fn restore_of_a_bad_nar_fails_cleanly() {
     let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![OsStr::new("tree").to_owned()], "restore left files behind");
 }
+
+/// `nix-store --export`'s stream, as gbc writes it for `nix-store --import` (what `gbc offload
+/// nix` hands the daemon): byte for byte what Nix exports for a built path with a reference and
+/// a deriver, and Nix imports it back.
+#[test]
+fn export_streams_are_nix_store_export_s() {
+    use gbc::formats::nix_wire;
+    let salt = common::salt();
+    let drvs = common::drvs("tests/nix/queue.nix", &["base", "refsBase"], &salt);
+    let out = common::nix_realise(&[&drvs["refsBase"]], &[]);
+    let path = out.trim();
+    let refs: Vec<String> =
+        run_ok_str(nix("nix-store").args(["-q", "--references", path])).lines().map(str::to_owned).collect();
+    assert_eq!(refs.len(), 1, "refs-base refers to base: {refs:?}");
+    let deriver = run_ok_str(nix("nix-store").args(["-q", "--deriver", path])).trim().to_owned();
+    assert_eq!(deriver, drvs["refsBase"]);
+    let nar = run_ok(nix("nix-store").args(["--dump", path]));
+    let mut ours = Vec::new();
+    nix_wire::write_export_head(&mut ours).unwrap();
+    ours.extend_from_slice(&nar);
+    nix_wire::write_export_tail(&mut ours, path, &refs, &deriver).unwrap();
+    nix_wire::write_export_end(&mut ours).unwrap();
+    let theirs = run_ok(nix("nix-store").args(["--export", path]));
+    assert_eq!(ours, theirs, "ours differs from nix-store --export");
+
+    // Imported into a store that lacks the path (a fresh chroot store), it is valid there.
+    let tmp = tempdir();
+    let store = format!("local?root={}", tmp.path().display());
+    let base = &refs[0];
+    let base_export = run_ok(nix("nix-store").args(["--export", base]));
+    for stream in [&base_export, &ours] {
+        let mut import = nix("nix-store")
+            .args(["--import", "--store", &store])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        import.stdin.take().unwrap().write_all(stream).unwrap();
+        let done = import.wait_with_output().unwrap();
+        assert!(done.status.success());
+    }
+    let check = run_ok_str(nix("nix-store").args(["--store", &store, "--verify-path", path]));
+    assert_eq!(check, "");
+    let hash = run_ok_str(nix("nix-store").args(["--store", &store, "-q", "--hash", path]));
+    assert_eq!(hash, run_ok_str(nix("nix-store").args(["-q", "--hash", path])));
+}

@@ -13,6 +13,7 @@ pub mod host_key;
 pub mod nar;
 pub mod narinfo;
 pub mod nix32;
+pub mod nix_wire;
 pub mod sexp;
 pub mod signing;
 pub mod store_path;
