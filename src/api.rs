@@ -226,6 +226,10 @@ pub enum Request {
     HooksRetry {
         hook: String,
     },
+    /// A path of the binary cache: its metadata, then its NAR (uncompressed).
+    Nar {
+        path: String,
+    },
 }
 
 /// A build as listed by `builds`.
@@ -570,6 +574,16 @@ pub enum Reply {
     /// Exactly `bytes` raw log bytes follow this line.
     Log {
         bytes: u64,
+    },
+    /// Answer to `nar`: exactly `nar_size` bytes of NAR follow this line.
+    Nar {
+        path: String,
+        nar_hash: String,
+        nar_size: u64,
+        /// Full store paths.
+        references: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deriver: Option<String>,
     },
     Canceled {
         build: String,

@@ -255,6 +255,14 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Be a daemon's build hook: `gbc offload nix` is Nix's `build-hook` (Nix 2.8 takes one
+    /// program path: use scripts/gbc-nix-build-hook). Derivations an up machine of the
+    /// coordinator can build are built there and their outputs imported; others are declined,
+    /// so the daemon builds them itself.
+    Offload {
+        #[command(subcommand)]
+        daemon: OffloadDaemon,
+    },
     /// Coordinator counters and allocation timings, as JSON.
     #[command(hide = true)]
     Stats {
@@ -584,6 +592,19 @@ pub enum HooksCommand {
     Retry {
         #[arg(value_name = "NAME")]
         name: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+/// Which daemon `gbc offload` serves.
+#[derive(Debug, Subcommand)]
+pub enum OffloadDaemon {
+    /// Nix's build hook protocol, on stdin/stderr/fd 4 (the daemon starts it).
+    Nix {
+        /// The daemon's verbosity (Nix appends it).
+        #[arg(value_name = "VERBOSITY")]
+        verbosity: Option<String>,
         #[command(flatten)]
         client: ClientOpts,
     },

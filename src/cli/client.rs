@@ -86,7 +86,7 @@ impl Client {
         }
     }
 
-    fn read_bytes(&mut self, n: u64, out: &mut impl Write) -> anyhow::Result<()> {
+    pub(super) fn read_bytes(&mut self, n: u64, out: &mut impl Write) -> anyhow::Result<()> {
         let copied = io::copy(&mut (&mut self.reader).take(n), out)?;
         if copied != n {
             anyhow::bail!("the coordinator closed the connection in the middle of a log");
@@ -94,13 +94,13 @@ impl Client {
         Ok(())
     }
 
-    fn call(&mut self, request: &Request) -> anyhow::Result<Reply> {
+    pub(super) fn call(&mut self, request: &Request) -> anyhow::Result<Reply> {
         self.send(request)?;
         self.reply()
     }
 }
 
-fn unexpected(r: &Reply) -> anyhow::Error {
+pub(super) fn unexpected(r: &Reply) -> anyhow::Error {
     anyhow::anyhow!("unexpected reply from the coordinator: {r:?}")
 }
 
@@ -134,17 +134,17 @@ fn read_aterm(file: &Path, bytes: &[u8]) -> anyhow::Result<String> {
 }
 
 /// What a submission gave: the client still connected, and the coordinator's answer.
-struct Submitted {
-    client: Client,
-    builds: Vec<String>,
+pub(super) struct Submitted {
+    pub(super) client: Client,
+    pub(super) builds: Vec<String>,
     dependencies: Vec<String>,
     no_machine: Vec<NoMachine>,
     substitutable: Vec<String>,
-    available: Vec<crate::api::Available>,
+    pub(super) available: Vec<crate::api::Available>,
 }
 
 /// Send a submission, uploading first what the coordinator's cache lacks and this machine has.
-fn submit_with_uploads(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result<Submitted> {
+pub(super) fn submit_with_uploads(client: &ClientOpts, opts: &SubmitOpts) -> anyhow::Result<Submitted> {
     let (derivations, inputs) = read_submission(&opts.drvs)?;
     let upload = !opts.no_upload;
     let local = if upload { Some((derivations.clone(), inputs.clone())) } else { None };

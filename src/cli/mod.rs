@@ -15,6 +15,7 @@ mod keys;
 mod machines;
 mod man;
 mod nar;
+mod offload;
 mod realise;
 mod remote;
 mod upload;
@@ -143,6 +144,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Machines { command: Some(MachinesCommand::Fetch { name, path, machines, state_dir }), .. } => {
             machines::fetch(machines, state_dir, &name, &path)
+        }
+        Command::Offload { daemon: args::OffloadDaemon::Nix { verbosity: _, client } } => {
+            return offload::nix(&client).map(|code| ExitCode::from(code as u8));
         }
         Command::Stats { reset, client } => client::stats(&client, reset),
         Command::Demo => demo::run(),

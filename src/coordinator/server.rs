@@ -148,9 +148,15 @@ impl Server {
                     continue;
                 }
             };
-            // After a failed upload the stream may be mid-NAR: the connection ends with the error.
-            let fatal =
-                matches!(request, Request::Submit { upload: true, .. } | Request::AddPath { .. } | Request::Uploaded);
+            // After a failed upload or NAR the stream may be mid-NAR: the connection ends with the
+            // error (which a client reading a NAR sees as a NAR cut short).
+            let fatal = matches!(
+                request,
+                Request::Submit { upload: true, .. }
+                    | Request::AddPath { .. }
+                    | Request::Uploaded
+                    | Request::Nar { .. }
+            );
             if let Err(e) = self.handle(request, &mut input, &mut out).await {
                 send_now(&mut out, &Reply::Error { message: e.to_string() }).await?;
                 if fatal {
@@ -297,6 +303,7 @@ impl Server {
                 let hooks = self.hooks.infos(&self.db).await?;
                 send(out, &Reply::Hooks { hooks }).await
             }
+            Request::Nar { path } => self.nar(&path, out).await,
             Request::HooksRetry { hook } => {
                 let known = self.hooks.infos(&self.db).await?.iter().any(|h| h.name == hook);
                 if !known {
@@ -415,6 +422,43 @@ impl Server {
     }
 
     /// Send a build's log; with `follow`, keep sending until the build ends.
+    /// A cached path's NAR, uncompressed, after its metadata.
+    async fn nar(&self, path: &str, out: &mut Out) -> Result<()> {
+        let info = tokio::task::block_in_place(|| self.cache.narinfo(path))?;
+        let Some(info) = info else {
+            return Err(RequestError::Refused(format!("{path} is not in the binary cache")));
+        };
+        let store = self.cache.store_dir();
+        let mut nar = tokio::task::block_in_place(|| self.cache.open_nar(&info))?;
+        send(
+            out,
+            &Reply::Nar {
+                path: path.to_owned(),
+                nar_hash: info.nar_hash.to_nix32_string(),
+                nar_size: info.nar_size,
+                references: info.references.iter().map(|r| store.display(r)).collect(),
+                deriver: info.deriver.as_ref().map(|d| store.display(d)),
+            },
+        )
+        .await?;
+        let mut left = info.nar_size;
+        let mut buf = vec![0u8; 1 << 20];
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            let n = tokio::task::block_in_place(|| std::io::Read::read(&mut nar, &mut buf[..want]))?;
+            if n == 0 {
+                // The client sees the connection end before the size it was told: it fails.
+                return Err(RequestError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{path}: the cache's NAR is shorter than its narinfo says"),
+                )));
+            }
+            out.write_all(&buf[..n]).await?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
     async fn log(&self, uuid: &str, attempt: Option<u32>, follow: bool, out: &mut Out) -> Result<()> {
         let Some(detail) = self.db.show(uuid).await? else {
             return Err(RequestError::Refused(format!("no build {uuid}")));

@@ -1,0 +1,91 @@
+//! `gbc offload nix` as the build hook of the real Nix (Debian's 2.8): `nix-build` and
+//! `nix-store --realise` with `--max-jobs 0` go through a coordinator, and their outputs become
+//! valid in the local store with Nix's own NarHashes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::Command;
+
+use common::{Coordinator, nix, repo_path, run, run_ok_str, salt, stderr};
+
+const OFFLOAD: &str = "tests/nix/offload.nix";
+
+/// A Nix command whose build hook is gbc (through the wrapper Nix 2.8 needs) and whose
+/// coordinator is `c`.
+fn with_hook(c: &Coordinator, program: &str) -> Command {
+    let mut cmd = nix(program);
+    cmd.args(["--option", "build-hook"])
+        .arg(repo_path("scripts/gbc-nix-build-hook"))
+        .env("GBC", env!("CARGO_BIN_EXE_gbc"))
+        .env("GBC_COORDINATOR", c.state.join("gbc.sock"));
+    cmd
+}
+
+#[test]
+fn nix_builds_through_the_coordinator() {
+    let c = Coordinator::start(&["--local-builds", "2"]);
+    let salt = salt();
+    let drvs = common::drvs(OFFLOAD, &["first", "second", "third", "broken", "local"], &salt);
+
+    // A chain, with nothing built here (--max-jobs 0): every step went through gbc.
+    let out = run(with_hook(&c, "nix-build").arg(repo_path(OFFLOAD)).args([
+        "--argstr",
+        "salt",
+        &salt,
+        "-A",
+        "second",
+        "--no-out-link",
+        "--max-jobs",
+        "0",
+    ]));
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("building first") && log.contains("building second"), "the log reaches Nix: {log}");
+    assert!(log.contains("on 'gbc'"), "{log}");
+    let second = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let builds = c.builds();
+    assert_eq!(builds.len(), 2, "{builds:?}");
+    for b in &builds {
+        assert_eq!(b["state"], "succeeded", "{b}");
+        let detail = c.show(b["uuid"].as_str().unwrap());
+        let attempt = detail["attempt_list"].as_array().unwrap().last().unwrap().clone();
+        for o in attempt["outputs"].as_array().unwrap() {
+            let path = o["path"].as_str().unwrap();
+            assert_eq!(run_ok_str(nix("nix-store").args(["--verify-path", path])), "");
+            let theirs = run_ok_str(nix("nix-store").args(["-q", "--hash", path]));
+            assert_eq!(theirs.trim(), o["nar_hash"].as_str().unwrap(), "{path}");
+            let deriver = run_ok_str(nix("nix-store").args(["-q", "--deriver", path]));
+            assert_eq!(deriver.trim(), b["drv"].as_str().unwrap());
+        }
+    }
+    let refs = run_ok_str(nix("nix-store").args(["-q", "--references", &second]));
+    assert!(refs.contains("-hook-first"), "second refers to first: {refs}");
+
+    // nix-store --realise of the next link.
+    let out = run(with_hook(&c, "nix-store").args(["--realise", &drvs["third"], "--max-jobs", "0"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(c.builds().len(), 3);
+
+    // A failing derivation fails the Nix build, the reason in its output.
+    let out = run(with_hook(&c, "nix-store").args(["--realise", &drvs["broken"], "--max-jobs", "0"]));
+    assert!(!out.status.success());
+    let log = stderr(&out);
+    assert!(log.contains("breaking on purpose"), "{log}");
+    assert!(log.contains("gbc: build") && log.contains("failed"), "{log}");
+
+    // A feature no machine has: declined, and built here when Nix may.
+    let out = run(with_hook(&c, "nix-store").args([
+        "--realise",
+        &drvs["local"],
+        "--max-jobs",
+        "1",
+        "--option",
+        "system-features",
+        "gbc-test-local",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("on 'gbc'"), "{}", stderr(&out));
+    assert_eq!(c.builds().len(), 4, "the coordinator got nothing more than broken");
+}
