@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::{Coordinator, nix, repo_path, run, run_ok_str, salt, stderr};
 
-const OFFLOAD: &str = "tests/nix/offload.nix";
+const QUEUE: &str = "tests/nix/queue.nix";
 
 /// A Nix command whose build hook is gbc (through the wrapper Nix 2.8 needs) and whose
 /// coordinator is `c`.
@@ -27,15 +27,15 @@ fn with_hook(c: &Coordinator, program: &str) -> Command {
 fn nix_builds_through_the_coordinator() {
     let c = Coordinator::start(&["--local-builds", "2"]);
     let salt = salt();
-    let drvs = common::drvs(OFFLOAD, &["first", "second", "third", "broken", "local"], &salt);
+    let drvs = common::drvs(QUEUE, &["hookFirst", "hookSecond", "hookThird", "hookBroken", "hookLocal"], &salt);
 
     // A chain, with nothing built here (--max-jobs 0): every step went through gbc.
-    let out = run(with_hook(&c, "nix-build").arg(repo_path(OFFLOAD)).args([
+    let out = run(with_hook(&c, "nix-build").arg(repo_path(QUEUE)).args([
         "--argstr",
         "salt",
         &salt,
         "-A",
-        "second",
+        "hookSecond",
         "--no-out-link",
         "--max-jobs",
         "0",
@@ -64,12 +64,12 @@ fn nix_builds_through_the_coordinator() {
     assert!(refs.contains("-hook-first"), "second refers to first: {refs}");
 
     // nix-store --realise of the next link.
-    let out = run(with_hook(&c, "nix-store").args(["--realise", &drvs["third"], "--max-jobs", "0"]));
+    let out = run(with_hook(&c, "nix-store").args(["--realise", &drvs["hookThird"], "--max-jobs", "0"]));
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(c.builds().len(), 3);
 
     // A failing derivation fails the Nix build, the reason in its output.
-    let out = run(with_hook(&c, "nix-store").args(["--realise", &drvs["broken"], "--max-jobs", "0"]));
+    let out = run(with_hook(&c, "nix-store").args(["--realise", &drvs["hookBroken"], "--max-jobs", "0"]));
     assert!(!out.status.success());
     let log = stderr(&out);
     assert!(log.contains("breaking on purpose"), "{log}");
@@ -78,7 +78,7 @@ fn nix_builds_through_the_coordinator() {
     // A feature no machine has: declined, and built here when Nix may.
     let out = run(with_hook(&c, "nix-store").args([
         "--realise",
-        &drvs["local"],
+        &drvs["hookLocal"],
         "--max-jobs",
         "1",
         "--option",

@@ -77,4 +77,12 @@ in rec {
   refsSharedSource = sh "refs-shared-source" "echo ${salt} ${sharedSource} > $out" { };
 
   many = builtins.genList (i: sh "trivial-${toString i}" "echo ${toString i} ${salt} > $out" { }) n;
+
+  # For the build hook tests (tests/offload.rs): a chain, a failure, and one that needs a feature
+  # no machine of the coordinator has (the daemon builds it itself).
+  hookFirst = sh "hook-first" "echo building first ${salt}; echo first ${salt} > $out" { };
+  hookSecond = sh "hook-second" "echo building second; echo ${hookFirst} > $out" { };
+  hookThird = sh "hook-third" "echo building third; /bin/cat ${hookSecond} > $out; echo ${hookSecond} >> $out" { };
+  hookBroken = sh "hook-broken" "echo 'breaking on purpose' ${salt}; exit 3" { };
+  hookLocal = sh "hook-local" "echo local ${salt} > $out" { requiredSystemFeatures = [ "gbc-test-local" ]; };
 }
