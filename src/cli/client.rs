@@ -140,7 +140,7 @@ pub(super) struct Submitted {
     dependencies: Vec<String>,
     no_machine: Vec<NoMachine>,
     substitutable: Vec<String>,
-    pub(super) available: Vec<crate::api::Available>,
+    available: Vec<crate::api::Available>,
 }
 
 /// Send a submission, uploading first what the coordinator's cache lacks and this machine has.

@@ -82,9 +82,8 @@ fn build(client: &ClientOpts, request: &HookRequest, wanted: &[String]) -> anyho
     };
     let submitted = submit_with_uploads(client, &opts)?;
     let mut c = submitted.client;
-    let uuid = match (submitted.builds.first(), submitted.available.first()) {
-        (Some(u), _) => u.clone(),
-        (None, _) => anyhow::bail!("{}: the coordinator made no build of it", request.drv_path),
+    let Some(uuid) = submitted.builds.first().cloned() else {
+        anyhow::bail!("{}: the coordinator made no build of it", request.drv_path)
     };
     // The log goes to fd 4, which the daemon reads as the build's output.
     let mut log = std::fs::OpenOptions::new().write(true).open("/dev/fd/4").ok();
