@@ -77,6 +77,9 @@ fn a_diamond_builds_in_order_and_its_outputs_equal_nix_s() {
     // Without it, a new build, whose inputs (already built) need no new builds.
     let fresh = c.submit(&[&drvs["top"]], &[]);
     assert_ne!(fresh, [top_uuid]);
+    // With it, a succeeded build still comes first: the same top as before, not the fresh one.
+    let again = c.submit(&[&drvs["top"]], &["--ignore-if-built"]);
+    assert_eq!(again, [top_uuid]);
     let w = run(c.gbc(&["watch"]).args(&fresh));
     assert!(w.status.success(), "{}", stderr(&w));
     let list = c.builds();
@@ -149,6 +152,10 @@ fn cancel_while_queued_and_while_running() {
     c.wait_for_state(&slow[0], "running");
     let queued = c.submit(&[&drvs["p1"], &drvs["afterSlow"]], &[]);
     assert_eq!(c.state(&queued[0]), "queued");
+    // A second submitter with --ignore-if-built shares the running and the queued build.
+    let joined = c.submit(&[&drvs["slow"], &drvs["p1"]], &["--ignore-if-built"]);
+    assert_eq!(joined, [slow[0].clone(), queued[0].clone()]);
+    assert_eq!(c.builds().len(), 3, "no new build");
 
     run_ok_str(&mut c.gbc(&["cancel", &queued[0]]));
     assert_eq!(c.state(&queued[0]), "canceled");

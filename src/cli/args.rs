@@ -475,7 +475,8 @@ pub struct SubmitOpts {
     /// A KEY=VALUE tag (repeatable), for `gbc builds --tag`.
     #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
     pub tags: Vec<(String, String)>,
-    /// When a successful build already produced these outputs, use it instead of a new one.
+    /// When a build already produced these outputs, or is queued or running to produce them, use
+    /// it instead of a new one (a succeeded one first).
     #[arg(long)]
     pub ignore_if_built: bool,
     /// Upload nothing: inputs the cache lacks are built, or the builds that need them fail.

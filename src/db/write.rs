@@ -53,9 +53,12 @@ pub(super) fn submit(tx: &Transaction<'_>, sub: &Submission) -> DbResult<SubmitO
         "SELECT id, state FROM builds WHERE drv = ?1 AND (state IN ('queued', 'running') OR (?2 AND state = 'succeeded'))
          ORDER BY state = 'succeeded', id DESC LIMIT 1",
     )?;
-    let mut succeeded_same_outputs = tx.prepare_cached(
-        "SELECT b.uuid FROM builds b JOIN derivation_outputs o ON o.drv = b.drv
-         WHERE o.path = ?1 AND b.state = 'succeeded' ORDER BY b.id DESC LIMIT 1",
+    // A build that made, or is making, the same outputs: a succeeded one first, else the newest
+    // queued or running one.
+    let mut same_outputs = tx.prepare_cached(
+        "SELECT b.id, b.uuid, b.state FROM builds b JOIN derivation_outputs o ON o.drv = b.drv
+         WHERE o.path = ?1 AND b.state IN ('succeeded', 'queued', 'running')
+         ORDER BY b.state = 'succeeded' DESC, b.id DESC LIMIT 1",
     )?;
     for d in &sub.derivations {
         let Some(&drv_id) = drv_ids.get(d.path.as_str()) else {
@@ -65,11 +68,15 @@ pub(super) fn submit(tx: &Transaction<'_>, sub: &Submission) -> DbResult<SubmitO
         if is_requested
             && sub.ignore_if_built
             && let Some(first_output) = d.outputs.values().next()
-            && let Some(uuid) =
-                succeeded_same_outputs.query_row([first_output], |r| r.get::<_, String>(0)).optional()?
+            && let Some((id, uuid, state)) = same_outputs
+                .query_row([first_output], |r| {
+                    Ok((r.get::<_, BuildId>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                })
+                .optional()?
         {
             requested_ids.insert(&d.path, uuid);
-            resolved.insert(&d.path, None);
+            // What else this submission builds on it waits for it unless it is done.
+            resolved.insert(&d.path, (state != "succeeded").then_some(id));
             continue;
         }
         if !is_requested && !sub.needed.contains(&d.path) {
