@@ -8,6 +8,7 @@ mod common;
 
 use std::process::Command;
 
+use common::sshd::{Host, client_key, machines_file};
 use common::{Coordinator, nix, repo_path, run, run_ok_str, salt, stderr};
 
 const QUEUE: &str = "tests/nix/queue.nix";
@@ -25,7 +26,22 @@ fn with_hook(c: &Coordinator, program: &str) -> Command {
 
 #[test]
 fn nix_builds_through_the_coordinator() {
-    let c = Coordinator::start(&["--local-builds", "2"]);
+    // The coordinator drives two build hosts behind real sshds.
+    let dir = common::tempdir();
+    let client = client_key(dir.path(), "client");
+    let hosts = [Host::start(dir.path(), "alpha", &client), Host::start(dir.path(), "beta", &client)];
+    let system = format!("{}-linux", std::env::consts::ARCH);
+    let entries: Vec<String> = hosts
+        .iter()
+        .map(|h| h.entry(&client, &format!("systems: [{system:?}], {}", h.agent_args(&[&system], &[]))))
+        .collect();
+    let file = dir.path().join("machines.ron");
+    std::fs::write(&file, machines_file(&entries)).unwrap();
+    let c = Coordinator::start(&["--machines", file.to_str().unwrap()]);
+    c.wait_until("alpha and beta are up", 30, || {
+        let m = c.machines();
+        ["alpha", "beta"].iter().all(|n| m.iter().any(|m| m["name"] == *n && m["state"] == "up"))
+    });
     let salt = salt();
     let drvs = common::drvs(QUEUE, &["hookFirst", "hookSecond", "hookThird", "hookBroken", "hookLocal"], &salt);
 
@@ -51,6 +67,7 @@ fn nix_builds_through_the_coordinator() {
         assert_eq!(b["state"], "succeeded", "{b}");
         let detail = c.show(b["uuid"].as_str().unwrap());
         let attempt = detail["attempt_list"].as_array().unwrap().last().unwrap().clone();
+        assert!(["alpha", "beta"].contains(&attempt["machine"].as_str().unwrap()), "{attempt}");
         for o in attempt["outputs"].as_array().unwrap() {
             let path = o["path"].as_str().unwrap();
             assert_eq!(run_ok_str(nix("nix-store").args(["--verify-path", path])), "");
