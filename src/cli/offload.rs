@@ -19,7 +19,9 @@ use anyhow::Context as _;
 use super::args::{ClientOpts, SubmitOpts};
 use super::client::{Client, submit_with_uploads, unexpected};
 use crate::api::{AttemptStatus, BuildDetail, BuildState, Reply, Request};
+use crate::formats::hash::HashSink;
 use crate::formats::nix_wire::{self, HookRequest};
+use crate::pipe::Both;
 
 /// What the daemon takes as "the build failed" (not a hook error).
 const EXIT_BUILD_FAILED: i32 = 100;
@@ -185,28 +187,11 @@ fn import(
 
 /// `paths` ordered so that each comes after those of them it refers to.
 fn references_first(refs: &BTreeMap<String, Vec<String>>) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut visiting = std::collections::BTreeSet::new();
-    fn visit(
-        p: &str,
-        refs: &BTreeMap<String, Vec<String>>,
-        out: &mut Vec<String>,
-        visiting: &mut std::collections::BTreeSet<String>,
-    ) {
-        if out.iter().any(|o| o == p) || !visiting.insert(p.to_owned()) {
-            return;
-        }
-        for r in refs.get(p).into_iter().flatten() {
-            if r != p && refs.contains_key(r) {
-                visit(r, refs, out, visiting);
-            }
-        }
-        out.push(p.to_owned());
-    }
-    for p in refs.keys() {
-        visit(p, refs, &mut out, &mut visiting);
-    }
-    out
+    let items: Vec<(&String, &Vec<String>)> = refs.iter().collect();
+    crate::cache::references_first_by(items, |(p, _)| (*p).clone(), |(_, r)| (*r).clone())
+        .into_iter()
+        .map(|(p, _)| p.clone())
+        .collect()
 }
 
 impl Client {
@@ -215,10 +200,9 @@ impl Client {
         self.send(&Request::Nar { path: path.to_owned() })?;
         match self.reply()? {
             Reply::Nar { nar_hash, nar_size, references, .. } => {
-                let mut hashing = HashingWriter { inner: out, hasher: <sha2::Sha256 as sha2::Digest>::new() };
+                let mut hashing = Both(HashSink::new(), out);
                 self.read_bytes(nar_size, &mut hashing)?;
-                let digest: [u8; 32] = sha2::Digest::finalize(hashing.hasher).into();
-                let got = crate::formats::hash::Hash::sha256(digest).to_nix32_string();
+                let got = hashing.0.finish().0.to_nix32_string();
                 if got != nar_hash {
                     anyhow::bail!("{path}: the coordinator sent a NAR of hash {got}, not {nar_hash}");
                 }
@@ -226,23 +210,6 @@ impl Client {
             }
             r => Err(unexpected(&r)),
         }
-    }
-}
-
-struct HashingWriter<'a, W: Write> {
-    inner: &'a mut W,
-    hasher: sha2::Sha256,
-}
-
-impl<W: Write> Write for HashingWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        sha2::Digest::update(&mut self.hasher, &buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 

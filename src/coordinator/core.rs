@@ -748,8 +748,8 @@ impl Core {
 }
 
 /// The wait before a failed build's `failures`-th try again: `delay` × 3^(failures−1), at most an
-/// hour.
-fn retry_wait(delay: std::time::Duration, failures: u32) -> std::time::Duration {
+/// hour (a hook's retries wait the same, jittered).
+pub(super) fn retry_wait(delay: std::time::Duration, failures: u32) -> std::time::Duration {
     delay.saturating_mul(3u32.saturating_pow(failures.saturating_sub(1))).min(std::time::Duration::from_secs(3600))
 }
 

@@ -17,8 +17,6 @@ use crate::api::{HookEvent, HookInfo, now_ms};
 use crate::coordinator_file::{HookSpec, HookTarget};
 use crate::db::{Db, Delivery, Pending, Subscriber};
 
-/// The longest wait before another retry, whatever the hook's delay.
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
 /// How much of a failing command's stderr its error keeps.
 const STDERR_KEPT: usize = 2048;
 
@@ -340,7 +338,7 @@ async fn record(
 /// The delay before the `tries`-th run after failures: `delay` × 3^(tries−1), at most an hour,
 /// jittered by ±25% (so that events that failed together don't all come back together).
 fn backoff(delay: Duration, tries: u32) -> Duration {
-    let base = delay.saturating_mul(3u32.saturating_pow(tries.saturating_sub(1))).min(MAX_RETRY_DELAY);
+    let base = super::core::retry_wait(delay, tries);
     let mut r = [0u8; 2];
     let jitter = if getrandom::fill(&mut r).is_ok() { f64::from(u16::from_le_bytes(r)) / 65535.0 } else { 0.5 };
     base.mul_f64(0.75 + jitter / 2.0)
