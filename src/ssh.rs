@@ -357,7 +357,7 @@ impl Connection {
     pub async fn open_unix_socket(
         &self,
         socket: &str,
-    ) -> Result<impl tokio::io::AsyncRead + AsyncWrite + Unpin + Send + 'static, SshError> {
+    ) -> Result<impl tokio::io::AsyncRead + AsyncWrite + Unpin + Send + use<>, SshError> {
         let channel = self.handle.channel_open_direct_streamlocal(socket).await.map_err(|e| SshError::Protocol {
             addr: self.addr.clone(),
             message: match e {

@@ -146,6 +146,13 @@ pub fn connect(addr: &SshAddress, opts: &ClientOpts) -> anyhow::Result<UnixStrea
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let socket = addr.socket.clone();
     std::thread::Builder::new().name("gbc-ssh".into()).spawn(move || {
+        let bridge = async move {
+            let conn = ssh::Connection::open(&target, Timing::default()).await.map_err(|e| e.to_string())?;
+            let socket = home_relative(&conn, socket).await?;
+            let remote = conn.open_unix_socket(&socket).await.map_err(|e| e.to_string())?;
+            let local = tokio::net::UnixStream::from_std(theirs).map_err(|e| e.to_string())?;
+            Ok::<_, String>((conn, remote, local))
+        };
         let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(r) => r,
             Err(e) => {
@@ -154,38 +161,17 @@ pub fn connect(addr: &SshAddress, opts: &ClientOpts) -> anyhow::Result<UnixStrea
             }
         };
         runtime.block_on(async move {
-            let conn = match ssh::Connection::open(&target, Timing::default()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
+            match bridge.await {
+                Ok((conn, mut remote, mut local)) => {
+                    let _ = ready_tx.send(Ok(()));
+                    // Until either side ends; the other then sees its end.
+                    let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+                    drop(conn);
                 }
-            };
-            let socket = match home_relative(&conn, socket).await {
-                Ok(s) => s,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
-                    return;
                 }
-            };
-            let mut remote = match conn.open_unix_socket(&socket).await {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let mut local = match tokio::net::UnixStream::from_std(theirs) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            // Until either side ends; the other then sees its end.
-            let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
-            drop(conn);
+            }
         });
     })?;
     match ready_rx.recv() {
