@@ -761,7 +761,7 @@ fn percentile(sorted: &[u64], p: usize) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+pub(super) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
+use super::core::sleep_until_opt;
 use crate::api::{HookEvent, HookInfo, now_ms};
 use crate::coordinator_file::{HookSpec, HookTarget};
 use crate::db::{Db, Delivery, Pending, Subscriber};
@@ -211,18 +212,6 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
                 });
             }
         }
-        let sleep = async {
-            match wake {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        let flush = async {
-            match flush_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             first = done_rx.recv() => {
                 let Some(first) = first else { return };
@@ -242,7 +231,7 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
                 }
                 flush_at.get_or_insert(tokio::time::Instant::now() + RECORD_EVERY);
             }
-            _ = flush => {
+            _ = sleep_until_opt(flush_at) => {
                 flush_at = None;
                 let batch = std::mem::take(&mut unrecorded);
                 // What the windows show of these events is out of date: taken ones are gone,
@@ -257,7 +246,7 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
             }
             _ = db.outbox.notified() => windows.values_mut().for_each(|w| w.stale = true),
             _ = hooks.changed.notified() => windows.values_mut().for_each(|w| w.stale = true),
-            _ = sleep => {}
+            _ = sleep_until_opt(wake) => {}
         }
     }
 }
