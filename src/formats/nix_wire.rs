@@ -5,6 +5,8 @@
 
 use std::io::{self, Read, Write};
 
+use super::nar::padding;
+
 /// The longest string accepted from the daemon (a setting's value can be long: 1 MiB).
 const MAX_STRING: u64 = 1 << 20;
 /// The most strings in one list (inputs of a derivation).
@@ -40,8 +42,7 @@ pub fn read_string(r: &mut impl Read, what: &'static str) -> Result<String, Wire
     let mut bytes = vec![0u8; len as usize];
     r.read_exact(&mut bytes)?;
     let mut pad = [0u8; 8];
-    let n = (8 - len as usize % 8) % 8;
-    r.read_exact(&mut pad[..n])?;
+    r.read_exact(&mut pad[..padding(len)])?;
     if pad.iter().any(|&b| b != 0) {
         return Err(WireError::Padding { what });
     }
@@ -56,14 +57,15 @@ pub fn read_strings(r: &mut impl Read, what: &'static str) -> Result<Vec<String>
     (0..n).map(|_| read_string(r, what)).collect()
 }
 
-pub fn write_u64(w: &mut impl Write, n: u64) -> io::Result<()> {
+pub fn write_u64<W: Write + ?Sized>(w: &mut W, n: u64) -> io::Result<()> {
     w.write_all(&n.to_le_bytes())
 }
 
-pub fn write_string(w: &mut impl Write, s: &[u8]) -> io::Result<()> {
+/// A string as Nix writes it (a NAR's strings too: [`super::nar`] writes with this).
+pub fn write_string<W: Write + ?Sized>(w: &mut W, s: &[u8]) -> io::Result<()> {
     write_u64(w, s.len() as u64)?;
     w.write_all(s)?;
-    w.write_all(&[0u8; 8][..(8 - s.len() % 8) % 8])
+    w.write_all(&[0u8; 8][..padding(s.len() as u64)])
 }
 
 pub fn write_strings<S: AsRef<[u8]>>(w: &mut impl Write, strings: &[S]) -> io::Result<()> {

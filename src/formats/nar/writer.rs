@@ -5,19 +5,10 @@
 use std::io::{self, Read, Write};
 
 use super::{MAGIC, check_entry_name, check_symlink_target, padding};
+use crate::formats::nix_wire::{write_string as write_str, write_u64};
 
 fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.into())
-}
-
-fn write_u64<W: Write + ?Sized>(w: &mut W, n: u64) -> io::Result<()> {
-    w.write_all(&n.to_le_bytes())
-}
-
-fn write_str<W: Write + ?Sized>(w: &mut W, s: &[u8]) -> io::Result<()> {
-    write_u64(w, s.len() as u64)?;
-    w.write_all(s)?;
-    w.write_all(&[0u8; 8][..padding(s.len() as u64)])
 }
 
 fn write_strs<W: Write + ?Sized>(w: &mut W, strs: &[&[u8]]) -> io::Result<()> {
