@@ -144,19 +144,20 @@ pub async fn run(
         Some(path) => Some(specs::watch_machines(path.clone(), config.clone(), cmd_tx.clone())?),
         None => None,
     };
-    // The settings in force, re-read when coordinator.ron changes (the flags stay over it).
-    tracing::info!(
-        "settings: {} substituters, {} substituter keys, {} hooks",
-        config.settings.substituters.len(),
-        config.settings.substituter_keys.len(),
-        config.settings.hooks.len()
-    );
+    // The settings in force, re-read when coordinator.ron changes (the flags stay over it). Said
+    // once the watcher is in place, so that an edit made after this line is seen.
     let _settings_watcher = match &config.settings_file {
         Some(path) => {
             Some(watch_settings(path.clone(), config.overrides.clone(), substituters.clone(), hooks.clone())?)
         }
         None => None,
     };
+    tracing::info!(
+        "settings: {} substituters, {} substituter keys, {} hooks",
+        config.settings.substituters.len(),
+        config.settings.substituter_keys.len(),
+        config.settings.hooks.len()
+    );
     let http_task = listeners.http.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!("serving the cache and metrics on http://{addr}");

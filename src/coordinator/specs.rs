@@ -204,9 +204,12 @@ where
         }
     })
     .map_err(watch_error)?;
+    // What the file holds now, read before watching and before returning: a change made once
+    // this returns is one the task compares against it (read in the task, it could be the new
+    // contents already, and the change would be taken for none).
+    let mut last = std::fs::read(&path).ok();
     watcher.watch(&dir, notify::RecursiveMode::NonRecursive).map_err(watch_error)?;
     tokio::spawn(async move {
-        let mut last = tokio::fs::read(&path).await.ok();
         while rx.recv().await.is_some() {
             // Let a burst of events (write, rename) settle.
             tokio::time::sleep(Duration::from_millis(200)).await;
