@@ -707,6 +707,19 @@ fn sigterm_lets_running_builds_finish_or_puts_them_back() {
     run_ok_str(&mut c.gbc(&["cancel", &s[0]]));
 }
 
+/// A second coordinator on a state dir a live one uses is refused with one line (after waiting
+/// out what could be a dead one's socket), and the first goes on answering.
+#[test]
+fn a_second_coordinator_on_the_same_state_dir_is_refused() {
+    let c = Coordinator::start(&["--local-builds", "1"]);
+    let out = run(common::gbc().arg("coordinator").arg("--state-dir").arg(&c.state).args(common::sandbox_args()));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("gbc.sock: another coordinator is already listening there"), "{err}");
+    assert_eq!(c.machines().len(), 1);
+}
+
 #[test]
 fn machines_shows_the_local_machine() {
     let c = Coordinator::start(&["--local-builds", "3"]);

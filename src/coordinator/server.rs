@@ -42,14 +42,24 @@ pub(super) struct Server {
     pub hooks: Arc<super::hooks::Hooks>,
 }
 
+/// How long a socket may keep taking connections after its coordinator died (see [`bind`]).
+const STALE_HOLDER_WAIT: Duration = Duration::from_secs(3);
+
 /// Bind the socket, replacing a stale one (nobody listening) but never a live coordinator's.
 pub(super) fn bind(path: &Path) -> super::error::Result<UnixListener> {
     use super::error::IoPath as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(super::Error::AlreadyRunning(path.to_owned()));
+    // A socket that takes connections is a live coordinator's, unless the process that held it
+    // was just killed while starting a child: until that child's exec closes its copy of the
+    // listener (close-on-exec), connections still queue. Such a holder goes within milliseconds.
+    let deadline = std::time::Instant::now() + STALE_HOLDER_WAIT;
+    while std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if std::time::Instant::now() >= deadline {
+            return Err(super::Error::AlreadyRunning(path.to_owned()));
+        }
+        std::thread::sleep(Duration::from_millis(25));
     }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(path),
