@@ -226,9 +226,12 @@ pub enum Request {
     HooksRetry {
         hook: String,
     },
-    /// A path of the binary cache: its metadata, then its NAR (uncompressed).
+    /// A path of the binary cache: its metadata, then its NAR (uncompressed); with
+    /// `guix_signature`, then the coordinator's Guix signature of it as an export item.
     Nar {
         path: String,
+        #[serde(default)]
+        guix_signature: bool,
     },
 }
 
@@ -584,6 +587,12 @@ pub enum Reply {
         references: Vec<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         deriver: Option<String>,
+    },
+    /// After a `nar` asked with `guix_signature`: the signature (an s-expression's text) of the
+    /// export item made of the NAR and then the magic, path, references and deriver (`""` if
+    /// none) the `nar` reply named, by the coordinator's Guix key.
+    ExportSignature {
+        signature: String,
     },
     Canceled {
         build: String,

@@ -112,6 +112,17 @@ impl Cache {
 
     /// Also sign every narinfo in Guix's format (`Signature:`, after Nix's `Sig:` lines) with `key`,
     /// naming `host` as `guix publish` names itself.
+    /// Whether narinfos and exports are signed for Guix too ([`Cache::with_guix_key`]).
+    pub fn has_guix_key(&self) -> bool {
+        self.guix.is_some()
+    }
+
+    /// The Guix signature of an export item whose SHA-256 is `hash`
+    /// ([`crate::formats::gcrypt::export_signature`]); None without a Guix key.
+    pub fn guix_export_signature(&self, hash: &[u8; 32]) -> Option<String> {
+        self.guix.as_ref().map(|(key, _)| crate::formats::gcrypt::export_signature(hash, key))
+    }
+
     pub fn with_guix_key(mut self, key: crate::formats::guix_ecdsa::SecretKey, host: String) -> Cache {
         self.guix = Some((key, host));
         self

@@ -606,6 +606,40 @@ pub enum OffloadDaemon {
         /// The daemon's verbosity (Nix appends it).
         #[arg(value_name = "VERBOSITY")]
         verbosity: Option<String>,
+        /// Answer `# postpone` while every machine able to build a derivation is full (also
+        /// GBC_OFFLOAD_POSTPONE=1), so the daemon asks again later instead of the build waiting
+        /// in the coordinator's queue.
+        #[arg(long)]
+        postpone: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// guix-daemon's build hook protocol (guix-daemon runs `$GUIX offload SYSTEM MAX-SILENT
+    /// PRINT-BUILD-TRACE TIMEOUT`: use the wrapper scripts/guix-offload-wrapper as $GUIX).
+    /// Outputs are handed, as an export stream signed by the coordinator's Guix key, to the
+    /// --import program, which restores them into the store (scripts/gbc-guix-import does it
+    /// with Guix's own `restore-file-set`).
+    Guix {
+        /// The daemon's system type (unused: each request names its system).
+        #[arg(value_name = "SYSTEM")]
+        system: String,
+        /// The daemon's max-silent-time (unused: the coordinator's machines' settings apply).
+        #[arg(value_name = "MAX-SILENT")]
+        max_silent: String,
+        /// Whether the daemon prints build traces (unused).
+        #[arg(value_name = "PRINT-BUILD-TRACE")]
+        print_build_trace: String,
+        /// The daemon's build timeout (unused: the coordinator's machines' settings apply).
+        #[arg(value_name = "TIMEOUT")]
+        timeout: String,
+        /// The program that gets the signed export stream of the outputs on its stdin and
+        /// restores it into the store (default: $GBC_GUIX_IMPORT; without one every request
+        /// is declined).
+        #[arg(long, value_name = "PROGRAM")]
+        import: Option<PathBuf>,
+        /// As for `gbc offload nix`.
+        #[arg(long)]
+        postpone: bool,
         #[command(flatten)]
         client: ClientOpts,
     },

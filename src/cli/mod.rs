@@ -145,8 +145,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Machines { command: Some(MachinesCommand::Fetch { name, path, machines, state_dir }), .. } => {
             machines::fetch(machines, state_dir, &name, &path)
         }
-        Command::Offload { daemon: args::OffloadDaemon::Nix { verbosity: _, client } } => {
-            return offload::nix(&client).map(|code| ExitCode::from(code as u8));
+        Command::Offload { daemon: args::OffloadDaemon::Nix { verbosity: _, postpone, client } } => {
+            let postpone = postpone || std::env::var_os("GBC_OFFLOAD_POSTPONE").is_some_and(|v| v == "1");
+            return offload::nix(&client, postpone).map(|code| ExitCode::from(code as u8));
+        }
+        Command::Offload { daemon: args::OffloadDaemon::Guix { import, postpone, client, .. } } => {
+            let postpone = postpone || std::env::var_os("GBC_OFFLOAD_POSTPONE").is_some_and(|v| v == "1");
+            let import = import.or_else(|| std::env::var_os("GBC_GUIX_IMPORT").map(std::path::PathBuf::from));
+            let opts = offload::GuixOpts { import, postpone };
+            return offload::guix(&client, &opts).map(|code| ExitCode::from(code as u8));
         }
         Command::Stats { reset, client } => client::stats(&client, reset),
         Command::Demo => demo::run(),

@@ -1,16 +1,28 @@
-//! `gbc offload nix`: Nix's build hook (the daemon's `build-hook` setting), so that `nix-build`
-//! and `nix-store --realise` go through the coordinator's machines unchanged.
+//! `gbc offload`: the daemons' build hook, so that `nix-build`, `nix-store --realise` and
+//! `guix build` go through the coordinator's machines unchanged.
 //!
-//! The protocol (Nix's `hook-instance.cc` and `derivation-goal.cc`, checked against Debian's Nix
-//! 2.8): the daemon runs the hook with its verbosity as the one argument, sends its settings
-//! and then `try` requests on stdin in its wire format ([`crate::formats::nix_wire`]); the hook
-//! answers each on stderr with `# decline`, `# postpone` or `# accept` and the machine's name.
-//! After an accept the daemon sends the inputs and the wanted outputs (2.8: output names; later
-//! versions: store paths) and reads the build log from fd 4. The hook must leave the outputs
-//! valid in the daemon's store, then exit 0; exit 100 is a build failure, 101 a timeout.
+//! **Nix** (`gbc offload nix`; Nix's `hook-instance.cc` and `derivation-goal.cc`, checked against
+//! Debian's Nix 2.8): the daemon runs the hook with its verbosity as the one argument, sends its
+//! settings and then `try` requests on stdin in its wire format ([`crate::formats::nix_wire`]);
+//! the hook answers each on stderr with `# decline`, `# postpone` or `# accept` and the
+//! machine's name. After an accept the daemon sends the inputs and the wanted outputs (2.8:
+//! output names; later versions: store paths) and reads the build log from fd 4. The hook must
+//! leave the outputs valid in the daemon's store, then exit 0; exit 100 is a build failure, 101
+//! a timeout.
+//!
+//! **Guix** (`gbc offload guix SYSTEM MAX-SILENT PRINT-BUILD-TRACE TIMEOUT`; guix-daemon's
+//! `nix/libstore/build.cc` and `guix/scripts/offload.scm`): requests are text lines
+//! `<0|1> SYSTEM DRV FEATURES` (features joined by commas) on stdin, answered `# accept`,
+//! `# decline` or `# postpone` on stdout (the daemon reads stdout and stderr as one pipe); after
+//! an accept the daemon writes two lines, the inputs and the missing outputs (space-separated),
+//! and reads the log from fd 4. Exit codes as for Nix. The daemon holds the outputs' locks, so
+//! the outputs can't go through its `import-paths` (it would wait for them forever): like `guix
+//! offload`, the hook hands a signed export stream to a program that restores it into the store
+//! directly (`restore-file-set` with `#:lock? #f`, see scripts/gbc-guix-import.scm), signed by
+//! the coordinator's Guix key, which /etc/guix/acl must authorize.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufRead as _, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -28,64 +40,185 @@ const EXIT_BUILD_FAILED: i32 = 100;
 /// ...and "it timed out".
 const EXIT_TIMED_OUT: i32 = 101;
 
+/// What the hook answers a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Accept,
+    /// No up machine has the system and features: the daemon builds it itself.
+    Decline,
+    /// Some have, but all of them are full (only with `postpone`): the daemon asks again later.
+    Postpone,
+}
+
+impl Decision {
+    fn word(self) -> &'static str {
+        match self {
+            Decision::Accept => "accept",
+            Decision::Decline => "decline",
+            Decision::Postpone => "postpone",
+        }
+    }
+}
+
 /// Serve the daemon's requests until it closes the pipe or one build was taken and done.
 /// Returns the exit status for the daemon.
-pub fn nix(client: &ClientOpts) -> anyhow::Result<i32> {
+pub fn nix(client: &ClientOpts, postpone: bool) -> anyhow::Result<i32> {
     let stdin = io::stdin();
     let mut input = BufReader::new(stdin.lock());
     nix_wire::read_settings(&mut input).context("reading the daemon's settings")?;
     let mut stderr = io::stderr();
     while let Some(request) = nix_wire::read_hook_request(&mut input).context("reading the daemon's request")? {
-        match decide(client, &request) {
-            Ok(true) => {}
-            Ok(false) => {
-                writeln!(stderr, "# decline")?;
-                continue;
-            }
-            Err(e) => {
-                // The daemon then builds it itself: a coordinator out of reach is no reason to fail.
-                writeln!(stderr, "gbc offload: {e:#}; declining {}", request.drv_path)?;
-                writeln!(stderr, "# decline")?;
-                continue;
-            }
+        let decision = decide_or_decline(client, &request, postpone, &mut stderr);
+        if decision != Decision::Accept {
+            writeln!(stderr, "# {}", decision.word())?;
+            continue;
         }
         writeln!(stderr, "# accept\ngbc")?;
         stderr.flush()?;
         let (_inputs, wanted) = nix_wire::read_accepted(&mut input).context("reading the inputs and outputs")?;
-        return build(client, &request, &wanted);
+        let (mut c, detail) = match build(client, &request.drv_path, "nix-build-hook")? {
+            Built::Succeeded(c, detail) => (c, detail),
+            Built::Failed(code) => return Ok(code),
+        };
+        let (paths, recorded) = outputs(&detail, &wanted);
+        import(&mut c, &paths, &recorded, &request.drv_path)?;
+        return Ok(0);
     }
     Ok(0)
 }
 
-/// Whether an up machine of the coordinator has the system and the features.
-fn decide(client: &ClientOpts, request: &HookRequest) -> anyhow::Result<bool> {
+/// Options of `gbc offload guix` beyond the daemon's arguments.
+pub struct GuixOpts {
+    /// The program that restores the signed export stream on its stdin into the store.
+    pub import: Option<PathBuf>,
+    pub postpone: bool,
+}
+
+/// Serve guix-daemon's requests until it closes the pipe or one build was taken and done.
+pub fn guix(client: &ClientOpts, opts: &GuixOpts) -> anyhow::Result<i32> {
+    let stdin = io::stdin();
+    let mut input = BufReader::new(stdin.lock());
+    let mut stdout = io::stdout();
+    let mut stderr = io::stderr();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if input.read_line(&mut line).context("reading the daemon's request")? == 0 {
+            return Ok(0);
+        }
+        let request = parse_guix_request(&line)?;
+        let decision = match &opts.import {
+            Some(_) => decide_or_decline(client, &request, opts.postpone, &mut stderr),
+            None => {
+                writeln!(
+                    stderr,
+                    "gbc offload: no --import program (or GBC_GUIX_IMPORT); declining {}",
+                    request.drv_path
+                )?;
+                Decision::Decline
+            }
+        };
+        writeln!(stdout, "# {}", decision.word())?;
+        stdout.flush()?;
+        if decision != Decision::Accept {
+            continue;
+        }
+        let mut inputs = String::new();
+        let mut missing = String::new();
+        input.read_line(&mut inputs).context("reading the inputs")?;
+        if input.read_line(&mut missing).context("reading the missing outputs")? == 0 {
+            anyhow::bail!("the daemon closed the pipe before naming the outputs of {}", request.drv_path);
+        }
+        let wanted: Vec<String> = missing.split_whitespace().map(str::to_owned).collect();
+        let (mut c, detail) = match build(client, &request.drv_path, "guix-daemon")? {
+            Built::Succeeded(c, detail) => (c, detail),
+            Built::Failed(code) => return Ok(code),
+        };
+        let (paths, recorded) = outputs(&detail, &wanted);
+        let program = opts.import.as_deref().context("no import program")?;
+        import_guix(&mut c, &paths, &recorded, program)?;
+        return Ok(0);
+    }
+}
+
+/// `<0|1> SYSTEM DRV FEATURES`, FEATURES joined by commas (and the line ending in a space when
+/// there are none).
+fn parse_guix_request(line: &str) -> anyhow::Result<HookRequest> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (willing, system, drv, features) = match words.as_slice() {
+        [w, s, d] => (*w, *s, *d, ""),
+        [w, s, d, f] => (*w, *s, *d, *f),
+        _ => anyhow::bail!("not a request of guix-daemon ('<0|1> SYSTEM DRV FEATURES'): {:?}", line.trim_end()),
+    };
+    let am_willing = match willing {
+        "0" => false,
+        "1" => true,
+        _ => anyhow::bail!("not a request of guix-daemon (it starts with 0 or 1): {:?}", line.trim_end()),
+    };
+    Ok(HookRequest {
+        am_willing,
+        system: system.to_owned(),
+        drv_path: drv.to_owned(),
+        required_features: features.split(',').filter(|f| !f.is_empty()).map(str::to_owned).collect(),
+    })
+}
+
+/// [`decide`], declining when the coordinator can't be asked (the daemon then builds it itself:
+/// a coordinator out of reach is no reason to fail a build).
+fn decide_or_decline(client: &ClientOpts, request: &HookRequest, postpone: bool, log: &mut impl Write) -> Decision {
+    decide(client, request, postpone).unwrap_or_else(|e| {
+        let _ = writeln!(log, "gbc offload: {e:#}; declining {}", request.drv_path);
+        Decision::Decline
+    })
+}
+
+/// Accept when an up machine of the coordinator has the system and the features; with
+/// `postpone`, postpone while every such machine runs as many builds as it takes.
+fn decide(client: &ClientOpts, request: &HookRequest, postpone: bool) -> anyhow::Result<Decision> {
     let mut c = Client::connect(client)?;
     let machines = match c.call(&Request::Machines)? {
         Reply::Machines { machines } => machines,
         r => return Err(unexpected(&r)),
     };
-    Ok(machines.iter().any(|m| {
-        m.state == "up"
-            && (request.system == "builtin" || m.systems.contains(&request.system))
-            && request.required_features.iter().all(|f| m.features.contains(f))
-    }))
+    let able: Vec<_> = machines
+        .iter()
+        .filter(|m| {
+            m.state == "up"
+                && (request.system == "builtin" || m.systems.contains(&request.system))
+                && request.required_features.iter().all(|f| m.features.contains(f))
+        })
+        .collect();
+    Ok(if able.is_empty() {
+        Decision::Decline
+    } else if postpone && able.iter().all(|m| m.running.len() >= m.parallel_builds as usize) {
+        Decision::Postpone
+    } else {
+        Decision::Accept
+    })
 }
 
-/// Build an accepted derivation through the coordinator and import its outputs.
-fn build(client: &ClientOpts, request: &HookRequest, wanted: &[String]) -> anyhow::Result<i32> {
+/// How an accepted build ended.
+enum Built {
+    Succeeded(Client, Box<BuildDetail>),
+    /// The exit status for the daemon.
+    Failed(i32),
+}
+
+/// Build an accepted derivation through the coordinator, its log going to fd 4.
+fn build(client: &ClientOpts, drv_path: &str, via: &str) -> anyhow::Result<Built> {
     let opts = SubmitOpts {
         priority: 0,
-        tags: vec![("via".into(), "nix-build-hook".into())],
+        tags: vec![("via".into(), via.into())],
         ignore_if_built: true,
         no_upload: false,
         no_substitutes: false,
         skip_substitutable: false,
-        drvs: vec![PathBuf::from(&request.drv_path)],
+        drvs: vec![PathBuf::from(drv_path)],
     };
     let submitted = submit_with_uploads(client, &opts)?;
     let mut c = submitted.client;
     let Some(uuid) = submitted.builds.first().cloned() else {
-        anyhow::bail!("{}: the coordinator made no build of it", request.drv_path)
+        anyhow::bail!("{drv_path}: the coordinator made no build of it")
     };
     // The log goes to fd 4, which the daemon reads as the build's output.
     let mut log = std::fs::OpenOptions::new().write(true).open("/dev/fd/4").ok();
@@ -109,25 +242,28 @@ fn build(client: &ClientOpts, request: &HookRequest, wanted: &[String]) -> anyho
         state => {
             let reason = detail.summary.reason.clone().unwrap_or_else(|| state.as_str().to_owned());
             // In the build's log (what Nix shows) and on stderr.
-            let line = format!("gbc: build {uuid} of {} {}: {reason}\n", request.drv_path, state.as_str());
+            let line = format!("gbc: build {uuid} of {drv_path} {}: {reason}\n", state.as_str());
             if let Some(w) = log.as_mut() {
                 let _ = w.write_all(line.as_bytes());
             }
             eprint!("{line}");
             let timed_out = detail.attempt_list.last().is_some_and(|a| a.status == Some(AttemptStatus::TimedOut));
-            return Ok(if timed_out { EXIT_TIMED_OUT } else { EXIT_BUILD_FAILED });
+            return Ok(Built::Failed(if timed_out { EXIT_TIMED_OUT } else { EXIT_BUILD_FAILED }));
         }
     }
-    let paths = wanted_paths(&detail, wanted);
-    // The references as the successful attempt recorded them (for the import's order).
-    let recorded: BTreeMap<String, Vec<String>> = detail
+    Ok(Built::Succeeded(c, Box::new(detail)))
+}
+
+/// The wanted outputs' paths, and the references the successful attempt recorded for the
+/// outputs it built (for the import's order).
+fn outputs(detail: &BuildDetail, wanted: &[String]) -> (Vec<String>, BTreeMap<String, Vec<String>>) {
+    let recorded = detail
         .attempt_list
         .iter()
         .filter(|a| a.status == Some(AttemptStatus::Success))
         .flat_map(|a| a.outputs.iter().map(|o| (o.path.clone(), o.references.clone())))
         .collect();
-    import(&mut c, &paths, &recorded, &request.drv_path)?;
-    Ok(0)
+    (wanted_paths(detail, wanted), recorded)
 }
 
 /// The store paths of the wanted outputs (names with Nix 2.8, paths with later versions; all
@@ -142,6 +278,24 @@ fn wanted_paths(detail: &BuildDetail, wanted: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// `paths` in an order that puts each after those of them it refers to.
+fn import_order(
+    c: &mut Client,
+    paths: &[String],
+    recorded: &BTreeMap<String, Vec<String>>,
+) -> anyhow::Result<Vec<String>> {
+    let mut refs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in paths {
+        let r = match recorded.get(p) {
+            Some(r) => r.clone(),
+            // Not built by this build (an earlier one's): ask (the NAR is read and dropped).
+            None => c.nar(p, &mut io::sink())?.references,
+        };
+        refs.insert(p.clone(), r);
+    }
+    Ok(references_first(&refs))
+}
+
 /// Put `paths` from the coordinator's cache into the local store with `nix-store --import`,
 /// each after those of them it refers to.
 fn import(
@@ -150,16 +304,7 @@ fn import(
     recorded: &BTreeMap<String, Vec<String>>,
     deriver: &str,
 ) -> anyhow::Result<()> {
-    let mut refs: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for p in paths {
-        let r = match recorded.get(p) {
-            Some(r) => r.clone(),
-            // Not built by this build (an earlier one's): ask (the NAR is read and dropped).
-            None => c.nar(p, &mut io::sink())?,
-        };
-        refs.insert(p.clone(), r);
-    }
-    let order = references_first(&refs);
+    let order = import_order(c, paths, recorded)?;
     let mut child = Command::new("nix-store")
         .arg("--import")
         // The daemon holds the outputs' locks while its hook runs: Nix's local store skips
@@ -172,8 +317,8 @@ fn import(
     let mut to = io::BufWriter::with_capacity(1 << 20, child.stdin.take().context("nix-store's stdin")?);
     for p in &order {
         nix_wire::write_export_head(&mut to)?;
-        let references = c.nar(p, &mut to)?;
-        nix_wire::write_export_tail(&mut to, p, &references, deriver)?;
+        let item = c.nar(p, &mut to)?;
+        nix_wire::write_export_tail(&mut to, p, &item.references, deriver)?;
     }
     nix_wire::write_export_end(&mut to)?;
     to.flush()?;
@@ -185,6 +330,39 @@ fn import(
     Ok(())
 }
 
+/// Hand `paths` from the coordinator's cache, as an export stream signed by its Guix key, to
+/// `program` (which restores them into the store), each after those of them it refers to.
+fn import_guix(
+    c: &mut Client,
+    paths: &[String],
+    recorded: &BTreeMap<String, Vec<String>>,
+    program: &std::path::Path,
+) -> anyhow::Result<()> {
+    let order = import_order(c, paths, recorded)?;
+    let mut child = Command::new(program)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("running {}", program.display()))?;
+    let mut to = io::BufWriter::with_capacity(1 << 20, child.stdin.take().context("the import program's stdin")?);
+    let sent = (|| -> anyhow::Result<()> {
+        for p in &order {
+            nix_wire::write_export_head(&mut to)?;
+            let item = c.signed_nar(p, &mut to)?;
+            let deriver = item.deriver.as_deref().unwrap_or("");
+            nix_wire::write_export_signed_tail(&mut to, p, &item.references, deriver, &item.signature)?;
+        }
+        nix_wire::write_export_end(&mut to)?;
+        Ok(to.flush()?)
+    })();
+    drop(to);
+    let status = child.wait()?;
+    if !status.success() {
+        anyhow::bail!("{} (importing {}) failed: {status}", program.display(), order.join(" "));
+    }
+    sent
+}
+
 /// `paths` ordered so that each comes after those of them it refers to.
 fn references_first(refs: &BTreeMap<String, Vec<String>>) -> Vec<String> {
     let items: Vec<(&String, &Vec<String>)> = refs.iter().collect();
@@ -194,28 +372,69 @@ fn references_first(refs: &BTreeMap<String, Vec<String>>) -> Vec<String> {
         .collect()
 }
 
+/// What the coordinator said of a NAR it sent.
+struct Item {
+    references: Vec<String>,
+    deriver: Option<String>,
+    /// With [`Client::signed_nar`]: the Guix signature of the export item.
+    signature: String,
+}
+
 impl Client {
-    /// A cached path's NAR into `out`, checked against its NarHash; its references.
-    fn nar(&mut self, path: &str, out: &mut impl Write) -> anyhow::Result<Vec<String>> {
-        self.send(&Request::Nar { path: path.to_owned() })?;
-        match self.reply()? {
-            Reply::Nar { nar_hash, nar_size, references, .. } => {
+    /// A cached path's NAR into `out`, checked against its NarHash.
+    fn nar(&mut self, path: &str, out: &mut impl Write) -> anyhow::Result<Item> {
+        self.nar_item(path, false, out)
+    }
+
+    /// [`Client::nar`] and the Guix signature of the export item it makes.
+    fn signed_nar(&mut self, path: &str, out: &mut impl Write) -> anyhow::Result<Item> {
+        self.nar_item(path, true, out)
+    }
+
+    fn nar_item(&mut self, path: &str, guix_signature: bool, out: &mut impl Write) -> anyhow::Result<Item> {
+        self.send(&Request::Nar { path: path.to_owned(), guix_signature })?;
+        let mut item = match self.reply()? {
+            Reply::Nar { nar_hash, nar_size, references, deriver, .. } => {
                 let mut hashing = Both(HashSink::new(), out);
                 self.read_bytes(nar_size, &mut hashing)?;
                 let got = hashing.0.finish().0.to_nix32_string();
                 if got != nar_hash {
                     anyhow::bail!("{path}: the coordinator sent a NAR of hash {got}, not {nar_hash}");
                 }
-                Ok(references)
+                Item { references, deriver, signature: String::new() }
             }
-            r => Err(unexpected(&r)),
+            r => return Err(unexpected(&r)),
+        };
+        if guix_signature {
+            item.signature = match self.reply()? {
+                Reply::ExportSignature { signature } => signature,
+                r => return Err(unexpected(&r)),
+            };
         }
+        Ok(item)
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guix_requests_are_read_as_guix_daemon_writes_them() {
+        // build.cc: format("%1% %2% %3% %4%") of willing, platform, drv and the features joined
+        // by "," (an empty fourth field leaves a trailing space).
+        let r = parse_guix_request("1 x86_64-linux /gnu/store/abc-x.drv \n").unwrap();
+        assert!(r.am_willing);
+        assert_eq!((r.system.as_str(), r.drv_path.as_str()), ("x86_64-linux", "/gnu/store/abc-x.drv"));
+        assert!(r.required_features.is_empty());
+        let r = parse_guix_request("0 aarch64-linux /gnu/store/abc-x.drv kvm,big-parallel\n").unwrap();
+        assert!(!r.am_willing);
+        assert_eq!(r.required_features, ["kvm", "big-parallel"]);
+        for bad in ["", "2 x86_64-linux /gnu/store/abc-x.drv", "1 x86_64-linux", "1 a b c d"] {
+            assert!(parse_guix_request(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn references_come_first() {

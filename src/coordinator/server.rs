@@ -313,7 +313,7 @@ impl Server {
                 let hooks = self.hooks.infos(&self.db).await?;
                 send(out, &Reply::Hooks { hooks }).await
             }
-            Request::Nar { path } => self.nar(&path, out).await,
+            Request::Nar { path, guix_signature } => self.nar(&path, guix_signature, out).await,
             Request::HooksRetry { hook } => {
                 let known = self.hooks.infos(&self.db).await?.iter().any(|h| h.name == hook);
                 if !known {
@@ -433,24 +433,34 @@ impl Server {
 
     /// Send a build's log; with `follow`, keep sending until the build ends.
     /// A cached path's NAR, uncompressed, after its metadata.
-    async fn nar(&self, path: &str, out: &mut Out) -> Result<()> {
+    async fn nar(&self, path: &str, guix_signature: bool, out: &mut Out) -> Result<()> {
         let info = tokio::task::block_in_place(|| self.cache.narinfo(path))?;
         let Some(info) = info else {
             return Err(RequestError::Refused(format!("{path} is not in the binary cache")));
         };
+        let no_key = || {
+            RequestError::Refused("this coordinator signs nothing for Guix (its cache is not /gnu/store: start it with --guix-signatures)".into())
+        };
+        if guix_signature && !self.cache.has_guix_key() {
+            return Err(no_key());
+        }
         let store = self.cache.store_dir();
         let mut nar = tokio::task::block_in_place(|| self.cache.open_nar(&info))?;
+        let references: Vec<String> = info.references.iter().map(|r| store.display(r)).collect();
+        let deriver = info.deriver.as_ref().map(|d| store.display(d));
         send(
             out,
             &Reply::Nar {
                 path: path.to_owned(),
                 nar_hash: info.nar_hash.to_nix32_string(),
                 nar_size: info.nar_size,
-                references: info.references.iter().map(|r| store.display(r)).collect(),
-                deriver: info.deriver.as_ref().map(|d| store.display(d)),
+                references: references.clone(),
+                deriver: deriver.clone(),
             },
         )
         .await?;
+        // What is signed is what was sent: the NAR's bytes as read, then the item's metadata.
+        let mut item = guix_signature.then(crate::formats::hash::HashSink::new);
         let mut left = info.nar_size;
         let mut buf = vec![0u8; 1 << 20];
         while left > 0 {
@@ -463,8 +473,22 @@ impl Server {
                     format!("{path}: the cache's NAR is shorter than its narinfo says"),
                 )));
             }
+            if let Some(h) = item.as_mut() {
+                std::io::Write::write_all(h, &buf[..n])?;
+            }
             out.write_all(&buf[..n]).await?;
             left -= n as u64;
+        }
+        if let Some(mut h) = item {
+            crate::formats::nix_wire::write_export_meta(&mut h, path, &references, deriver.as_deref().unwrap_or(""))?;
+            let hash: [u8; 32] = h
+                .finish()
+                .0
+                .digest()
+                .try_into()
+                .map_err(|_| RequestError::Io(std::io::Error::other("the export item's hash is not 32 bytes")))?;
+            let signature = self.cache.guix_export_signature(&hash).ok_or_else(no_key)?;
+            send(out, &Reply::ExportSignature { signature }).await?;
         }
         Ok(())
     }

@@ -276,9 +276,22 @@ pub fn parse_secret_key(text: &[u8]) -> Result<SecretKey, GuixKeyError> {
 /// field): `1;HOST;BASE64` of `(signature (data …) (sig-val …) (public-key …))`, as `guix
 /// publish` writes it.
 pub fn narinfo_signature(signed: &str, key: &SecretKey, host: &str) -> String {
-    let hash = super::hash::sha256(signed.as_bytes());
-    let (r, s) = key.sign(&hash);
-    let sig = Sx::list([
+    let sig = signature_sx(&super::hash::sha256(signed.as_bytes()), key);
+    format!("1;{host};{}", base64::engine::general_purpose::STANDARD.encode(sig.to_text()))
+}
+
+/// The signature of an item of an export stream (the archive format of `guix archive --export`
+/// and of what the daemon's build hooks hand back), over `hash`, the SHA-256 of the item from its
+/// NAR to its deriver: the s-expression's text, as `guix authenticate sign` writes it and
+/// `restore-file-set` in `(guix nar)` checks it against /etc/guix/acl.
+pub fn export_signature(hash: &[u8; 32], key: &SecretKey) -> String {
+    signature_sx(hash, key).to_text()
+}
+
+/// `(signature (data …) (sig-val …) (public-key …))` over `hash`, as Guix's `signature-sexp`.
+fn signature_sx(hash: &[u8; 32], key: &SecretKey) -> Sx {
+    let (r, s) = key.sign(hash);
+    Sx::list([
         Sx::atom("signature"),
         Sx::list([
             Sx::atom("data"),
@@ -294,8 +307,7 @@ pub fn narinfo_signature(signed: &str, key: &SecretKey, host: &str) -> String {
             ]),
         ]),
         public_key_sx(key.public()),
-    ]);
-    format!("1;{host};{}", base64::engine::general_purpose::STANDARD.encode(sig.to_text()))
+    ])
 }
 
 /// The signature s-expression in a `Signature:` value `1;HOST;BASE64`, and the key it names.

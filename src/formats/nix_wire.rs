@@ -123,12 +123,31 @@ pub fn read_accepted(r: &mut impl Read) -> Result<(Vec<String>, Vec<String>), Wi
 /// One path of a `nix-store --export` stream; `nar` is its NAR, written by the caller between
 /// [`write_export_head`] and this.
 pub fn write_export_tail(w: &mut impl Write, path: &str, references: &[String], deriver: &str) -> io::Result<()> {
+    write_export_meta(w, path, references, deriver)?;
+    // No signature follows (Nix reads and ignores one; Guix requires one).
+    write_u64(w, 0)
+}
+
+/// What follows an item's NAR up to its signature: the magic, the path, its references and its
+/// deriver. A signature covers the item's NAR and these ([`write_export_signed_tail`]).
+pub fn write_export_meta(w: &mut impl Write, path: &str, references: &[String], deriver: &str) -> io::Result<()> {
     write_u64(w, EXPORT_MAGIC)?;
     write_string(w, path.as_bytes())?;
     write_strings(w, references)?;
-    write_string(w, deriver.as_bytes())?;
-    // No (legacy) signature follows.
-    write_u64(w, 0)
+    write_string(w, deriver.as_bytes())
+}
+
+/// [`write_export_tail`] with a signature (Guix's: [`crate::formats::gcrypt::export_signature`]).
+pub fn write_export_signed_tail(
+    w: &mut impl Write,
+    path: &str,
+    references: &[String],
+    deriver: &str,
+    signature: &str,
+) -> io::Result<()> {
+    write_export_meta(w, path, references, deriver)?;
+    write_u64(w, 1)?;
+    write_string(w, signature.as_bytes())
 }
 
 /// Before each path of an export stream: 1 ("a path follows"); after the last, [`write_export_end`].
