@@ -204,6 +204,11 @@ pub enum Request {
         attempt: Option<u32>,
         #[serde(default)]
         follow: bool,
+        /// With `follow`: cancel the build if this client goes before it ends, unless another
+        /// client following it with this flag is still there (a daemon's build hook, which the
+        /// daemon kills when it no longer wants the build).
+        #[serde(default)]
+        cancel_if_left: bool,
     },
     Cancel {
         build: String,

@@ -163,15 +163,25 @@ impl GuixDaemonSide {
     }
 
     /// After `# accept`: the inputs (the derivation's closure) and the missing outputs, each a
-    /// line of paths followed by spaces; then the pipe is closed and the hook's exit awaited.
-    fn send_paths_and_wait(mut self, drv: &str) -> (i32, String, String) {
-        use std::io::Read as _;
+    /// line of paths followed by spaces; then the pipe is closed.
+    fn send_paths(&mut self, drv: &str) {
         let closure = run_ok_str(nix("nix-store").args(["-qR", drv]));
         let outputs = run_ok_str(nix("nix-store").args(["-q", "--outputs", drv]));
         let line = |paths: &str| paths.lines().map(|p| format!("{p} ")).collect::<String>();
         self.line(&line(&closure));
         self.line(&line(&outputs));
         self.to = None;
+    }
+
+    /// What the hook wrote to fd 4 so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// [`GuixDaemonSide::send_paths`], then the hook's exit status, its log and its chatter.
+    fn send_paths_and_wait(mut self, drv: &str) -> (i32, String, String) {
+        use std::io::Read as _;
+        self.send_paths(drv);
         let status = self.child.wait().unwrap();
         let mut rest = String::new();
         self.from.read_to_string(&mut rest).unwrap();
@@ -301,4 +311,29 @@ fn guix_daemon_s_hook_protocol() {
     let (code, log, chatter) = hook.send_paths_and_wait(&drvs["hookBroken"]);
     assert_eq!(code, 100, "{chatter}\n{log}");
     assert!(log.contains("breaking on purpose") && log.contains("failed"), "{log}");
+
+    // Two daemons' hooks share one build; the daemon kills a hook (SIGKILL) when it no longer
+    // wants the build: the build goes on while the other hook follows it, and is canceled when
+    // that one is killed too.
+    let salt2 = format!("{salt}-2");
+    let slow2 = common::drvs(QUEUE, &["slow"], &salt2).remove("slow").unwrap();
+    let mut first = GuixDaemonSide::start(&c, dir.path(), &import, &[]);
+    assert_eq!(first.request(&slow2, &[]), "accept", "{}", first.chatter);
+    first.send_paths(&slow2);
+    let starting = format!("starting {salt2}");
+    c.wait_until("the first hook follows the build", 30, || first.log().contains(&starting));
+    let mut second = GuixDaemonSide::start(&c, dir.path(), &import, &[]);
+    assert_eq!(second.request(&slow2, &[]), "accept", "{}", second.chatter);
+    second.send_paths(&slow2);
+    c.wait_until("the second hook follows the build", 30, || second.log().contains(&starting));
+    let shared: Vec<_> = c.builds().into_iter().filter(|b| b["drv"] == slow2.as_str()).collect();
+    assert_eq!(shared.len(), 1, "one build for both: {shared:?}");
+    let uuid = shared[0]["uuid"].as_str().unwrap().to_owned();
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(c.state(&uuid), "running", "the other hook still follows it");
+    second.child.kill().unwrap();
+    second.child.wait().unwrap();
+    c.wait_for_state(&uuid, "canceled");
 }

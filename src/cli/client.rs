@@ -574,7 +574,7 @@ pub fn show(client: &ClientOpts, uuid: &str, json: bool) -> anyhow::Result<()> {
 
 pub fn log(client: &ClientOpts, uuid: &str, attempt: Option<u32>, no_follow: bool) -> anyhow::Result<()> {
     let mut c = Client::connect(client)?;
-    c.send(&Request::Log { build: uuid.to_owned(), attempt, follow: !no_follow })?;
+    c.send(&Request::Log { build: uuid.to_owned(), attempt, follow: !no_follow, cancel_if_left: false })?;
     let mut out = super::raw_stdout()?;
     loop {
         match c.reply()? {

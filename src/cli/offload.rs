@@ -222,7 +222,9 @@ fn build(client: &ClientOpts, drv_path: &str, via: &str) -> anyhow::Result<Built
     };
     // The log goes to fd 4, which the daemon reads as the build's output.
     let mut log = std::fs::OpenOptions::new().write(true).open("/dev/fd/4").ok();
-    c.send(&Request::Log { build: uuid.clone(), attempt: None, follow: true })?;
+    // The daemon kills its hook when it no longer wants the build: the coordinator then cancels
+    // it (unless another hook follows it too).
+    c.send(&Request::Log { build: uuid.clone(), attempt: None, follow: true, cancel_if_left: true })?;
     loop {
         match c.reply()? {
             Reply::Log { bytes } => match log.as_mut() {

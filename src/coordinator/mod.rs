@@ -183,6 +183,7 @@ pub async fn run(
         log_written,
         state_dir: config.state_dir.clone(),
         hooks,
+        followers: Default::default(),
     };
     let server_task = tokio::spawn(server::serve(Arc::new(srv), listeners.socket));
     let grace = config.grace;

@@ -40,6 +40,9 @@ pub(super) struct Server {
     pub log_written: Arc<tokio::sync::Notify>,
     pub state_dir: PathBuf,
     pub hooks: Arc<super::hooks::Hooks>,
+    /// Per build (UUID): how many clients follow its log asking for it to be canceled if they
+    /// all go (`log` with `cancel_if_left`).
+    pub followers: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// How long a socket may keep taking connections after its coordinator died (see [`bind`]).
@@ -284,7 +287,10 @@ impl Server {
                 }
                 None => Err(RequestError::Refused(format!("no build {build}"))),
             },
-            Request::Log { build, attempt, follow } => self.log(&build, attempt, follow, out).await,
+            Request::Log { build, attempt, follow, cancel_if_left } if follow && cancel_if_left => {
+                self.follow_or_cancel(&build, attempt, input, out).await
+            }
+            Request::Log { build, attempt, follow, .. } => self.log(&build, attempt, follow, out).await,
             Request::Cancel { build } => {
                 self.ask(|tx| Command::Cancel(build.clone(), tx))
                     .await?
@@ -491,6 +497,46 @@ impl Server {
             send(out, &Reply::ExportSignature { signature }).await?;
         }
         Ok(())
+    }
+
+    /// Follow a build's log; if the client goes first (its connection ends) and no other client
+    /// following the build this way is left, cancel the build.
+    async fn follow_or_cancel(&self, uuid: &str, attempt: Option<u32>, input: &mut In, out: &mut Out) -> Result<()> {
+        let count = |delta: isize| -> usize {
+            let mut f = self.followers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = f.entry(uuid.to_owned()).or_default();
+            *n = n.saturating_add_signed(delta);
+            let left = *n;
+            if left == 0 {
+                f.remove(uuid);
+            }
+            left
+        };
+        count(1);
+        // The client sends nothing more while it follows: what it sends is read and dropped, and
+        // its end is the end of its connection.
+        let left = async {
+            let mut sink = tokio::io::sink();
+            let _ = tokio::io::copy(input, &mut sink).await;
+        };
+        let followed = tokio::select! {
+            r = self.log(uuid, attempt, true, out) => Some(r),
+            () = left => None,
+        };
+        let others = count(-1);
+        match followed {
+            Some(r) => r,
+            None => {
+                if others == 0 {
+                    match self.ask(|tx| Command::Cancel(uuid.to_owned(), tx)).await? {
+                        Ok(()) => tracing::info!("canceled build {uuid}: the build hook following it went"),
+                        // Ended meanwhile: nothing to cancel.
+                        Err(e) => tracing::debug!("build {uuid}, whose follower went: {e}"),
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     async fn log(&self, uuid: &str, attempt: Option<u32>, follow: bool, out: &mut Out) -> Result<()> {
