@@ -76,13 +76,15 @@ pub fn nix(client: &ClientOpts, postpone: bool) -> anyhow::Result<i32> {
         writeln!(stderr, "# accept\ngbc")?;
         stderr.flush()?;
         let (_inputs, wanted) = nix_wire::read_accepted(&mut input).context("reading the inputs and outputs")?;
-        let (mut c, detail) = match build(client, &request.drv_path, "nix-build-hook")? {
-            Built::Succeeded(c, detail) => (c, detail),
-            Built::Failed(code) => return Ok(code),
-        };
-        let (paths, recorded) = outputs(&detail, &wanted);
-        import(&mut c, &paths, &recorded, &request.drv_path)?;
-        return Ok(0);
+        return said_in_log(|| {
+            let (mut c, detail) = match build(client, &request.drv_path, "nix-build-hook")? {
+                Built::Succeeded(c, detail) => (c, detail),
+                Built::Failed(code) => return Ok(code),
+            };
+            let (paths, recorded) = outputs(&detail, &wanted);
+            import(&mut c, &paths, &recorded, &request.drv_path)?;
+            Ok(0)
+        });
     }
     Ok(0)
 }
@@ -130,15 +132,27 @@ pub fn guix(client: &ClientOpts, opts: &GuixOpts) -> anyhow::Result<i32> {
             anyhow::bail!("the daemon closed the pipe before naming the outputs of {}", request.drv_path);
         }
         let wanted: Vec<String> = missing.split_whitespace().map(str::to_owned).collect();
-        let (mut c, detail) = match build(client, &request.drv_path, "guix-daemon")? {
-            Built::Succeeded(c, detail) => (c, detail),
-            Built::Failed(code) => return Ok(code),
-        };
-        let (paths, recorded) = outputs(&detail, &wanted);
-        let program = opts.import.as_deref().context("no import program")?;
-        import_guix(&mut c, &paths, &recorded, program)?;
-        return Ok(0);
+        return said_in_log(|| {
+            let (mut c, detail) = match build(client, &request.drv_path, "guix-daemon")? {
+                Built::Succeeded(c, detail) => (c, detail),
+                Built::Failed(code) => return Ok(code),
+            };
+            let (paths, recorded) = outputs(&detail, &wanted);
+            let program = opts.import.as_deref().context("no import program")?;
+            import_guix(&mut c, &paths, &recorded, program)?;
+            Ok(0)
+        });
     }
+}
+
+/// Run what follows an accept; an error is also written to fd 4, the build's log (what the
+/// daemons show of a hook after its accept).
+fn said_in_log(work: impl FnOnce() -> anyhow::Result<i32>) -> anyhow::Result<i32> {
+    work().inspect_err(|e| {
+        if let Ok(mut log) = std::fs::OpenOptions::new().write(true).open("/dev/fd/4") {
+            let _ = writeln!(log, "gbc offload: error: {e:#}");
+        }
+    })
 }
 
 /// `<0|1> SYSTEM DRV FEATURES`, FEATURES joined by commas (and the line ending in a space when

@@ -78,6 +78,27 @@ pub fn find(state_dir: &Path, uuid: &str, attempt: u32) -> Stored {
     if c.exists() { Stored::Compressed(c) } else { Stored::Missing }
 }
 
+/// Where a log is and its bytes from `offset` on, at most `max`: [`find`] then [`read_from`],
+/// found again if the plain file was compressed (and removed) between the two.
+pub fn find_and_read(
+    state_dir: &Path,
+    uuid: &str,
+    attempt: u32,
+    offset: u64,
+    max: usize,
+) -> io::Result<(Stored, Vec<u8>)> {
+    let mut tries = 0;
+    loop {
+        let stored = find(state_dir, uuid, attempt);
+        match read_from(&stored, offset, max) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && matches!(stored, Stored::Plain(_)) && tries < 3 => {
+                tries += 1;
+            }
+            read => return read.map(|bytes| (stored, bytes)),
+        }
+    }
+}
+
 /// Bytes of a log from `offset` on, at most `max`; compressed logs are decompressed on the way.
 pub fn read_from(stored: &Stored, offset: u64, max: usize) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
@@ -119,6 +140,11 @@ mod tests {
         assert_eq!(read_from(&stored, 1000, 5000)?, before);
         assert_eq!(before, text[1000..6000]);
         assert_eq!(read_from(&stored, 0, usize::MAX)?, text);
+        // A follower that found the plain file just before it was compressed fails to read it
+        // (a build hook saw "No such file or directory"); found again, it reads the same.
+        let stale = Stored::Plain(plain.clone());
+        assert_eq!(read_from(&stale, 1000, 5000).map_err(|e| e.kind()), Err(io::ErrorKind::NotFound));
+        assert_eq!(find_and_read(dir.path(), "abcdef", 1, 1000, 5000)?.1, before);
         compress(&plain)?; // already done: nothing happens
         Ok(())
     }

@@ -563,9 +563,9 @@ impl Server {
                     tokio::pin!(written);
                     // Registered before reading, so a piece written meanwhile still wakes us.
                     written.as_mut().enable();
-                    let stored = logs::find(&self.state_dir, uuid, n);
+                    let (stored, chunk) =
+                        tokio::task::block_in_place(|| logs::find_and_read(&self.state_dir, uuid, n, offset, 1 << 20))?;
                     let done = !matches!(stored, logs::Stored::Plain(_));
-                    let chunk = tokio::task::block_in_place(|| logs::read_from(&stored, offset, 1 << 20))?;
                     if !chunk.is_empty() {
                         send(out, &Reply::Log { bytes: chunk.len() as u64 }).await?;
                         out.write_all(&chunk).await?;
