@@ -107,15 +107,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let db = Arc::new(open_state(&config).await?);
-    if std::env::var_os("GBC_EXP_CKPT").is_some() {
-        let db = db.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                let _ = db.checkpoint().await;
-            }
-        });
-    }
     let store_dir = crate::formats::store_path::StoreDir::new(&config.cache_store_dir)
         .map_err(|source| Error::StoreDir { dir: config.cache_store_dir.clone(), source })?;
     let guix = store_dir.as_str() == "/gnu/store" || config.guix_signatures || config.guix_key.is_some();

@@ -277,9 +277,6 @@ impl Db {
             }
             Err(_) => return Err(Error::Closed),
         }
-        if std::env::var_os("GBC_EXP_CKPT").is_some() {
-            writer.call(|conn| conn.pragma_update(None, "wal_autocheckpoint", 0)).await?;
-        }
         let reader = tokio_rusqlite::Connection::open(path).await.map_err(opened)?;
         reader
             .call(|conn| {
@@ -352,11 +349,6 @@ impl Db {
                 written
             })
             .await?)
-    }
-
-    /// EXPERIMENT: a passive checkpoint on the reader connection.
-    pub async fn checkpoint(&self) -> Result<()> {
-        Ok(self.reader.call(|conn| conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))).await?)
     }
 
     /// Per hook with stored deliveries, what they are.
