@@ -4,21 +4,9 @@
 
 mod common;
 
-use std::process::Command;
-
+use common::guile;
 use gbc::formats::guix_ecdsa::{PublicKey, SecretKey};
 use gbc::formats::hash::{hex, sha256};
-
-/// Run a Guile program with guile-gcrypt; None when Guile or guile-gcrypt is missing.
-fn guile(program: &str) -> Option<String> {
-    let out = Command::new("guile").args(["--no-auto-compile", "-c", program]).output().ok()?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("no code for module"), "guile failed: {err}");
-        return None;
-    }
-    Some(String::from_utf8(out.stdout).unwrap())
-}
 
 const PRELUDE: &str =
     "(use-modules (gcrypt pk-crypto) (gcrypt hash) (gcrypt base16) (rnrs bytevectors) (ice-9 format))";

@@ -191,17 +191,6 @@ impl GuixDaemonSide {
     }
 }
 
-/// A Guile program with guile-gcrypt; None when they are missing.
-fn guile(program: &str) -> Option<String> {
-    let out = Command::new("guile").args(["--no-auto-compile", "-c", program]).output().ok()?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("no code for module"), "guile failed: {err}");
-        return None;
-    }
-    Some(String::from_utf8(out.stdout).unwrap())
-}
-
 /// Read one item of an export stream after its NAR (`nar_len` bytes from `at`): returns where
 /// the signed part ends, the path and the signature.
 fn export_item_tail(bytes: &[u8], at: usize, nar_len: usize) -> (usize, String, Vec<u8>, usize) {
@@ -298,7 +287,7 @@ fn guix_daemon_s_hook_protocol() {
                           (verify (find-sexp-token sig 'sig-val) data subject)))"#,
         signature = String::from_utf8(signature).unwrap(),
     );
-    match guile(&program) {
+    match common::guile(&program) {
         Some(said) => assert_eq!(said, format!("({hash} #t #t)"), "libgcrypt on the export's signature"),
         None => common::skip("guile with guile-gcrypt is not installed: the export's signature was not checked"),
     }

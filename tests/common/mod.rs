@@ -446,3 +446,14 @@ pub fn upstream(file: &str, dir: &Path, attrs: &[&str], salt: &str) -> (Vec<Stri
     assert!(out.status.success(), "nix copy: {}", stderr(&out));
     (outs, std::fs::read_to_string(public).unwrap().trim().to_owned())
 }
+
+/// Run a Guile program with guile-gcrypt; None when Guile or guile-gcrypt is missing.
+pub fn guile(program: &str) -> Option<String> {
+    let out = Command::new("guile").args(["--no-auto-compile", "-c", program]).output().ok()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no code for module"), "guile failed: {err}");
+        return None;
+    }
+    Some(String::from_utf8(out.stdout).unwrap())
+}
