@@ -21,8 +21,6 @@ pub enum Error {
     StoreDir { dir: String, source: crate::formats::store_path::StorePathError },
     #[error("opening the binary cache: {0}")]
     Cache(std::io::Error),
-    #[error("watching {}: {source}", path.display())]
-    Watch { path: PathBuf, source: notify::Error },
     #[error("the driver of {0} stopped")]
     DriverStopped(String),
 }

@@ -71,7 +71,7 @@ fn watch_settings(
     overrides: crate::coordinator_file::Overrides,
     substituters: Arc<crate::substituter::Substituters>,
     hooks: Arc<hooks::Hooks>,
-) -> Result<notify::RecommendedWatcher> {
+) -> specs::FileWatch {
     specs::watch_file(path, move |path| {
         let (overrides, substituters, hooks) = (overrides.clone(), substituters.clone(), hooks.clone());
         async move {
@@ -140,18 +140,14 @@ pub async fn run(
         Core::new(config.clone(), db.clone(), cache.clone(), events.clone(), Box::new(drivers), machines).await?;
     tracing::info!("coordinator: {} builds queued; listening on {}", core.queued_len(), config.socket.display());
 
-    let _watcher = match &config.machines_file {
-        Some(path) => Some(specs::watch_machines(path.clone(), config.clone(), cmd_tx.clone())?),
-        None => None,
-    };
+    let _watcher =
+        config.machines_file.as_ref().map(|path| specs::watch_machines(path.clone(), config.clone(), cmd_tx.clone()));
     // The settings in force, re-read when coordinator.ron changes (the flags stay over it). Said
     // once the watcher is in place, so that an edit made after this line is seen.
-    let _settings_watcher = match &config.settings_file {
-        Some(path) => {
-            Some(watch_settings(path.clone(), config.overrides.clone(), substituters.clone(), hooks.clone())?)
-        }
-        None => None,
-    };
+    let _settings_watcher = config
+        .settings_file
+        .as_ref()
+        .map(|path| watch_settings(path.clone(), config.overrides.clone(), substituters.clone(), hooks.clone()));
     tracing::info!(
         "settings: {} substituters, {} substituter keys, {} hooks",
         config.settings.substituters.len(),

@@ -158,13 +158,12 @@ fn host_machine(
     })
 }
 
+/// How often a watched file's metadata is looked at ([`watch_file`]).
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
 /// Re-read the machines file whenever it changes, and hand the new machine list to the core; a
 /// file with an error keeps the previous machines.
-pub(super) fn watch_machines(
-    path: PathBuf,
-    config: Config,
-    commands: mpsc::Sender<Command>,
-) -> super::error::Result<notify::RecommendedWatcher> {
+pub(super) fn watch_machines(path: PathBuf, config: Config, commands: mpsc::Sender<Command>) -> FileWatch {
     watch_file(path, move |path| {
         let (c, commands) = (config.clone(), commands.clone());
         async move {
@@ -184,38 +183,41 @@ pub(super) fn watch_machines(
     })
 }
 
-/// Call `changed` whenever the file at `path` changes (its directory is watched: editors save by
-/// renaming), until it returns false.
-pub(super) fn watch_file<F, Fut>(path: PathBuf, changed: F) -> super::error::Result<notify::RecommendedWatcher>
+/// A watch of a file ([`watch_file`]); it ends when dropped.
+pub(super) struct FileWatch(tokio::task::JoinHandle<()>);
+
+impl Drop for FileWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Call `changed` whenever the file at `path` changes, until it returns false. The file is read
+/// every [`WATCH_EVERY`] and compared with what it held (these files are small), not watched
+/// through inotify: an editor replaces a file by a rename, which only a watch of its directory
+/// sees, and that directory is usually the state dir, where every database write would wake the
+/// watcher (measured: a coordinator.ron in the state dir made each allocation ~1.2× slower).
+pub(super) fn watch_file<F, Fut>(path: PathBuf, changed: F) -> FileWatch
 where
     F: Fn(PathBuf) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
-    let watch_error = |source| super::Error::Watch { path: path.clone(), source };
-    use notify::Watcher as _;
-    let dir = path.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let name = path.file_name().map(|n| n.to_owned());
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev
-            && ev.paths.iter().any(|p| p.file_name() == name.as_deref())
-        {
-            let _ = tx.send(());
-        }
-    })
-    .map_err(watch_error)?;
-    // What the file holds now, read before watching and before returning: a change made once
-    // this returns is one the task compares against it (read in the task, it could be the new
-    // contents already, and the change would be taken for none).
+    // What the file holds now, read before returning: a change made once this returns is one
+    // the task compares against it.
     let mut last = std::fs::read(&path).ok();
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive).map_err(watch_error)?;
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            // Let a burst of events (write, rename) settle.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            while rx.try_recv().is_ok() {}
+    FileWatch(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
             let now = tokio::fs::read(&path).await.ok();
             if now == last {
+                continue;
+            }
+            // It may be halfway written (or between an editor's rename and write): taken once it
+            // holds still.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if tokio::fs::read(&path).await.ok() != now {
                 continue;
             }
             last = now;
@@ -223,6 +225,5 @@ where
                 break;
             }
         }
-    });
-    Ok(watcher)
+    }))
 }
