@@ -76,15 +76,13 @@ pub fn nix(client: &ClientOpts, postpone: bool) -> anyhow::Result<i32> {
         writeln!(stderr, "# accept\ngbc")?;
         stderr.flush()?;
         let (_inputs, wanted) = nix_wire::read_accepted(&mut input).context("reading the inputs and outputs")?;
-        return said_in_log(|| {
-            let (mut c, detail) = match build(client, &request.drv_path, "nix-build-hook")? {
-                Built::Succeeded(c, detail) => (c, detail),
-                Built::Failed(code) => return Ok(code),
-            };
-            let (paths, recorded) = outputs(&detail, &wanted);
-            import(&mut c, &paths, &recorded, &request.drv_path)?;
-            Ok(0)
-        });
+        return build_and_import(
+            client,
+            &request.drv_path,
+            "nix-build-hook",
+            &wanted,
+            Importer::nix(&request.drv_path),
+        );
     }
     Ok(0)
 }
@@ -132,22 +130,30 @@ pub fn guix(client: &ClientOpts, opts: &GuixOpts) -> anyhow::Result<i32> {
             anyhow::bail!("the daemon closed the pipe before naming the outputs of {}", request.drv_path);
         }
         let wanted: Vec<String> = missing.split_whitespace().map(str::to_owned).collect();
-        return said_in_log(|| {
-            let (mut c, detail) = match build(client, &request.drv_path, "guix-daemon")? {
-                Built::Succeeded(c, detail) => (c, detail),
-                Built::Failed(code) => return Ok(code),
-            };
-            let (paths, recorded) = outputs(&detail, &wanted);
-            let program = opts.import.as_deref().context("no import program")?;
-            import_guix(&mut c, &paths, &recorded, program)?;
-            Ok(0)
-        });
+        let program = opts.import.as_deref().context("no import program")?;
+        return build_and_import(client, &request.drv_path, "guix-daemon", &wanted, Importer::guix(program));
     }
 }
 
-/// Run what follows an accept; an error is also written to fd 4, the build's log (what the
-/// daemons show of a hook after its accept).
-fn said_in_log(work: impl FnOnce() -> anyhow::Result<i32>) -> anyhow::Result<i32> {
+/// What follows an accept: build, then import the wanted outputs; the exit status for the
+/// daemon. An error is also written to fd 4, the build's log (what the daemons show of a hook
+/// after its accept).
+fn build_and_import(
+    client: &ClientOpts,
+    drv_path: &str,
+    via: &str,
+    wanted: &[String],
+    importer: Importer,
+) -> anyhow::Result<i32> {
+    let work = || -> anyhow::Result<i32> {
+        let (mut c, detail) = match build(client, drv_path, via)? {
+            Built::Succeeded(c, detail) => (c, detail),
+            Built::Failed(code) => return Ok(code),
+        };
+        let (paths, recorded) = outputs(&detail, wanted);
+        importer.import(&mut c, &paths, &recorded)?;
+        Ok(0)
+    };
     work().inspect_err(|e| {
         if let Ok(mut log) = std::fs::OpenOptions::new().write(true).open("/dev/fd/4") {
             let _ = writeln!(log, "gbc offload: error: {e:#}");
@@ -312,71 +318,70 @@ fn import_order(
     Ok(references_first(&refs))
 }
 
-/// Put `paths` from the coordinator's cache into the local store with `nix-store --import`,
-/// each after those of them it refers to.
-fn import(
-    c: &mut Client,
-    paths: &[String],
-    recorded: &BTreeMap<String, Vec<String>>,
-    deriver: &str,
-) -> anyhow::Result<()> {
-    let order = import_order(c, paths, recorded)?;
-    let mut child = Command::new("nix-store")
-        .arg("--import")
-        // The daemon holds the outputs' locks while its hook runs: Nix's local store skips
-        // locking the paths this names (build-remote.pl's way, still in Nix 2.x).
-        .env("NIX_HELD_LOCKS", order.join(" "))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("running nix-store --import")?;
-    let mut to = io::BufWriter::with_capacity(1 << 20, child.stdin.take().context("nix-store's stdin")?);
-    for p in &order {
-        nix_wire::write_export_head(&mut to)?;
-        let item = c.nar(p, &mut to)?;
-        nix_wire::write_export_tail(&mut to, p, &item.references, deriver)?;
-    }
-    nix_wire::write_export_end(&mut to)?;
-    to.flush()?;
-    drop(to);
-    let status = child.wait()?;
-    if !status.success() {
-        anyhow::bail!("nix-store --import of {} failed: {status}", order.join(" "));
-    }
-    Ok(())
+/// How the outputs reach the daemon's store: an export stream on the stdin of `program`.
+struct Importer {
+    program: Command,
+    /// Each item signed by the coordinator's Guix key (what Guix's `restore-file-set` requires).
+    signed: bool,
+    /// The deriver to name (Nix: the derivation the daemon asked for); else the cache's.
+    deriver: Option<String>,
 }
 
-/// Hand `paths` from the coordinator's cache, as an export stream signed by its Guix key, to
-/// `program` (which restores them into the store), each after those of them it refers to.
-fn import_guix(
-    c: &mut Client,
-    paths: &[String],
-    recorded: &BTreeMap<String, Vec<String>>,
-    program: &std::path::Path,
-) -> anyhow::Result<()> {
-    let order = import_order(c, paths, recorded)?;
-    let mut child = Command::new(program)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("running {}", program.display()))?;
-    let mut to = io::BufWriter::with_capacity(1 << 20, child.stdin.take().context("the import program's stdin")?);
-    let sent = (|| -> anyhow::Result<()> {
-        for p in &order {
-            nix_wire::write_export_head(&mut to)?;
-            let item = c.signed_nar(p, &mut to)?;
-            let deriver = item.deriver.as_deref().unwrap_or("");
-            nix_wire::write_export_signed_tail(&mut to, p, &item.references, deriver, &item.signature)?;
-        }
-        nix_wire::write_export_end(&mut to)?;
-        Ok(to.flush()?)
-    })();
-    drop(to);
-    let status = child.wait()?;
-    if !status.success() {
-        anyhow::bail!("{} (importing {}) failed: {status}", program.display(), order.join(" "));
+impl Importer {
+    /// Nix: `nix-store --import`. The daemon holds the outputs' locks while its hook runs: Nix's
+    /// local store skips locking the paths `NIX_HELD_LOCKS` names (build-remote.pl's way, still
+    /// in Nix 2.x), set once the paths are known.
+    fn nix(deriver: &str) -> Importer {
+        let mut program = Command::new("nix-store");
+        program.arg("--import");
+        Importer { program, signed: false, deriver: Some(deriver.to_owned()) }
     }
-    sent
+
+    /// Guix: the program given, fed a signed stream.
+    fn guix(program: &std::path::Path) -> Importer {
+        Importer { program: Command::new(program), signed: true, deriver: None }
+    }
+
+    /// Stream `paths` from the coordinator's cache to the program, each after those of them it
+    /// refers to.
+    fn import(
+        mut self,
+        c: &mut Client,
+        paths: &[String],
+        recorded: &BTreeMap<String, Vec<String>>,
+    ) -> anyhow::Result<()> {
+        let order = import_order(c, paths, recorded)?;
+        let name = self.program.get_program().to_string_lossy().into_owned();
+        // (Named for Guix's import too: its daemon honours it the same way.)
+        let mut child = self
+            .program
+            .env("NIX_HELD_LOCKS", order.join(" "))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("running {name}"))?;
+        let mut to = io::BufWriter::with_capacity(1 << 20, child.stdin.take().context("the import's stdin")?);
+        let sent = (|| -> anyhow::Result<()> {
+            for p in &order {
+                nix_wire::write_export_head(&mut to)?;
+                let item = if self.signed { c.signed_nar(p, &mut to)? } else { c.nar(p, &mut to)? };
+                let deriver = self.deriver.as_deref().or(item.deriver.as_deref()).unwrap_or("");
+                if self.signed {
+                    nix_wire::write_export_signed_tail(&mut to, p, &item.references, deriver, &item.signature)?;
+                } else {
+                    nix_wire::write_export_tail(&mut to, p, &item.references, deriver)?;
+                }
+            }
+            nix_wire::write_export_end(&mut to)?;
+            Ok(to.flush()?)
+        })();
+        drop(to);
+        let status = child.wait()?;
+        if !status.success() {
+            anyhow::bail!("{name} (importing {}) failed: {status}", order.join(" "));
+        }
+        sent
+    }
 }
 
 /// `paths` ordered so that each comes after those of them it refers to.
