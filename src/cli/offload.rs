@@ -364,7 +364,7 @@ impl Importer {
         let sent = (|| -> anyhow::Result<()> {
             for p in &order {
                 nix_wire::write_export_head(&mut to)?;
-                let item = if self.signed { c.signed_nar(p, &mut to)? } else { c.nar(p, &mut to)? };
+                let item = c.nar_item(p, self.signed, &mut to)?;
                 let deriver = self.deriver.as_deref().or(item.deriver.as_deref()).unwrap_or("");
                 if self.signed {
                     nix_wire::write_export_signed_tail(&mut to, p, &item.references, deriver, &item.signature)?;
@@ -397,7 +397,7 @@ fn references_first(refs: &BTreeMap<String, Vec<String>>) -> Vec<String> {
 struct Item {
     references: Vec<String>,
     deriver: Option<String>,
-    /// With [`Client::signed_nar`]: the Guix signature of the export item.
+    /// With `guix_signature` ([`Client::nar_item`]): the Guix signature of the export item.
     signature: String,
 }
 
@@ -407,11 +407,7 @@ impl Client {
         self.nar_item(path, false, out)
     }
 
-    /// [`Client::nar`] and the Guix signature of the export item it makes.
-    fn signed_nar(&mut self, path: &str, out: &mut impl Write) -> anyhow::Result<Item> {
-        self.nar_item(path, true, out)
-    }
-
+    /// [`Client::nar`], with `guix_signature` also the Guix signature of the export item it makes.
     fn nar_item(&mut self, path: &str, guix_signature: bool, out: &mut impl Write) -> anyhow::Result<Item> {
         self.send(&Request::Nar { path: path.to_owned(), guix_signature })?;
         let mut item = match self.reply()? {

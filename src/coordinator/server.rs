@@ -437,8 +437,8 @@ impl Server {
         send(out, &Reply::End).await
     }
 
-    /// Send a build's log; with `follow`, keep sending until the build ends.
-    /// A cached path's NAR, uncompressed, after its metadata.
+    /// A cached path's NAR, uncompressed, after its metadata; with `guix_signature`, then the
+    /// Guix signature of the export item it makes.
     async fn nar(&self, path: &str, guix_signature: bool, out: &mut Out) -> Result<()> {
         let info = tokio::task::block_in_place(|| self.cache.narinfo(path))?;
         let Some(info) = info else {
@@ -539,6 +539,7 @@ impl Server {
         }
     }
 
+    /// Send a build's log; with `follow`, keep sending until the build ends.
     async fn log(&self, uuid: &str, attempt: Option<u32>, follow: bool, out: &mut Out) -> Result<()> {
         let Some(detail) = self.db.show(uuid).await? else {
             return Err(RequestError::Refused(format!("no build {uuid}")));
