@@ -221,6 +221,32 @@ pub struct Db {
     subscribers: std::sync::Mutex<std::sync::Arc<Vec<Subscriber>>>,
     /// Woken after a write that may have stored events.
     pub outbox: std::sync::Arc<tokio::sync::Notify>,
+    /// Dropped with the database: stops its checkpoints.
+    _checkpoints: std::sync::mpsc::Sender<()>,
+}
+
+/// How often the write-ahead log is copied back into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Checkpoint the write-ahead log from a thread and connection of its own, every
+/// [`CHECKPOINT_EVERY`], until the returned sender is dropped. The writer never does it (its
+/// automatic checkpoints are turned off): a checkpoint writes pages back and syncs the database
+/// file, milliseconds a commit that happens to cross SQLite's threshold would otherwise wait for,
+/// with the core waiting on that commit. A passive checkpoint takes no lock writers wait on.
+fn start_checkpoints(path: &Path) -> rusqlite::Result<std::sync::mpsc::Sender<()>> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let name = path.display().to_string();
+    let spawned = std::thread::Builder::new().name("gbc-checkpoint".into()).spawn(move || {
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(CHECKPOINT_EVERY) {
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!("{name}: checkpointing its write-ahead log: {e}");
+            }
+        }
+    });
+    spawned.map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    Ok(tx)
 }
 
 /// What went wrong with the database.
@@ -284,9 +310,12 @@ impl Db {
                 conn.pragma_update(None, "foreign_keys", "ON")
             })
             .await?;
+        let checkpoints = start_checkpoints(path).map_err(opened)?;
+        writer.call(|conn| conn.pragma_update(None, "wal_autocheckpoint", 0)).await?;
         Ok(Db {
             writer,
             reader,
+            _checkpoints: checkpoints,
             subscribers: std::sync::Mutex::new(std::sync::Arc::new(Vec::new())),
             outbox: std::sync::Arc::new(tokio::sync::Notify::new()),
         })
@@ -789,6 +818,37 @@ fn join_lines<S: AsRef<str>>(items: &[S]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The write-ahead log gets back into the database by the checkpoint thread, with no commit
+    /// doing it: the writer's automatic checkpoints are off, and writes far below their threshold
+    /// (1,000 pages) still reach the database file within a few rounds of the thread.
+    #[tokio::test]
+    async fn the_log_is_checkpointed_beside_the_commits() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let path = dir.path().join("gbc.db");
+        let db = Db::open(&path).await.unwrap_or_else(|e| unreachable!("{e}"));
+        let auto: i64 = db
+            .writer
+            .call(|c| c.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0)))
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(auto, 0, "the writer checkpoints itself");
+        let size = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let before = size();
+        for _ in 0..20 {
+            db.write(|tx| {
+                tx.execute("CREATE TABLE IF NOT EXISTS filler (b BLOB)", [])?;
+                tx.execute("INSERT INTO filler VALUES (zeroblob(16384))", [])
+            })
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        }
+        let deadline = std::time::Instant::now() + 10 * CHECKPOINT_EVERY;
+        while size() < before + 20 * 16384 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(CHECKPOINT_EVERY / 5).await;
+        }
+        assert!(size() >= before + 20 * 16384, "database file {} bytes, {before} before the writes", size());
+    }
 
     #[test]
     fn migrations_are_valid() {
