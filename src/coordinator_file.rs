@@ -74,6 +74,14 @@ pub struct HookFile {
     /// Deliver the events of one build in order: one waits while an earlier one is undelivered.
     #[serde(default)]
     pub ordered: bool,
+    /// How much lower than the coordinator's the command's CPU priority is, as nice(1) counts
+    /// (0 to 19; default 10): hooks yield the processor to the coordinator and the builds.
+    #[serde(default = "default_hook_nice")]
+    pub nice: u8,
+}
+
+fn default_hook_nice() -> u8 {
+    10
 }
 
 fn one() -> u32 {
@@ -111,6 +119,8 @@ pub struct HookSpec {
     pub max_retries: u32,
     pub retry_delay: Duration,
     pub ordered: bool,
+    /// Steps nicer than the coordinator its command runs.
+    pub nice: u8,
 }
 
 impl HookSpec {
@@ -145,6 +155,9 @@ pub fn check_hook(h: &HookFile) -> Result<HookSpec, String> {
     if h.timeout_secs == 0 {
         return Err(format!("{what}: timeout_secs must be at least 1"));
     }
+    if h.nice > 19 {
+        return Err(format!("{what}: nice is 0 to 19, not {}", h.nice));
+    }
     Ok(HookSpec {
         name: h.name.clone(),
         events,
@@ -154,6 +167,7 @@ pub fn check_hook(h: &HookFile) -> Result<HookSpec, String> {
         max_retries: h.max_retries,
         retry_delay: Duration::from_secs(h.retry_delay_secs),
         ordered: h.ordered,
+        nice: h.nice,
     })
 }
 
@@ -405,6 +419,11 @@ mod tests {
                 "(hooks: [\n  (name: \"a\", command: [\"x\"], parallelism: 0),\n])",
                 "c.ron:2:10: hook \"a\": parallelism",
             ),
+            (
+                "(hooks: [\n  (name: \"a\", command: [\"x\"], nice: 20),\n])",
+                "c.ron:2:10: hook \"a\": nice is 0 to 19, not 20",
+            ),
+            ("(hooks: [\n  (name: \"a\", command: [\"x\"], nice: -1),\n])", "c.ron:2:"),
             (
                 "(hooks: [\n  (name: \"a\", command: [\"x\"]),\n  (name: \"a\", url: \"http://h\"),\n])",
                 "c.ron:3:10: hook \"a\" is declared twice",

@@ -61,17 +61,32 @@ fn hook<'a>(list: &'a [Value], name: &str) -> &'a Value {
     list.iter().find(|h| h["name"] == name).unwrap_or_else(|| panic!("no hook {name}: {list:?}"))
 }
 
+/// A hook that writes its niceness (nice(1)'s) to `file` on `machine-up`.
+fn nice_recorder(name: &str, file: &Path, extra: &str) -> String {
+    format!(
+        r#"(name: "{name}", events: ["machine-up"], command: ["/bin/sh", "-c", "nice > {}"]{extra})"#,
+        file.display()
+    )
+}
+
 /// A hook gets each event once, as documented: JSON on stdin with its id, time and version, the
 /// build's fields as `gbc watch --json` has them, outputs with their NAR hashes; the environment
 /// names the event, build, derivation and the coordinator's socket. A hook that wants only some
-/// events gets only those.
+/// events gets only those. Commands run 10 steps nicer than the coordinator unless told.
 #[test]
 fn hooks_get_the_events_they_want_with_their_environment() {
     let dir = common::tempdir();
     let (all, some) = (dir.path().join("all"), dir.path().join("some"));
+    let niced = |n: &str| dir.path().join(format!("nice-{n}"));
     let conf = config(
         dir.path(),
-        &[recorder("all", &all, ""), recorder("some", &some, r#", events: ["build-succeeded", "machine-up"]"#)],
+        &[
+            recorder("all", &all, ""),
+            recorder("some", &some, r#", events: ["build-succeeded", "machine-up"]"#),
+            nice_recorder("nice-default", &niced("default"), ""),
+            nice_recorder("nice-3", &niced("3"), ", nice: 3"),
+            nice_recorder("nice-0", &niced("0"), ", nice: 0"),
+        ],
     );
     let c = Coordinator::start(&["--local-builds", "1", "--config", &conf]);
     let drvs = common::drvs(QUEUE, &["left"], &salt());
@@ -135,6 +150,12 @@ fn hooks_get_the_events_they_want_with_their_environment() {
     let list = hooks(&c);
     assert_eq!(hook(&list, "all")["runs"], 7, "{list:?}");
     assert_eq!(hook(&list, "some")["events"], serde_json::json!(["build-succeeded", "machine-up"]));
+    // Each hook's niceness, from the coordinator's (this test's).
+    let ours: i32 = run_ok_str(&mut std::process::Command::new("nice")).trim().parse().unwrap();
+    for (n, steps) in [("default", 10), ("3", 3), ("0", 0)] {
+        let got = std::fs::read_to_string(niced(n)).unwrap_or_default();
+        assert_eq!(got.trim().parse::<i32>().ok(), Some((ours + steps).min(19)), "hook nice-{n}: {got:?}");
+    }
 }
 
 /// A failing hook is run again until it succeeds; one that keeps failing is given up, shows in

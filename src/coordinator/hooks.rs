@@ -40,6 +40,8 @@ pub struct Hooks {
     changed: tokio::sync::Notify,
     /// Told which hooks to store events for, with each configuration.
     db: Arc<Db>,
+    /// Where commands are started, per nice value ([`Hooks::spawn`]).
+    spawners: Mutex<BTreeMap<u8, std::sync::mpsc::Sender<SpawnJob>>>,
 }
 
 impl Hooks {
@@ -49,6 +51,7 @@ impl Hooks {
             stats: Mutex::default(),
             changed: tokio::sync::Notify::new(),
             db,
+            spawners: Mutex::default(),
         });
         hooks.update(specs);
         hooks
@@ -72,6 +75,31 @@ impl Hooks {
 
     pub fn stats(&self) -> BTreeMap<String, HookStats> {
         self.stats.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Start `cmd` from a thread `nice` steps nicer than the coordinator, so that its process runs
+    /// at that lower CPU priority from its first instruction (the exec and the dynamic loading
+    /// included, most of a short hook's work: a priority set after the spawn would miss them). One
+    /// thread per nice value, started on first use and stopped with the hooks; it also keeps the
+    /// spawns off the threads the core's task runs on.
+    async fn spawn(&self, nice: u8, cmd: tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = {
+            let mut spawners = self.spawners.lock().unwrap_or_else(PoisonError::into_inner);
+            let spawner = match spawners.get(&nice) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = start_spawner(nice)?;
+                    spawners.insert(nice, s.clone());
+                    s
+                }
+            };
+            spawner.send((cmd, tx))
+        };
+        if sent.is_err() {
+            return Err(std::io::Error::other("the hooks' spawning thread is gone"));
+        }
+        rx.await.unwrap_or_else(|_| Err(std::io::Error::other("the hooks' spawning thread is gone")))
     }
 
     fn with_stats(&self, hook: &str, f: impl FnOnce(&mut HookStats)) {
@@ -206,8 +234,9 @@ pub async fn run(db: Arc<Db>, hooks: Arc<Hooks>, socket: PathBuf) {
                 now_running.insert(p.event);
                 hooks.with_stats(&spec.name, |s| s.running += 1);
                 let (spec, socket, done, p) = (spec.clone(), socket.clone(), done_tx.clone(), p.clone());
+                let hooks = hooks.clone();
                 tokio::spawn(async move {
-                    let result = run_one(&spec, &p, &socket).await;
+                    let result = run_one(&hooks, &spec, &p, &socket).await;
                     let _ = done.send(Ran { hook: spec.name.clone(), pending: p, result });
                 });
             }
@@ -334,9 +363,9 @@ fn backoff(delay: Duration, tries: u32) -> Duration {
 }
 
 /// One run of `spec` on one event.
-async fn run_one(spec: &HookSpec, p: &Pending, socket: &std::path::Path) -> Result<(), String> {
+async fn run_one(hooks: &Hooks, spec: &HookSpec, p: &Pending, socket: &std::path::Path) -> Result<(), String> {
     match &spec.target {
-        HookTarget::Command(argv) => run_command(argv, spec.timeout, p, socket).await,
+        HookTarget::Command(argv) => run_command(hooks, argv, spec, p, socket).await,
         HookTarget::Url(url) => {
             let (url, body, timeout, kind) = (url.clone(), p.body.clone(), spec.timeout, p.kind.clone());
             tokio::task::spawn_blocking(move || post(&url, &body, timeout, &kind))
@@ -346,7 +375,14 @@ async fn run_one(spec: &HookSpec, p: &Pending, socket: &std::path::Path) -> Resu
     }
 }
 
-async fn run_command(argv: &[String], timeout: Duration, p: &Pending, socket: &std::path::Path) -> Result<(), String> {
+async fn run_command(
+    hooks: &Hooks,
+    argv: &[String],
+    spec: &HookSpec,
+    p: &Pending,
+    socket: &std::path::Path,
+) -> Result<(), String> {
+    let timeout = spec.timeout;
     let Some((program, args)) = argv.split_first() else { return Err("no command".into()) };
     let ev: Option<HookEvent> = serde_json::from_str(&p.body).ok();
     let mut cmd = tokio::process::Command::new(program);
@@ -362,9 +398,7 @@ async fn run_command(argv: &[String], timeout: Duration, p: &Pending, socket: &s
         // Its own process group: a timeout kills whatever it started too.
         .process_group(0)
         .kill_on_drop(true);
-    // Forking a large process takes a while: not on a thread the core's task may be waiting for.
-    let spawned = tokio::task::spawn_blocking(move || cmd.spawn()).await;
-    let mut child = spawned.map_err(|e| format!("{program}: {e}"))?.map_err(|e| format!("{program}: {e}"))?;
+    let mut child = hooks.spawn(spec.nice, cmd).await.map_err(|e| format!("{program}: {e}"))?;
     let pid = child.id();
     let mut stdin = child.stdin.take();
     let mut stderr = child.stderr.take();
@@ -396,6 +430,31 @@ async fn run_command(argv: &[String], timeout: Duration, p: &Pending, socket: &s
             Err(format!("{program}: killed after its timeout of {} s", timeout.as_secs()))
         }
     }
+}
+
+/// A command to start, and where to send the child.
+type SpawnJob = (tokio::process::Command, tokio::sync::oneshot::Sender<std::io::Result<tokio::process::Child>>);
+
+fn start_spawner(nice: u8) -> std::io::Result<std::sync::mpsc::Sender<SpawnJob>> {
+    let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+    // tokio's process reaping needs its runtime: the thread enters it.
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new().name(format!("gbc-hooks-nice-{nice}")).spawn(move || {
+        let _entered = runtime.enter();
+        // Linux keeps a nice value per thread (the priority "of process 0" is this thread's), and
+        // children take their creator's.
+        if nice != 0 {
+            let niced = rustix::process::getpriority_process(None)
+                .and_then(|now| rustix::process::setpriority_process(None, (now + i32::from(nice)).min(19)));
+            if let Err(e) = niced {
+                tracing::warn!("hooks {nice} steps nicer than the coordinator: {e}; they run as nice as it");
+            }
+        }
+        while let Ok((mut cmd, reply)) = rx.recv() {
+            let _ = reply.send(cmd.spawn());
+        }
+    })?;
+    Ok(tx)
 }
 
 fn post(url: &str, body: &str, timeout: Duration, kind: &str) -> Result<(), String> {
