@@ -83,23 +83,17 @@ impl Hooks {
     /// thread per nice value, started on first use and stopped with the hooks; it also keeps the
     /// spawns off the threads the core's task runs on.
     async fn spawn(&self, nice: u8, cmd: tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+        let gone = || std::io::Error::other("the hooks' spawning thread is gone");
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = {
+        {
             let mut spawners = self.spawners.lock().unwrap_or_else(PoisonError::into_inner);
-            let spawner = match spawners.get(&nice) {
-                Some(s) => s.clone(),
-                None => {
-                    let s = start_spawner(nice)?;
-                    spawners.insert(nice, s.clone());
-                    s
-                }
+            let spawner = match spawners.entry(nice) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => e.insert(start_spawner(nice)?),
             };
-            spawner.send((cmd, tx))
-        };
-        if sent.is_err() {
-            return Err(std::io::Error::other("the hooks' spawning thread is gone"));
+            spawner.send((cmd, tx)).map_err(|_| gone())?;
         }
-        rx.await.unwrap_or_else(|_| Err(std::io::Error::other("the hooks' spawning thread is gone")))
+        rx.await.unwrap_or_else(|_| Err(gone()))
     }
 
     fn with_stats(&self, hook: &str, f: impl FnOnce(&mut HookStats)) {
