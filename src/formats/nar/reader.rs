@@ -174,7 +174,13 @@ impl<R: Read> NarReader<R> {
     fn parse_event(&mut self) -> Result<Option<Event<()>>, NarError> {
         match self.state {
             State::Start => {
-                let magic = self.read_string(MAGIC.len(), "the magic").map_err(|_| NarError::BadMagic)?;
+                // What is not the magic is not a NAR; a failure to read it is the reader's error
+                // (a full disk under a tee, say), not the bytes'.
+                let magic = match self.read_string(MAGIC.len(), "the magic") {
+                    Ok(magic) => magic,
+                    Err(e @ NarError::Io { .. }) => return Err(e),
+                    Err(_) => return Err(NarError::BadMagic),
+                };
                 if magic != MAGIC {
                     return Err(NarError::BadMagic);
                 }

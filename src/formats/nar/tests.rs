@@ -161,6 +161,24 @@ fn rejects_bad_magic() {
     assert_rejected(b"", "bad magic");
 }
 
+/// A reader that fails while the magic is read is an I/O error, kept as such: the coordinator
+/// stages a host's NAR through a tee into its cache, and a full disk at the first write was
+/// reported as the host sending "not a NAR".
+#[test]
+fn an_io_error_at_the_magic_is_not_bad_magic() {
+    struct Failing;
+    impl Read for Failing {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+        }
+    }
+    match NarReader::new(Failing).next_event() {
+        Err(NarError::Io { source, .. }) => assert_eq!(source.kind(), std::io::ErrorKind::StorageFull),
+        Err(e) => panic!("not the reader's error: {e}"),
+        Ok(_) => panic!("an event from a reader that fails"),
+    }
+}
+
 #[test]
 fn rejects_unsorted_entries() {
     assert_rejected(&dir_with(&[b"b", b"a"]), "must be sorted and unique");
