@@ -211,6 +211,15 @@ fn configure(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Whether a commit waits for the disk. Unsynced commits still survive the process's crash (the
+/// log is written, not yet synced), and the write-ahead log keeps their order: a power cut can
+/// only lose the latest ones, never one whose successor a synced commit kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    Synced,
+    Unsynced,
+}
+
 type DbResult<T> = std::result::Result<T, rusqlite::Error>;
 
 /// The coordinator's database.
@@ -335,9 +344,17 @@ impl Db {
         &self,
         f: impl FnOnce(&Transaction<'_>, &events::Outbox) -> DbResult<R> + Send + 'static,
     ) -> Result<R> {
+        self.write_events_as(Commit::Synced, f).await
+    }
+
+    async fn write_events_as<R: Send + 'static>(
+        &self,
+        commit: Commit,
+        f: impl FnOnce(&Transaction<'_>, &events::Outbox) -> DbResult<R> + Send + 'static,
+    ) -> Result<R> {
         let subs = self.subscribers();
         let (r, stored) = self
-            .write(move |tx| {
+            .write_as(commit, move |tx| {
                 let outbox = events::Outbox::new(subs);
                 let r = f(tx, &outbox)?;
                 Ok((r, outbox.stored()))
@@ -366,18 +383,7 @@ impl Db {
     /// wait for the disk (the next write's does): a record lost to a power cut only means an event
     /// delivered again, and the core's writes don't queue behind this one's sync.
     pub async fn record_deliveries(&self, done: Vec<(String, i64, Delivery)>) -> Result<()> {
-        Ok(self
-            .writer
-            .call(move |conn| {
-                conn.pragma_update(None, "synchronous", "NORMAL")?;
-                let written = conn.transaction().and_then(|tx| {
-                    events::record(&tx, &done)?;
-                    tx.commit()
-                });
-                conn.pragma_update(None, "synchronous", "FULL")?;
-                written
-            })
-            .await?)
+        self.write_as(Commit::Unsynced, move |tx| events::record(tx, &done)).await
     }
 
     /// Per hook with stored deliveries, what they are.
@@ -396,13 +402,29 @@ impl Db {
         &self,
         f: impl FnOnce(&Transaction<'_>) -> DbResult<R> + Send + 'static,
     ) -> Result<R> {
+        self.write_as(Commit::Synced, f).await
+    }
+
+    async fn write_as<R: Send + 'static>(
+        &self,
+        commit: Commit,
+        f: impl FnOnce(&Transaction<'_>) -> DbResult<R> + Send + 'static,
+    ) -> Result<R> {
         let r = self
             .writer
             .call(move |conn| {
-                let tx = conn.transaction()?;
-                let r = f(&tx)?;
-                tx.commit()?;
-                Ok(r)
+                if commit == Commit::Unsynced {
+                    conn.pragma_update(None, "synchronous", "NORMAL")?;
+                }
+                let written = conn.transaction().and_then(|tx| {
+                    let r = f(&tx)?;
+                    tx.commit()?;
+                    Ok(r)
+                });
+                if commit == Commit::Unsynced {
+                    conn.pragma_update(None, "synchronous", "FULL")?;
+                }
+                written
             })
             .await?;
         Ok(r)
@@ -509,9 +531,12 @@ impl Db {
         .await
     }
 
-    /// Record the start of attempts (build, machine) and return what to send.
+    /// Record the start of attempts (build, machine) and return what to send. The commit does not
+    /// wait for the disk, which the core would wait for at every allocation: a start lost to a
+    /// power cut, with its `build-started` events, leaves its builds queued, and they run again,
+    /// as builds whose attempt a stop interrupted do.
     pub async fn start_attempts(&self, picks: Vec<(BuildId, String)>, now: i64) -> Result<Vec<Job>> {
-        self.write_events(move |tx, subs| {
+        self.write_events_as(Commit::Unsynced, move |tx, subs| {
             let tell = subs.wants(EventKind::BuildStarted);
             let mut jobs = Vec::with_capacity(picks.len());
             let mut get = tx.prepare_cached(
