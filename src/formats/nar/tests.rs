@@ -174,8 +174,8 @@ fn an_io_error_at_the_magic_is_not_bad_magic() {
     }
     match NarReader::new(Failing).next_event() {
         Err(NarError::Io { source, .. }) => assert_eq!(source.kind(), std::io::ErrorKind::StorageFull),
-        Err(e) => panic!("not the reader's error: {e}"),
-        Ok(_) => panic!("an event from a reader that fails"),
+        Err(e) => unreachable!("not the reader's error: {e}"),
+        Ok(_) => unreachable!("an event from a reader that fails"),
     }
 }
 
